@@ -1,0 +1,625 @@
+//! Events of `events.md` and their JSON Lines form.
+//!
+//! Parsing checks an event in the contract's order: first its shape (a JSON object, a known `type`, exactly the
+//! fields that type allows, each of the right JSON type and enum value), then its numbers. Names are checked
+//! against state later, by whoever holds the state.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::num::{Amount, NumError, Price, Qty, Rate};
+use crate::reject::{Reason, Rejection, reject};
+
+/// Longest account id, symbol or asset name, in bytes.
+pub const NAME_LEN_MAX: usize = 64;
+/// Most tiers one instrument may have.
+pub const TIERS_MAX: usize = 32;
+
+/// A name as it appears in events: an account id, a symbol or an asset.
+pub type Name = String;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Side {
+    Buy,
+    Sell,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Right {
+    Call,
+    Put,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MarginMode {
+    #[default]
+    Cross,
+    Isolated,
+}
+
+impl MarginMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MarginMode::Cross => "cross",
+            MarginMode::Isolated => "isolated",
+        }
+    }
+}
+
+/// One tier as sent: `max_notional` is absent only for an unbounded last tier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierSpec {
+    pub max_notional: Option<Price>,
+    pub imr: Rate,
+    pub mmr: Rate,
+}
+
+/// Option margin parameters (`im_max`, `im_min`, `mm` as fractions of the underlying).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptionMargin {
+    pub im_max: Rate,
+    pub im_min: Rate,
+    pub mm: Rate,
+}
+
+impl Default for OptionMargin {
+    fn default() -> Self {
+        Self { im_max: Rate(15_000_000), im_min: Rate(10_000_000), mm: Rate(7_500_000) }
+    }
+}
+
+/// An executed fill.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fill {
+    pub account: Name,
+    pub symbol: Name,
+    pub side: Side,
+    pub qty: Qty,
+    pub price: Price,
+    pub fee: Amount,
+    pub margin_mode: MarginMode,
+}
+
+impl Fill {
+    /// The fill's quantity signed by side (buy > 0).
+    pub fn signed_qty(&self) -> Qty {
+        match self.side {
+            Side::Buy => self.qty,
+            Side::Sell => Qty(-self.qty.0),
+        }
+    }
+}
+
+/// One event of the stream, as parsed (names unresolved).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Asset { asset: Name, haircut: Rate },
+    Perp { symbol: Name, underlying: Option<Name>, tiers: Vec<TierSpec> },
+    Future { symbol: Name, underlying: Option<Name>, tiers: Vec<TierSpec>, expiry: String },
+    Option { symbol: Name, underlying: Name, right: Right, strike: Price, expiry: String, margin: OptionMargin },
+    Price { symbol: Name, price: Price },
+    Funding { symbol: Name, rate: Rate },
+    Settle { symbol: Name, price: Price },
+    Deposit { account: Name, asset: Name, amount: Amount },
+    Withdraw { account: Name, asset: Name, amount: Amount },
+    Transfer { account: Name, symbol: Name, amount: Amount },
+    Trade(Fill),
+}
+
+impl Event {
+    /// The account an account event belongs to; `None` for reference and market data (broadcast to every shard).
+    pub fn account(&self) -> Option<&str> {
+        match self {
+            Event::Deposit { account, .. }
+            | Event::Withdraw { account, .. }
+            | Event::Transfer { account, .. }
+            | Event::Trade(Fill { account, .. }) => Some(account),
+            _ => None,
+        }
+    }
+
+    /// The `type` name of the event.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::Asset { .. } => "asset",
+            Event::Perp { .. } => "perp",
+            Event::Future { .. } => "future",
+            Event::Option { .. } => "option",
+            Event::Price { .. } => "price",
+            Event::Funding { .. } => "funding",
+            Event::Settle { .. } => "settle",
+            Event::Deposit { .. } => "deposit",
+            Event::Withdraw { .. } => "withdraw",
+            Event::Transfer { .. } => "transfer",
+            Event::Trade(_) => "trade",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Name,
+    Number,
+    Side,
+    Right,
+    Mode,
+    Tiers,
+    OptionMargin,
+    Time,
+}
+
+struct FieldSpec {
+    name: &'static str,
+    kind: Kind,
+    required: bool,
+}
+
+const fn req(name: &'static str, kind: Kind) -> FieldSpec {
+    FieldSpec { name, kind, required: true }
+}
+const fn opt(name: &'static str, kind: Kind) -> FieldSpec {
+    FieldSpec { name, kind, required: false }
+}
+
+const TYPES: &[(&str, &[FieldSpec])] = &[
+    ("asset", &[req("asset", Kind::Name), opt("haircut", Kind::Number)]),
+    ("perp", &[req("symbol", Kind::Name), opt("underlying", Kind::Name), req("tiers", Kind::Tiers)]),
+    (
+        "future",
+        &[req("symbol", Kind::Name), opt("underlying", Kind::Name), req("tiers", Kind::Tiers), req("expiry", Kind::Time)],
+    ),
+    (
+        "option",
+        &[
+            req("symbol", Kind::Name),
+            req("underlying", Kind::Name),
+            req("right", Kind::Right),
+            req("strike", Kind::Number),
+            req("expiry", Kind::Time),
+            opt("margin", Kind::OptionMargin),
+        ],
+    ),
+    ("price", &[req("symbol", Kind::Name), req("price", Kind::Number)]),
+    ("funding", &[req("symbol", Kind::Name), req("rate", Kind::Number)]),
+    ("settle", &[req("symbol", Kind::Name), req("price", Kind::Number)]),
+    ("deposit", &[req("account", Kind::Name), req("asset", Kind::Name), req("amount", Kind::Number)]),
+    ("withdraw", &[req("account", Kind::Name), req("asset", Kind::Name), req("amount", Kind::Number)]),
+    ("transfer", &[req("account", Kind::Name), req("symbol", Kind::Name), req("amount", Kind::Number)]),
+    (
+        "trade",
+        &[
+            req("account", Kind::Name),
+            req("symbol", Kind::Name),
+            req("side", Kind::Side),
+            req("qty", Kind::Number),
+            req("price", Kind::Number),
+            opt("fee", Kind::Number),
+            opt("margin_mode", Kind::Mode),
+        ],
+    ),
+];
+
+fn shape_err(msg: String) -> Rejection {
+    reject(Reason::InvalidEvent, msg)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn check_enum(field: &str, v: &Value, allowed: &[&str]) -> Result<(), Rejection> {
+    match v {
+        Value::String(s) if allowed.contains(&s.as_str()) => Ok(()),
+        Value::String(s) => Err(shape_err(format!("`{field}` must be one of {allowed:?}, got {s:?}"))),
+        other => Err(shape_err(format!("`{field}` must be a string, got {}", json_type(other)))),
+    }
+}
+
+fn check_number_shape(field: &str, v: &Value) -> Result<(), Rejection> {
+    match v {
+        Value::String(_) | Value::Number(_) => Ok(()),
+        other => Err(shape_err(format!("`{field}` must be a decimal string or number, got {}", json_type(other)))),
+    }
+}
+
+fn check_fields(ctx: &str, obj: &Map<String, Value>, specs: &[(&str, bool)]) -> Result<(), Rejection> {
+    for key in obj.keys() {
+        if !specs.iter().any(|(n, _)| n == key) {
+            return Err(shape_err(format!("unknown field `{key}` in {ctx}")));
+        }
+    }
+    for (name, required) in specs {
+        if *required && obj.get(*name).is_none_or(Value::is_null) {
+            return Err(shape_err(format!("missing field `{name}` in {ctx}")));
+        }
+    }
+    Ok(())
+}
+
+/// An RFC 3339 timestamp: `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, with plausible field ranges.
+fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r.clone()).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let num = |r: std::ops::Range<usize>| {
+        b.get(r).map(|d| d.iter().fold(0u32, |acc, x| acc * 10 + u32::from(x - b'0'))).unwrap_or(0)
+    };
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !(b[10] == b'T' || b[10] == b't')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return false;
+    }
+    if !(1..=12).contains(&num(5..7)) || !(1..=31).contains(&num(8..10)) || num(11..13) > 23 || num(14..16) > 59 {
+        return false;
+    }
+    if num(17..19) > 60 {
+        return false;
+    }
+    let mut i = 19;
+    if b[i] == b'.' {
+        i += 1;
+        let s = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == s {
+            return false;
+        }
+    }
+    match &b[i..] {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            [h1, h2, m1, m2].iter().all(|d| d.is_ascii_digit())
+                && (h1 - b'0') * 10 + (h2 - b'0') <= 23
+                && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+        }
+        _ => false,
+    }
+}
+
+fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
+    let name = field.name;
+    match field.kind {
+        Kind::Name => match v {
+            Value::String(s) if s.is_empty() => Err(shape_err(format!("`{name}` must not be empty"))),
+            Value::String(s) if s.len() > NAME_LEN_MAX => {
+                Err(shape_err(format!("`{name}` is longer than {NAME_LEN_MAX} bytes")))
+            }
+            Value::String(s) if s.chars().any(char::is_control) => {
+                Err(shape_err(format!("`{name}` contains a control character")))
+            }
+            Value::String(_) => Ok(()),
+            other => Err(shape_err(format!("`{name}` must be a string, got {}", json_type(other)))),
+        },
+        Kind::Number => check_number_shape(name, v),
+        Kind::Side => check_enum(name, v, &["buy", "sell"]),
+        Kind::Right => check_enum(name, v, &["call", "put"]),
+        Kind::Mode => check_enum(name, v, &["cross", "isolated"]),
+        Kind::Time => match v {
+            Value::String(s) if is_rfc3339(s) => Ok(()),
+            Value::String(s) => Err(shape_err(format!("`{name}` must be an RFC 3339 timestamp, got {s:?}"))),
+            other => Err(shape_err(format!("`{name}` must be a string, got {}", json_type(other)))),
+        },
+        Kind::Tiers => {
+            let Value::Array(tiers) = v else {
+                return Err(shape_err(format!("`{name}` must be an array, got {}", json_type(v))));
+            };
+            if tiers.is_empty() {
+                return Err(shape_err("`tiers` must hold at least one tier".into()));
+            }
+            if tiers.len() > TIERS_MAX {
+                return Err(shape_err(format!("`tiers` holds more than {TIERS_MAX} tiers")));
+            }
+            for (i, t) in tiers.iter().enumerate() {
+                let Value::Object(t) = t else {
+                    return Err(shape_err(format!("tier {i} must be an object, got {}", json_type(t))));
+                };
+                let ctx = format!("tier {i}");
+                check_fields(&ctx, t, &[("max_notional", false), ("imr", true), ("mmr", true)])?;
+                for (k, x) in t {
+                    if !x.is_null() {
+                        check_number_shape(&format!("{ctx}.{k}"), x)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Kind::OptionMargin => {
+            let Value::Object(m) = v else {
+                return Err(shape_err(format!("`{name}` must be an object, got {}", json_type(v))));
+            };
+            check_fields("`margin`", m, &[("im_max", false), ("im_min", false), ("mm", false)])?;
+            for (k, x) in m {
+                if !x.is_null() {
+                    check_number_shape(&format!("margin.{k}"), x)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn num_text(v: &Value) -> &str {
+    match v {
+        Value::String(s) => s,
+        // With `arbitrary_precision`, a number's string form is its source text.
+        Value::Number(n) => n.as_str(),
+        _ => "",
+    }
+}
+
+/// The numeric constraint of one field.
+#[derive(Clone, Copy)]
+enum Bound {
+    Any,
+    Positive,
+    NonZero,
+}
+
+fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
+    let text = num_text(v);
+    let raw = Rate::parse(text).map_err(|e| {
+        let shown: String = text.chars().take(40).collect();
+        reject(Reason::InvalidNumber, format!("`{field}` = {shown:?}: {e}"))
+    })?;
+    match bound {
+        Bound::Positive if raw.0 <= 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must be > 0"))),
+        Bound::NonZero if raw.0 == 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must not be 0"))),
+        _ => Ok(raw.0),
+    }
+}
+
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+    fn name(&self, k: &str) -> Name {
+        self.get(k).and_then(Value::as_str).unwrap_or_default().to_owned()
+    }
+    fn opt_name(&self, k: &str) -> Option<Name> {
+        self.get(k).and_then(Value::as_str).map(str::to_owned)
+    }
+    fn text(&self, k: &str) -> &'a str {
+        self.get(k).and_then(Value::as_str).unwrap_or_default()
+    }
+    fn num(&self, k: &str, bound: Bound) -> Result<i64, Rejection> {
+        match self.get(k) {
+            Some(v) => number(k, v, bound),
+            None => Ok(0),
+        }
+    }
+}
+
+fn tiers(v: Option<&Value>) -> Result<Vec<TierSpec>, Rejection> {
+    let mut out = Vec::new();
+    for (i, t) in v.and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let f = Fields(t.as_object().ok_or_else(|| shape_err(format!("tier {i} must be an object")))?);
+        let max_notional = match f.get("max_notional") {
+            Some(v) => Some(Price(number(&format!("tier {i}.max_notional"), v, Bound::Positive)?)),
+            None => None,
+        };
+        let imr = Rate(number(&format!("tier {i}.imr"), f.get("imr").unwrap_or(&Value::Null), Bound::Any)?);
+        let mmr = Rate(number(&format!("tier {i}.mmr"), f.get("mmr").unwrap_or(&Value::Null), Bound::Any)?);
+        out.push(TierSpec { max_notional, imr, mmr });
+    }
+    Ok(out)
+}
+
+fn option_margin(v: Option<&Value>) -> Result<OptionMargin, Rejection> {
+    let mut m = OptionMargin::default();
+    if let Some(obj) = v.and_then(Value::as_object) {
+        let f = Fields(obj);
+        if let Some(x) = f.get("im_max") {
+            m.im_max = Rate(number("margin.im_max", x, Bound::Any)?);
+        }
+        if let Some(x) = f.get("im_min") {
+            m.im_min = Rate(number("margin.im_min", x, Bound::Any)?);
+        }
+        if let Some(x) = f.get("mm") {
+            m.mm = Rate(number("margin.mm", x, Bound::Any)?);
+        }
+    }
+    Ok(m)
+}
+
+fn side(s: &str) -> Side {
+    if s == "sell" { Side::Sell } else { Side::Buy }
+}
+
+/// Parses one JSON Lines line into an event, or the rejection the contract gives it.
+pub fn parse_line(line: &str) -> Result<Event, Rejection> {
+    let value: Value = serde_json::from_str(line).map_err(|e| shape_err(format!("malformed JSON: {e}")))?;
+    parse_value(&value)
+}
+
+/// Parses one JSON value into an event, or the rejection the contract gives it.
+pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
+    let Value::Object(obj) = value else {
+        return Err(shape_err(format!("an event must be a JSON object, got {}", json_type(value))));
+    };
+    let ty = match obj.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        Some(other) => return Err(shape_err(format!("`type` must be a string, got {}", json_type(other)))),
+        None => return Err(shape_err("missing field `type`".into())),
+    };
+    let Some((_, specs)) = TYPES.iter().find(|(n, _)| *n == ty) else {
+        let shown: String = ty.chars().take(40).collect();
+        return Err(shape_err(format!("unknown event type {shown:?}")));
+    };
+    // Shape: exactly the allowed fields, each present when required and of the right JSON type.
+    for key in obj.keys() {
+        if key != "type" && !specs.iter().any(|s| s.name == key) {
+            let shown: String = key.chars().take(40).collect();
+            return Err(shape_err(format!("unknown field `{shown}` in a `{ty}` event")));
+        }
+    }
+    for spec in specs.iter() {
+        match obj.get(spec.name).filter(|v| !v.is_null()) {
+            Some(v) => check_shape(spec, v)?,
+            None if spec.required => {
+                return Err(shape_err(format!("missing field `{}` in a `{ty}` event", spec.name)));
+            }
+            None => {}
+        }
+    }
+    // Numbers, in field order.
+    let f = Fields(obj);
+    Ok(match ty {
+        "asset" => Event::Asset { asset: f.name("asset"), haircut: Rate(f.num("haircut", Bound::Any)?) },
+        "perp" => Event::Perp { symbol: f.name("symbol"), underlying: f.opt_name("underlying"), tiers: tiers(f.get("tiers"))? },
+        "future" => Event::Future {
+            symbol: f.name("symbol"),
+            underlying: f.opt_name("underlying"),
+            tiers: tiers(f.get("tiers"))?,
+            expiry: f.text("expiry").to_owned(),
+        },
+        "option" => Event::Option {
+            symbol: f.name("symbol"),
+            underlying: f.name("underlying"),
+            right: if f.text("right") == "put" { Right::Put } else { Right::Call },
+            strike: Price(f.num("strike", Bound::Positive)?),
+            expiry: f.text("expiry").to_owned(),
+            margin: option_margin(f.get("margin"))?,
+        },
+        "price" => Event::Price { symbol: f.name("symbol"), price: Price(f.num("price", Bound::Positive)?) },
+        "funding" => Event::Funding { symbol: f.name("symbol"), rate: Rate(f.num("rate", Bound::Any)?) },
+        "settle" => Event::Settle { symbol: f.name("symbol"), price: Price(f.num("price", Bound::Positive)?) },
+        "deposit" => Event::Deposit {
+            account: f.name("account"),
+            asset: f.name("asset"),
+            amount: Amount(i128::from(f.num("amount", Bound::Positive)?)),
+        },
+        "withdraw" => Event::Withdraw {
+            account: f.name("account"),
+            asset: f.name("asset"),
+            amount: Amount(i128::from(f.num("amount", Bound::Positive)?)),
+        },
+        "transfer" => Event::Transfer {
+            account: f.name("account"),
+            symbol: f.name("symbol"),
+            amount: Amount(i128::from(f.num("amount", Bound::NonZero)?)),
+        },
+        _ => {
+            // "trade": the table holds no other type.
+            let qty = Qty(f.num("qty", Bound::Positive)?);
+            let price = Price(f.num("price", Bound::Positive)?);
+            let fee = Amount(i128::from(f.num("fee", Bound::Any)?));
+            Event::Trade(Fill {
+                account: f.name("account"),
+                symbol: f.name("symbol"),
+                side: side(f.text("side")),
+                qty,
+                price,
+                fee,
+                margin_mode: if f.text("margin_mode") == "isolated" { MarginMode::Isolated } else { MarginMode::Cross },
+            })
+        }
+    })
+}
+
+impl From<NumError> for Reason {
+    fn from(_: NumError) -> Self {
+        Reason::InvalidNumber
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(line: &str) -> Reason {
+        match parse_line(line) {
+            Ok(e) => panic!("accepted {line}: {e:?}"),
+            Err(r) => r.reason,
+        }
+    }
+
+    #[test]
+    fn parses_every_type() {
+        // Proves each event type of the contract parses, numbers as strings or plain JSON numbers.
+        let lines = [
+            r#"{"type":"asset","asset":"BTC","haircut":"0.02"}"#,
+            r#"{"type":"perp","symbol":"X","tiers":[{"max_notional":"50000","imr":"0.01","mmr":"0.005"},{"imr":0.02,"mmr":0.01}]}"#,
+            r#"{"type":"future","symbol":"F","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2026-12-25T08:00:00Z"}"#,
+            r#"{"type":"option","symbol":"C","underlying":"BTC","right":"call","strike":"70000","expiry":"2026-12-25T08:00:00+01:00"}"#,
+            r#"{"type":"price","symbol":"X","price":"1.5"}"#,
+            r#"{"type":"funding","symbol":"X","rate":"-0.0001"}"#,
+            r#"{"type":"settle","symbol":"F","price":1e3}"#,
+            r#"{"type":"deposit","account":"a","asset":"USDC","amount":"10"}"#,
+            r#"{"type":"withdraw","account":"a","asset":"USDC","amount":"10"}"#,
+            r#"{"type":"transfer","account":"a","symbol":"X","amount":"-10"}"#,
+            r#"{"type":"trade","account":"a","symbol":"X","side":"sell","qty":"1","price":"2","fee":"-0.1","margin_mode":"isolated"}"#,
+        ];
+        for l in lines {
+            assert!(parse_line(l).is_ok(), "{l}: {:?}", parse_line(l));
+        }
+        let Ok(Event::Trade(f)) = parse_line(lines[10]) else { panic!("trade") };
+        assert_eq!(f.signed_qty(), Qty(-100_000_000));
+        assert_eq!(f.fee, Amount(-10_000_000));
+        let Ok(Event::Settle { price, .. }) = parse_line(lines[6]) else { panic!("settle") };
+        assert_eq!(price, Price::units(1000));
+    }
+
+    #[test]
+    fn shape_errors_are_invalid_event() {
+        // Proves malformed JSON, wrong types, unknown fields and bad enums are `invalid_event`.
+        for l in [
+            "not json",
+            "[1,2]",
+            r#"{"type":"nope"}"#,
+            r#"{"type":7}"#,
+            r#"{"symbol":"X"}"#,
+            r#"{"type":"price","symbol":"X","price":"1","extra":1}"#,
+            r#"{"type":"price","symbol":"X"}"#,
+            r#"{"type":"price","symbol":5,"price":"1"}"#,
+            r#"{"type":"price","symbol":"X","price":true}"#,
+            r#"{"type":"trade","account":"a","symbol":"X","side":"long","qty":"1","price":"2"}"#,
+            r#"{"type":"perp","symbol":"X","tiers":[]}"#,
+            r#"{"type":"perp","symbol":"X","tiers":[{"imr":"0.1"}]}"#,
+            r#"{"type":"future","symbol":"F","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"tomorrow"}"#,
+            r#"{"type":"deposit","account":"","asset":"USDC","amount":"1"}"#,
+        ] {
+            assert_eq!(reason(l), Reason::InvalidEvent, "{l}");
+        }
+    }
+
+    #[test]
+    fn number_errors_are_invalid_number() {
+        // Proves NaN, huge exponents, 9 places and non-positive values are `invalid_number`.
+        for l in [
+            r#"{"type":"price","symbol":"X","price":"NaN"}"#,
+            r#"{"type":"price","symbol":"X","price":1e400}"#,
+            r#"{"type":"price","symbol":"X","price":"0.123456789"}"#,
+            r#"{"type":"price","symbol":"X","price":"0"}"#,
+            r#"{"type":"deposit","account":"a","asset":"USDC","amount":"-1"}"#,
+            r#"{"type":"transfer","account":"a","symbol":"X","amount":"0"}"#,
+            r#"{"type":"trade","account":"a","symbol":"X","side":"buy","qty":"0","price":"2"}"#,
+        ] {
+            assert_eq!(reason(l), Reason::InvalidNumber, "{l}");
+        }
+    }
+
+    #[test]
+    fn shape_is_checked_before_numbers() {
+        // Proves the contract's order: an unknown field wins over a bad number.
+        assert_eq!(reason(r#"{"type":"price","symbol":"X","price":"NaN","x":1}"#), Reason::InvalidEvent);
+    }
+}

@@ -1,0 +1,427 @@
+//! Fixed-point numbers at 8 decimal places.
+//!
+//! Inputs (prices, quantities, rates, event amounts) are `i64` counts of 1e-8 units; money that accumulates
+//! (balances, wallets, account figures) is `i128` at the same scale, and a position's cost basis is kept exactly
+//! as `i128` at 1e-16 (the product of two 1e-8 numbers). Products are computed exactly and rounded once, in the
+//! direction the margin model names; when an intermediate would not fit `i128` the computation widens to 256 bits
+//! rather than overflow. Parsing and printing are exact: no value ever passes through `f64`.
+
+use std::fmt;
+
+use ethnum::I256;
+use serde::{Deserialize, Serialize};
+
+/// 10^8: one whole unit in raw fixed-point counts.
+pub const SCALE: i64 = 100_000_000;
+/// `SCALE` as `i128`, for products.
+pub const SCALE_I128: i128 = SCALE as i128;
+/// 10^16: the scale of a product of two fixed-point numbers.
+pub const SCALE2: i128 = SCALE_I128 * SCALE_I128;
+/// Decimal places kept.
+pub const DECIMALS: u32 = 8;
+
+/// Rounding direction of a division.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    /// Toward negative infinity: credits to an account, collateral value, unrealized PnL.
+    Floor,
+    /// Toward positive infinity: margin requirements.
+    Ceil,
+    /// To nearest, ties away from zero: reported prices.
+    Nearest,
+}
+
+/// `n / d` rounded as asked. `d` must not be zero (callers pass constants or checked divisors).
+fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
+    if d == 0 {
+        return None;
+    }
+    let q = n.checked_div(d)?;
+    let r = n.checked_rem(d)?;
+    if r == 0 {
+        return Some(q);
+    }
+    // Exact quotient is q + r/d with |r/d| < 1; the sign of the fraction is sign(r) * sign(d).
+    let frac_positive = (r > 0) == (d > 0);
+    Some(match round {
+        Round::Floor => {
+            if frac_positive {
+                q
+            } else {
+                q - 1
+            }
+        }
+        Round::Ceil => {
+            if frac_positive {
+                q + 1
+            } else {
+                q
+            }
+        }
+        Round::Nearest => {
+            // |r| * 2 >= |d| means the fraction is at least one half in magnitude.
+            let twice = r.unsigned_abs().checked_mul(2)?;
+            if twice >= d.unsigned_abs() {
+                if frac_positive { q + 1 } else { q - 1 }
+            } else {
+                q
+            }
+        }
+    })
+}
+
+fn div_round_i256(n: I256, d: I256, round: Round) -> Option<I256> {
+    if d == I256::ZERO {
+        return None;
+    }
+    let q = n / d;
+    let r = n % d;
+    if r == I256::ZERO {
+        return Some(q);
+    }
+    let frac_positive = (r > I256::ZERO) == (d > I256::ZERO);
+    Some(match round {
+        Round::Floor => {
+            if frac_positive {
+                q
+            } else {
+                q - 1
+            }
+        }
+        Round::Ceil => {
+            if frac_positive {
+                q + 1
+            } else {
+                q
+            }
+        }
+        Round::Nearest => {
+            if r.unsigned_abs() * 2 >= d.unsigned_abs() {
+                if frac_positive { q + 1 } else { q - 1 }
+            } else {
+                q
+            }
+        }
+    })
+}
+
+/// `a × b / d`, rounded once. Exact for every `i128` input; `None` only if `d == 0` or the result does not fit.
+pub fn mul_div(a: i128, b: i128, d: i128, round: Round) -> Option<i128> {
+    if let Some(p) = a.checked_mul(b) {
+        return div_round_i128(p, d, round);
+    }
+    let p = I256::from(a) * I256::from(b);
+    let q = div_round_i256(p, I256::from(d), round)?;
+    i128::try_from(q).ok()
+}
+
+/// `n / d` rounded once; `None` if `d == 0`.
+pub fn div(n: i128, d: i128, round: Round) -> Option<i128> {
+    div_round_i128(n, d, round)
+}
+
+/// A raw 1e-16 product rounded to 1e-8.
+pub fn e16_to_e8(n: i128, round: Round) -> i128 {
+    // The divisor is a non-zero constant and |n / 1e8| < |n|: this cannot fail.
+    div_round_i128(n, SCALE_I128, round).unwrap_or(0)
+}
+
+macro_rules! fixed64 {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub i64);
+
+        impl $name {
+            pub const ZERO: Self = Self(0);
+            pub const ONE: Self = Self(SCALE);
+            /// Raw count of 1e-8 units.
+            pub const fn raw(self) -> i64 {
+                self.0
+            }
+            /// The value as an `i128` raw count, for products.
+            pub const fn wide(self) -> i128 {
+                self.0 as i128
+            }
+            /// Whole units, for tests and generators.
+            pub const fn units(n: i64) -> Self {
+                Self(n * SCALE)
+            }
+            /// Parses a decimal text exactly.
+            pub fn parse(text: &str) -> Result<Self, NumError> {
+                parse_fixed(text).and_then(|v| i64::try_from(v).map(Self).map_err(|_| NumError::OutOfRange))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_fixed(f, self.0 as i128)
+            }
+        }
+    };
+}
+
+fixed64!(
+    /// A price in quote units per unit of the instrument or asset.
+    Price
+);
+fixed64!(
+    /// A quantity of an instrument, signed for positions (short < 0).
+    Qty
+);
+fixed64!(
+    /// A rate: margin fractions, haircuts, funding rates.
+    Rate
+);
+
+/// An amount of money (quote or asset units) at 1e-8, wide enough to accumulate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Amount(pub i128);
+
+impl Amount {
+    pub const ZERO: Self = Self(0);
+    pub const MAX: Self = Self(i128::MAX);
+    pub const MIN: Self = Self(i128::MIN);
+    pub const fn raw(self) -> i128 {
+        self.0
+    }
+    pub const fn units(n: i64) -> Self {
+        Self(n as i128 * SCALE_I128)
+    }
+    pub fn parse(text: &str) -> Result<Self, NumError> {
+        // Event amounts are bounded like every other input number.
+        parse_fixed(text).and_then(|v| i64::try_from(v).map(|x| Self(x as i128)).map_err(|_| NumError::OutOfRange))
+    }
+    pub fn checked_add(self, o: Self) -> Option<Self> {
+        self.0.checked_add(o.0).map(Self)
+    }
+    pub fn checked_sub(self, o: Self) -> Option<Self> {
+        self.0.checked_sub(o.0).map(Self)
+    }
+    pub fn saturating_add(self, o: Self) -> Self {
+        Self(self.0.saturating_add(o.0))
+    }
+    pub fn saturating_sub(self, o: Self) -> Self {
+        Self(self.0.saturating_sub(o.0))
+    }
+    pub fn is_negative(self) -> bool {
+        self.0 < 0
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_fixed(f, self.0)
+    }
+}
+
+/// Why a decimal text is not an acceptable number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumError {
+    /// Not a decimal at all (including NaN, infinity, empty text).
+    Syntax,
+    /// More than 8 significant decimal places.
+    TooPrecise,
+    /// Outside the representable range (|x| ≥ 2^63 × 1e-8).
+    OutOfRange,
+}
+
+impl fmt::Display for NumError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NumError::Syntax => "not a decimal number",
+            NumError::TooPrecise => "more than 8 decimal places",
+            NumError::OutOfRange => "out of range (|x| must be below 92233720368.54775808)",
+        })
+    }
+}
+
+/// Parses `-?digits[.digits][(e|E)[+-]digits]` exactly into a raw 1e-8 count. Trailing zeros past the 8th place
+/// are accepted (they round nothing); any other digit there is [`NumError::TooPrecise`].
+pub fn parse_fixed(text: &str) -> Result<i128, NumError> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    let negative = match bytes.first() {
+        Some(b'-') => {
+            i = 1;
+            true
+        }
+        _ => false,
+    };
+    let int_start = i;
+    while i < bytes.len() && bytes[i].is_ascii_digit() {
+        i += 1;
+    }
+    let int_digits = &bytes[int_start..i];
+    let mut frac_digits: &[u8] = &[];
+    if i < bytes.len() && bytes[i] == b'.' {
+        i += 1;
+        let s = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        frac_digits = &bytes[s..i];
+        if frac_digits.is_empty() {
+            return Err(NumError::Syntax);
+        }
+    }
+    if int_digits.is_empty() {
+        return Err(NumError::Syntax);
+    }
+    let mut exponent: i64 = 0;
+    if i < bytes.len() && (bytes[i] == b'e' || bytes[i] == b'E') {
+        i += 1;
+        let mut exp_negative = false;
+        if i < bytes.len() && (bytes[i] == b'+' || bytes[i] == b'-') {
+            exp_negative = bytes[i] == b'-';
+            i += 1;
+        }
+        let s = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            // Saturate: any exponent this large is out of range or too precise anyway.
+            exponent = (exponent * 10 + i64::from(bytes[i] - b'0')).min(1_000_000);
+            i += 1;
+        }
+        if s == i {
+            return Err(NumError::Syntax);
+        }
+        if exp_negative {
+            exponent = -exponent;
+        }
+    }
+    if i != bytes.len() {
+        return Err(NumError::Syntax);
+    }
+    // All digits as one sequence with the decimal point after `point` digits, shifted by the exponent.
+    let point = int_digits.len() as i64 + exponent;
+    let digits = int_digits.iter().chain(frac_digits.iter());
+    let mut raw: i128 = 0;
+    for (pos, &d) in digits.enumerate() {
+        let v = i128::from(d - b'0');
+        // Place of this digit relative to the point: 1e-8 is place `point + 8 - 1` from the start.
+        let place = pos as i64;
+        if place >= point + i64::from(DECIMALS) {
+            if v != 0 {
+                return Err(NumError::TooPrecise);
+            }
+            continue;
+        }
+        raw = raw.checked_mul(10).ok_or(NumError::OutOfRange)?;
+        raw = raw.checked_add(v).ok_or(NumError::OutOfRange)?;
+        if raw > i128::from(i64::MAX) + 1 {
+            return Err(NumError::OutOfRange);
+        }
+    }
+    // Scale up for the places between the last digit and 1e-8.
+    let total = int_digits.len() as i64 + frac_digits.len() as i64;
+    let missing = (point + i64::from(DECIMALS) - total).max(0);
+    for _ in 0..missing {
+        if raw == 0 {
+            break;
+        }
+        raw = raw.checked_mul(10).ok_or(NumError::OutOfRange)?;
+        if raw > i128::from(i64::MAX) + 1 {
+            return Err(NumError::OutOfRange);
+        }
+    }
+    let value = if negative { -raw } else { raw };
+    if value > i128::from(i64::MAX) || value < -i128::from(i64::MAX) {
+        return Err(NumError::OutOfRange);
+    }
+    Ok(value)
+}
+
+/// Writes a raw 1e-8 count with exactly 8 decimal places and no exponent.
+pub fn write_fixed(f: &mut impl fmt::Write, raw: i128) -> fmt::Result {
+    let sign = if raw < 0 { "-" } else { "" };
+    let abs = raw.unsigned_abs();
+    let scale = SCALE as u128;
+    write!(f, "{sign}{}.{:08}", abs / scale, abs % scale)
+}
+
+/// A raw 1e-8 count as text with 8 decimal places.
+pub fn format_fixed(raw: i128) -> String {
+    let mut s = String::with_capacity(24);
+    // Writing to a String cannot fail.
+    let _ = write_fixed(&mut s, raw);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_exact_forms() {
+        // Proves the accepted grammar maps to the exact raw count.
+        assert_eq!(parse_fixed("0"), Ok(0));
+        assert_eq!(parse_fixed("-12.5"), Ok(-1_250_000_000));
+        assert_eq!(parse_fixed("0.00000001"), Ok(1));
+        assert_eq!(parse_fixed("1.000000000"), Ok(SCALE_I128));
+        assert_eq!(parse_fixed("1e3"), Ok(1000 * SCALE_I128));
+        assert_eq!(parse_fixed("1.5E-3"), Ok(150_000));
+        assert_eq!(parse_fixed("25e-9"), Err(NumError::TooPrecise));
+        assert_eq!(parse_fixed("92233720368.54775807"), Ok(i128::from(i64::MAX)));
+        assert_eq!(parse_fixed("-92233720368.54775807"), Ok(-i128::from(i64::MAX)));
+    }
+
+    #[test]
+    fn parse_rejects_bad_text() {
+        // Proves every malformed, too precise or too large text is refused with its own error.
+        for bad in ["", "-", ".5", "5.", "1e", "NaN", "inf", "+1", " 1", "1 ", "0x10", "1_000", "--1", "1.2.3"] {
+            assert_eq!(parse_fixed(bad), Err(NumError::Syntax), "{bad:?}");
+        }
+        assert_eq!(parse_fixed("0.123456789"), Err(NumError::TooPrecise));
+        assert_eq!(parse_fixed("1e400"), Err(NumError::OutOfRange));
+        assert_eq!(parse_fixed("1e-400"), Err(NumError::TooPrecise));
+        assert_eq!(parse_fixed("0e400"), Ok(0));
+        assert_eq!(parse_fixed("92233720368.54775808"), Err(NumError::OutOfRange));
+        assert_eq!(parse_fixed("99999999999999999999999999999999999999999"), Err(NumError::OutOfRange));
+    }
+
+    #[test]
+    fn format_is_fixed_eight_places() {
+        // Proves printing is exact, signed and never uses an exponent.
+        assert_eq!(format_fixed(0), "0.00000000");
+        assert_eq!(format_fixed(-1), "-0.00000001");
+        assert_eq!(format_fixed(123_456_789_012), "1234.56789012");
+    }
+
+    #[test]
+    fn rounding_directions() {
+        // Proves floor, ceil and nearest on both signs, and the 256-bit path.
+        assert_eq!(div(7, 2, Round::Floor), Some(3));
+        assert_eq!(div(-7, 2, Round::Floor), Some(-4));
+        assert_eq!(div(7, 2, Round::Ceil), Some(4));
+        assert_eq!(div(-7, 2, Round::Ceil), Some(-3));
+        assert_eq!(div(7, 2, Round::Nearest), Some(4));
+        assert_eq!(div(-7, 2, Round::Nearest), Some(-4));
+        assert_eq!(div(7, -3, Round::Nearest), Some(-2));
+        assert_eq!(div(5, 3, Round::Nearest), Some(2));
+        let big = i128::MAX / 3;
+        assert_eq!(mul_div(big, 6, 3, Round::Floor), Some(big * 2));
+        assert_eq!(mul_div(big, 10, 3, Round::Floor), None);
+        assert_eq!(mul_div(-big, 6, -4, Round::Ceil), mul_div(big, 3, 2, Round::Ceil));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_agrees_with_rust_decimal(raw in -i64::MAX..=i64::MAX) {
+            // Proves print → parse round-trips, and agrees with rust_decimal's reading of the same text.
+            let text = format_fixed(i128::from(raw));
+            proptest::prop_assert_eq!(parse_fixed(&text), Ok(i128::from(raw)));
+            let d: rust_decimal::Decimal = text.parse().map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e}")))?;
+            proptest::prop_assert_eq!(d.mantissa(), i128::from(raw));
+            proptest::prop_assert_eq!(d.scale(), 8);
+        }
+
+        #[test]
+        fn mul_div_matches_wide_reference(a in proptest::num::i128::ANY, b in -1_000_000_000_000i128..1_000_000_000_000, d in 1i128..1_000_000_000_000_000_000) {
+            // Proves the i128 fast path and the 256-bit path give the floor of the exact quotient.
+            let exact = I256::from(a) * I256::from(b);
+            let q = exact.div_euclid(I256::from(d));
+            let expect = i128::try_from(q).ok();
+            proptest::prop_assert_eq!(mul_div(a, b, d, Round::Floor), expect);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! What replay prints: account views, triggers and rejections, and their JSON form (`events.md`, "What replay
+//! prints"). Both the engine and the reference model produce these types, so they compare with `==`.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::MarginMode;
+use crate::num::{Amount, Price, Qty, write_fixed};
+use crate::reject::Reason;
+
+/// A sequencer offset: the first event is 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Offset(pub u64);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PositionView {
+    pub symbol: String,
+    pub qty: Qty,
+    pub entry_price: Option<Price>,
+    pub mark_price: Option<Price>,
+    pub unrealized_pnl: Amount,
+    pub initial_margin: Amount,
+    pub maintenance_margin: Amount,
+    pub margin_mode: MarginMode,
+    pub isolated_wallet: Option<Amount>,
+    pub liquidation_price: Option<Price>,
+    pub bankruptcy_price: Option<Price>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    pub account: String,
+    pub equity: Amount,
+    pub initial_margin: Amount,
+    pub maintenance_margin: Amount,
+    pub available: Amount,
+    pub liquidatable: bool,
+    /// Sorted by asset name: the quote always, other assets while non-zero.
+    pub balances: Vec<(String, Amount)>,
+    /// Open positions, sorted by symbol.
+    pub positions: Vec<PositionView>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TriggerKind {
+    Liquidate,
+    Bankrupt,
+}
+
+impl TriggerKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::Liquidate => "liquidate",
+            TriggerKind::Bankrupt => "bankrupt",
+        }
+    }
+}
+
+/// A liquidation trigger. Field order is the contract's sort order: offset, account, symbol (cross first), kind.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Trigger {
+    pub offset: Offset,
+    pub account: String,
+    /// `None` for the cross account; the symbol of an isolated position.
+    pub symbol: Option<String>,
+    pub kind: TriggerKind,
+    pub equity: Amount,
+    pub maintenance_margin: Amount,
+}
+
+/// A rejected event as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionRecord {
+    pub offset: Offset,
+    pub reason: Reason,
+    pub message: String,
+}
+
+fn fixed(s: &mut String, raw: i128) {
+    s.push('"');
+    // Writing to a String cannot fail.
+    let _ = write_fixed(s, raw);
+    s.push('"');
+}
+
+fn opt_price(s: &mut String, p: Option<Price>) {
+    match p {
+        Some(p) => fixed(s, p.wide()),
+        None => s.push_str("null"),
+    }
+}
+
+fn string(s: &mut String, v: &str) {
+    // Serializing a &str cannot fail.
+    s.push_str(&serde_json::to_string(v).unwrap_or_default());
+}
+
+impl AccountView {
+    /// The account's JSON object, compact, keys in the contract's order.
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(256 + 320 * self.positions.len());
+        s.push_str("{\"account\":");
+        string(&mut s, &self.account);
+        s.push_str(",\"equity\":");
+        fixed(&mut s, self.equity.0);
+        s.push_str(",\"initial_margin\":");
+        fixed(&mut s, self.initial_margin.0);
+        s.push_str(",\"maintenance_margin\":");
+        fixed(&mut s, self.maintenance_margin.0);
+        s.push_str(",\"available\":");
+        fixed(&mut s, self.available.0);
+        let _ = write!(s, ",\"liquidatable\":{}", self.liquidatable);
+        s.push_str(",\"balances\":{");
+        for (i, (asset, amount)) in self.balances.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            string(&mut s, asset);
+            s.push(':');
+            fixed(&mut s, amount.0);
+        }
+        s.push_str("},\"positions\":[");
+        for (i, p) in self.positions.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str("{\"symbol\":");
+            string(&mut s, &p.symbol);
+            s.push_str(",\"qty\":");
+            fixed(&mut s, p.qty.wide());
+            s.push_str(",\"entry_price\":");
+            opt_price(&mut s, p.entry_price);
+            s.push_str(",\"mark_price\":");
+            opt_price(&mut s, p.mark_price);
+            s.push_str(",\"unrealized_pnl\":");
+            fixed(&mut s, p.unrealized_pnl.0);
+            s.push_str(",\"initial_margin\":");
+            fixed(&mut s, p.initial_margin.0);
+            s.push_str(",\"maintenance_margin\":");
+            fixed(&mut s, p.maintenance_margin.0);
+            let _ = write!(s, ",\"margin_mode\":\"{}\"", p.margin_mode.as_str());
+            s.push_str(",\"isolated_wallet\":");
+            match p.isolated_wallet {
+                Some(w) => fixed(&mut s, w.0),
+                None => s.push_str("null"),
+            }
+            s.push_str(",\"liquidation_price\":");
+            opt_price(&mut s, p.liquidation_price);
+            s.push_str(",\"bankruptcy_price\":");
+            opt_price(&mut s, p.bankruptcy_price);
+            s.push('}');
+        }
+        s.push_str("]}");
+        s
+    }
+}
+
+impl Trigger {
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(160);
+        let _ = write!(s, "{{\"offset\":{},\"account\":", self.offset.0);
+        string(&mut s, &self.account);
+        let _ = write!(s, ",\"kind\":\"{}\",\"symbol\":", self.kind.as_str());
+        match &self.symbol {
+            Some(sym) => string(&mut s, sym),
+            None => s.push_str("null"),
+        }
+        s.push_str(",\"equity\":");
+        fixed(&mut s, self.equity.0);
+        s.push_str(",\"maintenance_margin\":");
+        fixed(&mut s, self.maintenance_margin.0);
+        s.push('}');
+        s
+    }
+}
+
+impl RejectionRecord {
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(96 + self.message.len());
+        let _ = write!(s, "{{\"offset\":{},\"reason\":\"{}\",\"message\":", self.offset.0, self.reason.as_str());
+        string(&mut s, &self.message);
+        s.push('}');
+        s
+    }
+}
+
+/// Writes a replay document: `offset`, then `accounts`, `triggers` and `rejections`, one element per line.
+/// The three lists are given as iterators of already-rendered JSON objects, so a caller can stream them (from a
+/// spool file, say, hence the `io::Result` items).
+pub fn write_document<W: Write>(
+    out: &mut W,
+    offset: Offset,
+    accounts: impl IntoIterator<Item = io::Result<String>>,
+    triggers: impl IntoIterator<Item = io::Result<String>>,
+    rejections: impl IntoIterator<Item = io::Result<String>>,
+) -> io::Result<()> {
+    writeln!(out, "{{\n\"offset\": {},", offset.0)?;
+    write_list(out, "accounts", accounts)?;
+    out.write_all(b",\n")?;
+    write_list(out, "triggers", triggers)?;
+    out.write_all(b",\n")?;
+    write_list(out, "rejections", rejections)?;
+    out.write_all(b"\n}\n")
+}
+
+fn write_list<W: Write>(out: &mut W, key: &str, items: impl IntoIterator<Item = io::Result<String>>) -> io::Result<()> {
+    write!(out, "\"{key}\": [")?;
+    let mut first = true;
+    for item in items {
+        let item = item?;
+        out.write_all(if first { b"\n  " } else { b",\n  " })?;
+        out.write_all(item.as_bytes())?;
+        first = false;
+    }
+    if !first {
+        out.write_all(b"\n")?;
+    }
+    out.write_all(b"]")
+}
