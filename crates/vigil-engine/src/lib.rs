@@ -1,1 +1,563 @@
-pub fn placeholder() {}
+//! Vigil's state machine: it applies one sequenced event at a time to one shard's accounts.
+//!
+//! Sans-IO: no threads, files or clocks. Every event is validated completely before anything changes, so a
+//! rejected event leaves the state exactly as it was. After an accepted event, the margin units it touched (and
+//! only those) are re-evaluated and their liquidation episodes advanced; a price tick touches the accounts that
+//! depend on that price, nothing else. Cached figures are therefore always current: an invariant the differential
+//! test against the naive reference model guards.
+
+pub mod account;
+pub mod market;
+pub mod sharded;
+
+pub use sharded::Sharded;
+
+use std::collections::HashMap;
+
+use vigil_model::margin::{apply_fill, credit_from_e16, funding_credit, pretrade_allowed};
+use vigil_model::{
+    AccountView, Amount, Event, Fill, MarginMode, Offset, Qty, Reason, Rejection, Trigger, UnitFigures, reject,
+};
+
+use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, underlying_of, view};
+use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The settlement currency (price 1, no haircut).
+    pub quote: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { quote: vigil_model::QUOTE_DEFAULT.to_owned() }
+    }
+}
+
+/// The answer to a pre-trade check: the unit's figures before and after the hypothetical fill.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckOutcome {
+    pub allowed: bool,
+    /// Why the fill is refused; `None` when allowed.
+    pub reason: Option<Rejection>,
+    pub before: UnitFigures,
+    pub after: UnitFigures,
+}
+
+/// One shard's state.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    market: Market,
+    accounts: Vec<Account>,
+    ids: HashMap<Box<str>, u32>,
+    /// Per price slot, the accounts whose figures depend on it.
+    dependents: Vec<Vec<u32>>,
+    offset: Offset,
+}
+
+/// What a fill would do to one account, computed before anything changes.
+struct FillPlan {
+    slot: Slot,
+    underlying: Option<Slot>,
+    mode: MarginMode,
+    qty: Qty,
+    cost_e16: i128,
+    /// The isolated wallet after the fill (before it returns to cross on close).
+    wallet: Amount,
+    /// The quote balance after the fill.
+    quote: Amount,
+}
+
+fn out_of_range(what: &str) -> Rejection {
+    reject(Reason::InvalidNumber, format!("{what} would leave the representable range"))
+}
+
+fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
+    if let Some(d) = acc.deps.iter_mut().find(|d| d.slot == slot) {
+        d.refs += 1;
+        return;
+    }
+    let list = &mut dependents[slot as usize];
+    acc.deps.push(Dep { slot, refs: 1, index: list.len() as u32 });
+    list.push(a);
+}
+
+fn remove_dep(dependents: &mut [Vec<u32>], accounts: &mut [Account], a: u32, slot: Slot) {
+    let acc = &mut accounts[a as usize];
+    let Some(i) = acc.deps.iter().position(|d| d.slot == slot) else {
+        debug_assert!(false, "invariant: a dependency is removed only after it was added");
+        return;
+    };
+    acc.deps[i].refs -= 1;
+    if acc.deps[i].refs > 0 {
+        return;
+    }
+    let index = acc.deps[i].index as usize;
+    acc.deps.swap_remove(i);
+    let list = &mut dependents[slot as usize];
+    list.swap_remove(index);
+    if let Some(&moved) = list.get(index)
+        && let Some(d) = accounts[moved as usize].deps.iter_mut().find(|d| d.slot == slot)
+    {
+        d.index = index as u32;
+    }
+}
+
+impl Engine {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            market: Market::new(&config.quote),
+            accounts: Vec::new(),
+            ids: HashMap::new(),
+            dependents: vec![Vec::new()],
+            offset: Offset(0),
+        }
+    }
+
+    /// The offset of the last event applied (or skipped as rejected).
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    pub fn market(&self) -> &Market {
+        &self.market
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Applies one event at `offset`. Triggers it causes are appended to `triggers`, sorted by the contract's
+    /// order within the offset. On `Err` nothing changed. Offsets must increase; an event at an offset already
+    /// applied is ignored, so a replayed prefix is harmless.
+    pub fn apply(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        if offset <= self.offset {
+            return Ok(());
+        }
+        self.offset = offset;
+        let start = triggers.len();
+        let result = self.apply_inner(offset, event, triggers);
+        debug_assert!(result.is_ok() || triggers.len() == start, "invariant: a rejected event emits no trigger");
+        triggers[start..].sort_unstable();
+        result
+    }
+
+    fn apply_inner(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        match event {
+            Event::Asset { .. } | Event::Perp { .. } | Event::Future { .. } | Event::Option { .. } => {
+                let declared = self.market.declare(event)?;
+                if declared.created {
+                    self.dependents.push(Vec::new());
+                    debug_assert_eq!(self.dependents.len(), self.market.slots(), "invariant: one list per slot");
+                } else {
+                    self.reevaluate(declared.slot, offset, triggers);
+                }
+                Ok(())
+            }
+            Event::Price { symbol, price } => {
+                let slot = self.market.price_slot(symbol)?;
+                self.market.set_price(slot, *price);
+                self.reevaluate(slot, offset, triggers);
+                Ok(())
+            }
+            Event::Funding { symbol, rate } => {
+                let slot = self.market.slot(symbol).ok_or_else(|| unknown_symbol(symbol))?;
+                match self.market.entry(slot) {
+                    Some(Entry::Instrument(i)) if matches!(i.kind, InstrumentKind::Perp) => {}
+                    _ => return Err(reject(Reason::InvalidReference, format!("funding on {symbol:?}, not a perp"))),
+                }
+                let mark = self.market.price(slot).ok_or_else(|| no_price(symbol))?;
+                for &a in &self.dependents[slot as usize] {
+                    let acc = &mut self.accounts[a as usize];
+                    if let Some(i) = acc.position_index(slot)
+                        && acc.positions[i].is_open()
+                    {
+                        let credit = funding_credit(acc.positions[i].qty, mark, *rate);
+                        if acc.positions[i].mode == MarginMode::Isolated {
+                            acc.positions[i].wallet = acc.positions[i].wallet.saturating_add(credit);
+                        } else {
+                            acc.balances[0].1 = acc.balances[0].1.saturating_add(credit);
+                        }
+                    }
+                    evaluate_and_detect(&self.market, acc, offset, triggers);
+                }
+                Ok(())
+            }
+            Event::Settle { symbol, price } => self.settle(offset, symbol, *price, triggers),
+            Event::Deposit { account, asset, amount } => {
+                let asset = self.market.asset(asset)?;
+                let a = self.ids.get(account.as_str()).copied();
+                let before = a.map_or(Amount::ZERO, |a| self.accounts[a as usize].balance(asset));
+                let after = before.checked_add(*amount).ok_or_else(|| out_of_range("the balance"))?;
+                let a = self.account_or_create(account);
+                self.set_balance(a, asset, after);
+                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                Ok(())
+            }
+            Event::Withdraw { account, asset, amount } => {
+                let a = self.existing_account(account)?;
+                let asset = self.market.asset(asset)?;
+                let acc = &self.accounts[a as usize];
+                let before = acc.balance(asset);
+                let after = before.checked_sub(*amount).ok_or_else(|| out_of_range("the balance"))?;
+                if after.is_negative() {
+                    return Err(reject(Reason::InsufficientBalance, format!("balance {before} < withdrawal {amount}")));
+                }
+                let mut balances = acc.balances.clone();
+                set_amount(&mut balances, asset, after);
+                let equity = account::collateral(&self.market, &balances)
+                    .saturating_add(cross_position_value(acc));
+                if equity < acc.cross.initial_margin {
+                    return Err(reject(
+                        Reason::InsufficientMargin,
+                        format!("equity after {equity} < initial margin {}", acc.cross.initial_margin),
+                    ));
+                }
+                self.set_balance(a, asset, after);
+                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                Ok(())
+            }
+            Event::Transfer { account, symbol, amount } => self.transfer(offset, account, symbol, *amount, triggers),
+            Event::Trade(fill) => {
+                let a = self.ids.get(fill.account.as_str()).copied();
+                let plan = self.plan_fill(a.map(|a| &self.accounts[a as usize]), fill)?;
+                let a = self.account_or_create(&fill.account);
+                self.commit_fill(a, &plan);
+                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                Ok(())
+            }
+        }
+    }
+
+    fn reevaluate(&mut self, slot: Slot, offset: Offset, triggers: &mut Vec<Trigger>) {
+        for &a in &self.dependents[slot as usize] {
+            evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+        }
+    }
+
+    fn existing_account(&self, id: &str) -> Result<u32, Rejection> {
+        self.ids.get(id).copied().ok_or_else(|| reject(Reason::UnknownAccount, format!("unknown account {id:?}")))
+    }
+
+    fn account_or_create(&mut self, id: &str) -> u32 {
+        if let Some(&a) = self.ids.get(id) {
+            return a;
+        }
+        let a = self.accounts.len() as u32;
+        self.accounts.push(Account::new(id));
+        self.ids.insert(Box::from(id), a);
+        a
+    }
+
+    /// Sets a balance, keeping non-quote entries only while non-zero and their price dependency with them.
+    fn set_balance(&mut self, a: u32, asset: Slot, amount: Amount) {
+        let acc = &mut self.accounts[a as usize];
+        match acc.balances.iter().position(|(s, _)| *s == asset) {
+            Some(i) if asset != QUOTE && amount.0 == 0 => {
+                acc.balances.remove(i);
+                remove_dep(&mut self.dependents, &mut self.accounts, a, asset);
+            }
+            Some(i) => acc.balances[i].1 = amount,
+            None if amount.0 == 0 => {}
+            None => {
+                acc.balances.push((asset, amount));
+                add_dep(&mut self.dependents, acc, a, asset);
+            }
+        }
+    }
+
+    fn add_position(&mut self, a: u32, slot: Slot, mode: MarginMode) -> usize {
+        let acc = &mut self.accounts[a as usize];
+        acc.positions.push(Position::new(slot, mode));
+        add_dep(&mut self.dependents, acc, a, slot);
+        if let Some(u) = underlying_of(&self.market, slot) {
+            add_dep(&mut self.dependents, acc, a, u);
+        }
+        acc.positions.len() - 1
+    }
+
+    fn remove_position(&mut self, a: u32, index: usize) {
+        let slot = self.accounts[a as usize].positions.swap_remove(index).slot;
+        remove_dep(&mut self.dependents, &mut self.accounts, a, slot);
+        if let Some(u) = underlying_of(&self.market, slot) {
+            remove_dep(&mut self.dependents, &mut self.accounts, a, u);
+        }
+    }
+
+    fn settle(&mut self, offset: Offset, symbol: &str, price: vigil_model::Price, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        let slot = self.market.slot(symbol).ok_or_else(|| unknown_symbol(symbol))?;
+        let payoff = match self.market.entry(slot) {
+            Some(Entry::Instrument(i)) => {
+                if i.settled {
+                    return Err(reject(Reason::InstrumentSettled, format!("{symbol:?} is already settled")));
+                }
+                match &i.kind {
+                    InstrumentKind::Perp => {
+                        return Err(reject(Reason::InvalidReference, format!("{symbol:?} is a perp: perps never settle")));
+                    }
+                    InstrumentKind::Future => None,
+                    InstrumentKind::Option { terms, .. } => Some(terms.payoff(price)),
+                }
+            }
+            _ => return Err(reject(Reason::InvalidReference, format!("{symbol:?} is an asset, not an instrument"))),
+        };
+        let holders = self.dependents[slot as usize].clone();
+        for &a in &holders {
+            let acc = &mut self.accounts[a as usize];
+            let Some(i) = acc.position_index(slot) else { continue };
+            let p = &acc.positions[i];
+            let realized_e16 = match payoff {
+                None => p.qty.wide() * price.wide() - p.cost_e16,
+                Some(per_unit) => p.qty.wide() * per_unit,
+            };
+            let credit = credit_from_e16(realized_e16);
+            // An isolated wallet (pre-funded or not) returns to the cross balance with the position.
+            let back = if p.mode == MarginMode::Isolated { p.wallet.saturating_add(credit) } else { credit };
+            acc.balances[0].1 = acc.balances[0].1.saturating_add(back);
+            self.remove_position(a, i);
+        }
+        debug_assert!(self.dependents[slot as usize].is_empty(), "invariant: a settled instrument has no holders");
+        self.market.mark_settled(slot, price);
+        for &a in &holders {
+            evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+        }
+        Ok(())
+    }
+
+    fn transfer(
+        &mut self,
+        offset: Offset,
+        account: &str,
+        symbol: &str,
+        amount: Amount,
+        triggers: &mut Vec<Trigger>,
+    ) -> Result<(), Rejection> {
+        let a = self.existing_account(account)?;
+        let (slot, inst) = self.market.instrument_slot(symbol)?;
+        if matches!(inst.kind, InstrumentKind::Option { .. }) {
+            return Err(reject(Reason::InvalidReference, format!("{symbol:?} is an option: options are cross only")));
+        }
+        if inst.settled {
+            return Err(reject(Reason::InstrumentSettled, format!("{symbol:?} is settled")));
+        }
+        let acc = &self.accounts[a as usize];
+        let index = acc.position_index(slot);
+        let pos = index.map(|i| &acc.positions[i]);
+        if pos.is_some_and(|p| p.mode == MarginMode::Cross) {
+            return Err(reject(Reason::ModeMismatch, format!("the account holds a cross position in {symbol:?}")));
+        }
+        let wallet = pos.map_or(Amount::ZERO, |p| p.wallet);
+        let quote = acc.balances[0].1;
+        let wallet_after = wallet.checked_add(amount).ok_or_else(|| out_of_range("the isolated wallet"))?;
+        let quote_after = quote.checked_sub(amount).ok_or_else(|| out_of_range("the balance"))?;
+        if amount.0 > 0 {
+            if quote_after.is_negative() {
+                return Err(reject(Reason::InsufficientBalance, format!("balance {quote} < transfer {amount}")));
+            }
+            let equity = acc.cross.equity.saturating_sub(amount);
+            if equity < acc.cross.initial_margin {
+                return Err(reject(
+                    Reason::InsufficientMargin,
+                    format!("cross equity after {equity} < initial margin {}", acc.cross.initial_margin),
+                ));
+            }
+        } else {
+            if wallet_after.is_negative() {
+                return Err(reject(Reason::InsufficientBalance, format!("isolated wallet {wallet} < {}", -amount.0)));
+            }
+            if let Some(p) = pos.filter(|p| p.is_open()) {
+                let f = p.isolated_figures();
+                let equity = f.equity.saturating_add(amount);
+                if equity < f.initial_margin {
+                    return Err(reject(
+                        Reason::InsufficientMargin,
+                        format!("isolated equity after {equity} < initial margin {}", f.initial_margin),
+                    ));
+                }
+            }
+        }
+        let i = match index {
+            Some(i) => i,
+            None => self.add_position(a, slot, MarginMode::Isolated),
+        };
+        let acc = &mut self.accounts[a as usize];
+        acc.balances[0].1 = quote_after;
+        acc.positions[i].wallet = wallet_after;
+        if wallet_after.0 == 0 && !acc.positions[i].is_open() {
+            self.remove_position(a, i);
+        }
+        evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+        Ok(())
+    }
+
+    /// Validates a fill against the account (or a new one) and computes its effect, changing nothing.
+    fn plan_fill(&self, acc: Option<&Account>, fill: &Fill) -> Result<FillPlan, Rejection> {
+        let (slot, inst) = self.market.instrument_slot(&fill.symbol)?;
+        let underlying = match inst.kind {
+            InstrumentKind::Option { underlying, .. } => Some(underlying),
+            _ => None,
+        };
+        if underlying.is_some() && fill.margin_mode == MarginMode::Isolated {
+            return Err(reject(Reason::InvalidEvent, "options are cross-margined only: an isolated option fill is invalid"));
+        }
+        if inst.settled {
+            return Err(reject(Reason::InstrumentSettled, format!("{:?} is settled", fill.symbol)));
+        }
+        if self.market.price(slot).is_none() {
+            return Err(no_price(&fill.symbol));
+        }
+        if let Some(u) = underlying
+            && self.market.price(u).is_none()
+        {
+            return Err(reject(
+                Reason::NoPrice,
+                format!("the underlying {:?} of {:?} has no index price yet", self.market.name(u), fill.symbol),
+            ));
+        }
+        let pos = acc.and_then(|a| a.position(slot));
+        if let Some(p) = pos
+            && p.mode != fill.margin_mode
+        {
+            let what = if p.is_open() { "open position" } else { "pre-funded isolated wallet" };
+            return Err(reject(
+                Reason::ModeMismatch,
+                format!("a {} fill on a {} {what}", fill.margin_mode.as_str(), p.mode.as_str()),
+            ));
+        }
+        let (q0, c0, wallet0) = pos.map_or((Qty::ZERO, 0, Amount::ZERO), |p| (p.qty, p.cost_e16, p.wallet));
+        let dq = fill.signed_qty();
+        let out = apply_fill(q0, c0, dq, fill.price).ok_or_else(|| out_of_range("the position size"))?;
+        let gross = match underlying {
+            // The premium moves through the quote balance at the trade.
+            Some(_) => credit_from_e16(-(dq.wide() * fill.price.wide())),
+            None => credit_from_e16(out.realized_e16),
+        };
+        let credit = gross.checked_sub(fill.fee).ok_or_else(|| out_of_range("the fill's cash flow"))?;
+        let quote0 = acc.map_or(Amount::ZERO, |a| a.balances[0].1);
+        let (wallet, quote) = match fill.margin_mode {
+            MarginMode::Isolated => {
+                let w = wallet0.checked_add(credit).ok_or_else(|| out_of_range("the isolated wallet"))?;
+                let q = if out.qty.0 == 0 {
+                    quote0.checked_add(w).ok_or_else(|| out_of_range("the balance"))?
+                } else {
+                    quote0
+                };
+                (w, q)
+            }
+            MarginMode::Cross => (Amount::ZERO, quote0.checked_add(credit).ok_or_else(|| out_of_range("the balance"))?),
+        };
+        Ok(FillPlan { slot, underlying, mode: fill.margin_mode, qty: out.qty, cost_e16: out.cost_e16, wallet, quote })
+    }
+
+    fn commit_fill(&mut self, a: u32, plan: &FillPlan) {
+        let i = match self.accounts[a as usize].position_index(plan.slot) {
+            Some(i) => i,
+            None => self.add_position(a, plan.slot, plan.mode),
+        };
+        let acc = &mut self.accounts[a as usize];
+        acc.balances[0].1 = plan.quote;
+        let p = &mut acc.positions[i];
+        p.qty = plan.qty;
+        p.cost_e16 = plan.cost_e16;
+        p.wallet = plan.wallet;
+        if !p.is_open() {
+            // Closed: an isolated wallet went back to the cross balance in the plan.
+            p.episode = Default::default();
+            self.remove_position(a, i);
+        }
+        debug_assert!(plan.underlying.is_none() || plan.mode == MarginMode::Cross);
+    }
+
+    /// The pre-trade check: the figures of the unit the fill trades (the cross account, or the isolated position),
+    /// before and after it, on a copy of the account at current marks. `Err` if the fill is not valid at all.
+    pub fn check(&self, account: &str, fill: &Fill) -> Result<CheckOutcome, Rejection> {
+        let existing = self.ids.get(account).map(|&a| &self.accounts[a as usize]);
+        let plan = self.plan_fill(existing, fill)?;
+        let mut copy = existing.cloned().unwrap_or_else(|| Account::new(account));
+        let (before, after) = match plan.mode {
+            MarginMode::Cross => {
+                let before = copy.cross;
+                apply_plan_to_copy(&mut copy, &plan);
+                evaluate(&self.market, &mut copy);
+                (before, copy.cross)
+            }
+            MarginMode::Isolated => {
+                let before = copy.position(plan.slot).map_or(UnitFigures::default(), |p| p.isolated_figures());
+                apply_plan_to_copy(&mut copy, &plan);
+                evaluate(&self.market, &mut copy);
+                let after = copy.position(plan.slot).map_or(
+                    UnitFigures { equity: plan.wallet, ..UnitFigures::default() },
+                    |p| p.isolated_figures(),
+                );
+                (before, after)
+            }
+        };
+        let allowed = pretrade_allowed(&before, &after);
+        let reason = (!allowed).then(|| {
+            reject(
+                Reason::InsufficientMargin,
+                format!("equity after {} < initial margin {} and the fill adds risk", after.equity, after.initial_margin),
+            )
+        });
+        Ok(CheckOutcome { allowed, reason, before, after })
+    }
+
+    /// The replay view of one account.
+    pub fn account_view(&self, id: &str) -> Option<AccountView> {
+        self.ids.get(id).map(|&a| view(&self.market, &self.accounts[a as usize]))
+    }
+
+    /// Every account's view, sorted by account id.
+    pub fn views(&self) -> Vec<AccountView> {
+        let mut ids: Vec<&str> = self.accounts.iter().map(|a| &*a.id).collect();
+        ids.sort_unstable();
+        ids.into_iter().filter_map(|id| self.account_view(id)).collect()
+    }
+
+    /// Account ids in this shard, unsorted.
+    pub fn account_ids(&self) -> impl Iterator<Item = &str> {
+        self.accounts.iter().map(|a| &*a.id)
+    }
+}
+
+/// Applies a plan to a detached copy of an account (no dependency bookkeeping).
+fn apply_plan_to_copy(acc: &mut Account, plan: &FillPlan) {
+    acc.balances[0].1 = plan.quote;
+    let i = match acc.position_index(plan.slot) {
+        Some(i) => i,
+        None => {
+            acc.positions.push(Position::new(plan.slot, plan.mode));
+            acc.positions.len() - 1
+        }
+    };
+    let p = &mut acc.positions[i];
+    p.qty = plan.qty;
+    p.cost_e16 = plan.cost_e16;
+    p.wallet = plan.wallet;
+    if !p.is_open() {
+        acc.positions.swap_remove(i);
+    }
+}
+
+fn set_amount(balances: &mut Vec<(Slot, Amount)>, asset: Slot, amount: Amount) {
+    match balances.iter().position(|(s, _)| *s == asset) {
+        Some(i) => balances[i].1 = amount,
+        None => balances.push((asset, amount)),
+    }
+}
+
+fn cross_position_value(acc: &Account) -> Amount {
+    acc.positions
+        .iter()
+        .filter(|p| p.mode == MarginMode::Cross)
+        .fold(Amount::ZERO, |s, p| s.saturating_add(p.figures.value))
+}
+
+fn unknown_symbol(symbol: &str) -> Rejection {
+    reject(Reason::UnknownSymbol, format!("unknown symbol {symbol:?}"))
+}
+
+fn no_price(symbol: &str) -> Rejection {
+    reject(Reason::NoPrice, format!("{symbol:?} has no mark price yet"))
+}

@@ -370,6 +370,8 @@ enum Bound {
     Any,
     Positive,
     NonZero,
+    /// Within [-1, 1]: a funding rate (100% of notional per payment at most).
+    Unit,
 }
 
 fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
@@ -381,6 +383,9 @@ fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
     match bound {
         Bound::Positive if raw.0 <= 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must be > 0"))),
         Bound::NonZero if raw.0 == 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must not be 0"))),
+        Bound::Unit if raw.0.abs() > Rate::ONE.0 => {
+            Err(reject(Reason::InvalidNumber, format!("`{field}` must be between -1 and 1")))
+        }
         _ => Ok(raw.0),
     }
 }
@@ -500,7 +505,7 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
             margin: option_margin(f.get("margin"))?,
         },
         "price" => Event::Price { symbol: f.name("symbol"), price: Price(f.num("price", Bound::Positive)?) },
-        "funding" => Event::Funding { symbol: f.name("symbol"), rate: Rate(f.num("rate", Bound::Any)?) },
+        "funding" => Event::Funding { symbol: f.name("symbol"), rate: Rate(f.num("rate", Bound::Unit)?) },
         "settle" => Event::Settle { symbol: f.name("symbol"), price: Price(f.num("price", Bound::Positive)?) },
         "deposit" => Event::Deposit {
             account: f.name("account"),

@@ -1,0 +1,281 @@
+//! One account's state and its evaluation: positions, balances, cached figures, liquidation episodes.
+
+use vigil_model::margin::{
+    bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, liquidation_price, option_figures,
+};
+use vigil_model::{
+    AccountView, Amount, MarginMode, Offset, PositionFigures, PositionView, Qty, Trigger, TriggerKind, UnitFigures,
+};
+
+use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+
+/// A liquidation episode of one margin unit (`margin-model.md`, "Liquidation episodes and triggers").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Episode {
+    pub active: bool,
+    pub bankrupt: bool,
+}
+
+impl Episode {
+    /// Advances the episode on fresh figures; returns the triggers this evaluation emits.
+    pub fn step(&mut self, f: &UnitFigures, has_positions: bool) -> [Option<TriggerKind>; 2] {
+        let mut out = [None, None];
+        if self.active {
+            if f.equity >= f.initial_margin || !has_positions {
+                *self = Episode::default();
+            } else if f.equity.is_negative() && !self.bankrupt {
+                self.bankrupt = true;
+                out[0] = Some(TriggerKind::Bankrupt);
+            }
+        } else if is_liquidatable(f.equity, f.maintenance_margin) {
+            self.active = true;
+            out[0] = Some(TriggerKind::Liquidate);
+            if f.equity.is_negative() {
+                self.bankrupt = true;
+                out[1] = Some(TriggerKind::Bankrupt);
+            }
+        }
+        out
+    }
+}
+
+/// A position in one instrument, or a pre-funded isolated wallet (`qty == 0`, isolated).
+#[derive(Clone, Debug)]
+pub struct Position {
+    pub slot: Slot,
+    pub qty: Qty,
+    /// Σ qty × price over the fills that opened it, exact at 1e-16.
+    pub cost_e16: i128,
+    pub mode: MarginMode,
+    /// The isolated wallet (zero for cross positions).
+    pub wallet: Amount,
+    /// Figures at the last evaluation.
+    pub figures: PositionFigures,
+    /// The isolated unit's episode (unused for cross positions).
+    pub episode: Episode,
+}
+
+impl Position {
+    pub fn new(slot: Slot, mode: MarginMode) -> Self {
+        Self {
+            slot,
+            qty: Qty::ZERO,
+            cost_e16: 0,
+            mode,
+            wallet: Amount::ZERO,
+            figures: PositionFigures::default(),
+            episode: Episode::default(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.qty.0 != 0
+    }
+
+    /// The isolated unit's figures from the cached position figures.
+    pub fn isolated_figures(&self) -> UnitFigures {
+        UnitFigures {
+            equity: self.wallet.saturating_add(self.figures.value),
+            initial_margin: self.figures.initial_margin,
+            maintenance_margin: self.figures.maintenance_margin,
+        }
+    }
+}
+
+/// A dependency of the account on a price slot, and where the account sits in that slot's dependents list.
+#[derive(Clone, Copy, Debug)]
+pub struct Dep {
+    pub slot: Slot,
+    pub refs: u32,
+    pub index: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub id: Box<str>,
+    /// Balances per asset slot; the quote is always entry 0, other entries only while non-zero.
+    pub balances: Vec<(Slot, Amount)>,
+    pub positions: Vec<Position>,
+    pub deps: Vec<Dep>,
+    /// Cross figures at the last evaluation.
+    pub cross: UnitFigures,
+    pub episode: Episode,
+}
+
+impl Account {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: Box::from(id),
+            balances: vec![(QUOTE, Amount::ZERO)],
+            positions: Vec::new(),
+            deps: Vec::new(),
+            cross: UnitFigures::default(),
+            episode: Episode::default(),
+        }
+    }
+
+    pub fn balance(&self, asset: Slot) -> Amount {
+        self.balances.iter().find(|(s, _)| *s == asset).map_or(Amount::ZERO, |(_, a)| *a)
+    }
+
+    pub fn position(&self, slot: Slot) -> Option<&Position> {
+        self.positions.iter().find(|p| p.slot == slot)
+    }
+
+    pub fn position_index(&self, slot: Slot) -> Option<usize> {
+        self.positions.iter().position(|p| p.slot == slot)
+    }
+
+    pub fn has_cross_positions(&self) -> bool {
+        self.positions.iter().any(|p| p.is_open() && p.mode == MarginMode::Cross)
+    }
+}
+
+/// The figures of one position at current prices.
+pub fn position_figures(market: &Market, p: &Position) -> PositionFigures {
+    let (Some(inst), Some(mark)) = (market.instrument(p.slot), market.price(p.slot)) else {
+        return PositionFigures::default();
+    };
+    match &inst.kind {
+        InstrumentKind::Perp | InstrumentKind::Future => match &inst.tiers {
+            Some(t) => linear_figures(p.qty, p.cost_e16, mark, t),
+            None => PositionFigures::default(),
+        },
+        InstrumentKind::Option { underlying, terms } => match market.price(*underlying) {
+            Some(u) => option_figures(p.qty, p.cost_e16, mark, u, terms),
+            None => PositionFigures::default(),
+        },
+    }
+}
+
+/// Value of the account's collateral: the quote as is, other assets at index price with haircut (an asset with
+/// no price yet counts nothing).
+pub fn collateral(market: &Market, balances: &[(Slot, Amount)]) -> Amount {
+    let mut total = Amount::ZERO;
+    for (slot, amount) in balances {
+        let v = if *slot == QUOTE {
+            *amount
+        } else {
+            match market.price(*slot) {
+                Some(p) => collateral_value(*amount, p, market.haircut(*slot)),
+                None => Amount::ZERO,
+            }
+        };
+        total = total.saturating_add(v);
+    }
+    total
+}
+
+/// Re-evaluates every position of the account and its cross figures (no episode change).
+pub fn evaluate(market: &Market, acc: &mut Account) {
+    let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
+    for p in &mut acc.positions {
+        p.figures = position_figures(market, p);
+        if p.mode == MarginMode::Cross {
+            cross.equity = cross.equity.saturating_add(p.figures.value);
+            cross.initial_margin = cross.initial_margin.saturating_add(p.figures.initial_margin);
+            cross.maintenance_margin = cross.maintenance_margin.saturating_add(p.figures.maintenance_margin);
+        }
+    }
+    acc.cross = cross;
+}
+
+/// Re-evaluates the account and advances the episodes of its units, appending any triggers.
+pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, triggers: &mut Vec<Trigger>) {
+    evaluate(market, acc);
+    let cross = acc.cross;
+    let has = acc.has_cross_positions();
+    for kind in acc.episode.step(&cross, has).into_iter().flatten() {
+        triggers.push(Trigger {
+            offset,
+            account: acc.id.to_string(),
+            symbol: None,
+            kind,
+            equity: cross.equity,
+            maintenance_margin: cross.maintenance_margin,
+        });
+    }
+    for p in &mut acc.positions {
+        if p.mode != MarginMode::Isolated || !p.is_open() {
+            continue;
+        }
+        let f = p.isolated_figures();
+        for kind in p.episode.step(&f, true).into_iter().flatten() {
+            triggers.push(Trigger {
+                offset,
+                account: acc.id.to_string(),
+                symbol: Some(market.name(p.slot).to_owned()),
+                kind,
+                equity: f.equity,
+                maintenance_margin: f.maintenance_margin,
+            });
+        }
+    }
+}
+
+/// The replay view of an account (figures as of its last evaluation, which is current: every change re-evaluates).
+pub fn view(market: &Market, acc: &Account) -> AccountView {
+    let mut balances: Vec<(String, Amount)> = acc
+        .balances
+        .iter()
+        .filter(|(s, a)| *s == QUOTE || a.0 != 0)
+        .map(|(s, a)| (market.name(*s).to_owned(), *a))
+        .collect();
+    balances.sort();
+    let mut positions: Vec<PositionView> = acc
+        .positions
+        .iter()
+        .filter(|p| p.is_open())
+        .map(|p| {
+            let mark = market.price(p.slot);
+            let tiers = market.instrument(p.slot).and_then(|i| i.tiers.as_ref());
+            let (liq, bankrupt) = match (tiers, mark) {
+                (Some(t), Some(m)) => {
+                    let (equity, others) = match p.mode {
+                        MarginMode::Isolated => (p.isolated_figures().equity, Amount::ZERO),
+                        MarginMode::Cross => {
+                            (acc.cross.equity, acc.cross.maintenance_margin.saturating_sub(p.figures.maintenance_margin))
+                        }
+                    };
+                    (liquidation_price(equity, p.qty, m, others, t), bankruptcy_price(equity, p.qty, m))
+                }
+                _ => (None, None),
+            };
+            PositionView {
+                symbol: market.name(p.slot).to_owned(),
+                qty: p.qty,
+                entry_price: entry_price(p.qty, p.cost_e16),
+                mark_price: mark,
+                unrealized_pnl: p.figures.unrealized_pnl,
+                initial_margin: p.figures.initial_margin,
+                maintenance_margin: p.figures.maintenance_margin,
+                margin_mode: p.mode,
+                isolated_wallet: (p.mode == MarginMode::Isolated).then_some(p.wallet),
+                liquidation_price: liq,
+                bankruptcy_price: bankrupt,
+            }
+        })
+        .collect();
+    positions.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    AccountView {
+        account: acc.id.to_string(),
+        equity: acc.cross.equity,
+        initial_margin: acc.cross.initial_margin,
+        maintenance_margin: acc.cross.maintenance_margin,
+        available: acc.cross.available(),
+        liquidatable: is_liquidatable(acc.cross.equity, acc.cross.maintenance_margin),
+        balances,
+        positions,
+    }
+}
+
+/// Whether an entry is an instrument whose positions depend on a second slot (an option's underlying).
+pub fn underlying_of(market: &Market, slot: Slot) -> Option<Slot> {
+    match market.entry(slot) {
+        Some(Entry::Instrument(i)) => match i.kind {
+            InstrumentKind::Option { underlying, .. } => Some(underlying),
+            _ => None,
+        },
+        _ => None,
+    }
+}

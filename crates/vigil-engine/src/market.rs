@@ -1,0 +1,281 @@
+//! Reference and market data: the names of assets and instruments, their parameters and their prices.
+//! Every shard holds an identical copy (these events are broadcast), so validation against it is the same
+//! everywhere and a broadcast event is accepted or rejected by all shards alike.
+
+use std::collections::HashMap;
+
+use vigil_model::event::OptionMargin;
+use vigil_model::{
+    Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject,
+};
+
+/// Index of a named entity (the quote, an asset or an instrument); also its price slot.
+pub type Slot = u32;
+
+/// The quote is always slot 0, price 1, no haircut.
+pub const QUOTE: Slot = 0;
+
+#[derive(Clone, Debug)]
+pub enum InstrumentKind {
+    Perp,
+    Future,
+    Option { underlying: Slot, terms: OptionTerms },
+}
+
+impl InstrumentKind {
+    fn name(&self) -> &'static str {
+        match self {
+            InstrumentKind::Perp => "perp",
+            InstrumentKind::Future => "future",
+            InstrumentKind::Option { .. } => "option",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Instrument {
+    pub kind: InstrumentKind,
+    /// Risk tiers of a perp or future; options carry their margin in `OptionTerms`.
+    pub tiers: Option<Tiers>,
+    pub settled: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Quote,
+    Asset { haircut: Rate },
+    Instrument(Instrument),
+}
+
+#[derive(Clone, Debug)]
+pub struct Market {
+    names: HashMap<Box<str>, Slot>,
+    pub(crate) entries: Vec<(Box<str>, Entry)>,
+    /// Mark price of an instrument or index price of an asset; `None` until the first `price` event.
+    pub(crate) prices: Vec<Option<Price>>,
+}
+
+/// What a reference-data event changed: the slot whose holders must be re-evaluated.
+pub struct Declared {
+    pub slot: Slot,
+    pub created: bool,
+}
+
+impl Market {
+    pub fn new(quote: &str) -> Self {
+        let mut names = HashMap::new();
+        names.insert(Box::from(quote), QUOTE);
+        Self { names, entries: vec![(Box::from(quote), Entry::Quote)], prices: vec![Some(Price::ONE)] }
+    }
+
+    pub fn slot(&self, name: &str) -> Option<Slot> {
+        self.names.get(name).copied()
+    }
+
+    pub fn name(&self, slot: Slot) -> &str {
+        self.entries.get(slot as usize).map_or("", |(n, _)| n)
+    }
+
+    pub fn entry(&self, slot: Slot) -> Option<&Entry> {
+        self.entries.get(slot as usize).map(|(_, e)| e)
+    }
+
+    pub fn price(&self, slot: Slot) -> Option<Price> {
+        self.prices.get(slot as usize).copied().flatten()
+    }
+
+    pub fn slots(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn instrument(&self, slot: Slot) -> Option<&Instrument> {
+        match self.entry(slot) {
+            Some(Entry::Instrument(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// An asset's slot (the quote included) by name: `unknown_asset` if never declared, `invalid_reference` if
+    /// the name is an instrument's.
+    pub fn asset(&self, name: &str) -> Result<Slot, Rejection> {
+        match self.slot(name) {
+            Some(s) if matches!(self.entry(s), Some(Entry::Quote | Entry::Asset { .. })) => Ok(s),
+            Some(_) => Err(reject(Reason::InvalidReference, format!("{name:?} is an instrument, not an asset"))),
+            None => Err(reject(Reason::UnknownAsset, format!("unknown asset {name:?}"))),
+        }
+    }
+
+    /// An instrument's slot by name: `unknown_symbol` if never declared, `invalid_reference` if the name is an
+    /// asset's.
+    pub fn instrument_slot(&self, name: &str) -> Result<(Slot, &Instrument), Rejection> {
+        match self.slot(name) {
+            Some(s) => match self.entry(s) {
+                Some(Entry::Instrument(i)) => Ok((s, i)),
+                _ => Err(reject(Reason::InvalidReference, format!("{name:?} is an asset, not an instrument"))),
+            },
+            None => Err(reject(Reason::UnknownSymbol, format!("unknown symbol {name:?}"))),
+        }
+    }
+
+    fn insert(&mut self, name: &str, entry: Entry) -> Slot {
+        let slot = self.entries.len() as Slot;
+        self.names.insert(Box::from(name), slot);
+        self.entries.push((Box::from(name), entry));
+        self.prices.push(None);
+        slot
+    }
+
+    /// Applies a reference-data event (`asset`, `perp`, `future`, `option`), validated in the contract's order.
+    pub fn declare(&mut self, event: &Event) -> Result<Declared, Rejection> {
+        match event {
+            Event::Asset { asset, haircut } => self.declare_asset(asset, *haircut),
+            Event::Perp { symbol, underlying, tiers } => {
+                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Perp)
+            }
+            Event::Future { symbol, underlying, tiers, .. } => {
+                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Future)
+            }
+            Event::Option { symbol, underlying, right, strike, margin, .. } => {
+                self.declare_option(symbol, underlying, *right, *strike, margin)
+            }
+            other => Err(reject(Reason::InvalidEvent, format!("`{}` is not reference data", other.type_name()))),
+        }
+    }
+
+    fn declare_asset(&mut self, name: &str, haircut: Rate) -> Result<Declared, Rejection> {
+        if haircut.0 < 0 || haircut >= Rate::ONE {
+            return Err(reject(Reason::InvalidReference, "haircut must satisfy 0 <= haircut < 1"));
+        }
+        match self.slot(name) {
+            None => Ok(Declared { slot: self.insert(name, Entry::Asset { haircut }), created: true }),
+            Some(s) => match &mut self.entries[s as usize].1 {
+                Entry::Asset { haircut: h } => {
+                    *h = haircut;
+                    Ok(Declared { slot: s, created: false })
+                }
+                Entry::Quote => Err(reject(Reason::InvalidReference, format!("{name:?} is the quote currency"))),
+                Entry::Instrument(_) => {
+                    Err(reject(Reason::InvalidReference, format!("{name:?} is already an instrument's symbol")))
+                }
+            },
+        }
+    }
+
+    fn underlying_asset(&self, name: &str) -> Result<Slot, Rejection> {
+        let s = self.asset(name)?;
+        if s == QUOTE {
+            return Err(reject(Reason::InvalidReference, "an underlying cannot be the quote currency"));
+        }
+        Ok(s)
+    }
+
+    /// Checks an existing symbol may be re-sent as `kind`; `Ok(None)` when it is new.
+    fn existing(&self, name: &str, kind: &str) -> Result<Option<Slot>, Rejection> {
+        let Some(s) = self.slot(name) else { return Ok(None) };
+        match self.entry(s) {
+            Some(Entry::Instrument(i)) if i.kind.name() == kind => {
+                if i.settled {
+                    Err(reject(Reason::InstrumentSettled, format!("{name:?} is settled")))
+                } else {
+                    Ok(Some(s))
+                }
+            }
+            Some(Entry::Instrument(i)) => Err(reject(
+                Reason::InvalidReference,
+                format!("{name:?} is already a {}, cannot re-send it as a {kind}", i.kind.name()),
+            )),
+            _ => Err(reject(Reason::InvalidReference, format!("{name:?} collides with an asset name"))),
+        }
+    }
+
+    fn declare_linear(
+        &mut self,
+        symbol: &str,
+        underlying: Option<&str>,
+        specs: &[TierSpec],
+        kind: InstrumentKind,
+    ) -> Result<Declared, Rejection> {
+        let tiers = Tiers::new(specs)?;
+        if let Some(u) = underlying {
+            self.underlying_asset(u)?;
+        }
+        match self.existing(symbol, kind.name())? {
+            Some(s) => {
+                if let Entry::Instrument(i) = &mut self.entries[s as usize].1 {
+                    i.tiers = Some(tiers);
+                }
+                Ok(Declared { slot: s, created: false })
+            }
+            None => {
+                let slot = self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: Some(tiers), settled: false }));
+                Ok(Declared { slot, created: true })
+            }
+        }
+    }
+
+    fn declare_option(
+        &mut self,
+        symbol: &str,
+        underlying: &str,
+        right: Right,
+        strike: Price,
+        margin: &OptionMargin,
+    ) -> Result<Declared, Rejection> {
+        OptionTerms::validate(margin)?;
+        let u = self.underlying_asset(underlying)?;
+        let terms = OptionTerms { right, strike, margin: *margin };
+        match self.existing(symbol, "option")? {
+            Some(s) => {
+                if let Entry::Instrument(Instrument { kind: InstrumentKind::Option { underlying: old_u, terms: old }, .. }) =
+                    &mut self.entries[s as usize].1
+                {
+                    if *old_u != u || old.right != right || old.strike != strike {
+                        return Err(reject(
+                            Reason::InvalidReference,
+                            format!("option {symbol:?} cannot change its underlying, right or strike"),
+                        ));
+                    }
+                    old.margin = *margin;
+                }
+                Ok(Declared { slot: s, created: false })
+            }
+            None => {
+                let kind = InstrumentKind::Option { underlying: u, terms };
+                let slot = self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: None, settled: false }));
+                Ok(Declared { slot, created: true })
+            }
+        }
+    }
+
+    /// Validates a `price` event and returns the slot it moves.
+    pub fn price_slot(&self, symbol: &str) -> Result<Slot, Rejection> {
+        let s = self.slot(symbol).ok_or_else(|| reject(Reason::UnknownSymbol, format!("unknown symbol {symbol:?}")))?;
+        match self.entry(s) {
+            Some(Entry::Quote) => Err(reject(Reason::InvalidReference, "the quote currency's price is fixed at 1")),
+            Some(Entry::Instrument(i)) if i.settled => {
+                Err(reject(Reason::InstrumentSettled, format!("{symbol:?} is settled")))
+            }
+            _ => Ok(s),
+        }
+    }
+
+    pub fn set_price(&mut self, slot: Slot, price: Price) {
+        if let Some(p) = self.prices.get_mut(slot as usize) {
+            *p = Some(price);
+        }
+    }
+
+    pub fn mark_settled(&mut self, slot: Slot, price: Price) {
+        self.set_price(slot, price);
+        if let Some((_, Entry::Instrument(i))) = self.entries.get_mut(slot as usize) {
+            i.settled = true;
+        }
+    }
+
+    pub fn haircut(&self, slot: Slot) -> Rate {
+        match self.entry(slot) {
+            Some(Entry::Asset { haircut }) => *haircut,
+            _ => Rate::ZERO,
+        }
+    }
+}

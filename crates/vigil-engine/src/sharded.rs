@@ -1,0 +1,84 @@
+//! Several engine states side by side, accounts partitioned by a stable hash: the sans-IO form of sharding.
+//! Account events go to the owning shard; reference and market data go to every shard. The merged output is the
+//! same for every shard count, which is what `vigil replay --shards N` relies on.
+
+use vigil_model::{AccountView, Event, Offset, Rejection, Trigger, shard_of};
+
+use crate::{Config, Engine};
+
+#[derive(Clone, Debug)]
+pub struct Sharded {
+    shards: Vec<Engine>,
+    offset: Offset,
+}
+
+impl Sharded {
+    pub fn new(config: &Config, shards: usize) -> Self {
+        let n = shards.max(1);
+        Self { shards: (0..n).map(|_| Engine::new(config)).collect(), offset: Offset(0) }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn shards(&self) -> &[Engine] {
+        &self.shards
+    }
+
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    /// Assigns the next offset to an event and applies it where it belongs. Triggers are appended in the
+    /// contract's order; the returned offset is the event's.
+    pub fn apply(&mut self, event: &Event, triggers: &mut Vec<Trigger>) -> (Offset, Result<(), Rejection>) {
+        let offset = self.next_offset();
+        (offset, self.apply_at(offset, event, triggers))
+    }
+
+    /// Records a rejection decided before the engines (a line that is not an event) at the next offset.
+    pub fn next_offset(&mut self) -> Offset {
+        self.offset = Offset(self.offset.0 + 1);
+        self.offset
+    }
+
+    fn apply_at(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        match event.account() {
+            Some(account) => {
+                let shard = shard_of(account, self.shards.len());
+                self.shards[shard].apply(offset, event, triggers)
+            }
+            None => {
+                // Broadcast: every shard validates against identical reference and market data, so all agree on
+                // acceptance; the triggers of each shard's accounts are merged and re-sorted.
+                let start = triggers.len();
+                let mut first: Option<Result<(), Rejection>> = None;
+                for shard in &mut self.shards {
+                    let r = shard.apply(offset, event, triggers);
+                    debug_assert!(
+                        first.as_ref().is_none_or(|f| f.is_ok() == r.is_ok()),
+                        "invariant: shards agree on broadcast events"
+                    );
+                    first.get_or_insert(r);
+                }
+                if self.shards.len() > 1 {
+                    triggers[start..].sort_unstable();
+                }
+                first.unwrap_or(Ok(()))
+            }
+        }
+    }
+
+    /// Every account's view across shards, sorted by account id.
+    pub fn views(&self) -> Vec<AccountView> {
+        let mut all: Vec<AccountView> = self.shards.iter().flat_map(Engine::views).collect();
+        all.sort_by(|a, b| a.account.cmp(&b.account));
+        all
+    }
+
+    /// The shard that owns an account.
+    pub fn shard_for(&self, account: &str) -> &Engine {
+        &self.shards[shard_of(account, self.shards.len())]
+    }
+}

@@ -1,0 +1,3 @@
+//! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
+
+pub mod replay;
