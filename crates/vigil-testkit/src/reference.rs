@@ -1,0 +1,589 @@
+//! The naive reference model: the rules of `events.md` and `margin-model.md` written as plainly as possible.
+//!
+//! It keeps no cached figure, no index and no dependency list: after every event it recomputes every account and
+//! every margin unit from scratch and advances every episode. Slow on purpose; it is the oracle the engine is
+//! compared against, event by event.
+
+use std::collections::BTreeMap;
+
+use vigil_model::margin::{
+    apply_fill, bankruptcy_price, collateral_value, credit_from_e16, entry_price, funding_credit, is_liquidatable,
+    liquidation_price, linear_figures, option_figures,
+};
+use vigil_model::{
+    AccountView, Amount, Event, Fill, MarginMode, OptionTerms, PositionFigures, PositionView, Price, Qty, Rate, Reason,
+    Rejection, Tiers, Trigger, TriggerKind, UnitFigures, reject,
+};
+use vigil_model::{Offset, OptionMargin, Right};
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Perp(Tiers),
+    Future(Tiers),
+    Option { underlying: String, right: Right, strike: Price, margin: OptionMargin },
+}
+
+#[derive(Clone, Debug)]
+enum Named {
+    Asset { haircut: Rate },
+    Instrument { kind: Kind, settled: bool },
+}
+
+#[derive(Clone, Debug)]
+struct Pos {
+    qty: Qty,
+    cost_e16: i128,
+    mode: MarginMode,
+    wallet: Amount,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Acct {
+    /// Every asset ever touched, zeros included (the view filters them).
+    balances: BTreeMap<String, Amount>,
+    /// Open positions and pre-funded isolated wallets (qty 0).
+    positions: BTreeMap<String, Pos>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Ep {
+    active: bool,
+    bankrupt: bool,
+}
+
+/// The reference model's state.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    quote: String,
+    names: BTreeMap<String, Named>,
+    prices: BTreeMap<String, Price>,
+    accounts: BTreeMap<String, Acct>,
+    /// Episodes by (account, None = cross | Some(symbol) = isolated).
+    episodes: BTreeMap<(String, Option<String>), Ep>,
+    offset: Offset,
+}
+
+fn r(reason: Reason, msg: &str) -> Rejection {
+    reject(reason, msg)
+}
+
+impl Reference {
+    pub fn new(quote: &str) -> Self {
+        Self {
+            quote: quote.to_owned(),
+            names: BTreeMap::new(),
+            prices: BTreeMap::new(),
+            accounts: BTreeMap::new(),
+            episodes: BTreeMap::new(),
+            offset: Offset(0),
+        }
+    }
+
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    /// Applies the event at the next offset; returns the offset, the outcome and the triggers (sorted).
+    pub fn apply(&mut self, event: &Event) -> (Offset, Result<(), Rejection>, Vec<Trigger>) {
+        self.offset = Offset(self.offset.0 + 1);
+        let result = self.apply_inner(event);
+        let triggers = if result.is_ok() { self.detect() } else { Vec::new() };
+        (self.offset, result, triggers)
+    }
+
+    /// A line that failed to parse still takes an offset.
+    pub fn skip(&mut self) -> Offset {
+        self.offset = Offset(self.offset.0 + 1);
+        self.offset
+    }
+
+    fn is_asset(&self, name: &str) -> bool {
+        name == self.quote || matches!(self.names.get(name), Some(Named::Asset { .. }))
+    }
+
+    fn asset_name(&self, name: &str) -> Result<(), Rejection> {
+        if self.is_asset(name) {
+            Ok(())
+        } else if self.names.contains_key(name) {
+            Err(r(Reason::InvalidReference, "an instrument, not an asset"))
+        } else {
+            Err(r(Reason::UnknownAsset, "unknown asset"))
+        }
+    }
+
+    fn underlying(&self, name: &str) -> Result<(), Rejection> {
+        self.asset_name(name)?;
+        if name == self.quote {
+            return Err(r(Reason::InvalidReference, "underlying is the quote"));
+        }
+        Ok(())
+    }
+
+    fn instrument(&self, name: &str) -> Result<(&Kind, bool), Rejection> {
+        match self.names.get(name) {
+            Some(Named::Instrument { kind, settled }) => Ok((kind, *settled)),
+            Some(Named::Asset { .. }) => Err(r(Reason::InvalidReference, "an asset, not an instrument")),
+            None if name == self.quote => Err(r(Reason::InvalidReference, "the quote, not an instrument")),
+            None => Err(r(Reason::UnknownSymbol, "unknown symbol")),
+        }
+    }
+
+    fn same_kind(a: &Kind, b: &Kind) -> bool {
+        std::mem::discriminant(a) == std::mem::discriminant(b)
+    }
+
+    /// Existing-symbol checks for re-sent reference data.
+    fn resend(&self, symbol: &str, kind: &Kind) -> Result<bool, Rejection> {
+        if symbol == self.quote {
+            return Err(r(Reason::InvalidReference, "collides with the quote"));
+        }
+        match self.names.get(symbol) {
+            None => Ok(false),
+            Some(Named::Asset { .. }) => Err(r(Reason::InvalidReference, "collides with an asset")),
+            Some(Named::Instrument { kind: old, settled }) => {
+                if !Self::same_kind(old, kind) {
+                    Err(r(Reason::InvalidReference, "re-sent as another kind"))
+                } else if *settled {
+                    Err(r(Reason::InstrumentSettled, "settled"))
+                } else {
+                    Ok(true)
+                }
+            }
+        }
+    }
+
+    fn apply_inner(&mut self, event: &Event) -> Result<(), Rejection> {
+        match event {
+            Event::Asset { asset, haircut } => {
+                if haircut.0 < 0 || haircut.0 >= Rate::ONE.0 {
+                    return Err(r(Reason::InvalidReference, "haircut out of bounds"));
+                }
+                if *asset == self.quote {
+                    return Err(r(Reason::InvalidReference, "the quote"));
+                }
+                if let Some(Named::Instrument { .. }) = self.names.get(asset) {
+                    return Err(r(Reason::InvalidReference, "an instrument"));
+                }
+                self.names.insert(asset.clone(), Named::Asset { haircut: *haircut });
+                Ok(())
+            }
+            Event::Perp { symbol, underlying, tiers } | Event::Future { symbol, underlying, tiers, .. } => {
+                let t = Tiers::new(tiers)?;
+                if let Some(u) = underlying {
+                    self.underlying(u)?;
+                }
+                let kind = if matches!(event, Event::Perp { .. }) { Kind::Perp(t) } else { Kind::Future(t) };
+                self.resend(symbol, &kind)?;
+                self.names.insert(symbol.clone(), Named::Instrument { kind, settled: false });
+                Ok(())
+            }
+            Event::Option { symbol, underlying, right, strike, margin, .. } => {
+                OptionTerms::validate(margin)?;
+                self.underlying(underlying)?;
+                let kind = Kind::Option { underlying: underlying.clone(), right: *right, strike: *strike, margin: *margin };
+                if self.resend(symbol, &kind)?
+                    && let Some(Named::Instrument { kind: Kind::Option { underlying: u, right: rt, strike: k, .. }, .. }) =
+                        self.names.get(symbol)
+                    && (u != underlying || rt != right || k != strike)
+                {
+                    return Err(r(Reason::InvalidReference, "option terms changed"));
+                }
+                self.names.insert(symbol.clone(), Named::Instrument { kind, settled: false });
+                Ok(())
+            }
+            Event::Price { symbol, price } => {
+                if *symbol == self.quote {
+                    return Err(r(Reason::InvalidReference, "quote price is fixed"));
+                }
+                match self.names.get(symbol) {
+                    None => return Err(r(Reason::UnknownSymbol, "unknown")),
+                    Some(Named::Instrument { settled: true, .. }) => return Err(r(Reason::InstrumentSettled, "settled")),
+                    _ => {}
+                }
+                self.prices.insert(symbol.clone(), *price);
+                Ok(())
+            }
+            Event::Funding { symbol, rate } => {
+                match self.names.get(symbol) {
+                    None if *symbol != self.quote => return Err(r(Reason::UnknownSymbol, "unknown")),
+                    Some(Named::Instrument { kind: Kind::Perp(_), .. }) => {}
+                    _ => return Err(r(Reason::InvalidReference, "not a perp")),
+                }
+                let Some(mark) = self.prices.get(symbol).copied() else {
+                    return Err(r(Reason::NoPrice, "no mark"));
+                };
+                for acct in self.accounts.values_mut() {
+                    let quote = acct.balances.entry(self.quote.clone()).or_default();
+                    if let Some(p) = acct.positions.get_mut(symbol)
+                        && p.qty.0 != 0
+                    {
+                        let c = funding_credit(p.qty, mark, *rate);
+                        if p.mode == MarginMode::Isolated {
+                            p.wallet = p.wallet.saturating_add(c);
+                        } else {
+                            *quote = quote.saturating_add(c);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Event::Settle { symbol, price } => {
+                let kind = match self.names.get(symbol) {
+                    None if *symbol != self.quote => return Err(r(Reason::UnknownSymbol, "unknown")),
+                    Some(Named::Instrument { settled: true, .. }) => return Err(r(Reason::InstrumentSettled, "again")),
+                    Some(Named::Instrument { kind: Kind::Perp(_), .. }) => {
+                        return Err(r(Reason::InvalidReference, "perp"));
+                    }
+                    Some(Named::Instrument { kind, .. }) => kind.clone(),
+                    _ => return Err(r(Reason::InvalidReference, "asset")),
+                };
+                for acct in self.accounts.values_mut() {
+                    if let Some(p) = acct.positions.remove(symbol) {
+                        let realized = match &kind {
+                            Kind::Option { right, strike, .. } => {
+                                let payoff = match right {
+                                    Right::Call => (price.wide() - strike.wide()).max(0),
+                                    Right::Put => (strike.wide() - price.wide()).max(0),
+                                };
+                                p.qty.wide() * payoff
+                            }
+                            _ => p.qty.wide() * price.wide() - p.cost_e16,
+                        };
+                        let mut back = credit_from_e16(realized);
+                        if p.mode == MarginMode::Isolated {
+                            back = back.saturating_add(p.wallet);
+                        }
+                        let q = acct.balances.entry(self.quote.clone()).or_default();
+                        *q = q.saturating_add(back);
+                    }
+                }
+                self.prices.insert(symbol.clone(), *price);
+                if let Some(Named::Instrument { settled, .. }) = self.names.get_mut(symbol) {
+                    *settled = true;
+                }
+                Ok(())
+            }
+            Event::Deposit { account, asset, amount } => {
+                self.asset_name(asset)?;
+                let before = self.accounts.get(account).and_then(|a| a.balances.get(asset)).copied().unwrap_or_default();
+                let after = before.checked_add(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+                let acct = self.account_entry(account);
+                acct.balances.insert(asset.clone(), after);
+                Ok(())
+            }
+            Event::Withdraw { account, asset, amount } => {
+                let Some(acct) = self.accounts.get(account) else {
+                    return Err(r(Reason::UnknownAccount, "unknown account"));
+                };
+                self.asset_name(asset)?;
+                let before = acct.balances.get(asset).copied().unwrap_or_default();
+                let after = before.checked_sub(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+                if after.is_negative() {
+                    return Err(r(Reason::InsufficientBalance, "balance"));
+                }
+                let mut trial = acct.clone();
+                trial.balances.insert(asset.clone(), after);
+                let f = self.cross(&trial);
+                if f.equity < f.initial_margin {
+                    return Err(r(Reason::InsufficientMargin, "margin"));
+                }
+                self.accounts.insert(account.clone(), trial);
+                Ok(())
+            }
+            Event::Transfer { account, symbol, amount } => {
+                let Some(acct) = self.accounts.get(account) else {
+                    return Err(r(Reason::UnknownAccount, "unknown account"));
+                };
+                let (kind, settled) = self.instrument(symbol)?;
+                if matches!(kind, Kind::Option { .. }) {
+                    return Err(r(Reason::InvalidReference, "transfer on an option"));
+                }
+                if settled {
+                    return Err(r(Reason::InstrumentSettled, "settled"));
+                }
+                let pos = acct.positions.get(symbol);
+                if pos.is_some_and(|p| p.mode == MarginMode::Cross) {
+                    return Err(r(Reason::ModeMismatch, "cross position"));
+                }
+                let mut trial = acct.clone();
+                let quote = trial.balances.get(&self.quote).copied().unwrap_or_default();
+                let wallet = pos.map_or(Amount::ZERO, |p| p.wallet);
+                let wallet_after = wallet.checked_add(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+                let quote_after = quote.checked_sub(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+                if amount.0 > 0 {
+                    if quote_after.is_negative() {
+                        return Err(r(Reason::InsufficientBalance, "balance"));
+                    }
+                } else if wallet_after.is_negative() {
+                    return Err(r(Reason::InsufficientBalance, "wallet"));
+                }
+                trial.balances.insert(self.quote.clone(), quote_after);
+                let p = trial.positions.entry(symbol.clone()).or_insert(Pos {
+                    qty: Qty::ZERO,
+                    cost_e16: 0,
+                    mode: MarginMode::Isolated,
+                    wallet: Amount::ZERO,
+                });
+                p.wallet = wallet_after;
+                let open = p.qty.0 != 0;
+                if amount.0 > 0 {
+                    let f = self.cross(&trial);
+                    if f.equity < f.initial_margin {
+                        return Err(r(Reason::InsufficientMargin, "cross margin"));
+                    }
+                } else if open {
+                    let f = self.isolated(symbol, &trial.positions[symbol]);
+                    if f.equity < f.initial_margin {
+                        return Err(r(Reason::InsufficientMargin, "isolated margin"));
+                    }
+                }
+                if !open && wallet_after.0 == 0 {
+                    trial.positions.remove(symbol);
+                }
+                self.accounts.insert(account.clone(), trial);
+                Ok(())
+            }
+            Event::Trade(fill) => {
+                let acct = self.accounts.get(&fill.account).cloned().unwrap_or_default();
+                let after = self.fill_into(acct, fill)?;
+                self.accounts.insert(fill.account.clone(), after);
+                Ok(())
+            }
+        }
+    }
+
+    fn account_entry(&mut self, id: &str) -> &mut Acct {
+        let quote = self.quote.clone();
+        self.accounts.entry(id.to_owned()).or_insert_with(|| {
+            let mut a = Acct::default();
+            a.balances.insert(quote, Amount::ZERO);
+            a
+        })
+    }
+
+    /// The account after a fill, or why the fill is invalid.
+    fn fill_into(&self, mut acct: Acct, fill: &Fill) -> Result<Acct, Rejection> {
+        let (kind, settled) = self.instrument(&fill.symbol)?;
+        let is_option = matches!(kind, Kind::Option { .. });
+        if is_option && fill.margin_mode == MarginMode::Isolated {
+            return Err(r(Reason::InvalidEvent, "isolated option"));
+        }
+        if settled {
+            return Err(r(Reason::InstrumentSettled, "settled"));
+        }
+        if !self.prices.contains_key(&fill.symbol) {
+            return Err(r(Reason::NoPrice, "no mark"));
+        }
+        if let Kind::Option { underlying, .. } = kind
+            && !self.prices.contains_key(underlying)
+        {
+            return Err(r(Reason::NoPrice, "no underlying price"));
+        }
+        let existing = acct.positions.get(&fill.symbol).cloned();
+        if let Some(p) = &existing
+            && p.mode != fill.margin_mode
+        {
+            return Err(r(Reason::ModeMismatch, "mode"));
+        }
+        let p = existing.unwrap_or(Pos { qty: Qty::ZERO, cost_e16: 0, mode: fill.margin_mode, wallet: Amount::ZERO });
+        let dq = fill.signed_qty();
+        let out = apply_fill(p.qty, p.cost_e16, dq, fill.price).ok_or_else(|| r(Reason::InvalidNumber, "size"))?;
+        let gross = if is_option {
+            credit_from_e16(-(dq.wide() * fill.price.wide()))
+        } else {
+            credit_from_e16(out.realized_e16)
+        };
+        let cash = gross.checked_sub(fill.fee).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+        let mut quote = acct.balances.get(&self.quote).copied().unwrap_or_default();
+        let mut wallet = p.wallet;
+        if fill.margin_mode == MarginMode::Isolated {
+            wallet = wallet.checked_add(cash).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+            if out.qty.0 == 0 {
+                quote = quote.checked_add(wallet).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+            }
+        } else {
+            quote = quote.checked_add(cash).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+        }
+        acct.balances.insert(self.quote.clone(), quote);
+        if out.qty.0 == 0 {
+            acct.positions.remove(&fill.symbol);
+        } else {
+            acct.positions.insert(
+                fill.symbol.clone(),
+                Pos { qty: out.qty, cost_e16: out.cost_e16, mode: fill.margin_mode, wallet },
+            );
+        }
+        Ok(acct)
+    }
+
+    fn figures(&self, symbol: &str, p: &Pos) -> PositionFigures {
+        let Some(mark) = self.prices.get(symbol).copied() else { return PositionFigures::default() };
+        match self.names.get(symbol) {
+            Some(Named::Instrument { kind: Kind::Perp(t) | Kind::Future(t), .. }) => {
+                linear_figures(p.qty, p.cost_e16, mark, t)
+            }
+            Some(Named::Instrument { kind: Kind::Option { underlying, right, strike, margin }, .. }) => {
+                match self.prices.get(underlying) {
+                    Some(u) => option_figures(
+                        p.qty,
+                        p.cost_e16,
+                        mark,
+                        *u,
+                        &OptionTerms { right: *right, strike: *strike, margin: *margin },
+                    ),
+                    None => PositionFigures::default(),
+                }
+            }
+            _ => PositionFigures::default(),
+        }
+    }
+
+    fn cross(&self, acct: &Acct) -> UnitFigures {
+        let mut f = UnitFigures::default();
+        for (asset, amount) in &acct.balances {
+            let v = if *asset == self.quote {
+                *amount
+            } else {
+                let haircut = match self.names.get(asset) {
+                    Some(Named::Asset { haircut }) => *haircut,
+                    _ => Rate::ZERO,
+                };
+                match self.prices.get(asset) {
+                    Some(p) => collateral_value(*amount, *p, haircut),
+                    None => Amount::ZERO,
+                }
+            };
+            f.equity = f.equity.saturating_add(v);
+        }
+        for (symbol, p) in &acct.positions {
+            if p.mode == MarginMode::Cross {
+                let pf = self.figures(symbol, p);
+                f.equity = f.equity.saturating_add(pf.value);
+                f.initial_margin = f.initial_margin.saturating_add(pf.initial_margin);
+                f.maintenance_margin = f.maintenance_margin.saturating_add(pf.maintenance_margin);
+            }
+        }
+        f
+    }
+
+    fn isolated(&self, symbol: &str, p: &Pos) -> UnitFigures {
+        let pf = self.figures(symbol, p);
+        UnitFigures {
+            equity: p.wallet.saturating_add(pf.value),
+            initial_margin: pf.initial_margin,
+            maintenance_margin: pf.maintenance_margin,
+        }
+    }
+
+    fn step(ep: &mut Ep, f: &UnitFigures, has_positions: bool) -> Vec<TriggerKind> {
+        let mut out = Vec::new();
+        if !ep.active {
+            if f.maintenance_margin.0 > 0 && f.equity < f.maintenance_margin {
+                ep.active = true;
+                out.push(TriggerKind::Liquidate);
+                if f.equity.0 < 0 {
+                    ep.bankrupt = true;
+                    out.push(TriggerKind::Bankrupt);
+                }
+            }
+        } else if f.equity >= f.initial_margin || !has_positions {
+            *ep = Ep::default();
+        } else if f.equity.0 < 0 && !ep.bankrupt {
+            ep.bankrupt = true;
+            out.push(TriggerKind::Bankrupt);
+        }
+        out
+    }
+
+    /// Evaluates every unit of every account and advances its episode.
+    fn detect(&mut self) -> Vec<Trigger> {
+        let mut triggers = Vec::new();
+        let mut live: BTreeMap<(String, Option<String>), (UnitFigures, bool)> = BTreeMap::new();
+        for (id, acct) in &self.accounts {
+            let has = acct.positions.values().any(|p| p.mode == MarginMode::Cross && p.qty.0 != 0);
+            live.insert((id.clone(), None), (self.cross(acct), has));
+            for (symbol, p) in &acct.positions {
+                if p.mode == MarginMode::Isolated && p.qty.0 != 0 {
+                    live.insert((id.clone(), Some(symbol.clone())), (self.isolated(symbol, p), true));
+                }
+            }
+        }
+        // Units that no longer exist end their episodes.
+        self.episodes.retain(|k, _| live.contains_key(k));
+        for (key, (f, has)) in live {
+            let ep = self.episodes.entry(key.clone()).or_default();
+            for kind in Self::step(ep, &f, has) {
+                triggers.push(Trigger {
+                    offset: self.offset,
+                    account: key.0.clone(),
+                    symbol: key.1.clone(),
+                    kind,
+                    equity: f.equity,
+                    maintenance_margin: f.maintenance_margin,
+                });
+            }
+        }
+        triggers.sort();
+        triggers
+    }
+
+    /// Every account's view, sorted by id.
+    pub fn views(&self) -> Vec<AccountView> {
+        self.accounts.iter().map(|(id, a)| self.view(id, a)).collect()
+    }
+
+    fn view(&self, id: &str, acct: &Acct) -> AccountView {
+        let cross = self.cross(acct);
+        let mut positions = Vec::new();
+        for (symbol, p) in &acct.positions {
+            if p.qty.0 == 0 {
+                continue;
+            }
+            let pf = self.figures(symbol, p);
+            let mark = self.prices.get(symbol).copied();
+            let tiers = match self.names.get(symbol) {
+                Some(Named::Instrument { kind: Kind::Perp(t) | Kind::Future(t), .. }) => Some(t),
+                _ => None,
+            };
+            let (liq, bank) = match (tiers, mark) {
+                (Some(t), Some(m)) => {
+                    let (e, others) = if p.mode == MarginMode::Isolated {
+                        (p.wallet.saturating_add(pf.value), Amount::ZERO)
+                    } else {
+                        (cross.equity, cross.maintenance_margin.saturating_sub(pf.maintenance_margin))
+                    };
+                    (liquidation_price(e, p.qty, m, others, t), bankruptcy_price(e, p.qty, m))
+                }
+                _ => (None, None),
+            };
+            positions.push(PositionView {
+                symbol: symbol.clone(),
+                qty: p.qty,
+                entry_price: entry_price(p.qty, p.cost_e16),
+                mark_price: mark,
+                unrealized_pnl: pf.unrealized_pnl,
+                initial_margin: pf.initial_margin,
+                maintenance_margin: pf.maintenance_margin,
+                margin_mode: p.mode,
+                isolated_wallet: (p.mode == MarginMode::Isolated).then_some(p.wallet),
+                liquidation_price: liq,
+                bankruptcy_price: bank,
+            });
+        }
+        AccountView {
+            account: id.to_owned(),
+            equity: cross.equity,
+            initial_margin: cross.initial_margin,
+            maintenance_margin: cross.maintenance_margin,
+            available: cross.equity.saturating_sub(cross.initial_margin),
+            liquidatable: is_liquidatable(cross.equity, cross.maintenance_margin),
+            balances: acct
+                .balances
+                .iter()
+                .filter(|(a, v)| **a == self.quote || v.0 != 0)
+                .map(|(a, v)| (a.clone(), *v))
+                .collect(),
+            positions,
+        }
+    }
+}
