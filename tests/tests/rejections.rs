@@ -1,0 +1,234 @@
+//! Rejections: one test per reason code of `events.md`, and a corpus of bad input after which the engine's state
+//! is exactly what it was before.
+
+use vigil_engine::{Config, Engine};
+use vigil_model::{Offset, Reason, Trigger, parse_line};
+use vigil_tests::replay_text;
+
+const SETUP: &[&str] = &[
+    r#"{"type":"asset","asset":"BTC","haircut":"0.1"}"#,
+    r#"{"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"max_notional":"50000","imr":"0.02","mmr":"0.01"},{"imr":"0.1","mmr":"0.05"}]}"#,
+    r#"{"type":"perp","symbol":"ETH-PERP","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+    r#"{"type":"perp","symbol":"SOL-PERP","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+    r#"{"type":"future","symbol":"BTC-FUT","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2027-03-26T08:00:00Z"}"#,
+    r#"{"type":"future","symbol":"OLD-FUT","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2026-01-01T00:00:00Z"}"#,
+    r#"{"type":"option","symbol":"BTC-C","underlying":"BTC","right":"call","strike":"70000","expiry":"2027-03-26T08:00:00Z"}"#,
+    r#"{"type":"price","symbol":"BTC","price":"60000"}"#,
+    r#"{"type":"price","symbol":"BTC-PERP","price":"60000"}"#,
+    r#"{"type":"price","symbol":"ETH-PERP","price":"3000"}"#,
+    r#"{"type":"price","symbol":"BTC-FUT","price":"60100"}"#,
+    r#"{"type":"price","symbol":"BTC-C","price":"600"}"#,
+    r#"{"type":"settle","symbol":"OLD-FUT","price":"1"}"#,
+    r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"10000"}"#,
+    r#"{"type":"deposit","account":"alice","asset":"BTC","amount":"0.5"}"#,
+    r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000"}"#,
+    r#"{"type":"deposit","account":"bob","asset":"USDC","amount":"1000"}"#,
+    r#"{"type":"transfer","account":"bob","symbol":"ETH-PERP","amount":"500"}"#,
+    r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"sell","qty":"1","price":"3000","margin_mode":"isolated"}"#,
+    r#"{"type":"deposit","account":"dave","asset":"USDC","amount":"1000"}"#,
+    r#"{"type":"trade","account":"dave","symbol":"ETH-PERP","side":"buy","qty":"0.2","price":"3000"}"#,
+];
+
+fn setup() -> Engine {
+    let mut engine = Engine::new(&Config::default());
+    let mut triggers = Vec::new();
+    for (i, line) in SETUP.iter().enumerate() {
+        let event = parse_line(line).unwrap_or_else(|e| panic!("setup line {i}: {e}"));
+        engine.apply(Offset(i as u64 + 1), &event, &mut triggers).unwrap_or_else(|e| panic!("setup line {i}: {e}"));
+    }
+    assert!(triggers.is_empty());
+    engine
+}
+
+/// The engine's whole state, less the offset (which a rejected event still consumes).
+fn state(engine: &Engine) -> String {
+    let s = format!("{engine:?}");
+    match s.find("offset: Offset(") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// Applies `line` on a fresh setup and asserts it is rejected with `reason` and changes nothing.
+fn check(line: &str, reason: Reason) {
+    let mut engine = setup();
+    let before = state(&engine);
+    let views = engine.views();
+    let mut triggers: Vec<Trigger> = Vec::new();
+    let got = match parse_line(line) {
+        Err(r) => r,
+        Ok(event) => match engine.apply(Offset(1000), &event, &mut triggers) {
+            Ok(()) => panic!("accepted: {line}"),
+            Err(r) => r,
+        },
+    };
+    assert_eq!(got.reason, reason, "{line}: {}", got.message);
+    assert!(!got.message.is_empty());
+    assert!(triggers.is_empty(), "{line}");
+    assert_eq!(engine.views(), views, "{line}");
+    assert_eq!(state(&engine), before, "{line}");
+}
+
+#[test]
+fn invalid_event() {
+    // Proves shape errors, including an isolated option fill, are `invalid_event`.
+    check(r#"{"type":"teleport"}"#, Reason::InvalidEvent);
+    check(r#"{"type":"trade","account":"alice","symbol":"BTC-C","side":"sell","qty":"1","price":"600","margin_mode":"isolated"}"#, Reason::InvalidEvent);
+}
+
+#[test]
+fn invalid_number() {
+    // Proves bad decimals and out-of-range values are `invalid_number`.
+    check(r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"0.000000001"}"#, Reason::InvalidNumber);
+    check(r#"{"type":"funding","symbol":"BTC-PERP","rate":"2"}"#, Reason::InvalidNumber);
+    // The balance would leave the representable range.
+    let mut engine = setup();
+    let mut t = Vec::new();
+    let big = r#"{"type":"trade","account":"carol","symbol":"ETH-PERP","side":"buy","qty":"92233720368","price":"3000"}"#;
+    engine.apply(Offset(100), &parse_line(big).unwrap(), &mut t).unwrap();
+    let more = r#"{"type":"trade","account":"carol","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000"}"#;
+    assert_eq!(engine.apply(Offset(101), &parse_line(more).unwrap(), &mut t).unwrap_err().reason, Reason::InvalidNumber);
+}
+
+#[test]
+fn invalid_reference() {
+    // Proves each reference rule: tiers, kind changes, collisions, funding/settle/transfer on the wrong kind.
+    for line in [
+        r#"{"type":"perp","symbol":"X","tiers":[{"max_notional":"100","imr":"0.1","mmr":"0.05"},{"max_notional":"50","imr":"0.2","mmr":"0.1"}]}"#,
+        r#"{"type":"perp","symbol":"X","tiers":[{"imr":"0.05","mmr":"0.1"}]}"#,
+        r#"{"type":"future","symbol":"BTC-PERP","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2027-01-01T00:00:00Z"}"#,
+        r#"{"type":"option","symbol":"BTC-C","underlying":"BTC","right":"put","strike":"70000","expiry":"2027-03-26T08:00:00Z"}"#,
+        r#"{"type":"option","symbol":"Y","underlying":"BTC","right":"put","strike":"1","expiry":"2027-03-26T08:00:00Z","margin":{"mm":"0.5"}}"#,
+        r#"{"type":"asset","asset":"BTC-PERP"}"#,
+        r#"{"type":"asset","asset":"USDC"}"#,
+        r#"{"type":"asset","asset":"ETH","haircut":"1"}"#,
+        r#"{"type":"perp","symbol":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+        r#"{"type":"funding","symbol":"BTC-FUT","rate":"0.001"}"#,
+        r#"{"type":"settle","symbol":"BTC-PERP","price":"1"}"#,
+        r#"{"type":"transfer","account":"alice","symbol":"BTC-C","amount":"1"}"#,
+        r#"{"type":"price","symbol":"USDC","price":"1"}"#,
+    ] {
+        check(line, Reason::InvalidReference);
+    }
+}
+
+#[test]
+fn unknown_names() {
+    // Proves undeclared symbols, assets and accounts get their own reasons.
+    check(r#"{"type":"trade","account":"alice","symbol":"NOPE","side":"buy","qty":"1","price":"1"}"#, Reason::UnknownSymbol);
+    check(r#"{"type":"price","symbol":"NOPE","price":"1"}"#, Reason::UnknownSymbol);
+    check(r#"{"type":"deposit","account":"alice","asset":"DOGE","amount":"1"}"#, Reason::UnknownAsset);
+    check(r#"{"type":"perp","symbol":"Z","underlying":"DOGE","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#, Reason::UnknownAsset);
+    check(r#"{"type":"withdraw","account":"nobody","asset":"USDC","amount":"1"}"#, Reason::UnknownAccount);
+    check(r#"{"type":"transfer","account":"nobody","symbol":"BTC-PERP","amount":"1"}"#, Reason::UnknownAccount);
+}
+
+#[test]
+fn no_price() {
+    // Proves fills and funding need a mark (and an option fill its underlying's index).
+    check(r#"{"type":"trade","account":"alice","symbol":"SOL-PERP","side":"buy","qty":"1","price":"1"}"#, Reason::NoPrice);
+    check(r#"{"type":"funding","symbol":"SOL-PERP","rate":"0.001"}"#, Reason::NoPrice);
+}
+
+#[test]
+fn mode_mismatch() {
+    // Proves fills in the other mode and transfers against a cross position are refused.
+    check(r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000","margin_mode":"isolated"}"#, Reason::ModeMismatch);
+    check(r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000"}"#, Reason::ModeMismatch);
+    check(r#"{"type":"transfer","account":"alice","symbol":"BTC-PERP","amount":"1"}"#, Reason::ModeMismatch);
+}
+
+#[test]
+fn instrument_settled() {
+    // Proves any event on a settled instrument is refused.
+    check(r#"{"type":"trade","account":"alice","symbol":"OLD-FUT","side":"buy","qty":"1","price":"1"}"#, Reason::InstrumentSettled);
+    check(r#"{"type":"price","symbol":"OLD-FUT","price":"2"}"#, Reason::InstrumentSettled);
+    check(r#"{"type":"settle","symbol":"OLD-FUT","price":"2"}"#, Reason::InstrumentSettled);
+}
+
+#[test]
+fn insufficient_balance_and_margin() {
+    // Proves withdrawals and transfers check the balance first, then initial margin.
+    check(r#"{"type":"withdraw","account":"alice","asset":"USDC","amount":"10000.00000001"}"#, Reason::InsufficientBalance);
+    check(r#"{"type":"withdraw","account":"alice","asset":"BTC","amount":"0.6"}"#, Reason::InsufficientBalance);
+    check(r#"{"type":"transfer","account":"bob","symbol":"ETH-PERP","amount":"-500.01"}"#, Reason::InsufficientBalance);
+    // dave: IM 60 on 0.2 ETH at 3 000; equity 1 000.
+    check(r#"{"type":"withdraw","account":"dave","asset":"USDC","amount":"950"}"#, Reason::InsufficientMargin);
+    check(r#"{"type":"transfer","account":"dave","symbol":"SOL-PERP","amount":"941"}"#, Reason::InsufficientMargin);
+    // bob's isolated short: IM 300, wallet 500.
+    check(r#"{"type":"transfer","account":"bob","symbol":"ETH-PERP","amount":"-201"}"#, Reason::InsufficientMargin);
+    check(r#"{"type":"transfer","account":"bob","symbol":"BTC-PERP","amount":"501"}"#, Reason::InsufficientBalance);
+}
+
+#[test]
+fn every_reason_is_covered() {
+    // Proves this file exercises every reason code of the contract (it fails if a reason is added untested).
+    let src = include_str!("rejections.rs");
+    for r in Reason::ALL {
+        let name = format!("{r:?}");
+        assert!(src.contains(&format!("Reason::{name})")), "no test for {}", r.as_str());
+    }
+}
+
+#[test]
+fn bad_input_corpus_changes_nothing() {
+    // Proves malformed JSON, NaN, 1e400, 9 places, non-positive quantities, unknown fields and types are rejected
+    // with the right reason and leave the state exactly as it was.
+    let corpus: &[(&str, Reason)] = &[
+        ("", Reason::InvalidEvent),
+        ("{", Reason::InvalidEvent),
+        ("null", Reason::InvalidEvent),
+        ("\"trade\"", Reason::InvalidEvent),
+        ("[]", Reason::InvalidEvent),
+        ("{}", Reason::InvalidEvent),
+        (r#"{"type":null}"#, Reason::InvalidEvent),
+        (r#"{"type":"trade"}"#, Reason::InvalidEvent),
+        (r#"{"type":"price","symbol":"BTC","price":"1","price2":"1"}"#, Reason::InvalidEvent),
+        (r#"{"type":"price","symbol":["BTC"],"price":"1"}"#, Reason::InvalidEvent),
+        (r#"{"type":"price","symbol":"BTC","price":{"v":1}}"#, Reason::InvalidEvent),
+        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"BUY","qty":"1","price":"1"}"#, Reason::InvalidEvent),
+        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"1","margin_mode":"portfolio"}"#, Reason::InvalidEvent),
+        (r#"{"type":"deposit","account":7,"asset":"USDC","amount":"1"}"#, Reason::InvalidEvent),
+        (r#"{"type":"price","symbol":"BTC","price":"NaN"}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":"Infinity"}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":1e400}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":"1e400"}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":"60000.123456789"}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":"-1"}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":""}"#, Reason::InvalidNumber),
+        (r#"{"type":"price","symbol":"BTC","price":"1,5"}"#, Reason::InvalidNumber),
+        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"-1","price":"1"}"#, Reason::InvalidNumber),
+        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"0","price":"1"}"#, Reason::InvalidNumber),
+        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":0.0,"price":"1"}"#, Reason::InvalidNumber),
+        (r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"-0"}"#, Reason::InvalidNumber),
+        (r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"100000000000"}"#, Reason::InvalidNumber),
+    ];
+    for (line, reason) in corpus {
+        check(line, *reason);
+    }
+}
+
+#[test]
+fn replay_reports_unreadable_lines_and_continues() {
+    // Proves invalid UTF-8 and an over-long line become rejections at their offsets, and later events still apply.
+    let mut input = Vec::new();
+    input.extend_from_slice(b"{\"type\":\"deposit\",\"account\":\"a\",\"asset\":\"USDC\",\"amount\":\"1\"}\n");
+    input.extend_from_slice(b"\xff\xfe\n");
+    input.extend_from_slice(&vec![b'x'; vigil_node::replay::LINE_BYTES_MAX + 10]);
+    input.extend_from_slice(b"\n\n{\"type\":\"deposit\",\"account\":\"a\",\"asset\":\"USDC\",\"amount\":\"2\"}");
+    let mut out = Vec::new();
+    vigil_node::replay::replay(&input[..], &mut out, &Default::default(), None).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(doc["offset"], 4);
+    assert_eq!(doc["accounts"][0]["balances"]["USDC"], "3.00000000");
+    let rej: Vec<(u64, &str)> = doc["rejections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["offset"].as_u64().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rej, vec![(2, "invalid_event"), (3, "invalid_event")]);
+    // The same through the text path, with the shard count changed.
+    let text = "{\"type\":\"x\"}\n{\"type\":\"deposit\",\"account\":\"a\",\"asset\":\"USDC\",\"amount\":\"2\"}\n";
+    assert_eq!(replay_text(text, 1), replay_text(text, 5));
+}
