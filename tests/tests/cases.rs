@@ -41,7 +41,8 @@ fn check_object(path: &str, expected: &Value, actual: &Value, tol: f64, errors: 
             (_, Value::Bool(b)) if a.as_bool() != Some(*b) => errors.push(format!("{p}: expected {b}, got {a}")),
             (_, Value::String(_) | Value::Number(_)) => {
                 let (x, y) = (dec(e), dec(a));
-                if !((x - y).abs() <= tol) {
+                let within = (x - y).abs() <= tol; // false for NaN: an unreadable figure fails
+                if !within {
                     errors.push(format!("{p}: expected {e}, got {a}"));
                 }
             }
@@ -59,7 +60,9 @@ fn check_list(name: &str, expected: &Value, actual: &Value, errors: &mut Vec<Str
     for (i, (e, a)) in exp.iter().zip(act).enumerate() {
         for (k, v) in e.as_object().into_iter().flatten() {
             let same = match (v, &a[k]) {
-                (Value::String(_) | Value::Number(_), x) if !x.is_null() && k != "kind" && k != "reason" && k != "symbol" && k != "account" => {
+                (Value::String(_) | Value::Number(_), x)
+                    if !x.is_null() && k != "kind" && k != "reason" && k != "symbol" && k != "account" =>
+                {
                     (dec(v) - dec(x)).abs() < 1e-9
                 }
                 (x, y) => x == y,
@@ -74,9 +77,10 @@ fn check_list(name: &str, expected: &Value, actual: &Value, errors: &mut Vec<Str
 fn check_case(name: &str, shards: usize) -> Vec<String> {
     let dir = data_dir().join("cases");
     let input = fs::read_to_string(dir.join(format!("{name}.jsonl"))).expect("case stream");
-    let expected: Value =
-        serde_json::from_str(&fs::read_to_string(dir.join(format!("{name}.expected.json"))).expect("case expectations"))
-            .expect("expectations are JSON");
+    let expected: Value = serde_json::from_str(
+        &fs::read_to_string(dir.join(format!("{name}.expected.json"))).expect("case expectations"),
+    )
+    .expect("expectations are JSON");
     let doc: Value = serde_json::from_str(&replay_text(&input, shards)).expect("replay prints JSON");
     let tol = dec(&expected["tolerance"]);
     let mut errors = Vec::new();

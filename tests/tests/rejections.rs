@@ -73,7 +73,10 @@ fn check(line: &str, reason: Reason) {
 fn invalid_event() {
     // Proves shape errors, including an isolated option fill, are `invalid_event`.
     check(r#"{"type":"teleport"}"#, Reason::InvalidEvent);
-    check(r#"{"type":"trade","account":"alice","symbol":"BTC-C","side":"sell","qty":"1","price":"600","margin_mode":"isolated"}"#, Reason::InvalidEvent);
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"BTC-C","side":"sell","qty":"1","price":"600","margin_mode":"isolated"}"#,
+        Reason::InvalidEvent,
+    );
 }
 
 #[test]
@@ -84,10 +87,14 @@ fn invalid_number() {
     // The balance would leave the representable range.
     let mut engine = setup();
     let mut t = Vec::new();
-    let big = r#"{"type":"trade","account":"carol","symbol":"ETH-PERP","side":"buy","qty":"92233720368","price":"3000"}"#;
+    let big =
+        r#"{"type":"trade","account":"carol","symbol":"ETH-PERP","side":"buy","qty":"92233720368","price":"3000"}"#;
     engine.apply(Offset(100), &parse_line(big).unwrap(), &mut t).unwrap();
     let more = r#"{"type":"trade","account":"carol","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000"}"#;
-    assert_eq!(engine.apply(Offset(101), &parse_line(more).unwrap(), &mut t).unwrap_err().reason, Reason::InvalidNumber);
+    assert_eq!(
+        engine.apply(Offset(101), &parse_line(more).unwrap(), &mut t).unwrap_err().reason,
+        Reason::InvalidNumber
+    );
 }
 
 #[test]
@@ -115,10 +122,16 @@ fn invalid_reference() {
 #[test]
 fn unknown_names() {
     // Proves undeclared symbols, assets and accounts get their own reasons.
-    check(r#"{"type":"trade","account":"alice","symbol":"NOPE","side":"buy","qty":"1","price":"1"}"#, Reason::UnknownSymbol);
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"NOPE","side":"buy","qty":"1","price":"1"}"#,
+        Reason::UnknownSymbol,
+    );
     check(r#"{"type":"price","symbol":"NOPE","price":"1"}"#, Reason::UnknownSymbol);
     check(r#"{"type":"deposit","account":"alice","asset":"DOGE","amount":"1"}"#, Reason::UnknownAsset);
-    check(r#"{"type":"perp","symbol":"Z","underlying":"DOGE","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#, Reason::UnknownAsset);
+    check(
+        r#"{"type":"perp","symbol":"Z","underlying":"DOGE","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+        Reason::UnknownAsset,
+    );
     check(r#"{"type":"withdraw","account":"nobody","asset":"USDC","amount":"1"}"#, Reason::UnknownAccount);
     check(r#"{"type":"transfer","account":"nobody","symbol":"BTC-PERP","amount":"1"}"#, Reason::UnknownAccount);
 }
@@ -126,22 +139,34 @@ fn unknown_names() {
 #[test]
 fn no_price() {
     // Proves fills and funding need a mark (and an option fill its underlying's index).
-    check(r#"{"type":"trade","account":"alice","symbol":"SOL-PERP","side":"buy","qty":"1","price":"1"}"#, Reason::NoPrice);
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"SOL-PERP","side":"buy","qty":"1","price":"1"}"#,
+        Reason::NoPrice,
+    );
     check(r#"{"type":"funding","symbol":"SOL-PERP","rate":"0.001"}"#, Reason::NoPrice);
 }
 
 #[test]
 fn mode_mismatch() {
     // Proves fills in the other mode and transfers against a cross position are refused.
-    check(r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000","margin_mode":"isolated"}"#, Reason::ModeMismatch);
-    check(r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000"}"#, Reason::ModeMismatch);
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000","margin_mode":"isolated"}"#,
+        Reason::ModeMismatch,
+    );
+    check(
+        r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000"}"#,
+        Reason::ModeMismatch,
+    );
     check(r#"{"type":"transfer","account":"alice","symbol":"BTC-PERP","amount":"1"}"#, Reason::ModeMismatch);
 }
 
 #[test]
 fn instrument_settled() {
     // Proves any event on a settled instrument is refused.
-    check(r#"{"type":"trade","account":"alice","symbol":"OLD-FUT","side":"buy","qty":"1","price":"1"}"#, Reason::InstrumentSettled);
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"OLD-FUT","side":"buy","qty":"1","price":"1"}"#,
+        Reason::InstrumentSettled,
+    );
     check(r#"{"type":"price","symbol":"OLD-FUT","price":"2"}"#, Reason::InstrumentSettled);
     check(r#"{"type":"settle","symbol":"OLD-FUT","price":"2"}"#, Reason::InstrumentSettled);
 }
@@ -149,7 +174,10 @@ fn instrument_settled() {
 #[test]
 fn insufficient_balance_and_margin() {
     // Proves withdrawals and transfers check the balance first, then initial margin.
-    check(r#"{"type":"withdraw","account":"alice","asset":"USDC","amount":"10000.00000001"}"#, Reason::InsufficientBalance);
+    check(
+        r#"{"type":"withdraw","account":"alice","asset":"USDC","amount":"10000.00000001"}"#,
+        Reason::InsufficientBalance,
+    );
     check(r#"{"type":"withdraw","account":"alice","asset":"BTC","amount":"0.6"}"#, Reason::InsufficientBalance);
     check(r#"{"type":"transfer","account":"bob","symbol":"ETH-PERP","amount":"-500.01"}"#, Reason::InsufficientBalance);
     // dave: IM 60 on 0.2 ETH at 3 000; equity 1 000.
@@ -186,8 +214,14 @@ fn bad_input_corpus_changes_nothing() {
         (r#"{"type":"price","symbol":"BTC","price":"1","price2":"1"}"#, Reason::InvalidEvent),
         (r#"{"type":"price","symbol":["BTC"],"price":"1"}"#, Reason::InvalidEvent),
         (r#"{"type":"price","symbol":"BTC","price":{"v":1}}"#, Reason::InvalidEvent),
-        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"BUY","qty":"1","price":"1"}"#, Reason::InvalidEvent),
-        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"1","margin_mode":"portfolio"}"#, Reason::InvalidEvent),
+        (
+            r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"BUY","qty":"1","price":"1"}"#,
+            Reason::InvalidEvent,
+        ),
+        (
+            r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"1","margin_mode":"portfolio"}"#,
+            Reason::InvalidEvent,
+        ),
         (r#"{"type":"deposit","account":7,"asset":"USDC","amount":"1"}"#, Reason::InvalidEvent),
         (r#"{"type":"price","symbol":"BTC","price":"NaN"}"#, Reason::InvalidNumber),
         (r#"{"type":"price","symbol":"BTC","price":"Infinity"}"#, Reason::InvalidNumber),
@@ -197,9 +231,18 @@ fn bad_input_corpus_changes_nothing() {
         (r#"{"type":"price","symbol":"BTC","price":"-1"}"#, Reason::InvalidNumber),
         (r#"{"type":"price","symbol":"BTC","price":""}"#, Reason::InvalidNumber),
         (r#"{"type":"price","symbol":"BTC","price":"1,5"}"#, Reason::InvalidNumber),
-        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"-1","price":"1"}"#, Reason::InvalidNumber),
-        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"0","price":"1"}"#, Reason::InvalidNumber),
-        (r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":0.0,"price":"1"}"#, Reason::InvalidNumber),
+        (
+            r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"-1","price":"1"}"#,
+            Reason::InvalidNumber,
+        ),
+        (
+            r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"0","price":"1"}"#,
+            Reason::InvalidNumber,
+        ),
+        (
+            r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":0.0,"price":"1"}"#,
+            Reason::InvalidNumber,
+        ),
         (r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"-0"}"#, Reason::InvalidNumber),
         (r#"{"type":"deposit","account":"alice","asset":"USDC","amount":"100000000000"}"#, Reason::InvalidNumber),
     ];

@@ -233,9 +233,10 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
                 (Some(t), Some(m)) => {
                     let (equity, others) = match p.mode {
                         MarginMode::Isolated => (p.isolated_figures().equity, Amount::ZERO),
-                        MarginMode::Cross => {
-                            (acc.cross.equity, acc.cross.maintenance_margin.saturating_sub(p.figures.maintenance_margin))
-                        }
+                        MarginMode::Cross => (
+                            acc.cross.equity,
+                            acc.cross.maintenance_margin.saturating_sub(p.figures.maintenance_margin),
+                        ),
                     };
                     (liquidation_price(equity, p.qty, m, others, t), bankruptcy_price(equity, p.qty, m))
                 }

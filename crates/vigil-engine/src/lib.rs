@@ -206,8 +206,7 @@ impl Engine {
                 }
                 let mut balances = acc.balances.clone();
                 set_amount(&mut balances, asset, after);
-                let equity = account::collateral(&self.market, &balances)
-                    .saturating_add(cross_position_value(acc));
+                let equity = account::collateral(&self.market, &balances).saturating_add(cross_position_value(acc));
                 if equity < acc.cross.initial_margin {
                     return Err(reject(
                         Reason::InsufficientMargin,
@@ -285,7 +284,13 @@ impl Engine {
         }
     }
 
-    fn settle(&mut self, offset: Offset, symbol: &str, price: vigil_model::Price, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+    fn settle(
+        &mut self,
+        offset: Offset,
+        symbol: &str,
+        price: vigil_model::Price,
+        triggers: &mut Vec<Trigger>,
+    ) -> Result<(), Rejection> {
         let slot = self.market.slot(symbol).ok_or_else(|| unknown_symbol(symbol))?;
         let payoff = match self.market.entry(slot) {
             Some(Entry::Instrument(i)) => {
@@ -294,7 +299,10 @@ impl Engine {
                 }
                 match &i.kind {
                     InstrumentKind::Perp => {
-                        return Err(reject(Reason::InvalidReference, format!("{symbol:?} is a perp: perps never settle")));
+                        return Err(reject(
+                            Reason::InvalidReference,
+                            format!("{symbol:?} is a perp: perps never settle"),
+                        ));
                     }
                     InstrumentKind::Future => None,
                     InstrumentKind::Option { terms, .. } => Some(terms.payoff(price)),
@@ -399,7 +407,10 @@ impl Engine {
             _ => None,
         };
         if underlying.is_some() && fill.margin_mode == MarginMode::Isolated {
-            return Err(reject(Reason::InvalidEvent, "options are cross-margined only: an isolated option fill is invalid"));
+            return Err(reject(
+                Reason::InvalidEvent,
+                "options are cross-margined only: an isolated option fill is invalid",
+            ));
         }
         if inst.settled {
             return Err(reject(Reason::InstrumentSettled, format!("{:?} is settled", fill.symbol)));
@@ -486,10 +497,9 @@ impl Engine {
                 let before = copy.position(plan.slot).map_or(UnitFigures::default(), |p| p.isolated_figures());
                 apply_plan_to_copy(&mut copy, &plan);
                 evaluate(&self.market, &mut copy);
-                let after = copy.position(plan.slot).map_or(
-                    UnitFigures { equity: plan.wallet, ..UnitFigures::default() },
-                    |p| p.isolated_figures(),
-                );
+                let after = copy
+                    .position(plan.slot)
+                    .map_or(UnitFigures { equity: plan.wallet, ..UnitFigures::default() }, |p| p.isolated_figures());
                 (before, after)
             }
         };
@@ -497,7 +507,10 @@ impl Engine {
         let reason = (!allowed).then(|| {
             reject(
                 Reason::InsufficientMargin,
-                format!("equity after {} < initial margin {} and the fill adds risk", after.equity, after.initial_margin),
+                format!(
+                    "equity after {} < initial margin {} and the fill adds risk",
+                    after.equity, after.initial_margin
+                ),
             )
         });
         Ok(CheckOutcome { allowed, reason, before, after })

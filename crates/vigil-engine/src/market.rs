@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 
 use vigil_model::event::OptionMargin;
-use vigil_model::{
-    Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject,
-};
+use vigil_model::{Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject};
 
 /// Index of a named entity (the quote, an asset or an instrument); also its price slot.
 pub type Slot = u32;
@@ -207,7 +205,8 @@ impl Market {
                 Ok(Declared { slot: s, created: false })
             }
             None => {
-                let slot = self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: Some(tiers), settled: false }));
+                let slot =
+                    self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: Some(tiers), settled: false }));
                 Ok(Declared { slot, created: true })
             }
         }
@@ -226,8 +225,10 @@ impl Market {
         let terms = OptionTerms { right, strike, margin: *margin };
         match self.existing(symbol, "option")? {
             Some(s) => {
-                if let Entry::Instrument(Instrument { kind: InstrumentKind::Option { underlying: old_u, terms: old }, .. }) =
-                    &mut self.entries[s as usize].1
+                if let Entry::Instrument(Instrument {
+                    kind: InstrumentKind::Option { underlying: old_u, terms: old },
+                    ..
+                }) = &mut self.entries[s as usize].1
                 {
                     if *old_u != u || old.right != right || old.strike != strike {
                         return Err(reject(

@@ -166,7 +166,12 @@ const TYPES: &[(&str, &[FieldSpec])] = &[
     ("perp", &[req("symbol", Kind::Name), opt("underlying", Kind::Name), req("tiers", Kind::Tiers)]),
     (
         "future",
-        &[req("symbol", Kind::Name), opt("underlying", Kind::Name), req("tiers", Kind::Tiers), req("expiry", Kind::Time)],
+        &[
+            req("symbol", Kind::Name),
+            opt("underlying", Kind::Name),
+            req("tiers", Kind::Tiers),
+            req("expiry", Kind::Time),
+        ],
     ),
     (
         "option",
@@ -489,7 +494,11 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
     let f = Fields(obj);
     Ok(match ty {
         "asset" => Event::Asset { asset: f.name("asset"), haircut: Rate(f.num("haircut", Bound::Any)?) },
-        "perp" => Event::Perp { symbol: f.name("symbol"), underlying: f.opt_name("underlying"), tiers: tiers(f.get("tiers"))? },
+        "perp" => Event::Perp {
+            symbol: f.name("symbol"),
+            underlying: f.opt_name("underlying"),
+            tiers: tiers(f.get("tiers"))?,
+        },
         "future" => Event::Future {
             symbol: f.name("symbol"),
             underlying: f.opt_name("underlying"),

@@ -387,8 +387,10 @@ mod tests {
             &[(None, "0.1", "0.05"), (Some("100"), "0.2", "0.1")],
         ];
         for rows in bad {
-            let specs: Vec<TierSpec> =
-                rows.iter().map(|(m, i, mm)| TierSpec { max_notional: m.map(px), imr: rate(i), mmr: rate(mm) }).collect();
+            let specs: Vec<TierSpec> = rows
+                .iter()
+                .map(|(m, i, mm)| TierSpec { max_notional: m.map(px), imr: rate(i), mmr: rate(mm) })
+                .collect();
             assert_eq!(Tiers::new(&specs).map_err(|r| r.reason), Err(Reason::InvalidReference), "{rows:?}");
         }
     }
@@ -411,7 +413,10 @@ mod tests {
         assert_eq!(p.initial_margin, amt("12200"));
         // A long needs nothing and counts its mark value.
         let long = option_figures(qty("2"), cost("2", "100"), px("150"), px("60000"), &put);
-        assert_eq!((long.initial_margin, long.maintenance_margin, long.value), (Amount::ZERO, Amount::ZERO, amt("300")));
+        assert_eq!(
+            (long.initial_margin, long.maintenance_margin, long.value),
+            (Amount::ZERO, Amount::ZERO, amt("300"))
+        );
         assert_eq!(long.unrealized_pnl, amt("100"));
     }
 
@@ -480,7 +485,11 @@ mod tests {
     #[test]
     fn pretrade_rule() {
         // Proves the IM rule and dYdX's reduce-risk exception.
-        let u = |e: &str, i: &str, m: &str| UnitFigures { equity: amt(e), initial_margin: amt(i), maintenance_margin: amt(m) };
+        let u = |e: &str, i: &str, m: &str| UnitFigures {
+            equity: amt(e),
+            initial_margin: amt(i),
+            maintenance_margin: amt(m),
+        };
         assert!(pretrade_allowed(&u("100", "0", "0"), &u("100", "100", "50")));
         assert!(!pretrade_allowed(&u("100", "0", "0"), &u("99", "100", "50")));
         // Undercollateralised, the fill halves the position: MM halves, equity ratio holds.

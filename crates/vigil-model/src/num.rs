@@ -61,11 +61,7 @@ fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
         Round::Nearest => {
             // |r| * 2 >= |d| means the fraction is at least one half in magnitude.
             let twice = r.unsigned_abs().checked_mul(2)?;
-            if twice >= d.unsigned_abs() {
-                if frac_positive { q + 1 } else { q - 1 }
-            } else {
-                q
-            }
+            if twice >= d.unsigned_abs() { if frac_positive { q + 1 } else { q - 1 } } else { q }
         }
     })
 }

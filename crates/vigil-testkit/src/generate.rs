@@ -159,26 +159,43 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
                 let a = rng.below(2) as usize;
                 (ASSETS[a], rng.range(1, 300) * 1_000_000)
             };
-            format!(r#"{{"type":"deposit","account":"{account}","asset":"{asset}","amount":{}}}"#, dec(&mut rng, amount))
+            format!(
+                r#"{{"type":"deposit","account":"{account}","asset":"{asset}","amount":{}}}"#,
+                dec(&mut rng, amount)
+            )
         } else if roll < 80 {
             let (asset, amount) = if rng.chance(75) {
                 ("USDC", rng.range(10, 2000) * 100_000_000)
             } else {
                 (ASSETS[rng.below(2) as usize], rng.range(1, 300) * 1_000_000)
             };
-            format!(r#"{{"type":"withdraw","account":"{account}","asset":"{asset}","amount":{}}}"#, dec(&mut rng, amount))
+            format!(
+                r#"{{"type":"withdraw","account":"{account}","asset":"{asset}","amount":{}}}"#,
+                dec(&mut rng, amount)
+            )
         } else if roll < 88 {
             let amount = rng.range(-1500, 2000) * 100_000_000;
             let amount = if amount == 0 { 100_000_000 } else { amount };
             let symbol = if rng.chance(90) { syms[rng.below(3) as usize].name } else { s.name };
-            format!(r#"{{"type":"transfer","account":"{account}","symbol":"{symbol}","amount":{}}}"#, dec(&mut rng, amount))
+            format!(
+                r#"{{"type":"transfer","account":"{account}","symbol":"{symbol}","amount":{}}}"#,
+                dec(&mut rng, amount)
+            )
         } else if roll < 94 {
             let rate = rng.range(-300, 300) * 100_000; // ±0.3%
-            format!(r#"{{"type":"funding","symbol":"{}","rate":{}}}"#, syms[rng.below(2) as usize].name, dec(&mut rng, rate))
+            format!(
+                r#"{{"type":"funding","symbol":"{}","rate":{}}}"#,
+                syms[rng.below(2) as usize].name,
+                dec(&mut rng, rate)
+            )
         } else if roll < 96 {
             // Re-sent reference data: new tiers or a new haircut.
             if rng.chance(50) {
-                format!(r#"{{"type":"perp","symbol":"{}","tiers":{}}}"#, syms[rng.below(2) as usize].name, tiers(&mut rng))
+                format!(
+                    r#"{{"type":"perp","symbol":"{}","tiers":{}}}"#,
+                    syms[rng.below(2) as usize].name,
+                    tiers(&mut rng)
+                )
             } else {
                 let h = rng.range(0, 50) * 1_000_000;
                 format!(r#"{{"type":"asset","asset":"BTC","haircut":{}}}"#, dec(&mut rng, h))
@@ -208,13 +225,19 @@ fn bad_event(rng: &mut Rng, account: &str) -> String {
         3 => format!(r#"{{"type":"deposit","account":"{account}","asset":"USDC","amount":"NaN"}}"#),
         4 => format!(r#"{{"type":"deposit","account":"{account}","asset":"USDC","amount":1e400}}"#),
         5 => format!(r#"{{"type":"deposit","account":"{account}","asset":"USDC","amount":"0.123456789"}}"#),
-        6 => format!(r#"{{"type":"trade","account":"{account}","symbol":"BTC-PERP","side":"buy","qty":"-1","price":"1"}}"#),
-        7 => format!(r#"{{"type":"trade","account":"{account}","symbol":"BTC-PERP","side":"buy","qty":"0","price":"1"}}"#),
+        6 => format!(
+            r#"{{"type":"trade","account":"{account}","symbol":"BTC-PERP","side":"buy","qty":"-1","price":"1"}}"#
+        ),
+        7 => format!(
+            r#"{{"type":"trade","account":"{account}","symbol":"BTC-PERP","side":"buy","qty":"0","price":"1"}}"#
+        ),
         8 => format!(r#"{{"type":"deposit","account":"{account}","asset":"USDC","amount":"5","memo":"x"}}"#),
         9 => format!(r#"{{"type":"deposit","account":"{account}","asset":"DOGE","amount":"5"}}"#),
         10 => format!(r#"{{"type":"trade","account":"{account}","symbol":"NOPE","side":"buy","qty":"1","price":"1"}}"#),
         11 => r#"{"type":"withdraw","account":"nobody","asset":"USDC","amount":"1"}"#.to_owned(),
-        12 => format!(r#"{{"type":"trade","account":"{account}","symbol":"BTC-C","side":"sell","qty":"1","price":"1","margin_mode":"isolated"}}"#),
+        12 => format!(
+            r#"{{"type":"trade","account":"{account}","symbol":"BTC-C","side":"sell","qty":"1","price":"1","margin_mode":"isolated"}}"#
+        ),
         13 => r#"{"type":"funding","symbol":"BTC-FUT","rate":"0.001"}"#.to_owned(),
         14 => format!(r#"{{"type":"transfer","account":"{account}","symbol":"BTC-C","amount":"5"}}"#),
         _ => {

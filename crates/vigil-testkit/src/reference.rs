@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use vigil_model::margin::{
     apply_fill, bankruptcy_price, collateral_value, credit_from_e16, entry_price, funding_credit, is_liquidatable,
-    liquidation_price, linear_figures, option_figures,
+    linear_figures, liquidation_price, option_figures,
 };
 use vigil_model::{
     AccountView, Amount, Event, Fill, MarginMode, OptionTerms, PositionFigures, PositionView, Price, Qty, Rate, Reason,
@@ -180,10 +180,13 @@ impl Reference {
             Event::Option { symbol, underlying, right, strike, margin, .. } => {
                 OptionTerms::validate(margin)?;
                 self.underlying(underlying)?;
-                let kind = Kind::Option { underlying: underlying.clone(), right: *right, strike: *strike, margin: *margin };
+                let kind =
+                    Kind::Option { underlying: underlying.clone(), right: *right, strike: *strike, margin: *margin };
                 if self.resend(symbol, &kind)?
-                    && let Some(Named::Instrument { kind: Kind::Option { underlying: u, right: rt, strike: k, .. }, .. }) =
-                        self.names.get(symbol)
+                    && let Some(Named::Instrument {
+                        kind: Kind::Option { underlying: u, right: rt, strike: k, .. },
+                        ..
+                    }) = self.names.get(symbol)
                     && (u != underlying || rt != right || k != strike)
                 {
                     return Err(r(Reason::InvalidReference, "option terms changed"));
@@ -197,7 +200,9 @@ impl Reference {
                 }
                 match self.names.get(symbol) {
                     None => return Err(r(Reason::UnknownSymbol, "unknown")),
-                    Some(Named::Instrument { settled: true, .. }) => return Err(r(Reason::InstrumentSettled, "settled")),
+                    Some(Named::Instrument { settled: true, .. }) => {
+                        return Err(r(Reason::InstrumentSettled, "settled"));
+                    }
                     _ => {}
                 }
                 self.prices.insert(symbol.clone(), *price);
@@ -265,7 +270,8 @@ impl Reference {
             }
             Event::Deposit { account, asset, amount } => {
                 self.asset_name(asset)?;
-                let before = self.accounts.get(account).and_then(|a| a.balances.get(asset)).copied().unwrap_or_default();
+                let before =
+                    self.accounts.get(account).and_then(|a| a.balances.get(asset)).copied().unwrap_or_default();
                 let after = before.checked_add(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
                 let acct = self.account_entry(account);
                 acct.balances.insert(asset.clone(), after);
