@@ -8,11 +8,11 @@ use vigil_testkit::{Reference, StreamConfig, generate};
 use vigil_tests::replay_text;
 
 /// Replays `lines` through the engine (with `shards`) and the reference model, comparing after every event.
-fn differential(lines: &[String], shards: usize) -> Result<(u64, u64), String> {
+fn differential(lines: &[String], shards: usize) -> Result<(u64, u64, u64), String> {
     let mut engine = Sharded::new(&Config::default(), shards);
     let mut reference = Reference::new(vigil_model::QUOTE_DEFAULT);
     let mut triggers: Vec<Trigger> = Vec::new();
-    let (mut fired, mut rejected) = (0u64, 0u64);
+    let (mut fired, mut rejected, mut checked) = (0u64, 0u64, 0u64);
     for line in lines {
         triggers.clear();
         match parse_line(line) {
@@ -24,6 +24,21 @@ fn differential(lines: &[String], shards: usize) -> Result<(u64, u64), String> {
                 rejected += 1;
             }
             Ok(event) => {
+                if let vigil_model::Event::Trade(fill) = &event {
+                    // The pre-trade check on the same fill, before it is applied, must agree too.
+                    let got = engine.shard_for(&fill.account).check(&fill.account, fill);
+                    let want = reference.check(fill);
+                    match (&got, &want) {
+                        (Ok(g), Ok((allowed, before, after))) => {
+                            if g.allowed != *allowed || g.before != *before || g.after != *after {
+                                return Err(format!("check of {line}\n engine {g:?}\n reference {want:?}"));
+                            }
+                            checked += 1;
+                        }
+                        (Err(g), Err(w)) if g.reason == w.reason => {}
+                        _ => return Err(format!("check of {line}\n engine {got:?}\n reference {want:?}")),
+                    }
+                }
                 let (offset, got) = engine.apply(&event, &mut triggers);
                 let (ref_offset, want, want_triggers) = reference.apply(&event);
                 if offset != ref_offset {
@@ -51,7 +66,7 @@ fn differential(lines: &[String], shards: usize) -> Result<(u64, u64), String> {
             }
         }
     }
-    Ok((fired, rejected))
+    Ok((fired, rejected, checked))
 }
 
 fn stream(seed: u64) -> Vec<String> {
@@ -93,13 +108,15 @@ proptest! {
 
 #[test]
 fn random_streams_do_exercise_liquidations_and_rejections() {
-    // Proves the generator is not vacuous: across 50 seeds, triggers fire and every stage of validation rejects.
-    let (mut fired, mut rejected) = (0, 0);
+    // Proves the generator is not vacuous: across 50 seeds, triggers fire, events are rejected, checks are compared.
+    let (mut fired, mut rejected, mut checked) = (0, 0, 0);
     for seed in 0..50 {
-        let (f, r) = differential(&stream(seed), 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let (f, r, c) = differential(&stream(seed), 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         fired += f;
         rejected += r;
+        checked += c;
     }
     assert!(fired >= 20, "only {fired} triggers in 50 streams");
     assert!(rejected >= 50, "only {rejected} rejections in 50 streams");
+    assert!(checked >= 500, "only {checked} pre-trade checks compared in 50 streams");
 }

@@ -422,6 +422,38 @@ impl Reference {
         Ok(acct)
     }
 
+    /// The pre-trade check, naively: the unit's figures before and after the fill on a copy of the account, and
+    /// whether the rule of `margin-model.md` allows it. `Err` if the fill is not valid at all.
+    pub fn check(&self, fill: &Fill) -> Result<(bool, UnitFigures, UnitFigures), Rejection> {
+        let acct = self.accounts.get(&fill.account).cloned().unwrap_or_else(|| {
+            let mut a = Acct::default();
+            a.balances.insert(self.quote.clone(), Amount::ZERO);
+            a
+        });
+        let after = self.fill_into(acct.clone(), fill)?;
+        let unit = |a: &Acct| match fill.margin_mode {
+            MarginMode::Cross => self.cross(a),
+            MarginMode::Isolated => match a.positions.get(&fill.symbol) {
+                Some(p) => self.isolated(&fill.symbol, p),
+                None => UnitFigures::default(),
+            },
+        };
+        let before = unit(&acct);
+        let mut after_f = unit(&after);
+        if fill.margin_mode == MarginMode::Isolated && !after.positions.contains_key(&fill.symbol) {
+            // Closed: the unit is its last wallet, which went back to the cross balance.
+            let q0 = acct.balances.get(&self.quote).copied().unwrap_or_default();
+            let q1 = after.balances.get(&self.quote).copied().unwrap_or_default();
+            after_f = UnitFigures { equity: q1.saturating_sub(q0), ..UnitFigures::default() };
+        }
+        let product = |a: Amount, b: Amount| a.0.checked_mul(b.0).expect("reference: figures beyond the test range");
+        let allowed = after_f.equity >= after_f.initial_margin
+            || (after_f.maintenance_margin <= before.maintenance_margin
+                && product(after_f.equity, before.maintenance_margin)
+                    >= product(before.equity, after_f.maintenance_margin));
+        Ok((allowed, before, after_f))
+    }
+
     fn figures(&self, symbol: &str, p: &Pos) -> PositionFigures {
         let Some(mark) = self.prices.get(symbol).copied() else { return PositionFigures::default() };
         match self.names.get(symbol) {
