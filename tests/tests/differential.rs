@@ -2,14 +2,14 @@
 //! same triggers, same state (every account view) after every event; and the same output for 1 and 7 shards.
 
 use proptest::prelude::*;
-use vigil_engine::{Config, Sharded};
+use vigil_engine::{Config, Detection, Sharded};
 use vigil_model::{Trigger, parse_line};
 use vigil_testkit::{Reference, StreamConfig, generate};
 use vigil_tests::replay_text;
 
 /// Replays `lines` through the engine (with `shards`) and the reference model, comparing after every event.
-fn differential(lines: &[String], shards: usize) -> Result<(u64, u64, u64), String> {
-    let mut engine = Sharded::new(&Config::default(), shards);
+fn differential(lines: &[String], shards: usize, detection: Detection) -> Result<(u64, u64, u64), String> {
+    let mut engine = Sharded::new(&Config { detection, ..Config::default() }, shards);
     let mut reference = Reference::new(vigil_model::QUOTE_DEFAULT);
     let mut triggers: Vec<Trigger> = Vec::new();
     let (mut fired, mut rejected, mut checked) = (0u64, 0u64, 0u64);
@@ -89,11 +89,12 @@ proptest! {
 
     #[test]
     fn engine_matches_reference_after_every_event(seed in any::<u64>()) {
-        // Proves engine ≡ naive reference (acceptance, reason, triggers, full state) after every event, 1 and 3 shards.
+        // Proves engine ≡ naive reference (acceptance, reason, triggers, full state, pre-trade checks) after every
+        // event, with rescan and with price-indexed detection, 1 and 3 shards.
         let lines = stream(seed);
-        for shards in [1, 3] {
-            if let Err(e) = differential(&lines, shards) {
-                prop_assert!(false, "seed {seed}, {shards} shards: {e}");
+        for (shards, detection) in [(1, Detection::Rescan), (1, Detection::Indexed), (3, Detection::Indexed)] {
+            if let Err(e) = differential(&lines, shards, detection) {
+                prop_assert!(false, "seed {seed}, {shards} shards, {detection:?}: {e}");
             }
         }
     }
@@ -111,7 +112,8 @@ fn random_streams_do_exercise_liquidations_and_rejections() {
     // Proves the generator is not vacuous: across 50 seeds, triggers fire, events are rejected, checks are compared.
     let (mut fired, mut rejected, mut checked) = (0, 0, 0);
     for seed in 0..50 {
-        let (f, r, c) = differential(&stream(seed), 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let (f, r, c) =
+            differential(&stream(seed), 1, Detection::Indexed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         fired += f;
         rejected += r;
         checked += c;

@@ -7,6 +7,7 @@ use vigil_model::{
     AccountView, Amount, MarginMode, Offset, PositionFigures, PositionView, Qty, Trigger, TriggerKind, UnitFigures,
 };
 
+use crate::band::Band;
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A liquidation episode of one margin unit (`margin-model.md`, "Liquidation episodes and triggers").
@@ -88,6 +89,8 @@ pub struct Dep {
     pub slot: Slot,
     pub refs: u32,
     pub index: u32,
+    /// The safe band this account has in the slot's ordered indexes (indexed detection only).
+    pub band: Band,
 }
 
 #[derive(Clone, Debug)]
@@ -213,8 +216,12 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
     }
 }
 
-/// The replay view of an account (figures as of its last evaluation, which is current: every change re-evaluates).
+/// The replay view of an account, from figures computed afresh (with indexed detection an account's cached figures
+/// are those of its last exact evaluation, which a tick inside its bands does not redo).
 pub fn view(market: &Market, acc: &Account) -> AccountView {
+    let mut fresh = acc.clone();
+    evaluate(market, &mut fresh);
+    let acc = &fresh;
     let mut balances: Vec<(String, Amount)> = acc
         .balances
         .iter()

@@ -7,12 +7,13 @@
 //! test against the naive reference model guards.
 
 pub mod account;
+pub mod band;
 pub mod market;
 pub mod sharded;
 
 pub use sharded::Sharded;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use vigil_model::margin::{apply_fill, credit_from_e16, funding_credit, pretrade_allowed};
 use vigil_model::{
@@ -20,18 +21,67 @@ use vigil_model::{
 };
 
 use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, underlying_of, view};
+use crate::band::Band;
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+
+/// How a price tick finds the accounts it may push over a threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Detection {
+    /// Re-evaluate every account that depends on the price (the peers' method, and the baseline).
+    Rescan,
+    /// Re-evaluate only the accounts whose safe price band the tick leaves (see `band`).
+    #[default]
+    Indexed,
+}
+
+impl std::str::FromStr for Detection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rescan" => Ok(Detection::Rescan),
+            "indexed" => Ok(Detection::Indexed),
+            other => Err(format!("unknown detection mode {other:?} (rescan or indexed)")),
+        }
+    }
+}
 
 /// Engine configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The settlement currency (price 1, no haircut).
     pub quote: String,
+    pub detection: Detection,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { quote: vigil_model::QUOTE_DEFAULT.to_owned() }
+        Self { quote: vigil_model::QUOTE_DEFAULT.to_owned(), detection: Detection::default() }
+    }
+}
+
+/// Per price slot, the accounts' safe bands ordered by lower and by upper edge.
+#[derive(Clone, Debug, Default)]
+struct SlotIndex {
+    lo: BTreeSet<(i64, u32)>,
+    hi: BTreeSet<(i64, u32)>,
+}
+
+impl SlotIndex {
+    fn remove(&mut self, a: u32, band: Band) {
+        if let Some(lo) = band.lo {
+            self.lo.remove(&(lo, a));
+        }
+        if let Some(hi) = band.hi {
+            self.hi.remove(&(hi, a));
+        }
+    }
+    fn insert(&mut self, a: u32, band: Band) {
+        if let Some(lo) = band.lo {
+            self.lo.insert((lo, a));
+        }
+        if let Some(hi) = band.hi {
+            self.hi.insert((hi, a));
+        }
     }
 }
 
@@ -53,7 +103,14 @@ pub struct Engine {
     ids: HashMap<Box<str>, u32>,
     /// Per price slot, the accounts whose figures depend on it.
     dependents: Vec<Vec<u32>>,
+    /// Per price slot, the safe-band indexes (indexed detection).
+    index: Vec<SlotIndex>,
+    detection: Detection,
     offset: Offset,
+    bands: Vec<Band>,
+    popped: Vec<u32>,
+    /// Exact account evaluations so far (the cost detection pays).
+    evaluations: u64,
 }
 
 /// What a fill would do to one account, computed before anything changes.
@@ -79,11 +136,11 @@ fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
         return;
     }
     let list = &mut dependents[slot as usize];
-    acc.deps.push(Dep { slot, refs: 1, index: list.len() as u32 });
+    acc.deps.push(Dep { slot, refs: 1, index: list.len() as u32, band: Band::default() });
     list.push(a);
 }
 
-fn remove_dep(dependents: &mut [Vec<u32>], accounts: &mut [Account], a: u32, slot: Slot) {
+fn remove_dep(dependents: &mut [Vec<u32>], index: &mut [SlotIndex], accounts: &mut [Account], a: u32, slot: Slot) {
     let acc = &mut accounts[a as usize];
     let Some(i) = acc.deps.iter().position(|d| d.slot == slot) else {
         debug_assert!(false, "invariant: a dependency is removed only after it was added");
@@ -93,6 +150,7 @@ fn remove_dep(dependents: &mut [Vec<u32>], accounts: &mut [Account], a: u32, slo
     if acc.deps[i].refs > 0 {
         return;
     }
+    index[slot as usize].remove(a, acc.deps[i].band);
     let index = acc.deps[i].index as usize;
     acc.deps.swap_remove(i);
     let list = &mut dependents[slot as usize];
@@ -111,8 +169,63 @@ impl Engine {
             accounts: Vec::new(),
             ids: HashMap::new(),
             dependents: vec![Vec::new()],
+            index: vec![SlotIndex::default()],
+            detection: config.detection,
             offset: Offset(0),
+            bands: Vec::new(),
+            popped: Vec::new(),
+            evaluations: 0,
         }
+    }
+
+    /// How many exact account evaluations the engine has done (each trade, transfer, popped band, rescan...).
+    pub fn evaluations(&self) -> u64 {
+        self.evaluations
+    }
+
+    pub fn detection(&self) -> Detection {
+        self.detection
+    }
+
+    /// Exact re-evaluation of one account: figures, episodes, triggers, and (indexed) its bands.
+    fn touch(&mut self, a: u32, offset: Offset, triggers: &mut Vec<Trigger>) {
+        self.evaluations += 1;
+        let acc = &mut self.accounts[a as usize];
+        evaluate_and_detect(&self.market, acc, offset, triggers);
+        if self.detection == Detection::Indexed {
+            band::compute(&self.market, acc, &mut self.bands);
+            for (d, new) in acc.deps.iter_mut().zip(&self.bands) {
+                if d.band != *new {
+                    let idx = &mut self.index[d.slot as usize];
+                    idx.remove(a, d.band);
+                    idx.insert(a, *new);
+                    d.band = *new;
+                }
+            }
+        }
+    }
+
+    /// Brings an account's cached figures up to current prices (no episode change): with indexed detection they
+    /// may date from its last exact evaluation.
+    fn refresh(&mut self, a: u32) {
+        if self.detection == Detection::Indexed {
+            evaluate(&self.market, &mut self.accounts[a as usize]);
+        }
+    }
+
+    /// Indexed tick: pops the accounts whose band `price` leaves and re-evaluates exactly those.
+    fn tick(&mut self, slot: Slot, price: i64, offset: Offset, triggers: &mut Vec<Trigger>) {
+        let idx = &self.index[slot as usize];
+        let mut popped = std::mem::take(&mut self.popped);
+        popped.clear();
+        popped.extend(idx.lo.range((price.saturating_add(1), 0)..).map(|(_, a)| *a));
+        popped.extend(idx.hi.range(..(price, 0)).map(|(_, a)| *a));
+        popped.sort_unstable();
+        popped.dedup();
+        for &a in &popped {
+            self.touch(a, offset, triggers);
+        }
+        self.popped = popped;
     }
 
     /// The offset of the last event applied (or skipped as rejected).
@@ -149,6 +262,7 @@ impl Engine {
                 let declared = self.market.declare(event)?;
                 if declared.created {
                     self.dependents.push(Vec::new());
+                    self.index.push(SlotIndex::default());
                     debug_assert_eq!(self.dependents.len(), self.market.slots(), "invariant: one list per slot");
                 } else {
                     self.reevaluate(declared.slot, offset, triggers);
@@ -157,8 +271,14 @@ impl Engine {
             }
             Event::Price { symbol, price } => {
                 let slot = self.market.price_slot(symbol)?;
+                let first = self.market.price(slot).is_none();
                 self.market.set_price(slot, *price);
-                self.reevaluate(slot, offset, triggers);
+                if self.detection == Detection::Rescan || first {
+                    // A first price gives unpriced collateral a value and a slope: everyone re-bands.
+                    self.reevaluate(slot, offset, triggers);
+                } else {
+                    self.tick(slot, price.raw(), offset, triggers);
+                }
                 Ok(())
             }
             Event::Funding { symbol, rate } => {
@@ -168,7 +288,11 @@ impl Engine {
                     _ => return Err(reject(Reason::InvalidReference, format!("funding on {symbol:?}, not a perp"))),
                 }
                 let mark = self.market.price(slot).ok_or_else(|| no_price(symbol))?;
-                for &a in &self.dependents[slot as usize] {
+                let holders = std::mem::take(&mut self.popped);
+                let mut holders = holders;
+                holders.clear();
+                holders.extend_from_slice(&self.dependents[slot as usize]);
+                for &a in &holders {
                     let acc = &mut self.accounts[a as usize];
                     if let Some(i) = acc.position_index(slot)
                         && acc.positions[i].is_open()
@@ -180,8 +304,9 @@ impl Engine {
                             acc.balances[0].1 = acc.balances[0].1.saturating_add(credit);
                         }
                     }
-                    evaluate_and_detect(&self.market, acc, offset, triggers);
+                    self.touch(a, offset, triggers);
                 }
+                self.popped = holders;
                 Ok(())
             }
             Event::Settle { symbol, price } => self.settle(offset, symbol, *price, triggers),
@@ -192,12 +317,13 @@ impl Engine {
                 let after = before.checked_add(*amount).ok_or_else(|| out_of_range("the balance"))?;
                 let a = self.account_or_create(account);
                 self.set_balance(a, asset, after);
-                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                self.touch(a, offset, triggers);
                 Ok(())
             }
             Event::Withdraw { account, asset, amount } => {
                 let a = self.existing_account(account)?;
                 let asset = self.market.asset(asset)?;
+                self.refresh(a);
                 let acc = &self.accounts[a as usize];
                 let before = acc.balance(asset);
                 let after = before.checked_sub(*amount).ok_or_else(|| out_of_range("the balance"))?;
@@ -214,7 +340,7 @@ impl Engine {
                     ));
                 }
                 self.set_balance(a, asset, after);
-                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                self.touch(a, offset, triggers);
                 Ok(())
             }
             Event::Transfer { account, symbol, amount } => self.transfer(offset, account, symbol, *amount, triggers),
@@ -223,16 +349,21 @@ impl Engine {
                 let plan = self.plan_fill(a.map(|a| &self.accounts[a as usize]), fill)?;
                 let a = self.account_or_create(&fill.account);
                 self.commit_fill(a, &plan);
-                evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+                self.touch(a, offset, triggers);
                 Ok(())
             }
         }
     }
 
+    /// Re-evaluates every account that depends on `slot` (rescan ticks, funding, re-sent reference data).
     fn reevaluate(&mut self, slot: Slot, offset: Offset, triggers: &mut Vec<Trigger>) {
-        for &a in &self.dependents[slot as usize] {
-            evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+        let mut all = std::mem::take(&mut self.popped);
+        all.clear();
+        all.extend_from_slice(&self.dependents[slot as usize]);
+        for &a in &all {
+            self.touch(a, offset, triggers);
         }
+        self.popped = all;
     }
 
     fn existing_account(&self, id: &str) -> Result<u32, Rejection> {
@@ -255,7 +386,7 @@ impl Engine {
         match acc.balances.iter().position(|(s, _)| *s == asset) {
             Some(i) if asset != QUOTE && amount.0 == 0 => {
                 acc.balances.remove(i);
-                remove_dep(&mut self.dependents, &mut self.accounts, a, asset);
+                remove_dep(&mut self.dependents, &mut self.index, &mut self.accounts, a, asset);
             }
             Some(i) => acc.balances[i].1 = amount,
             None if amount.0 == 0 => {}
@@ -278,9 +409,9 @@ impl Engine {
 
     fn remove_position(&mut self, a: u32, index: usize) {
         let slot = self.accounts[a as usize].positions.swap_remove(index).slot;
-        remove_dep(&mut self.dependents, &mut self.accounts, a, slot);
+        remove_dep(&mut self.dependents, &mut self.index, &mut self.accounts, a, slot);
         if let Some(u) = underlying_of(&self.market, slot) {
-            remove_dep(&mut self.dependents, &mut self.accounts, a, u);
+            remove_dep(&mut self.dependents, &mut self.index, &mut self.accounts, a, u);
         }
     }
 
@@ -328,7 +459,7 @@ impl Engine {
         debug_assert!(self.dependents[slot as usize].is_empty(), "invariant: a settled instrument has no holders");
         self.market.mark_settled(slot, price);
         for &a in &holders {
-            evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+            self.touch(a, offset, triggers);
         }
         Ok(())
     }
@@ -349,6 +480,7 @@ impl Engine {
         if inst.settled {
             return Err(reject(Reason::InstrumentSettled, format!("{symbol:?} is settled")));
         }
+        self.refresh(a);
         let acc = &self.accounts[a as usize];
         let index = acc.position_index(slot);
         let pos = index.map(|i| &acc.positions[i]);
@@ -395,7 +527,7 @@ impl Engine {
         if wallet_after.0 == 0 && !acc.positions[i].is_open() {
             self.remove_position(a, i);
         }
-        evaluate_and_detect(&self.market, &mut self.accounts[a as usize], offset, triggers);
+        self.touch(a, offset, triggers);
         Ok(())
     }
 
@@ -486,6 +618,7 @@ impl Engine {
         let existing = self.ids.get(account).map(|&a| &self.accounts[a as usize]);
         let plan = self.plan_fill(existing, fill)?;
         let mut copy = existing.cloned().unwrap_or_else(|| Account::new(account));
+        evaluate(&self.market, &mut copy);
         let (before, after) = match plan.mode {
             MarginMode::Cross => {
                 let before = copy.cross;

@@ -189,3 +189,36 @@ fn reducing_an_undercollateralised_position_is_allowed() {
     let add = Fill { side: Side::Buy, ..reduce };
     assert!(!t.engine.check("a", &add).unwrap().allowed);
 }
+
+#[test]
+fn indexed_ticks_evaluate_only_accounts_near_their_threshold() {
+    // Proves a tick re-evaluates only accounts whose band it leaves (indexed), against every holder (rescan),
+    // with the same triggers.
+    use vigil_engine::Detection;
+    let mut results = Vec::new();
+    for detection in [Detection::Rescan, Detection::Indexed] {
+        let mut t =
+            T { engine: Engine::new(&Config { detection, ..Config::default() }), offset: 0, triggers: Vec::new() };
+        t.ok(PERP[0]);
+        t.ok(PERP[1]);
+        // 200 safe accounts (1.5× leverage) and 10 at ~9.5× leverage (MM at 5%: breach below 2 825.26).
+        for i in 0..210 {
+            let (deposit, qty) = if i < 200 { ("2000", "1") } else { ("316", "1") };
+            t.ok(&format!(r#"{{"type":"deposit","account":"a{i}","asset":"USDC","amount":"{deposit}"}}"#));
+            t.ok(&format!(
+                r#"{{"type":"trade","account":"a{i}","symbol":"ETH","side":"buy","qty":"{qty}","price":"3000"}}"#
+            ));
+        }
+        let before = t.engine.evaluations();
+        let mut fired = Vec::new();
+        for p in ["2995", "2990", "2980", "2900", "2840", "2820"] {
+            fired.extend(t.price("ETH", p));
+        }
+        results.push((t.engine.evaluations() - before, fired));
+    }
+    let (rescan, indexed) = (&results[0], &results[1]);
+    assert_eq!(rescan.1, indexed.1, "same triggers");
+    assert_eq!(rescan.1.len(), 10, "the 10 leveraged accounts breach");
+    assert_eq!(rescan.0, 6 * 210);
+    assert!(indexed.0 <= 6 * 10 + 20, "indexed evaluated {} accounts", indexed.0);
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use vigil_engine::Config;
+use vigil_engine::{Config, Detection};
 use vigil_node::replay::{Progress, ReplayOptions, replay};
 
 #[derive(Parser)]
@@ -29,13 +29,16 @@ enum Command {
         /// The quote (settlement) currency.
         #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
         quote: String,
+        /// How ticks find accounts to re-evaluate: `indexed` (safe price bands) or `rescan` (every holder).
+        #[arg(long, default_value = "indexed")]
+        detection: Detection,
     },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replay { file, shards, quote } => {
-            let options = ReplayOptions { shards: usize::from(shards), config: Config { quote } };
+        Command::Replay { file, shards, quote, detection } => {
+            let options = ReplayOptions { shards: usize::from(shards), config: Config { quote, detection } };
             let stdout = io::stdout();
             let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
             let show = io::stderr().is_terminal();
