@@ -11,7 +11,7 @@ pub mod band;
 pub mod market;
 pub mod sharded;
 
-pub use sharded::Sharded;
+pub use sharded::{Sharded, merged_views};
 
 use std::collections::{BTreeSet, HashMap};
 

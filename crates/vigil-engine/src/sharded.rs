@@ -72,13 +72,18 @@ impl Sharded {
 
     /// Every account's view across shards, sorted by account id.
     pub fn views(&self) -> Vec<AccountView> {
-        let mut all: Vec<AccountView> = self.shards.iter().flat_map(Engine::views).collect();
-        all.sort_by(|a, b| a.account.cmp(&b.account));
-        all
+        merged_views(&self.shards)
     }
 
     /// The shard that owns an account.
     pub fn shard_for(&self, account: &str) -> &Engine {
         &self.shards[shard_of(account, self.shards.len())]
     }
+}
+
+/// Every account's view across a set of shard engines, sorted by account id.
+pub fn merged_views(shards: &[Engine]) -> Vec<AccountView> {
+    let mut all: Vec<AccountView> = shards.iter().flat_map(Engine::views).collect();
+    all.sort_by(|a, b| a.account.cmp(&b.account));
+    all
 }

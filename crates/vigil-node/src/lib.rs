@@ -1,3 +1,4 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
+pub mod pipeline;
 pub mod replay;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil_engine::{Config, Detection};
+use vigil_node::pipeline::Wait;
 use vigil_node::replay::{Progress, ReplayOptions, replay};
 
 #[derive(Parser)]
@@ -32,13 +33,16 @@ enum Command {
         /// How ticks find accounts to re-evaluate: `indexed` (safe price bands) or `rescan` (every holder).
         #[arg(long, default_value = "indexed")]
         detection: Detection,
+        /// How idle shard threads wait: `spin`, `spin-yield` or `park`.
+        #[arg(long, default_value = "park")]
+        wait: Wait,
     },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replay { file, shards, quote, detection } => {
-            let options = ReplayOptions { shards: usize::from(shards), config: Config { quote, detection } };
+        Command::Replay { file, shards, quote, detection, wait } => {
+            let options = ReplayOptions { shards: usize::from(shards), config: Config { quote, detection }, wait };
             let stdout = io::stdout();
             let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
             let show = io::stderr().is_terminal();

@@ -8,8 +8,10 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use vigil_engine::{Config, Sharded};
-use vigil_model::{Offset, Reason, RejectionRecord, Trigger, parse_line, view::write_document};
+use vigil_engine::{Config, merged_views};
+use vigil_model::{Offset, Reason, parse_line, view::write_document};
+
+use crate::pipeline::{Pipeline, PipelineConfig, Released, Wait};
 
 /// Longest accepted line, in bytes; a longer line is rejected whole as `invalid_event`.
 pub const LINE_BYTES_MAX: usize = 1 << 20;
@@ -18,11 +20,12 @@ pub const LINE_BYTES_MAX: usize = 1 << 20;
 pub struct ReplayOptions {
     pub shards: usize,
     pub config: Config,
+    pub wait: Wait,
 }
 
 impl Default for ReplayOptions {
     fn default() -> Self {
-        Self { shards: 1, config: Config::default() }
+        Self { shards: 1, config: Config::default(), wait: Wait::Park }
     }
 }
 
@@ -104,17 +107,41 @@ fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<
     Ok(Some(false))
 }
 
-/// Replays a JSON Lines stream and writes the replay document to `out`.
+/// Writes released outputs to the spools, keeping the first I/O error.
+struct Sink {
+    triggers: Spool,
+    rejections: Spool,
+    error: Option<io::Error>,
+}
+
+impl Sink {
+    fn accept(&mut self, released: Released) {
+        let r = match released {
+            Released::Trigger(t) => self.triggers.push(&t.to_json()),
+            Released::Rejection(r) => self.rejections.push(&r.to_json()),
+        };
+        if let Err(e) = r {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+/// Replays a JSON Lines stream through the threaded pipeline and writes the replay document to `out`.
 pub fn replay<R: BufRead, W: Write>(
     mut input: R,
     out: &mut W,
     options: &ReplayOptions,
     mut progress: Option<&mut dyn FnMut(Progress)>,
 ) -> anyhow::Result<ReplaySummary> {
-    let mut engines = Sharded::new(&options.config, options.shards);
-    let mut triggers_spool = Spool::new()?;
-    let mut rejections_spool = Spool::new()?;
-    let mut triggers: Vec<Trigger> = Vec::new();
+    let config = PipelineConfig {
+        engine: options.config.clone(),
+        shards: options.shards,
+        wait: options.wait,
+        ..PipelineConfig::default()
+    };
+    let mut pipeline = Pipeline::start(&config).context("starting the shard threads")?;
+    let mut sink = Sink { triggers: Spool::new()?, rejections: Spool::new()?, error: None };
+    let mut accept = |r: Released| sink.accept(r);
     let mut buf = Vec::with_capacity(1024);
     let started = Instant::now();
     let mut last_report = started;
@@ -131,41 +158,41 @@ pub fn replay<R: BufRead, W: Write>(
                 Err(e) => Err(vigil_model::reject(Reason::InvalidEvent, format!("line is not UTF-8: {e}"))),
             }
         };
-        triggers.clear();
-        let (offset, result) = match parsed {
-            Ok(event) => engines.apply(&event, &mut triggers),
-            Err(rejection) => (engines.next_offset(), Err(rejection)),
+        let offset = match parsed {
+            Ok(event) => pipeline.submit(event),
+            Err(rejection) => pipeline.reject(rejection),
         };
-        if let Err(r) = result {
-            let record = RejectionRecord { offset, reason: r.reason, message: r.message };
-            rejections_spool.push(&record.to_json()).context("spooling a rejection")?;
-        }
-        for t in &triggers {
-            triggers_spool.push(&t.to_json()).context("spooling a trigger")?;
-        }
-        if offset.0 % 65_536 == 0
-            && let Some(report) = progress.as_mut()
-        {
-            let now = Instant::now();
-            if now.duration_since(last_report) >= Duration::from_secs(1) {
-                last_report = now;
-                report(Progress { offset, elapsed: now.duration_since(started) });
+        if offset.0 % 1024 == 0 {
+            pipeline.drain(&mut accept);
+            if offset.0 % 65_536 == 0
+                && let Some(report) = progress.as_mut()
+            {
+                let now = Instant::now();
+                if now.duration_since(last_report) >= Duration::from_secs(1) {
+                    last_report = now;
+                    report(Progress { offset, elapsed: now.duration_since(started) });
+                }
             }
         }
     }
-    let views = engines.views();
+    let offset = pipeline.offset();
+    let engines = pipeline.finish(&mut accept);
+    if let Some(e) = sink.error.take() {
+        return Err(e).context("spooling replay output");
+    }
+    let views = merged_views(&engines);
     let summary = ReplaySummary {
-        offset: engines.offset(),
+        offset,
         accounts: views.len(),
-        triggers: triggers_spool.count,
-        rejections: rejections_spool.count,
+        triggers: sink.triggers.count,
+        rejections: sink.rejections.count,
     };
     write_document(
         out,
-        engines.offset(),
+        offset,
         views.iter().map(|v| Ok(v.to_json())),
-        triggers_spool.into_lines()?,
-        rejections_spool.into_lines()?,
+        sink.triggers.into_lines()?,
+        sink.rejections.into_lines()?,
     )
     .context("writing the replay document")?;
     out.flush().context("flushing the replay document")?;

@@ -1,0 +1,370 @@
+//! The threaded pipeline: a sequencer, one pinned thread per shard, and a deterministic output merge.
+//!
+//! ```text
+//!  sequencer (caller's thread): offset = last + 1
+//!     ├─ account event ──▶ ring of shard_of(account)      (bounded SPSC; full = backpressure)
+//!     └─ anything else ──▶ ring of every shard (one Arc, N refcounts)
+//!  shard i (own thread, pinned): the only writer of its Engine; never awaits
+//!     └─ rejections and triggers ──▶ output ring i, then `applied_i = offset` (Release)
+//!  merge (caller's thread): releases outputs up to the watermark, in (offset, account, symbol, kind) order
+//! ```
+//!
+//! The watermark is the offset below which no shard can still produce output: for each shard, its applied offset
+//! if it still has routed events to apply, else the sequenced offset. Outputs of one offset from several shards
+//! (a tick's triggers) are combined and sorted, so the released stream is identical for every shard count and
+//! every thread timing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use vigil_engine::{Config, Engine};
+use vigil_model::{Event, Offset, Rejection, RejectionRecord, Trigger, shard_of};
+
+/// How an idle thread waits for work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wait {
+    /// Busy-spin: lowest latency, burns a core. Only where each thread has a core of its own.
+    Spin,
+    /// Spin a little, then yield the core.
+    SpinYield,
+    /// Spin a little, then park until woken (tests, CI and small machines).
+    #[default]
+    Park,
+}
+
+impl std::str::FromStr for Wait {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spin" => Ok(Wait::Spin),
+            "spin-yield" => Ok(Wait::SpinYield),
+            "park" => Ok(Wait::Park),
+            other => Err(format!("unknown wait strategy {other:?} (spin, spin-yield or park)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub engine: Config,
+    pub shards: usize,
+    pub wait: Wait,
+    /// Capacity of each input and output ring, in messages.
+    pub ring_capacity: usize,
+    /// Pin shard threads to cores (a no-op where pinning is impossible).
+    pub pin: bool,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { engine: Config::default(), shards: 1, wait: Wait::Park, ring_capacity: 1 << 14, pin: true }
+    }
+}
+
+enum Input {
+    Event(Offset, Arc<Event>),
+    Stop,
+}
+
+/// What a shard reports for one offset (sent only when there is something to report).
+struct Output {
+    offset: Offset,
+    rejection: Option<Rejection>,
+    triggers: Vec<Trigger>,
+}
+
+/// State a shard shares with the sequencer.
+struct Shared {
+    applied: AtomicU64,
+    sleeping: AtomicBool,
+}
+
+const SPINS: u32 = 128;
+
+impl Wait {
+    /// One idle round of a consumer whose queue was empty; `empty` re-checks it after announcing sleep.
+    fn idle(self, spins: &mut u32, shared: &Shared, empty: impl Fn() -> bool) {
+        *spins += 1;
+        match self {
+            Wait::Spin => std::hint::spin_loop(),
+            _ if *spins < SPINS => std::hint::spin_loop(),
+            Wait::SpinYield => thread::yield_now(),
+            Wait::Park => {
+                // Announce, then re-check: a producer that pushed before seeing `sleeping` is seen here, and one
+                // that pushes after sees `sleeping` and unparks (both sides fence, so neither read is stale).
+                shared.sleeping.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                if empty() {
+                    // The timeout bounds the cost of any wake-up this reasoning might have missed.
+                    thread::park_timeout(Duration::from_millis(5));
+                }
+                shared.sleeping.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+fn wake(wait: Wait, shared: &Shared, thread: &Thread) {
+    if wait == Wait::Park {
+        fence(Ordering::SeqCst);
+        if shared.sleeping.load(Ordering::SeqCst) {
+            thread.unpark();
+        }
+    }
+}
+
+/// One released output: a rejection or a trigger, in the contract's order.
+pub enum Released {
+    Rejection(RejectionRecord),
+    Trigger(Trigger),
+}
+
+pub struct Pipeline {
+    inputs: Vec<rtrb::Producer<Input>>,
+    outputs: Vec<rtrb::Consumer<Output>>,
+    shared: Vec<Arc<Shared>>,
+    threads: Vec<Thread>,
+    handles: Vec<JoinHandle<Engine>>,
+    /// Last offset routed to each shard.
+    routed: Vec<u64>,
+    offset: Offset,
+    /// Outputs received, not yet released, by offset.
+    pending: BTreeMap<Offset, Vec<Output>>,
+    wait: Wait,
+}
+
+fn run_shard(
+    index: usize,
+    mut engine: Engine,
+    mut input: rtrb::Consumer<Input>,
+    mut output: rtrb::Producer<Output>,
+    shared: Arc<Shared>,
+    wait: Wait,
+) -> Engine {
+    let mut triggers: Vec<Trigger> = Vec::new();
+    let mut spins = 0;
+    loop {
+        let message = match input.pop() {
+            Ok(m) => m,
+            Err(_) => {
+                wait.idle(&mut spins, &shared, || input.is_empty());
+                continue;
+            }
+        };
+        spins = 0;
+        match message {
+            Input::Stop => return engine,
+            Input::Event(offset, event) => {
+                triggers.clear();
+                let result = engine.apply(offset, &event, &mut triggers);
+                // Every shard rejects a broadcast event alike: shard 0 alone reports it.
+                let rejection = match result {
+                    Err(r) if event.account().is_some() || index == 0 => Some(r),
+                    _ => None,
+                };
+                if rejection.is_some() || !triggers.is_empty() {
+                    let mut out = Output { offset, rejection, triggers: std::mem::take(&mut triggers) };
+                    let mut full_spins = 0;
+                    loop {
+                        match output.push(out) {
+                            Ok(()) => break,
+                            Err(rtrb::PushError::Full(back)) => {
+                                out = back;
+                                // The sequencer drains outputs whenever it waits; yield to it.
+                                full_spins += 1;
+                                if full_spins > SPINS {
+                                    thread::yield_now();
+                                }
+                            }
+                        }
+                    }
+                }
+                shared.applied.store(offset.0, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Starts one thread per shard.
+    pub fn start(config: &PipelineConfig) -> std::io::Result<Self> {
+        let n = config.shards.max(1);
+        let cores = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let mut p = Pipeline {
+            inputs: Vec::with_capacity(n),
+            outputs: Vec::with_capacity(n),
+            shared: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+            handles: Vec::with_capacity(n),
+            routed: vec![0; n],
+            offset: Offset(0),
+            pending: BTreeMap::new(),
+            wait: config.wait,
+        };
+        for i in 0..n {
+            let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
+            let (out_tx, out_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
+            let shared = Arc::new(Shared { applied: AtomicU64::new(0), sleeping: AtomicBool::new(false) });
+            let engine = Engine::new(&config.engine);
+            let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
+            let (s, wait) = (Arc::clone(&shared), config.wait);
+            let handle = thread::Builder::new().name(format!("vigil-shard-{i}")).spawn(move || {
+                if let Some(core) = core {
+                    // Pinning is best effort: where the OS refuses, the shard runs unpinned.
+                    let _ = core_affinity::set_for_current(core);
+                }
+                run_shard(i, engine, in_rx, out_tx, s, wait)
+            })?;
+            p.threads.push(handle.thread().clone());
+            p.handles.push(handle);
+            p.inputs.push(in_tx);
+            p.outputs.push(out_rx);
+            p.shared.push(shared);
+        }
+        Ok(p)
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// The last offset assigned.
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    fn push(&mut self, shard: usize, mut message: Input) {
+        if let Input::Event(offset, _) = &message {
+            self.routed[shard] = offset.0;
+        }
+        loop {
+            match self.inputs[shard].push(message) {
+                Ok(()) => break,
+                Err(rtrb::PushError::Full(back)) => {
+                    // Backpressure: the shard is behind. Drain outputs meanwhile, so a shard blocked on its own
+                    // full output ring can go on.
+                    message = back;
+                    self.collect();
+                    wake(Wait::Park, &self.shared[shard], &self.threads[shard]);
+                    thread::yield_now();
+                }
+            }
+        }
+        wake(self.wait, &self.shared[shard], &self.threads[shard]);
+    }
+
+    /// Sequences an event: assigns the next offset and routes it. Blocks (draining outputs) while rings are full.
+    pub fn submit(&mut self, event: Event) -> Offset {
+        self.offset = Offset(self.offset.0 + 1);
+        let offset = self.offset;
+        let n = self.inputs.len();
+        match event.account() {
+            Some(account) => {
+                let shard = shard_of(account, n);
+                self.push(shard, Input::Event(offset, Arc::new(event)));
+            }
+            None => {
+                let event = Arc::new(event);
+                for shard in 0..n {
+                    self.push(shard, Input::Event(offset, Arc::clone(&event)));
+                }
+            }
+        }
+        offset
+    }
+
+    /// Sequences an input that is not an event (an unreadable line): it takes the next offset as a rejection.
+    pub fn reject(&mut self, rejection: Rejection) -> Offset {
+        self.offset = Offset(self.offset.0 + 1);
+        let offset = self.offset;
+        self.pending.entry(offset).or_default().push(Output { offset, rejection: Some(rejection), triggers: vec![] });
+        offset
+    }
+
+    fn collect(&mut self) {
+        for out in &mut self.outputs {
+            while let Ok(o) = out.pop() {
+                self.pending.entry(o.offset).or_default().push(o);
+            }
+        }
+    }
+
+    fn watermark(&self) -> Offset {
+        let mut w = self.offset.0;
+        for (s, shared) in self.shared.iter().enumerate() {
+            let applied = shared.applied.load(Ordering::Acquire);
+            if applied < self.routed[s] {
+                w = w.min(applied);
+            }
+        }
+        Offset(w)
+    }
+
+    /// Releases every output up to the watermark, in the contract's order.
+    pub fn drain(&mut self, sink: &mut impl FnMut(Released)) {
+        // Watermark first, then collect: every output at or below it is already in its ring.
+        let watermark = self.watermark();
+        self.collect();
+        self.release(watermark, sink);
+    }
+
+    fn release(&mut self, watermark: Offset, sink: &mut impl FnMut(Released)) {
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() > watermark {
+                break;
+            }
+            let (offset, outs) = entry.remove_entry();
+            let mut triggers: Vec<Trigger> = Vec::new();
+            let mut rejection = None;
+            for o in outs {
+                rejection = rejection.or(o.rejection);
+                triggers.extend(o.triggers);
+            }
+            if let Some(r) = rejection {
+                sink(Released::Rejection(RejectionRecord { offset, reason: r.reason, message: r.message }));
+            }
+            triggers.sort_unstable();
+            for t in triggers {
+                sink(Released::Trigger(t));
+            }
+        }
+    }
+
+    /// Stops the shards after they applied everything, releases the remaining outputs, and returns the engines.
+    pub fn finish(mut self, sink: &mut impl FnMut(Released)) -> Vec<Engine> {
+        for shard in 0..self.inputs.len() {
+            let mut message = Input::Stop;
+            loop {
+                match self.inputs[shard].push(message) {
+                    Ok(()) => break,
+                    Err(rtrb::PushError::Full(back)) => {
+                        message = back;
+                        self.collect();
+                        thread::yield_now();
+                    }
+                }
+            }
+            wake(Wait::Park, &self.shared[shard], &self.threads[shard]);
+        }
+        let mut engines = Vec::with_capacity(self.handles.len());
+        let handles = std::mem::take(&mut self.handles);
+        for handle in handles {
+            while !handle.is_finished() {
+                self.collect();
+                thread::yield_now();
+            }
+            match handle.join() {
+                Ok(engine) => engines.push(engine),
+                // A shard that panicked broke an invariant; there is no state to return for it.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        self.collect();
+        let end = self.offset;
+        self.release(end, sink);
+        engines
+    }
+}
