@@ -81,7 +81,10 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
                 match &first {
                     None => {
                         let got: serde_json::Value = serde_json::from_str(&without_messages(&doc)).expect("JSON");
-                        assert!(got == expected_json, "seed {seed}: {shards} shards {detection:?} differs from the reference");
+                        assert!(
+                            got == expected_json,
+                            "seed {seed}: {shards} shards {detection:?} differs from the reference"
+                        );
                         first = Some(doc);
                     }
                     Some(f) => assert!(f == &doc, "seed {seed}: {shards} shards {detection:?} is not byte-identical"),

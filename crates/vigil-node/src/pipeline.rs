@@ -17,11 +17,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::mpsc;
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
-use vigil_engine::{Config, Engine};
-use vigil_model::{Event, Offset, Rejection, RejectionRecord, Trigger, shard_of};
+use vigil_engine::{CheckOutcome, Config, Engine};
+use vigil_model::{Event, Fill, Offset, Rejection, RejectionRecord, Trigger, shard_of};
 
 /// How an idle thread waits for work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,6 +83,74 @@ struct Shared {
     sleeping: AtomicBool,
 }
 
+/// The answer to a routed pre-trade check.
+pub type CheckReply = Result<CheckOutcome, Rejection>;
+
+/// A pre-trade check waiting for its shard.
+struct Query {
+    fill: Fill,
+    min_offset: Offset,
+    reply: mpsc::SyncSender<CheckReply>,
+}
+
+/// Sends pre-trade checks to the shard that owns the account; cloneable, usable from any thread.
+#[derive(Clone)]
+pub struct Checker {
+    queries: Vec<mpsc::Sender<Query>>,
+    threads: Vec<Thread>,
+    /// The sequencer's last offset, published after the event is routed.
+    sequenced: Arc<AtomicU64>,
+}
+
+impl Checker {
+    /// Asks the owning shard to check `fill` once it has applied `min_offset` (read-your-writes for a trader who
+    /// just traded); the answer comes on the returned channel, from the shard's state at that moment.
+    pub fn check(&self, fill: Fill, min_offset: Offset) -> mpsc::Receiver<CheckReply> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let shard = shard_of(&fill.account, self.queries.len());
+        // A send fails only once the shard has stopped; the receiver then reports disconnection.
+        let _ = self.queries[shard].send(Query { fill, min_offset, reply: tx });
+        self.threads[shard].unpark();
+        rx
+    }
+
+    /// The last offset sequenced.
+    pub fn sequenced(&self) -> Offset {
+        Offset(self.sequenced.load(Ordering::Acquire))
+    }
+}
+
+/// Answers the queries whose offset the shard has reached; keeps the others waiting.
+fn serve_queries(
+    engine: &Engine,
+    queries: &mpsc::Receiver<Query>,
+    waiting: &mut Vec<Query>,
+    sequenced: &AtomicU64,
+    drained: Option<&dyn Fn() -> bool>,
+) {
+    while let Ok(q) = queries.try_recv() {
+        waiting.push(q);
+    }
+    if waiting.is_empty() {
+        return;
+    }
+    // Read `sequenced` first, then find the ring empty: every event up to it that was routed here was pushed
+    // before it was published, so it has been popped and applied.
+    let published = sequenced.load(Ordering::Acquire);
+    let reached = match drained {
+        Some(empty) if empty() => published.max(engine.offset().0),
+        _ => engine.offset().0,
+    };
+    waiting.retain(|q| {
+        if q.min_offset.0 > reached {
+            return true;
+        }
+        // The asker may have given up waiting; that is not the shard's concern.
+        let _ = q.reply.try_send(engine.check(&q.fill.account, &q.fill));
+        false
+    });
+}
+
 const SPINS: u32 = 128;
 
 impl Wait {
@@ -123,6 +192,7 @@ pub enum Released {
 }
 
 pub struct Pipeline {
+    checker: Checker,
     inputs: Vec<rtrb::Producer<Input>>,
     outputs: Vec<rtrb::Consumer<Output>>,
     shared: Vec<Arc<Shared>>,
@@ -136,25 +206,35 @@ pub struct Pipeline {
     wait: Wait,
 }
 
-fn run_shard(
-    index: usize,
-    mut engine: Engine,
-    mut input: rtrb::Consumer<Input>,
-    mut output: rtrb::Producer<Output>,
+struct ShardIo {
+    input: rtrb::Consumer<Input>,
+    output: rtrb::Producer<Output>,
+    queries: mpsc::Receiver<Query>,
     shared: Arc<Shared>,
-    wait: Wait,
-) -> Engine {
+    sequenced: Arc<AtomicU64>,
+}
+
+fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engine {
+    let ShardIo { mut input, mut output, queries, shared, sequenced } = io;
     let mut triggers: Vec<Trigger> = Vec::new();
+    let mut waiting: Vec<Query> = Vec::new();
     let mut spins = 0;
+    let mut since_queries = 0u32;
     loop {
         let message = match input.pop() {
             Ok(m) => m,
             Err(_) => {
+                serve_queries(&engine, &queries, &mut waiting, &sequenced, Some(&|| input.is_empty()));
                 wait.idle(&mut spins, &shared, || input.is_empty());
                 continue;
             }
         };
         spins = 0;
+        since_queries += 1;
+        if since_queries >= 256 {
+            since_queries = 0;
+            serve_queries(&engine, &queries, &mut waiting, &sequenced, None);
+        }
         match message {
             Input::Stop => return engine,
             Input::Event(offset, event) => {
@@ -193,7 +273,13 @@ impl Pipeline {
     pub fn start(config: &PipelineConfig) -> std::io::Result<Self> {
         let n = config.shards.max(1);
         let cores = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let sequenced = Arc::new(AtomicU64::new(0));
         let mut p = Pipeline {
+            checker: Checker {
+                queries: Vec::with_capacity(n),
+                threads: Vec::with_capacity(n),
+                sequenced: Arc::clone(&sequenced),
+            },
             inputs: Vec::with_capacity(n),
             outputs: Vec::with_capacity(n),
             shared: Vec::with_capacity(n),
@@ -210,15 +296,25 @@ impl Pipeline {
             let shared = Arc::new(Shared { applied: AtomicU64::new(0), sleeping: AtomicBool::new(false) });
             let engine = Engine::new(&config.engine);
             let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
-            let (s, wait) = (Arc::clone(&shared), config.wait);
+            let (query_tx, query_rx) = mpsc::channel();
+            let io = ShardIo {
+                input: in_rx,
+                output: out_tx,
+                queries: query_rx,
+                shared: Arc::clone(&shared),
+                sequenced: Arc::clone(&sequenced),
+            };
+            let wait = config.wait;
             let handle = thread::Builder::new().name(format!("vigil-shard-{i}")).spawn(move || {
                 if let Some(core) = core {
                     // Pinning is best effort: where the OS refuses, the shard runs unpinned.
                     let _ = core_affinity::set_for_current(core);
                 }
-                run_shard(i, engine, in_rx, out_tx, s, wait)
+                run_shard(i, engine, io, wait)
             })?;
             p.threads.push(handle.thread().clone());
+            p.checker.queries.push(query_tx);
+            p.checker.threads.push(handle.thread().clone());
             p.handles.push(handle);
             p.inputs.push(in_tx);
             p.outputs.push(out_rx);
@@ -229,6 +325,11 @@ impl Pipeline {
 
     pub fn shard_count(&self) -> usize {
         self.inputs.len()
+    }
+
+    /// A handle for pre-trade checks, usable from other threads while the pipeline runs.
+    pub fn checker(&self) -> Checker {
+        self.checker.clone()
     }
 
     /// The last offset assigned.
@@ -273,6 +374,7 @@ impl Pipeline {
                 }
             }
         }
+        self.checker.sequenced.store(offset.0, Ordering::Release);
         offset
     }
 
@@ -280,6 +382,7 @@ impl Pipeline {
     pub fn reject(&mut self, rejection: Rejection) -> Offset {
         self.offset = Offset(self.offset.0 + 1);
         let offset = self.offset;
+        self.checker.sequenced.store(offset.0, Ordering::Release);
         self.pending.entry(offset).or_default().push(Output { offset, rejection: Some(rejection), triggers: vec![] });
         offset
     }
@@ -366,5 +469,48 @@ impl Pipeline {
         let end = self.offset;
         self.release(end, sink);
         engines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_model::{Amount, MarginMode, Price, Qty, Side, parse_line};
+
+    fn event(line: &str) -> Event {
+        parse_line(line).unwrap()
+    }
+
+    #[test]
+    fn checks_are_routed_and_read_their_writes() {
+        // Proves a check with min_offset sees the trade at that offset, and one naming another shard's offset
+        // is still answered.
+        let mut p = Pipeline::start(&PipelineConfig { shards: 4, ..PipelineConfig::default() }).unwrap();
+        let checker = p.checker();
+        p.submit(event(r#"{"type":"perp","symbol":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#));
+        p.submit(event(r#"{"type":"price","symbol":"ETH","price":"3000"}"#));
+        p.submit(event(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"1000"}"#));
+        let trade =
+            p.submit(event(r#"{"type":"trade","account":"a","symbol":"ETH","side":"buy","qty":"3","price":"3000"}"#));
+        let fill = Fill {
+            account: "a".into(),
+            symbol: "ETH".into(),
+            side: Side::Buy,
+            qty: Qty::units(1),
+            price: Price::units(3000),
+            fee: Amount::ZERO,
+            margin_mode: MarginMode::Cross,
+        };
+        let answer = checker.check(fill.clone(), trade).recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+        // After the trade IM is 900 of 1 000 equity: one more ETH (IM 1 200) is refused.
+        assert_eq!(answer.before.initial_margin, Amount::units(900));
+        assert!(!answer.allowed);
+        let name = (0..).map(|i| format!("other-{i}")).find(|n| shard_of(n, 4) != shard_of("a", 4)).unwrap();
+        let other = p.submit(event(&format!(r#"{{"type":"deposit","account":"{name}","asset":"USDC","amount":"1"}}"#)));
+        let later = checker.check(fill, other).recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(later.is_ok());
+        let mut released = 0;
+        p.finish(&mut |_| released += 1);
+        assert_eq!(released, 0);
     }
 }
