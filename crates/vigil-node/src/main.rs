@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use vigil_engine::{Config, Detection};
 use vigil_node::pipeline::Wait;
 use vigil_node::replay::{Progress, ReplayOptions, replay};
+use vigil_testkit::{Workload, write_workload};
 
 #[derive(Parser)]
 #[command(name = "vigil", version, about = "Vigil: an asynchronous margin engine for derivatives venues")]
@@ -37,10 +38,70 @@ enum Command {
         #[arg(long, default_value = "park")]
         wait: Wait,
     },
+    /// Writes a synthetic, seeded event stream (JSON Lines) for benches and demos.
+    Gen {
+        /// Output file (`-` for standard output).
+        #[arg(long, short, default_value = "-")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Perpetuals (options come on top).
+        #[arg(long, default_value_t = 8)]
+        instruments: usize,
+        #[arg(long, default_value_t = 4)]
+        options: usize,
+        /// Events after the setup.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Share of ticks in the mix, in parts.
+        #[arg(long, default_value_t = 80)]
+        ticks: u32,
+        /// Share of trades in the mix, in parts.
+        #[arg(long, default_value_t = 20)]
+        trades: u32,
+        /// Share of funding events in the mix, in parts.
+        #[arg(long, default_value_t = 0)]
+        funding: u32,
+        /// Percent of accounts opened close to maintenance margin.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+        near: u32,
+        /// Per-tick volatility of the price walk.
+        #[arg(long, default_value_t = 0.0005)]
+        volatility: f64,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Gen {
+            out,
+            seed,
+            accounts,
+            instruments,
+            options,
+            events,
+            ticks,
+            trades,
+            funding,
+            near,
+            volatility,
+        } => {
+            let w = Workload {
+                seed,
+                accounts,
+                instruments,
+                options,
+                events,
+                ticks,
+                trades,
+                funding,
+                near_percent: near,
+                volatility,
+            };
+            gen_command(out, w)
+        }
         Command::Replay { file, shards, quote, detection, wait } => {
             let options = ReplayOptions { shards: usize::from(shards), config: Config { quote, detection }, wait };
             let stdout = io::stdout();
@@ -67,6 +128,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn gen_command(out: PathBuf, w: Workload) -> anyhow::Result<()> {
+    let lines = if out.as_os_str() == "-" {
+        let mut o = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+        let n = write_workload(&w, &mut o).context("writing the workload")?;
+        o.flush().context("writing to standard output")?;
+        n
+    } else {
+        let f = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut o = BufWriter::with_capacity(1 << 16, f);
+        let n = write_workload(&w, &mut o).context("writing the workload")?;
+        o.flush().with_context(|| format!("writing {}", out.display()))?;
+        n
+    };
+    if io::stderr().is_terminal() {
+        eprintln!("gen: {lines} lines");
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
