@@ -1,6 +1,6 @@
 //! Fixtures shared by the benchmarks: a shard with a given number of accounts and positions.
 
-use vigil_engine::{Config, Engine};
+use vigil_engine::{Config, Detection, Engine};
 use vigil_model::{Amount, Event, Fill, MarginMode, Offset, Price, Qty, Side, TierSpec, Trigger};
 
 /// A shard under load: `accounts` accounts, each with a deposit and a position in one of `instruments` perps
@@ -24,6 +24,30 @@ fn tiers() -> Vec<TierSpec> {
 }
 
 impl Fixture {
+    /// `accounts` accounts all holding a long 10 in the one-tier perp `WIDE` (IM 10%, MM 5%) at 100; `near_percent`
+    /// of them with equity just above MM (52.6 against MM 50), the rest well collateralised (1 000).
+    pub fn holders(accounts: usize, near_percent: usize, detection: Detection) -> Self {
+        let mut f = Fixture {
+            engine: Engine::new(&Config { detection, ..Config::default() }),
+            offset: 0,
+            instruments: vec!["WIDE".into()],
+            accounts,
+            triggers: Vec::new(),
+        };
+        let r = |s: &str| vigil_model::Rate::parse(s).expect("constant");
+        let tiers = vec![TierSpec { max_notional: None, imr: r("0.1"), mmr: r("0.05") }];
+        f.apply(&Event::Perp { symbol: "WIDE".into(), underlying: None, tiers });
+        f.apply(&Event::Price { symbol: "WIDE".into(), price: Price::units(100) });
+        let near_every = if near_percent == 0 { usize::MAX } else { 100 / near_percent };
+        for a in 0..accounts {
+            let account = format!("acct-{a:07}");
+            let amount = if a % near_every == 0 { Amount(5_260_000_000) } else { Amount::units(1000) };
+            f.apply(&Event::Deposit { account: account.clone(), asset: "USDC".into(), amount });
+            f.apply(&Event::Trade(fill(&account, "WIDE", true, 10)));
+        }
+        f
+    }
+
     pub fn new(accounts: usize, instruments: usize, wide: bool) -> Self {
         let mut f = Fixture {
             engine: Engine::new(&Config::default()),

@@ -100,7 +100,7 @@ pub struct CheckOutcome {
 pub struct Engine {
     market: Market,
     accounts: Vec<Account>,
-    ids: HashMap<Box<str>, u32>,
+    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     /// Per price slot, the accounts whose figures depend on it.
     dependents: Vec<Vec<u32>>,
     /// Per price slot, the safe-band indexes (indexed detection).
@@ -167,7 +167,7 @@ impl Engine {
         Self {
             market: Market::new(&config.quote),
             accounts: Vec::new(),
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             dependents: vec![Vec::new()],
             index: vec![SlotIndex::default()],
             detection: config.detection,

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use vigil_model::event::OptionMargin;
 use vigil_model::{Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject};
 
@@ -47,7 +49,8 @@ pub enum Entry {
 
 #[derive(Clone, Debug)]
 pub struct Market {
-    names: HashMap<Box<str>, Slot>,
+    /// foldhash: several times faster than SipHash on short names, and randomly seeded against flooding.
+    names: HashMap<Box<str>, Slot, RandomState>,
     pub(crate) entries: Vec<(Box<str>, Entry)>,
     /// Mark price of an instrument or index price of an asset; `None` until the first `price` event.
     pub(crate) prices: Vec<Option<Price>>,
@@ -61,7 +64,7 @@ pub struct Declared {
 
 impl Market {
     pub fn new(quote: &str) -> Self {
-        let mut names = HashMap::new();
+        let mut names = HashMap::default();
         names.insert(Box::from(quote), QUOTE);
         Self { names, entries: vec![(Box::from(quote), Entry::Quote)], prices: vec![Some(Price::ONE)] }
     }

@@ -222,3 +222,26 @@ fn indexed_ticks_evaluate_only_accounts_near_their_threshold() {
     assert_eq!(rescan.0, 6 * 210);
     assert!(indexed.0 <= 6 * 10 + 20, "indexed evaluated {} accounts", indexed.0);
 }
+
+#[test]
+fn indexed_sees_an_episode_end_when_im_drops_at_a_tier_boundary() {
+    // Proves the IM watch of a unit in liquidation stops at its tier's lower bound: IM jumps down there, the
+    // episode ends, and the next breach fires a new trigger, exactly as a rescan finds.
+    use vigil_engine::Detection;
+    let mut fired = Vec::new();
+    for detection in [Detection::Rescan, Detection::Indexed] {
+        let mut t =
+            T { engine: Engine::new(&Config { detection, ..Config::default() }), offset: 0, triggers: Vec::new() };
+        t.ok(r#"{"type":"perp","symbol":"X","tiers":[{"max_notional":"10000","imr":"0.02","mmr":"0.01"},{"imr":"0.5","mmr":"0.25"}]}"#);
+        t.ok(r#"{"type":"price","symbol":"X","price":"12000"}"#);
+        t.ok(r#"{"type":"deposit","account":"s","asset":"USDC","amount":"500"}"#);
+        // Short 1 at 12 000: equity 500 < MM 600 → liquidate at the trade.
+        let mut all = t.ok(r#"{"type":"trade","account":"s","symbol":"X","side":"sell","qty":"1","price":"12000"}"#);
+        all.extend(t.price("X", "11000")); // equity 1 500 < IM 5 500: still in the episode
+        all.extend(t.price("X", "9999")); // tier 1: IM 199.98 ≤ equity 2 501: the episode ends
+        all.extend(t.price("X", "12100")); // equity 400 < MM 625: a new episode
+        fired.push(all);
+    }
+    assert_eq!(fired[0].len(), 2, "{:?}", fired[0]);
+    assert_eq!(fired[0], fired[1]);
+}

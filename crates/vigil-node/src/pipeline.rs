@@ -204,7 +204,14 @@ pub struct Pipeline {
     /// Outputs received, not yet released, by offset.
     pending: BTreeMap<Offset, Vec<Output>>,
     wait: Wait,
+    /// Shards given work since the last `publish`.
+    unwoken: Vec<bool>,
+    unwoken_count: usize,
+    since_publish: u32,
 }
+
+/// Events between two wake-ups of the shards by `submit`.
+const WAKE_BATCH: u32 = 64;
 
 struct ShardIo {
     input: rtrb::Consumer<Input>,
@@ -289,6 +296,9 @@ impl Pipeline {
             offset: Offset(0),
             pending: BTreeMap::new(),
             wait: config.wait,
+            unwoken: vec![false; n],
+            unwoken_count: 0,
+            since_publish: 0,
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
@@ -354,7 +364,26 @@ impl Pipeline {
                 }
             }
         }
-        wake(self.wait, &self.shared[shard], &self.threads[shard]);
+        if !self.unwoken[shard] {
+            self.unwoken[shard] = true;
+            self.unwoken_count += 1;
+        }
+    }
+
+    /// Wakes the shards that were given work since the last call. `submit` calls it every `WAKE_BATCH` events
+    /// (a wake costs a full fence); callers that pause between events call it before they pause.
+    pub fn publish(&mut self) {
+        if self.unwoken_count == 0 {
+            return;
+        }
+        for shard in 0..self.unwoken.len() {
+            if self.unwoken[shard] {
+                self.unwoken[shard] = false;
+                wake(self.wait, &self.shared[shard], &self.threads[shard]);
+            }
+        }
+        self.unwoken_count = 0;
+        self.since_publish = 0;
     }
 
     /// Sequences an event: assigns the next offset and routes it. Blocks (draining outputs) while rings are full.
@@ -375,6 +404,10 @@ impl Pipeline {
             }
         }
         self.checker.sequenced.store(offset.0, Ordering::Release);
+        self.since_publish += 1;
+        if self.since_publish >= WAKE_BATCH {
+            self.publish();
+        }
         offset
     }
 
@@ -408,6 +441,7 @@ impl Pipeline {
 
     /// Releases every output up to the watermark, in the contract's order.
     pub fn drain(&mut self, sink: &mut impl FnMut(Released)) {
+        self.publish();
         // Watermark first, then collect: every output at or below it is already in its ring.
         let watermark = self.watermark();
         self.collect();
@@ -436,8 +470,22 @@ impl Pipeline {
         }
     }
 
+    /// Waits until every shard has applied everything sequenced so far, releasing all outputs.
+    pub fn flush(&mut self, sink: &mut impl FnMut(Released)) {
+        loop {
+            self.drain(sink);
+            if self.pending.is_empty() && self.watermark() == self.offset {
+                // Outputs of offsets up to the watermark were collected by `drain` before this check.
+                self.drain(sink);
+                return;
+            }
+            thread::yield_now();
+        }
+    }
+
     /// Stops the shards after they applied everything, releases the remaining outputs, and returns the engines.
     pub fn finish(mut self, sink: &mut impl FnMut(Released)) -> Vec<Engine> {
+        self.publish();
         for shard in 0..self.inputs.len() {
             let mut message = Input::Stop;
             loop {
