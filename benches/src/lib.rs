@@ -38,7 +38,7 @@ impl Fixture {
         let tiers = vec![TierSpec { max_notional: None, imr: r("0.1"), mmr: r("0.05") }];
         f.apply(&Event::Perp { symbol: "WIDE".into(), underlying: None, tiers });
         f.apply(&Event::Price { symbol: "WIDE".into(), price: Price::units(100) });
-        let near_every = if near_percent == 0 { usize::MAX } else { 100 / near_percent };
+        let near_every = 100usize.checked_div(near_percent).unwrap_or(usize::MAX);
         for a in 0..accounts {
             let account = format!("acct-{a:07}");
             let amount = if a % near_every == 0 { Amount(5_260_000_000) } else { Amount::units(1000) };
