@@ -17,7 +17,8 @@ fn tick(c: &mut Criterion) {
     let mut group = c.benchmark_group("tick_1pct_near");
     group.sample_size(10);
     for accounts in [100_000usize, 1_000_000] {
-        for (path, low, high) in [("hold", 9_950_000_000i64, 10_000_000_000i64), ("flip", 9_950_000_000, 10_550_000_000)]
+        for (path, low, high) in
+            [("hold", 9_950_000_000i64, 10_000_000_000i64), ("flip", 9_950_000_000, 10_550_000_000)]
         {
             for detection in [Detection::Indexed, Detection::Rescan] {
                 let mut f = Fixture::holders(accounts, 1, detection);

@@ -126,6 +126,15 @@ struct FillPlan {
     quote: Amount,
 }
 
+/// Pushes growing the capacity by one: an account's lists hold a handful of entries, and the default doubling
+/// (from 4) would triple the memory of a million one-position accounts.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(1);
+    }
+    v.push(item);
+}
+
 fn out_of_range(what: &str) -> Rejection {
     reject(Reason::InvalidNumber, format!("{what} would leave the representable range"))
 }
@@ -136,7 +145,7 @@ fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
         return;
     }
     let list = &mut dependents[slot as usize];
-    acc.deps.push(Dep { slot, refs: 1, index: list.len() as u32, band: Band::default() });
+    push_exact(&mut acc.deps, Dep { slot, refs: 1, index: list.len() as u32, band: Band::default() });
     list.push(a);
 }
 
@@ -391,7 +400,7 @@ impl Engine {
             Some(i) => acc.balances[i].1 = amount,
             None if amount.0 == 0 => {}
             None => {
-                acc.balances.push((asset, amount));
+                push_exact(&mut acc.balances, (asset, amount));
                 add_dep(&mut self.dependents, acc, a, asset);
             }
         }
@@ -399,7 +408,7 @@ impl Engine {
 
     fn add_position(&mut self, a: u32, slot: Slot, mode: MarginMode) -> usize {
         let acc = &mut self.accounts[a as usize];
-        acc.positions.push(Position::new(slot, mode));
+        push_exact(&mut acc.positions, Position::new(slot, mode));
         add_dep(&mut self.dependents, acc, a, slot);
         if let Some(u) = underlying_of(&self.market, slot) {
             add_dep(&mut self.dependents, acc, a, u);
