@@ -1,4 +1,6 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
+pub mod handoff;
 pub mod pipeline;
 pub mod replay;
+pub mod sync;

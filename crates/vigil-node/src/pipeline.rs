@@ -16,12 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use vigil_engine::{CheckOutcome, Config, Engine};
+
+use crate::handoff::Parker;
 use vigil_model::{Event, Fill, Offset, Rejection, RejectionRecord, Trigger, shard_of};
 
 /// How an idle thread waits for work.
@@ -80,7 +82,7 @@ struct Output {
 /// State a shard shares with the sequencer.
 struct Shared {
     applied: AtomicU64,
-    sleeping: AtomicBool,
+    parker: Parker,
 }
 
 /// The answer to a routed pre-trade check.
@@ -162,15 +164,9 @@ impl Wait {
             _ if *spins < SPINS => std::hint::spin_loop(),
             Wait::SpinYield => thread::yield_now(),
             Wait::Park => {
-                // Announce, then re-check: a producer that pushed before seeing `sleeping` is seen here, and one
-                // that pushes after sees `sleeping` and unparks (both sides fence, so neither read is stale).
-                shared.sleeping.store(true, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
-                if empty() {
-                    // The timeout bounds the cost of any wake-up this reasoning might have missed.
-                    thread::park_timeout(Duration::from_millis(5));
-                }
-                shared.sleeping.store(false, Ordering::SeqCst);
+                // The protocol is model-checked (`handoff`); the timeout only bounds how long a shard sleeps
+                // when nothing wakes it (a check arriving through another path, say).
+                shared.parker.sleep_unless(|| !empty(), || thread::park_timeout(Duration::from_millis(5)));
             }
         }
     }
@@ -178,10 +174,7 @@ impl Wait {
 
 fn wake(wait: Wait, shared: &Shared, thread: &Thread) {
     if wait == Wait::Park {
-        fence(Ordering::SeqCst);
-        if shared.sleeping.load(Ordering::SeqCst) {
-            thread.unpark();
-        }
+        shared.parker.wake(|| thread.unpark());
     }
 }
 
@@ -303,7 +296,7 @@ impl Pipeline {
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
             let (out_tx, out_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
-            let shared = Arc::new(Shared { applied: AtomicU64::new(0), sleeping: AtomicBool::new(false) });
+            let shared = Arc::new(Shared { applied: AtomicU64::new(0), parker: Parker::new() });
             let engine = Engine::new(&config.engine);
             let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
             let (query_tx, query_rx) = mpsc::channel();
