@@ -30,14 +30,16 @@ fn throughput(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(20))
         .throughput(Throughput::Elements(stream.len() as u64));
-    for shards in [1usize, 2] {
+    for (shards, pin) in [(1usize, true), (2, true), (1, false), (2, false)] {
         let config = PipelineConfig {
             engine: Config { detection: Detection::Indexed, ..Config::default() },
             shards,
             wait: Wait::Park,
+            pin,
             ..PipelineConfig::default()
         };
-        group.bench_function(format!("{shards}_shards"), |b| {
+        let name = format!("{shards}_shards{}", if pin { "" } else { "_unpinned" });
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
