@@ -131,18 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn gen_command(out: PathBuf, w: Workload) -> anyhow::Result<()> {
-    let lines = if out.as_os_str() == "-" {
-        let mut o = BufWriter::with_capacity(1 << 16, io::stdout().lock());
-        let n = write_workload(&w, &mut o).context("writing the workload")?;
-        o.flush().context("writing to standard output")?;
-        n
+    let sink: Box<dyn Write> = if out.as_os_str() == "-" {
+        Box::new(io::stdout().lock())
     } else {
-        let f = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        let mut o = BufWriter::with_capacity(1 << 16, f);
-        let n = write_workload(&w, &mut o).context("writing the workload")?;
-        o.flush().with_context(|| format!("writing {}", out.display()))?;
-        n
+        Box::new(File::create(&out).with_context(|| format!("creating {}", out.display()))?)
     };
+    let mut o = BufWriter::with_capacity(1 << 16, sink);
+    let lines = write_workload(&w, &mut o).context("writing the workload")?;
+    o.flush().with_context(|| format!("writing {}", out.display()))?;
     if io::stderr().is_terminal() {
         eprintln!("gen: {lines} lines");
     }

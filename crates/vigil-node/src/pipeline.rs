@@ -480,19 +480,9 @@ impl Pipeline {
     pub fn finish(mut self, sink: &mut impl FnMut(Released)) -> Vec<Engine> {
         self.publish();
         for shard in 0..self.inputs.len() {
-            let mut message = Input::Stop;
-            loop {
-                match self.inputs[shard].push(message) {
-                    Ok(()) => break,
-                    Err(rtrb::PushError::Full(back)) => {
-                        message = back;
-                        self.collect();
-                        thread::yield_now();
-                    }
-                }
-            }
-            wake(Wait::Park, &self.shared[shard], &self.threads[shard]);
+            self.push(shard, Input::Stop);
         }
+        self.publish();
         let mut engines = Vec::with_capacity(self.handles.len());
         let handles = std::mem::take(&mut self.handles);
         for handle in handles {
