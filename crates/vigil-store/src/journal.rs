@@ -1,0 +1,628 @@
+//! The event journal: append-only segment files of checksummed records, group commit, and recovery.
+//!
+//! Record: `len: u32 | crc32c: u32 | offset: u64 | payload[len]`, little endian; the CRC covers the offset and the
+//! payload. Offsets are gapless across segments. A segment is named by the offset of its first record
+//! (`00000000000000000001.log`) and holds at most `segment_bytes_max` bytes.
+//!
+//! Group commit: `append` only buffers; `commit` writes everything buffered, `fdatasync`s, and only then advances
+//! the durable offset. A failed write or sync **poisons** the journal: every later call fails, nothing more is
+//! acknowledged, and the caller must exit (after a failed fsync the page cache may no longer hold what the disk
+//! lost; retrying would acknowledge data that is gone, the PostgreSQL "fsyncgate" lesson).
+//!
+//! Recovery: every segment is read and every record checked. A bad record in the last segment is a torn tail if
+//! no valid record follows it: the tail is truncated (and synced). Anything else (a bad record followed by a valid
+//! one, a bad record in an earlier segment, a gap between segments) is corruption in the middle: `open` refuses,
+//! naming the segment and the byte position.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use vigil_model::Offset;
+
+/// Bytes of a record header.
+pub const HEADER_BYTES: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// A segment is closed when the next record would take it past this size.
+    pub segment_bytes_max: u64,
+    /// Largest payload accepted.
+    pub record_bytes_max: u32,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self { segment_bytes_max: 64 << 20, record_bytes_max: 1 << 20 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "journal corrupt in {segment} at byte {position}: {reason}; refusing to start (this is not a torn tail: \
+         valid data follows, or the segment is not the last)"
+    )]
+    Corrupt { segment: PathBuf, position: u64, reason: String },
+    #[error("the journal is poisoned by an earlier I/O failure; nothing more can be made durable")]
+    Poisoned,
+    #[error("append of offset {got}, expected {expected}: offsets are gapless")]
+    OffsetGap { expected: u64, got: u64 },
+    #[error("record of {0} bytes exceeds the limit")]
+    RecordTooLarge(usize),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> JournalError {
+    let context = context.into();
+    move |source| JournalError::Io { context, source }
+}
+
+/// The durability seam: how data and directories are synced. Tests inject failures through it.
+pub trait Syncer: Send {
+    fn sync_data(&mut self, file: &File) -> io::Result<()>;
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real thing: `fdatasync` on files, `fsync` on the directory.
+#[derive(Debug, Default)]
+pub struct OsSyncer;
+
+impl Syncer for OsSyncer {
+    fn sync_data(&mut self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// What `open` found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The last offset in the journal (0 if empty): everything up to it is durable.
+    pub durable: Offset,
+    /// Bytes cut from a torn tail.
+    pub truncated_bytes: u64,
+    pub segments: usize,
+}
+
+/// One segment on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub path: PathBuf,
+    pub first: Offset,
+    /// Last offset in it (`first − 1` when empty).
+    pub last: Offset,
+    pub bytes: u64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    config: JournalConfig,
+    syncer: Box<dyn Syncer>,
+    segments: Vec<SegmentInfo>,
+    file: File,
+    buffer: Vec<u8>,
+    /// Offset of the last record appended (buffered or written).
+    appended: u64,
+    durable: Offset,
+    poisoned: bool,
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.log")
+}
+
+fn crc(offset: u64, payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&offset.to_le_bytes()), payload)
+}
+
+/// Encodes one record into `out`.
+pub fn encode_record(offset: u64, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc(offset, payload).to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A record parsed at a position, or why not.
+enum Parsed<'a> {
+    Record { offset: u64, payload: &'a [u8], next: usize },
+    Bad(String),
+}
+
+fn parse_at(bytes: &[u8], pos: usize, record_bytes_max: u32) -> Parsed<'_> {
+    let Some(header) = bytes.get(pos..pos + HEADER_BYTES) else {
+        return Parsed::Bad(format!("short header ({} bytes)", bytes.len() - pos));
+    };
+    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let len = word(0);
+    let stored_crc = word(4);
+    let mut off = [0u8; 8];
+    off.copy_from_slice(&header[8..16]);
+    let offset = u64::from_le_bytes(off);
+    if len == 0 || len > record_bytes_max {
+        return Parsed::Bad(format!("implausible length {len}"));
+    }
+    let end = pos + HEADER_BYTES + len as usize;
+    let Some(payload) = bytes.get(pos + HEADER_BYTES..end) else {
+        return Parsed::Bad(format!(
+            "short record: {len} bytes announced, {} present",
+            bytes.len() - pos - HEADER_BYTES
+        ));
+    };
+    if crc(offset, payload) != stored_crc {
+        return Parsed::Bad("checksum mismatch".into());
+    }
+    Parsed::Record { offset, payload, next: end }
+}
+
+/// Whether any valid record starts after `from` (a torn tail has none).
+fn valid_record_after(bytes: &[u8], from: usize, record_bytes_max: u32) -> bool {
+    (from + 1..bytes.len().saturating_sub(HEADER_BYTES - 1))
+        .any(|p| matches!(parse_at(bytes, p, record_bytes_max), Parsed::Record { .. }))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))? {
+        let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
+        if let Ok(first) = stem.parse::<u64>() {
+            out.push((first, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads and checks every record of the journal in `dir`, calling `visit` for each at or after `from`.
+/// The same checks as recovery, without repairing anything: a torn tail is reported as `Corrupt` too.
+pub fn read(
+    dir: &Path,
+    config: &JournalConfig,
+    from: Offset,
+    mut visit: impl FnMut(Offset, &[u8]) -> Result<(), JournalError>,
+) -> Result<Offset, JournalError> {
+    let mut expected = None::<u64>;
+    let mut last = 0;
+    for (first, path) in list_segments(dir)? {
+        let bytes = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let mut pos = 0;
+        if expected.is_some_and(|e| e != first) || (expected.is_none() && first == 0) {
+            return Err(JournalError::Corrupt { segment: path, position: 0, reason: "gap between segments".into() });
+        }
+        let mut next = first;
+        while pos < bytes.len() {
+            match parse_at(&bytes, pos, config.record_bytes_max) {
+                Parsed::Record { offset, payload, next: end } if offset == next => {
+                    if offset >= from.0 {
+                        visit(Offset(offset), payload)?;
+                    }
+                    last = offset;
+                    next += 1;
+                    pos = end;
+                }
+                Parsed::Record { offset, .. } => {
+                    let reason = format!("offset {offset} where {next} was expected");
+                    return Err(JournalError::Corrupt { segment: path, position: pos as u64, reason });
+                }
+                Parsed::Bad(reason) => {
+                    return Err(JournalError::Corrupt { segment: path, position: pos as u64, reason });
+                }
+            }
+        }
+        expected = Some(next);
+    }
+    Ok(Offset(last))
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `dir`, recovering a torn tail; refuses corruption in the middle.
+    pub fn open(
+        dir: &Path,
+        config: JournalConfig,
+        mut syncer: Box<dyn Syncer>,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let listed = list_segments(dir)?;
+        let mut segments = Vec::with_capacity(listed.len().max(1));
+        let mut truncated_bytes = 0;
+        let mut next: Option<u64> = None;
+        let count = listed.len();
+        for (i, (first, path)) in listed.into_iter().enumerate() {
+            let is_last = i + 1 == count;
+            if next.is_some_and(|n| n != first) || first == 0 {
+                let reason = format!("segment starts at offset {first}, expected {}", next.unwrap_or(1));
+                return Err(JournalError::Corrupt { segment: path, position: 0, reason });
+            }
+            let bytes = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+            let mut pos = 0usize;
+            let mut expect = first;
+            while pos < bytes.len() {
+                let bad = match parse_at(&bytes, pos, config.record_bytes_max) {
+                    Parsed::Record { offset, next: end, .. } if offset == expect => {
+                        expect += 1;
+                        pos = end;
+                        continue;
+                    }
+                    Parsed::Record { offset, .. } => format!("offset {offset} where {expect} was expected"),
+                    Parsed::Bad(reason) => reason,
+                };
+                if !is_last || valid_record_after(&bytes, pos, config.record_bytes_max) {
+                    return Err(JournalError::Corrupt { segment: path, position: pos as u64, reason: bad });
+                }
+                // A torn tail: cut it, and make the cut durable before anything is appended after it.
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(format!("opening {}", path.display())))?;
+                file.set_len(pos as u64).map_err(io_err(format!("truncating {}", path.display())))?;
+                syncer.sync_data(&file).map_err(io_err(format!("syncing {}", path.display())))?;
+                truncated_bytes = (bytes.len() - pos) as u64;
+                break;
+            }
+            next = Some(expect);
+            segments.push(SegmentInfo { path, first: Offset(first), last: Offset(expect - 1), bytes: pos as u64 });
+        }
+        let appended = next.map_or(0, |n| n - 1);
+        let file = match segments.last() {
+            Some(s) => OpenOptions::new()
+                .append(true)
+                .open(&s.path)
+                .map_err(io_err(format!("opening {}", s.path.display())))?,
+            None => {
+                let (file, info) = Self::create_segment(dir, 1, syncer.as_mut())?;
+                segments.push(info);
+                file
+            }
+        };
+        let recovered = Recovered { durable: Offset(appended), truncated_bytes, segments: segments.len() };
+        let journal = Journal {
+            dir: dir.to_owned(),
+            config,
+            syncer,
+            segments,
+            file,
+            buffer: Vec::with_capacity(1 << 20),
+            appended,
+            durable: Offset(appended),
+            poisoned: false,
+        };
+        Ok((journal, recovered))
+    }
+
+    fn create_segment(dir: &Path, first: u64, syncer: &mut dyn Syncer) -> Result<(File, SegmentInfo), JournalError> {
+        let path = dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        // The new name must survive a crash as well as its contents.
+        syncer.sync_dir(dir).map_err(io_err(format!("syncing directory {}", dir.display())))?;
+        Ok((file, SegmentInfo { path, first: Offset(first), last: Offset(first - 1), bytes: 0 }))
+    }
+
+    /// The last durable offset.
+    pub fn durable(&self) -> Offset {
+        self.durable
+    }
+
+    /// The last offset appended (durable or not).
+    pub fn appended(&self) -> Offset {
+        Offset(self.appended)
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    pub fn segments(&self) -> &[SegmentInfo] {
+        &self.segments
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Buffers a record. Offsets must follow each other with no gap. Nothing is durable until `commit`.
+    pub fn append(&mut self, offset: Offset, payload: &[u8]) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        if offset.0 != self.appended + 1 {
+            return Err(JournalError::OffsetGap { expected: self.appended + 1, got: offset.0 });
+        }
+        if payload.is_empty() || payload.len() > self.config.record_bytes_max as usize {
+            return Err(JournalError::RecordTooLarge(payload.len()));
+        }
+        let record_bytes = (HEADER_BYTES + payload.len()) as u64;
+        let current = self.segments.last().map_or(0, |s| s.bytes) + self.buffer.len() as u64;
+        if current > 0 && current + record_bytes > self.config.segment_bytes_max {
+            self.roll()?;
+        }
+        encode_record(offset.0, payload, &mut self.buffer);
+        self.appended = offset.0;
+        Ok(())
+    }
+
+    /// Closes the current segment (writing and syncing what is buffered for it) and starts the next one.
+    fn roll(&mut self) -> Result<(), JournalError> {
+        self.write_buffer()?;
+        self.sync()?;
+        let first = self.appended + 1;
+        match Self::create_segment(&self.dir, first, self.syncer.as_mut()) {
+            Ok((file, info)) => {
+                self.file = file;
+                self.segments.push(info);
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn write_buffer(&mut self) -> Result<(), JournalError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all(&self.buffer) {
+            self.poisoned = true;
+            return Err(io_err("writing the journal")(e));
+        }
+        if let Some(s) = self.segments.last_mut() {
+            s.bytes += self.buffer.len() as u64;
+        }
+        self.buffer.clear();
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), JournalError> {
+        if let Err(e) = self.syncer.sync_data(&self.file) {
+            // Never retried: see the module documentation.
+            self.poisoned = true;
+            return Err(io_err("fdatasync of the journal")(e));
+        }
+        if let Some(s) = self.segments.last_mut() {
+            s.last = Offset(self.appended);
+        }
+        self.durable = Offset(self.appended);
+        Ok(())
+    }
+
+    /// Group commit: writes everything buffered, syncs once, and returns the new durable offset.
+    pub fn commit(&mut self) -> Result<Offset, JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        if self.appended == self.durable.0 {
+            return Ok(self.durable);
+        }
+        self.write_buffer()?;
+        self.sync()?;
+        Ok(self.durable)
+    }
+
+    /// Deletes the segments whose records are all below `offset` (the oldest durable checkpoint). The segment
+    /// being written is never deleted.
+    pub fn delete_before(&mut self, offset: Offset) -> Result<usize, JournalError> {
+        let mut deleted = 0;
+        while self.segments.len() > 1 && self.segments[0].last < offset && self.segments[1].first <= offset {
+            let s = self.segments.remove(0);
+            fs::remove_file(&s.path).map_err(io_err(format!("deleting {}", s.path.display())))?;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            self.syncer.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// Reads a whole file (helper for tools and tests).
+pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    File::open(path)?.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn open(dir: &Path, segment_bytes_max: u64) -> Result<(Journal, Recovered), JournalError> {
+        Journal::open(dir, JournalConfig { segment_bytes_max, ..JournalConfig::default() }, Box::new(OsSyncer))
+    }
+
+    fn payload(i: u64) -> Vec<u8> {
+        format!("event-{i}-{}", "x".repeat((i % 40) as usize)).into_bytes()
+    }
+
+    fn fill(j: &mut Journal, from: u64, to: u64) {
+        for i in from..=to {
+            j.append(Offset(i), &payload(i)).unwrap();
+            if i % 7 == 0 {
+                j.commit().unwrap();
+            }
+        }
+        j.commit().unwrap();
+    }
+
+    fn all(dir: &Path) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        read(dir, &JournalConfig::default(), Offset(1), |o, p| {
+            out.push((o.0, p.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn appends_commit_and_reopen_across_segments() {
+        // Proves records survive reopening, offsets stay gapless across segment rolls, and durable follows commit.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, r) = open(dir.path(), 1024).unwrap();
+        assert_eq!(r.durable, Offset(0));
+        j.append(Offset(1), b"a").unwrap();
+        assert_eq!(j.durable(), Offset(0));
+        assert_eq!(j.commit().unwrap(), Offset(1));
+        fill(&mut j, 2, 500);
+        assert!(j.segments().len() > 5, "{} segments", j.segments().len());
+        assert!(matches!(j.append(Offset(502), b"x"), Err(JournalError::OffsetGap { expected: 501, got: 502 })));
+        drop(j);
+        let (j, r) = open(dir.path(), 1024).unwrap();
+        assert_eq!((r.durable, r.truncated_bytes), (Offset(500), 0));
+        assert_eq!(j.appended(), Offset(500));
+        let records = all(dir.path());
+        assert_eq!(records.len(), 500);
+        assert!(records.iter().enumerate().all(|(i, (o, p))| *o == i as u64 + 1 && (i == 0 || *p == payload(*o))));
+    }
+
+    #[test]
+    fn torn_tails_at_every_byte_recover_to_the_last_whole_record() {
+        // Proves cutting the last segment at any byte recovers exactly the records wholly before the cut.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 1 << 20).unwrap();
+        fill(&mut j, 1, 40);
+        let path = j.segments()[0].path.clone();
+        drop(j);
+        let full = read_file(&path).unwrap();
+        // Record boundaries, to know what each cut must leave.
+        let mut ends = vec![0usize];
+        let mut pos = 0;
+        while let Parsed::Record { next, .. } = parse_at(&full, pos, 1 << 20) {
+            ends.push(next);
+            pos = next;
+            if pos == full.len() {
+                break;
+            }
+        }
+        for cut in (0..full.len()).step_by(3) {
+            fs::write(&path, &full[..cut]).unwrap();
+            let (j, r) = open(dir.path(), 1 << 20).unwrap();
+            let whole = ends.iter().filter(|e| **e <= cut).count() as u64 - 1;
+            assert_eq!(r.durable, Offset(whole), "cut at {cut}");
+            assert_eq!(j.appended(), Offset(whole));
+            drop(j);
+            assert_eq!(all(dir.path()).len() as u64, whole);
+        }
+    }
+
+    #[test]
+    fn garbage_appended_after_the_tail_is_truncated() {
+        // Proves zeros or random bytes after the last record (a torn batch) are cut and appending resumes.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 1 << 20).unwrap();
+        fill(&mut j, 1, 10);
+        let path = j.segments()[0].path.clone();
+        drop(j);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0u8; 100]).unwrap();
+        f.write_all(&[0xAB; 37]).unwrap();
+        drop(f);
+        let (mut j, r) = open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((r.durable, r.truncated_bytes), (Offset(10), 137));
+        fill(&mut j, 11, 20);
+        drop(j);
+        assert_eq!(all(dir.path()).len(), 20);
+    }
+
+    #[test]
+    fn a_flipped_bit_in_the_middle_refuses_to_start() {
+        // Proves corruption followed by valid records is refused with the segment and byte position, in the last
+        // segment and in an earlier one.
+        for segment_bytes_max in [1 << 20, 2048] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = open(dir.path(), segment_bytes_max).unwrap();
+            fill(&mut j, 1, 200);
+            let target = j.segments()[0].path.clone();
+            drop(j);
+            let mut bytes = read_file(&target).unwrap();
+            let at = bytes.len() / 3;
+            bytes[at] ^= 0x10;
+            fs::write(&target, &bytes).unwrap();
+            match open(dir.path(), segment_bytes_max) {
+                Err(JournalError::Corrupt { segment, position, .. }) => {
+                    assert_eq!(segment, target);
+                    assert!(position <= at as u64);
+                    let msg = format!("{}", JournalError::Corrupt { segment, position, reason: "x".into() });
+                    assert!(msg.contains("refusing to start"));
+                }
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => panic!("opened a corrupt journal ({segment_bytes_max})"),
+            }
+        }
+    }
+
+    struct FailingSyncer {
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Syncer for FailingSyncer {
+        fn sync_data(&mut self, file: &File) -> io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            file.sync_data()
+        }
+        fn sync_dir(&mut self, _: &Path) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_fsync_poisons_the_journal() {
+        // Proves a failed fsync acknowledges nothing, and every later append and commit fails (never retried).
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let syncer = Box::new(FailingSyncer { fail: Arc::clone(&fail) });
+        let (mut j, _) = Journal::open(dir.path(), JournalConfig::default(), syncer).unwrap();
+        fill(&mut j, 1, 5);
+        j.append(Offset(6), b"six").unwrap();
+        fail.store(true, Ordering::SeqCst);
+        assert!(matches!(j.commit(), Err(JournalError::Io { .. })));
+        assert_eq!(j.durable(), Offset(5));
+        assert!(j.is_poisoned());
+        fail.store(false, Ordering::SeqCst);
+        assert!(matches!(j.commit(), Err(JournalError::Poisoned)));
+        assert!(matches!(j.append(Offset(7), b"seven"), Err(JournalError::Poisoned)));
+        assert_eq!(j.durable(), Offset(5));
+    }
+
+    #[test]
+    fn segments_behind_a_checkpoint_are_deleted() {
+        // Proves only whole segments below the offset go, never the one being written, and reading still works
+        // from the first remaining record.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = open(dir.path(), 1024).unwrap();
+        fill(&mut j, 1, 300);
+        let before = j.segments().len();
+        let keep_from = j.segments()[3].first;
+        let deleted = j.delete_before(keep_from).unwrap();
+        assert_eq!(deleted, 3);
+        assert_eq!(j.segments().len(), before - 3);
+        drop(j);
+        let mut n = 0;
+        read(dir.path(), &JournalConfig::default(), keep_from, |_, _| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 300 - keep_from.0 + 1);
+        let (j, _) = open(dir.path(), 1024).unwrap();
+        assert_eq!(j.appended(), Offset(300));
+    }
+}
