@@ -154,6 +154,7 @@ fn serve_queries(
 }
 
 const SPINS: u32 = 128;
+const YIELDS: u32 = 64;
 
 impl Wait {
     /// One idle round of a consumer whose queue was empty; `empty` re-checks it after announcing sleep.
@@ -163,6 +164,9 @@ impl Wait {
             Wait::Spin => std::hint::spin_loop(),
             _ if *spins < SPINS => std::hint::spin_loop(),
             Wait::SpinYield => thread::yield_now(),
+            // Yield a while before parking: on a machine with fewer cores than busy threads, this hands the core
+            // to the sequencer instead of paying a park/unpark round trip per batch.
+            Wait::Park if *spins < SPINS + YIELDS => thread::yield_now(),
             Wait::Park => {
                 // The protocol is model-checked (`handoff`); the timeout only bounds how long a shard sleeps
                 // when nothing wakes it (a check arriving through another path, say).
