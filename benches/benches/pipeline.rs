@@ -2,6 +2,10 @@
 //! 20% trades (10 000 accounts, 8 perps, 1% near maintenance margin). Events are parsed before timing: this
 //! measures sequencing, routing over the rings, the shards' work and the output merge.
 
+// The allocator the `vigil` binary uses (events cross threads: see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -12,6 +12,11 @@ use vigil_node::pipeline::Wait;
 use vigil_node::replay::{Progress, ReplayOptions, replay};
 use vigil_testkit::{Workload, write_workload};
 
+// Events are allocated on the sequencer's thread and freed on the shards': glibc's allocator serialises that
+// through arena locks and cost the pipeline about half its throughput (docs/performance.md); mimalloc does not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "vigil", version, about = "Vigil: an asynchronous margin engine for derivatives venues")]
 struct Cli {
