@@ -7,11 +7,13 @@ use vigil_model::{
     AccountView, Amount, MarginMode, Offset, PositionFigures, PositionView, Qty, Trigger, TriggerKind, UnitFigures,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::band::Band;
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A liquidation episode of one margin unit (`margin-model.md`, "Liquidation episodes and triggers").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Episode {
     pub active: bool,
     pub bankrupt: bool,
@@ -41,7 +43,7 @@ impl Episode {
 }
 
 /// A position in one instrument, or a pre-funded isolated wallet (`qty == 0`, isolated).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Position {
     pub slot: Slot,
     pub qty: Qty,
@@ -50,7 +52,8 @@ pub struct Position {
     pub mode: MarginMode,
     /// The isolated wallet (zero for cross positions).
     pub wallet: Amount,
-    /// Figures at the last evaluation.
+    /// Figures at the last evaluation (a cache: not persisted).
+    #[serde(skip)]
     pub figures: PositionFigures,
     /// The isolated unit's episode (unused for cross positions).
     pub episode: Episode,
@@ -93,16 +96,23 @@ pub struct Dep {
     pub band: Band,
 }
 
-#[derive(Clone, Debug)]
+/// One account: its persistent state (id, balances, positions, episodes) and caches rebuilt on restore.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Account {
     pub id: Box<str>,
     /// Balances per asset slot; the quote is always entry 0, other entries only while non-zero.
     pub balances: Vec<(Slot, Amount)>,
     pub positions: Vec<Position>,
+    /// Price dependencies and their bands (derived: rebuilt on restore).
+    #[serde(skip)]
     pub deps: Vec<Dep>,
-    /// Cross figures at the last evaluation.
+    /// Cross figures at the last evaluation (a cache).
+    #[serde(skip)]
     pub cross: UnitFigures,
     pub episode: Episode,
+    /// Changed since the last checkpoint delta.
+    #[serde(skip)]
+    pub dirty: bool,
 }
 
 impl Account {
@@ -114,6 +124,7 @@ impl Account {
             deps: Vec::new(),
             cross: UnitFigures::default(),
             episode: Episode::default(),
+            dirty: false,
         }
     }
 

@@ -111,6 +111,17 @@ pub struct Engine {
     popped: Vec<u32>,
     /// Exact account evaluations so far (the cost detection pays).
     evaluations: u64,
+    /// Accounts changed since the last `take_delta`.
+    dirty: Vec<u32>,
+}
+
+/// A checkpoint delta of one shard: the market (small, whole) and the accounts changed since the previous delta,
+/// as of `offset`. Applying the deltas in order to an empty store gives the shard's state at the last offset.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Delta {
+    pub offset: Offset,
+    pub market: Market,
+    pub accounts: Vec<Account>,
 }
 
 /// What a fill would do to one account, computed before anything changes.
@@ -184,7 +195,59 @@ impl Engine {
             bands: Vec::new(),
             popped: Vec::new(),
             evaluations: 0,
+            dirty: Vec::new(),
         }
+    }
+
+    /// The accounts changed since the last call, with the market, as of the current offset.
+    pub fn take_delta(&mut self) -> Delta {
+        let mut accounts = Vec::with_capacity(self.dirty.len());
+        for a in std::mem::take(&mut self.dirty) {
+            let acc = &mut self.accounts[a as usize];
+            acc.dirty = false;
+            accounts.push(acc.clone());
+        }
+        Delta { offset: self.offset, market: self.market.clone(), accounts }
+    }
+
+    /// Rebuilds a shard from a checkpoint: the market and every account as of `offset`. Caches, dependency lists
+    /// and band indexes are derived again; episodes come from the checkpoint, so no trigger is emitted twice.
+    pub fn restore(
+        config: &Config,
+        offset: Offset,
+        mut market: Market,
+        accounts: impl IntoIterator<Item = Account>,
+    ) -> Self {
+        let mut e = Engine::new(config);
+        market.reindex();
+        let slots = market.slots();
+        e.market = market;
+        e.dependents = vec![Vec::new(); slots];
+        e.index = vec![SlotIndex::default(); slots];
+        for mut acc in accounts {
+            acc.deps.clear();
+            acc.dirty = false;
+            let a = e.accounts.len() as u32;
+            e.ids.insert(acc.id.clone(), a);
+            e.accounts.push(acc);
+            let acc = &mut e.accounts[a as usize];
+            let assets: Vec<Slot> =
+                acc.balances.iter().filter(|(s, x)| *s != QUOTE && x.0 != 0).map(|(s, _)| *s).collect();
+            let held: Vec<Slot> = acc.positions.iter().map(|p| p.slot).collect();
+            for s in assets {
+                add_dep(&mut e.dependents, acc, a, s);
+            }
+            for s in held {
+                add_dep(&mut e.dependents, acc, a, s);
+                if let Some(u) = underlying_of(&e.market, s) {
+                    add_dep(&mut e.dependents, acc, a, u);
+                }
+            }
+            evaluate(&e.market, acc);
+            e.reband(a);
+        }
+        e.offset = offset;
+        e
     }
 
     /// How many exact account evaluations the engine has done (each trade, transfer, popped band, rescan...).
@@ -201,6 +264,16 @@ impl Engine {
         self.evaluations += 1;
         let acc = &mut self.accounts[a as usize];
         evaluate_and_detect(&self.market, acc, offset, triggers);
+        if !acc.dirty {
+            acc.dirty = true;
+            self.dirty.push(a);
+        }
+        self.reband(a);
+    }
+
+    /// Recomputes an account's bands (indexed detection) from its fresh figures and updates the indexes.
+    fn reband(&mut self, a: u32) {
+        let acc = &mut self.accounts[a as usize];
         if self.detection == Detection::Indexed {
             band::compute(&self.market, acc, &mut self.bands);
             for (d, new) in acc.deps.iter_mut().zip(&self.bands) {

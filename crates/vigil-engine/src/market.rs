@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
+use serde::{Deserialize, Serialize};
 
 use vigil_model::event::OptionMargin;
 use vigil_model::{Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject};
@@ -15,7 +16,7 @@ pub type Slot = u32;
 /// The quote is always slot 0, price 1, no haircut.
 pub const QUOTE: Slot = 0;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum InstrumentKind {
     Perp,
     Future,
@@ -32,7 +33,7 @@ impl InstrumentKind {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Instrument {
     pub kind: InstrumentKind,
     /// Risk tiers of a perp or future; options carry their margin in `OptionTerms`.
@@ -40,16 +41,18 @@ pub struct Instrument {
     pub settled: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Entry {
     Quote,
     Asset { haircut: Rate },
     Instrument(Instrument),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Market {
     /// foldhash: several times faster than SipHash on short names, and randomly seeded against flooding.
+    /// Derived from `entries` (rebuilt on restore).
+    #[serde(skip)]
     names: HashMap<Box<str>, Slot, RandomState>,
     pub(crate) entries: Vec<(Box<str>, Entry)>,
     /// Mark price of an instrument or index price of an asset; `None` until the first `price` event.
@@ -67,6 +70,11 @@ impl Market {
         let mut names = HashMap::default();
         names.insert(Box::from(quote), QUOTE);
         Self { names, entries: vec![(Box::from(quote), Entry::Quote)], prices: vec![Some(Price::ONE)] }
+    }
+
+    /// Rebuilds the derived name index after deserialisation.
+    pub fn reindex(&mut self) {
+        self.names = self.entries.iter().enumerate().map(|(i, (n, _))| (n.clone(), i as Slot)).collect();
     }
 
     pub fn slot(&self, name: &str) -> Option<Slot> {

@@ -6,13 +6,14 @@
 //! to the last unit whenever they feed these functions the same inputs.
 
 use ethnum::I256;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{OptionMargin, Right, TierSpec};
 use crate::num::{Amount, Price, Qty, Rate, Round, SCALE_I128, SCALE2, e16_to_e8, mul_div};
 use crate::reject::{Reason, Rejection, reject};
 
 /// One validated tier with its derived maintenance amount.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tier {
     /// Upper notional bound (inclusive); `None` for the unbounded last tier.
     pub max_notional: Option<Price>,
@@ -22,8 +23,9 @@ pub struct Tier {
     pub cum_e16: i128,
 }
 
-/// A validated tier table: sorted, rates in bounds, maintenance amounts derived.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A validated tier table: sorted, rates in bounds, maintenance amounts derived. (Deserialised only from
+/// checkpoints this code wrote.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tiers(Vec<Tier>);
 
 impl Tiers {
@@ -76,7 +78,7 @@ impl Tiers {
 }
 
 /// Option contract terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OptionTerms {
     pub right: Right,
     pub strike: Price,

@@ -26,6 +26,29 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<EVENT_BYTES_MAX>()
 }
 
+/// Encodes any serde value (a checkpoint delta, say) the same way: version byte, then bincode (no size limit).
+pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.push(CODEC_VERSION);
+    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    out.extend_from_slice(&bytes);
+    Ok(())
+}
+
+/// Decodes a value written by [`encode_value`].
+pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != CODEC_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(CodecError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
 /// Encodes one event: version byte, then bincode.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.push(CODEC_VERSION);
