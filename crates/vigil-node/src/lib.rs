@@ -1,6 +1,7 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
 pub mod handoff;
+pub mod inspect;
 pub mod pipeline;
 pub mod replay;
 pub mod sync;

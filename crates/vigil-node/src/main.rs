@@ -43,6 +43,15 @@ enum Command {
         #[arg(long, default_value = "park")]
         wait: Wait,
     },
+    /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
+    Inspect {
+        /// The node's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Read every journal record and check its CRC and offset.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Writes a synthetic, seeded event stream (JSON Lines) for benches and demos.
     Gen {
         /// Output file (`-` for standard output).
@@ -80,6 +89,10 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Inspect { data, verify } => {
+            let mut out = io::stdout().lock();
+            vigil_node::inspect::inspect(&data, verify, &mut out)
+        }
         Command::Gen {
             out,
             seed,

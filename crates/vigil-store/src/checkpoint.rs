@@ -57,6 +57,18 @@ impl SledStore {
         Ok(Self { db: sled::Config::new().path(path).open()? })
     }
 
+    /// The shards that have a checkpoint tree, ascending.
+    pub fn shards(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix("shard-")?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     fn tree(&self, shard: usize) -> Result<sled::Tree, CheckpointError> {
         Ok(self.db.open_tree(format!("shard-{shard}"))?)
     }
@@ -142,5 +154,6 @@ mod tests {
         assert_eq!(l0.accounts, vec![b"a2".to_vec(), b"b1".to_vec()]);
         assert_eq!(s.offset(1).unwrap(), Offset(15));
         assert_eq!(s.load(1).unwrap().accounts, vec![b"c1".to_vec()]);
+        assert_eq!(s.shards(), vec![0, 1]);
     }
 }

@@ -5,3 +5,16 @@ pub mod codec;
 pub mod journal;
 
 pub use journal::{Journal, JournalConfig, JournalError, Recovered};
+
+/// Where a node keeps its data under its `--data` directory.
+pub mod layout {
+    use std::path::{Path, PathBuf};
+
+    pub fn journal(data: &Path) -> PathBuf {
+        data.join("journal")
+    }
+
+    pub fn checkpoints(data: &Path) -> PathBuf {
+        data.join("checkpoints")
+    }
+}
