@@ -3,5 +3,6 @@
 pub mod handoff;
 pub mod inspect;
 pub mod pipeline;
+pub mod recovery;
 pub mod replay;
 pub mod sync;
