@@ -5,4 +5,6 @@ pub mod inspect;
 pub mod pipeline;
 pub mod recovery;
 pub mod replay;
+pub mod serve;
 pub mod sync;
+pub mod wire;

@@ -43,6 +43,29 @@ enum Command {
         #[arg(long, default_value = "park")]
         wait: Wait,
     },
+    /// Runs the durable risk node: binary TCP ingest, journal with group commit, checkpoints, crash recovery.
+    Serve {
+        /// Data directory (journal and checkpoints).
+        #[arg(long, default_value = "vigil-data")]
+        data: PathBuf,
+        /// Ingest address (binary frames, docs/wire.md).
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        ingest: std::net::SocketAddr,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+        shards: u16,
+        #[arg(long, default_value = "indexed")]
+        detection: Detection,
+        #[arg(long, default_value = "park")]
+        wait: Wait,
+        #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
+        quote: String,
+        /// Checkpoint every this many events…
+        #[arg(long, default_value_t = 1_000_000)]
+        checkpoint_events: u64,
+        /// …or every this many seconds (when anything changed).
+        #[arg(long, default_value_t = 30)]
+        checkpoint_secs: u64,
+    },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
         /// The node's data directory.
@@ -89,6 +112,27 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve { data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs } => {
+            tracing_subscriber::fmt()
+                .with_writer(io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let mut config = vigil_node::serve::ServeConfig::new(data);
+            config.ingest = ingest;
+            config.shards = usize::from(shards);
+            config.engine = Config { quote, detection };
+            config.wait = wait;
+            config.checkpoint_events = checkpoint_events.max(1);
+            config.checkpoint_interval = std::time::Duration::from_secs(checkpoint_secs.max(1));
+            vigil_node::serve::serve(config, |addr| {
+                // Scripts and tests read this line to find the port.
+                println!("listening on {addr}");
+                let _ = io::stdout().flush();
+            })
+        }
         Command::Inspect { data, verify } => {
             let mut out = io::stdout().lock();
             vigil_node::inspect::inspect(&data, verify, &mut out)

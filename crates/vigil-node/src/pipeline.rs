@@ -69,7 +69,16 @@ impl Default for PipelineConfig {
 
 enum Input {
     Event(Offset, Arc<Event>),
+    /// Hand a checkpoint delta to the persistence channel, as of the sequenced offset carried: every event up to
+    /// it that was routed to this shard comes before this message in its ring.
+    Checkpoint(Offset),
     Stop,
+}
+
+/// A shard's checkpoint delta, sent off the shard thread for persistence.
+pub struct ShardDelta {
+    pub shard: usize,
+    pub delta: vigil_engine::Delta,
 }
 
 /// What a shard reports for one offset (sent only when there is something to report).
@@ -211,6 +220,7 @@ pub struct Pipeline {
 const WAKE_BATCH: u32 = 64;
 
 struct ShardIo {
+    deltas: Option<mpsc::Sender<ShardDelta>>,
     input: rtrb::Consumer<Input>,
     output: rtrb::Producer<Output>,
     queries: mpsc::Receiver<Query>,
@@ -219,7 +229,7 @@ struct ShardIo {
 }
 
 fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engine {
-    let ShardIo { mut input, mut output, queries, shared, sequenced } = io;
+    let ShardIo { deltas, mut input, mut output, queries, shared, sequenced } = io;
     let mut triggers: Vec<Trigger> = Vec::new();
     let mut waiting: Vec<Query> = Vec::new();
     let mut spins = 0;
@@ -241,6 +251,15 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
         }
         match message {
             Input::Stop => return engine,
+            Input::Checkpoint(at) => {
+                // Taking the delta clones only the changed accounts; encoding and writing happen elsewhere.
+                if let Some(tx) = &deltas {
+                    let mut delta = engine.take_delta();
+                    // A quiet shard is as current as the sequencer: its watermark must not hold the journal back.
+                    delta.offset = delta.offset.max(at);
+                    let _ = tx.send(ShardDelta { shard: index, delta });
+                }
+            }
             Input::Event(offset, event) => {
                 triggers.clear();
                 let result = engine.apply(offset, &event, &mut triggers);
@@ -273,11 +292,24 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
 }
 
 impl Pipeline {
-    /// Starts one thread per shard.
+    /// Starts one thread per shard, each with an empty engine.
     pub fn start(config: &PipelineConfig) -> std::io::Result<Self> {
-        let n = config.shards.max(1);
+        let engines = (0..config.shards.max(1)).map(|_| Engine::new(&config.engine)).collect();
+        Self::start_with(config, engines, Offset(0), None)
+    }
+
+    /// Starts one thread per given engine (recovered shards), continuing after `offset`. Checkpoint deltas, when
+    /// requested with [`Pipeline::checkpoint`], go to `deltas`.
+    pub fn start_with(
+        config: &PipelineConfig,
+        engines: Vec<Engine>,
+        offset: Offset,
+        deltas: Option<mpsc::Sender<ShardDelta>>,
+    ) -> std::io::Result<Self> {
+        let n = engines.len().max(1);
+        let mut engines = engines.into_iter();
         let cores = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
-        let sequenced = Arc::new(AtomicU64::new(0));
+        let sequenced = Arc::new(AtomicU64::new(offset.0));
         let mut p = Pipeline {
             checker: Checker {
                 queries: Vec::with_capacity(n),
@@ -290,7 +322,7 @@ impl Pipeline {
             threads: Vec::with_capacity(n),
             handles: Vec::with_capacity(n),
             routed: vec![0; n],
-            offset: Offset(0),
+            offset,
             pending: BTreeMap::new(),
             wait: config.wait,
             unwoken: vec![false; n],
@@ -300,11 +332,12 @@ impl Pipeline {
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
             let (out_tx, out_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
-            let shared = Arc::new(Shared { applied: AtomicU64::new(0), parker: Parker::new() });
-            let engine = Engine::new(&config.engine);
+            let engine = engines.next().unwrap_or_else(|| Engine::new(&config.engine));
+            let shared = Arc::new(Shared { applied: AtomicU64::new(engine.offset().0), parker: Parker::new() });
             let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
             let (query_tx, query_rx) = mpsc::channel();
             let io = ShardIo {
+                deltas: deltas.clone(),
                 input: in_rx,
                 output: out_tx,
                 queries: query_rx,
@@ -465,6 +498,16 @@ impl Pipeline {
                 sink(Released::Trigger(t));
             }
         }
+    }
+
+    /// Asks every shard for a checkpoint delta as of the last sequenced offset (a sequenced command: each shard
+    /// takes it after applying everything before it).
+    pub fn checkpoint(&mut self) {
+        let at = self.offset;
+        for shard in 0..self.inputs.len() {
+            self.push(shard, Input::Checkpoint(at));
+        }
+        self.publish();
     }
 
     /// Waits until every shard has applied everything sequenced so far, releasing all outputs.
