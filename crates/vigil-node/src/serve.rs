@@ -167,6 +167,7 @@ fn persistence_thread(
 
 /// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling.
 fn sequencer_thread(
+    runtime: tokio::runtime::Handle,
     mut pipeline: Pipeline,
     mut ingest: mpsc::Receiver<IngestBatch>,
     journal: std_mpsc::SyncSender<JournalMsg>,
@@ -206,9 +207,13 @@ fn sequencer_thread(
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
-                // Nothing queued: wait briefly for the next batch (tokio's receiver, from a plain thread).
-                thread::sleep(Duration::from_micros(200));
-                continue;
+                // Nothing queued: block until the next batch, waking every millisecond for outputs and checkpoints.
+                // (The timer must be created inside the runtime's context, hence the async block.)
+                match runtime.block_on(async { tokio::time::timeout(Duration::from_millis(1), ingest.recv()).await }) {
+                    Ok(Some(b)) => Some(b),
+                    Ok(None) => None,
+                    Err(_) => continue,
+                }
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
@@ -372,17 +377,17 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Res
     };
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
-    let sequencer_handle = {
-        let (durable, config) = (Arc::clone(&durable), config.clone());
-        thread::Builder::new()
-            .name("vigil-sequencer".into())
-            .spawn(move || sequencer_thread(pipeline, ingest_rx, journal_tx, durable, config))?
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let sequencer_handle = {
+        let (durable, config, handle) = (Arc::clone(&durable), config.clone(), runtime.handle().clone());
+        thread::Builder::new()
+            .name("vigil-sequencer".into())
+            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, journal_tx, durable, config))?
+    };
     runtime.block_on(async {
         let listener = TcpListener::bind(config.ingest).await.with_context(|| format!("binding {}", config.ingest))?;
         let addr = listener.local_addr()?;
@@ -390,25 +395,32 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Res
         ready(addr);
         let signal = shutdown_signal();
         tokio::pin!(signal);
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = &mut signal => break,
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
-                        tokio::spawn(connection(stream, ingest_tx.clone()));
+                        connections.spawn(connection(stream, ingest_tx.clone()));
                     }
                 }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
+        // Stop accepting; close connections (a batch not yet acknowledged was never promised).
+        drop(listener);
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
         tracing::info!("shutting down: draining");
         Ok::<(), anyhow::Error>(())
     })?;
+    // The last sender: the sequencer sees the queue close, drains, checkpoints and stops (while the runtime it
+    // waits through is still alive); then the journal and persistence threads finish their queues.
     drop(ingest_tx);
-    // Connections still holding a sender finish with the runtime.
-    runtime.shutdown_timeout(Duration::from_secs(5));
     let _ = sequencer_handle.join();
     let _ = journal_handle.join();
     let _ = persistence_handle.join();
+    runtime.shutdown_timeout(Duration::from_secs(5));
     tracing::info!(durable = durable.load(Ordering::Acquire), "stopped");
     Ok(())
 }
