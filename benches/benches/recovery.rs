@@ -38,7 +38,7 @@ impl Write for IntoJournal {
             encode_event(&event, &mut self.record).map_err(|e| io::Error::other(e.to_string()))?;
             let next = Offset(self.journal.appended().0 + 1);
             self.journal.append(next, &self.record).map_err(io::Error::other)?;
-            if next.0 % 10_000 == 0 {
+            if next.0.is_multiple_of(10_000) {
                 self.journal.commit().map_err(io::Error::other)?;
             }
             self.line.clear();
