@@ -31,7 +31,19 @@ pub enum Round {
     Nearest,
 }
 
-/// `n / d` rounded as asked. `d` must not be zero (callers pass constants or checked divisors).
+/// The step a truncated quotient takes to round as asked, given the sign of the dropped fraction and whether its
+/// magnitude is at least one half. Shared by the 128- and 256-bit divisions.
+fn round_step(round: Round, frac_positive: bool, at_least_half: bool) -> i8 {
+    match (round, frac_positive) {
+        (Round::Floor, false) => -1,
+        (Round::Ceil, true) => 1,
+        (Round::Nearest, true) if at_least_half => 1,
+        (Round::Nearest, false) if at_least_half => -1,
+        _ => 0,
+    }
+}
+
+/// `n / d` rounded as asked; `None` if `d == 0` or the quotient overflows.
 fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
     if d == 0 {
         return None;
@@ -42,63 +54,20 @@ fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
         return Some(q);
     }
     // Exact quotient is q + r/d with |r/d| < 1; the sign of the fraction is sign(r) * sign(d).
-    let frac_positive = (r > 0) == (d > 0);
-    Some(match round {
-        Round::Floor => {
-            if frac_positive {
-                q
-            } else {
-                q - 1
-            }
-        }
-        Round::Ceil => {
-            if frac_positive {
-                q + 1
-            } else {
-                q
-            }
-        }
-        Round::Nearest => {
-            // |r| * 2 >= |d| means the fraction is at least one half in magnitude.
-            let twice = r.unsigned_abs().checked_mul(2)?;
-            if twice >= d.unsigned_abs() { if frac_positive { q + 1 } else { q - 1 } } else { q }
-        }
-    })
+    let half = r.unsigned_abs().checked_mul(2).is_none_or(|twice| twice >= d.unsigned_abs());
+    q.checked_add(i128::from(round_step(round, (r > 0) == (d > 0), half)))
 }
 
 fn div_round_i256(n: I256, d: I256, round: Round) -> Option<I256> {
     if d == I256::ZERO {
         return None;
     }
-    let q = n / d;
-    let r = n % d;
+    let (q, r) = (n / d, n % d);
     if r == I256::ZERO {
         return Some(q);
     }
-    let frac_positive = (r > I256::ZERO) == (d > I256::ZERO);
-    Some(match round {
-        Round::Floor => {
-            if frac_positive {
-                q
-            } else {
-                q - 1
-            }
-        }
-        Round::Ceil => {
-            if frac_positive {
-                q + 1
-            } else {
-                q
-            }
-        }
-        Round::Nearest => {
-            if r.unsigned_abs() * 2 >= d.unsigned_abs() {
-                if frac_positive { q + 1 } else { q - 1 }
-            } else {
-                q
-            }
-        }
-    })
+    let half = r.unsigned_abs() * 2 >= d.unsigned_abs();
+    Some(q + I256::from(round_step(round, (r > I256::ZERO) == (d > I256::ZERO), half)))
 }
 
 /// `a × b / d`, rounded once. Exact for every `i128` input; `None` only if `d == 0` or the result does not fit.
