@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vigil_engine::{Config, Detection};
+use vigil_node::config::NodeSettings;
 use vigil_node::pipeline::Wait;
 use vigil_node::replay::{Progress, ReplayOptions, replay};
 use vigil_testkit::{Workload, write_workload};
@@ -44,27 +45,35 @@ enum Command {
         wait: Wait,
     },
     /// Runs the durable risk node: binary TCP ingest, journal with group commit, checkpoints, crash recovery.
+    /// Flags override the optional `--config` file, which overrides the defaults shown.
     Serve {
-        /// Data directory (journal and checkpoints).
-        #[arg(long, default_value = "vigil-data")]
-        data: PathBuf,
-        /// Ingest address (binary frames, docs/wire.md).
-        #[arg(long, default_value = "127.0.0.1:7878")]
-        ingest: std::net::SocketAddr,
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-        shards: u16,
-        #[arg(long, default_value = "indexed")]
-        detection: Detection,
-        #[arg(long, default_value = "park")]
-        wait: Wait,
-        #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
-        quote: String,
-        /// Checkpoint every this many events…
-        #[arg(long, default_value_t = 1_000_000)]
-        checkpoint_events: u64,
-        /// …or every this many seconds (when anything changed).
-        #[arg(long, default_value_t = 30)]
-        checkpoint_secs: u64,
+        /// A TOML file with any of the settings below (keys as the flags, with underscores; see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (journal and checkpoints) [default: vigil-data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Ingest address (binary frames, docs/wire.md) [default: 127.0.0.1:7878].
+        #[arg(long)]
+        ingest: Option<std::net::SocketAddr>,
+        /// Shard threads [default: 2].
+        #[arg(long)]
+        shards: Option<u16>,
+        /// indexed or rescan [default: indexed].
+        #[arg(long)]
+        detection: Option<String>,
+        /// park, spin-yield or spin [default: park].
+        #[arg(long)]
+        wait: Option<String>,
+        /// The quote currency [default: USDC].
+        #[arg(long)]
+        quote: Option<String>,
+        /// Checkpoint every this many events… [default: 1000000]
+        #[arg(long)]
+        checkpoint_events: Option<u64>,
+        /// …or every this many seconds, when anything changed [default: 30].
+        #[arg(long)]
+        checkpoint_secs: Option<u64>,
     },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
@@ -112,7 +121,7 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs } => {
+        Command::Serve { config, data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs } => {
             tracing_subscriber::fmt()
                 .with_writer(io::stderr)
                 .with_env_filter(
@@ -120,13 +129,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .init();
-            let mut config = vigil_node::serve::ServeConfig::new(data);
-            config.ingest = ingest;
-            config.shards = usize::from(shards);
-            config.engine = Config { quote, detection };
-            config.wait = wait;
-            config.checkpoint_events = checkpoint_events.max(1);
-            config.checkpoint_interval = std::time::Duration::from_secs(checkpoint_secs.max(1));
+            let file = match config {
+                Some(path) => NodeSettings::load(&path)?,
+                None => NodeSettings::default(),
+            };
+            let flags =
+                NodeSettings { data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs };
+            let config = flags.resolve(file)?;
             vigil_node::serve::serve(config, |addr| {
                 // Scripts and tests read this line to find the port.
                 println!("listening on {addr}");
