@@ -15,7 +15,7 @@
 //! naming the segment and the byte position.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use vigil_model::Offset;
@@ -429,18 +429,18 @@ impl Journal {
     }
 }
 
-/// Reads a whole file (helper for tools and tests).
-pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    File::open(path)?.read_to_end(&mut v)?;
-    Ok(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        File::open(path)?.read_to_end(&mut v)?;
+        Ok(v)
+    }
 
     fn open(dir: &Path, segment_bytes_max: u64) -> Result<(Journal, Recovered), JournalError> {
         Journal::open(dir, JournalConfig { segment_bytes_max, ..JournalConfig::default() }, Box::new(OsSyncer))
