@@ -18,6 +18,20 @@ impl Sharded {
         Self { shards: (0..n).map(|_| Engine::new(config)).collect(), offset: Offset(0) }
     }
 
+    /// Shards built elsewhere (restored from checkpoints), continuing after the highest offset any has applied.
+    pub fn from_engines(shards: Vec<Engine>) -> Self {
+        let offset = shards.iter().map(Engine::offset).max().unwrap_or_default();
+        Self { shards, offset }
+    }
+
+    pub fn into_engines(self) -> Vec<Engine> {
+        self.shards
+    }
+
+    pub fn shards_mut(&mut self) -> &mut [Engine] {
+        &mut self.shards
+    }
+
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }
@@ -43,7 +57,9 @@ impl Sharded {
         self.offset
     }
 
-    fn apply_at(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+    /// Applies an event at an offset assigned elsewhere (a journal's): a shard ignores offsets it already has.
+    pub fn apply_at(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        self.offset = self.offset.max(offset);
         match event.account() {
             Some(account) => {
                 let shard = shard_of(account, self.shards.len());
@@ -55,10 +71,15 @@ impl Sharded {
                 let start = triggers.len();
                 let mut first: Option<Result<(), Rejection>> = None;
                 for shard in &mut self.shards {
+                    // A restored shard may already have this offset (its checkpoint is newer): it skips it.
+                    let skipped = shard.offset() >= offset;
                     let r = shard.apply(offset, event, triggers);
+                    if skipped {
+                        continue;
+                    }
                     debug_assert!(
                         first.as_ref().is_none_or(|f| f.is_ok() == r.is_ok()),
-                        "invariant: shards agree on broadcast events"
+                        "invariant: shards that apply a broadcast event agree on it"
                     );
                     first.get_or_insert(r);
                 }

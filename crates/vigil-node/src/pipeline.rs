@@ -197,6 +197,15 @@ pub enum Released {
     Trigger(Trigger),
 }
 
+impl Released {
+    pub fn offset(&self) -> Offset {
+        match self {
+            Released::Rejection(r) => r.offset,
+            Released::Trigger(t) => t.offset,
+        }
+    }
+}
+
 pub struct Pipeline {
     checker: Checker,
     inputs: Vec<rtrb::Producer<Input>>,

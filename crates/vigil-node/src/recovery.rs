@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::Context;
 use vigil_engine::account::Account;
 use vigil_engine::market::Market;
-use vigil_engine::{Config, Delta, Engine};
-use vigil_model::{Offset, Trigger, shard_of};
+use vigil_engine::{Config, Delta, Engine, Sharded};
+use vigil_model::{Offset, Trigger};
 use vigil_store::checkpoint::{CheckpointStore, SledStore};
 use vigil_store::codec::{decode_event, decode_value, encode_value};
 use vigil_store::journal::{self, Journal, JournalConfig, Recovered, Syncer};
@@ -67,11 +67,12 @@ pub fn recover(
     let (journal, journal_recovered) =
         Journal::open(&journal_dir, journal_config.clone(), syncer).context("opening the journal")?;
     let store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
-    let mut engines = Vec::with_capacity(shards);
+    let mut restored = Vec::with_capacity(shards);
     for shard in 0..shards {
-        engines.push(load_shard(&store, shard, config)?);
+        restored.push(load_shard(&store, shard, config)?);
     }
-    let watermarks: Vec<Offset> = engines.iter().map(Engine::offset).collect();
+    let watermarks: Vec<Offset> = restored.iter().map(Engine::offset).collect();
+    let mut engines = Sharded::from_engines(restored);
     let from = watermarks.iter().min().map_or(Offset(1), |w| Offset(w.0 + 1));
     let mut triggers = Vec::new();
     let mut replayed = 0u64;
@@ -80,27 +81,19 @@ pub fn recover(
         // A record that does not decode was journaled by this code: it cannot happen short of a bug; the event
         // is rejected in replay exactly as it was when first applied (it never reached a shard either).
         let Ok(event) = decode_event(payload) else { return Ok(()) };
-        let targets: Vec<usize> = match event.account() {
-            Some(a) => vec![shard_of(a, shards)],
-            None => (0..shards).collect(),
-        };
-        let start = triggers.len();
-        for s in targets {
-            // Offsets at or below a shard's watermark are skipped by the engine itself.
-            let _ = engines[s].apply(offset, &event, &mut triggers);
-        }
-        triggers[start..].sort_unstable();
+        // Offsets at or below a shard's watermark are skipped by the engine itself.
+        let _ = engines.apply_at(offset, &event, &mut triggers);
         Ok(())
     })
     .context("replaying the journal")?;
-    Ok(Recovery { engines, journal, journal_recovered, watermarks, replayed, triggers })
+    Ok(Recovery { engines: engines.into_engines(), journal, journal_recovered, watermarks, replayed, triggers })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vigil_engine::{Sharded, merged_views};
-    use vigil_model::parse_line;
+    use vigil_engine::merged_views;
+    use vigil_model::{parse_line, shard_of};
     use vigil_store::codec::encode_event;
     use vigil_store::journal::OsSyncer;
     use vigil_testkit::{StreamConfig, generate};
@@ -119,7 +112,7 @@ mod tests {
             let (mut j, _) =
                 Journal::open(&layout::journal(dir.path()), JournalConfig::default(), Box::new(OsSyncer)).unwrap();
             let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-            let mut live: Vec<Engine> = (0..shards).map(|_| Engine::new(&config)).collect();
+            let mut live = Sharded::new(&config, shards);
             for (i, line) in lines.iter().enumerate() {
                 let Ok(event) = parse_line(line) else { continue };
                 let offset = Offset(j.appended().0 + 1);
@@ -129,15 +122,9 @@ mod tests {
                 let (o, _) = reference.apply(&event, &mut all_triggers);
                 // The reference numbers only parsed events here, like the journal.
                 assert_eq!(o, offset);
-                let targets: Vec<usize> = match event.account() {
-                    Some(a) => vec![shard_of(a, shards)],
-                    None => (0..shards).collect(),
-                };
-                for s in targets {
-                    let _ = live[s].apply(offset, &event, &mut Vec::new());
-                }
+                let _ = live.apply_at(offset, &event, &mut Vec::new());
                 // Shards checkpoint at different moments.
-                for (s, engine) in live.iter_mut().enumerate() {
+                for (s, engine) in live.shards_mut().iter_mut().enumerate() {
                     if (i + 1) % (300 + 170 * s) == 0 && i < 1000 {
                         write_delta(&mut store, s, &engine.take_delta()).unwrap();
                     }

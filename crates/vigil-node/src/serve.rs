@@ -174,14 +174,14 @@ fn sequencer_thread(
     durable: Arc<AtomicU64>,
     config: ServeConfig,
 ) {
-    let mut gate: VecDeque<(Offset, Released)> = VecDeque::new();
+    let mut gate: VecDeque<Released> = VecDeque::new();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
     let mut released = 0u64;
-    let mut release = |gate: &mut VecDeque<(Offset, Released)>| {
+    let mut release = |gate: &mut VecDeque<Released>| {
         let d = Offset(durable.load(Ordering::Acquire));
-        while gate.front().is_some_and(|(o, _)| *o <= d) {
-            if let Some((_, r)) = gate.pop_front() {
+        while gate.front().is_some_and(|r| r.offset() <= d) {
+            if let Some(r) = gate.pop_front() {
                 released += 1;
                 if let Released::Trigger(t) = r {
                     tracing::info!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
@@ -194,13 +194,7 @@ fn sequencer_thread(
         let batch = match ingest.try_recv() {
             Ok(b) => Some(b),
             Err(mpsc::error::TryRecvError::Empty) => {
-                pipeline.drain(&mut |r| {
-                    let o = match &r {
-                        Released::Trigger(t) => t.offset,
-                        Released::Rejection(x) => x.offset,
-                    };
-                    gate.push_back((o, r));
-                });
+                pipeline.drain(&mut |r| gate.push_back(r));
                 release(&mut gate);
                 if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
                     pipeline.checkpoint();
@@ -236,13 +230,7 @@ fn sequencer_thread(
         }
     }
     // Shutdown: apply everything, checkpoint, release what is durable.
-    pipeline.flush(&mut |r| {
-        let o = match &r {
-            Released::Trigger(t) => t.offset,
-            Released::Rejection(x) => x.offset,
-        };
-        gate.push_back((o, r));
-    });
+    pipeline.flush(&mut |r| gate.push_back(r));
     pipeline.checkpoint();
     let _ = pipeline.finish(&mut |_| {});
     drop(journal);

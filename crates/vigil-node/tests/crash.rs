@@ -31,11 +31,17 @@ fn start(dir: &Path) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .expect("vigil serve starts");
+    let addr = address(&mut child);
+    (child, addr)
+}
+
+/// The ingest address the node prints as its first line.
+fn address(child: &mut Child) -> String {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("the node prints its address");
     let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (child, addr.to_owned())
+    addr.to_owned()
 }
 
 /// Sends batches from `events[from..]` until stopped or an error (the kill); returns acked ranges.
@@ -193,10 +199,7 @@ fn a_failed_fdatasync_poisons_the_journal_and_exits_non_zero() {
         .stderr(Stdio::null())
         .spawn()
         .expect("fiu-run starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("address line");
-    let addr = line.trim().strip_prefix("listening on ").expect("address").to_owned();
+    let addr = address(&mut child);
     let event = |l: &str| parse_line(l).expect("valid");
     let mut c = Client::connect(&addr).expect("connect");
     let first = [event(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"10"}"#)];
