@@ -1,5 +1,6 @@
 //! The journal's group-commit ceiling on this disk: batches of N records of an encoded trade (about 80 bytes),
-//! each batch written and `fdatasync`ed once. Also one sync per record, the floor group commit avoids.
+//! each batch written and `fdatasync`ed once. Also one sync per record, the floor group commit avoids. Each with
+//! preallocated segments (the default) and with plain appends, which make every `fdatasync` flush metadata too.
 //! Runs in a temporary directory on the same filesystem as the build (TMPDIR to change it).
 
 use std::time::{Duration, Instant};
@@ -21,11 +22,14 @@ fn group_commit(c: &mut Criterion) {
     let payload = payload();
     let mut group = c.benchmark_group("journal_group_commit");
     group.sample_size(10).measurement_time(Duration::from_secs(5));
-    for batch in [1u64, 100, 1000] {
+    for (batch, preallocate) in [(1u64, true), (1, false), (100, true), (100, false), (1000, true), (1000, false)] {
         group.throughput(Throughput::Elements(batch));
-        group.bench_function(BenchmarkId::from_parameter(format!("{batch}_records_{}_bytes", payload.len())), |b| {
+        let mode = if preallocate { "preallocated" } else { "appending" };
+        let id = format!("{batch}_records_{}_bytes_{mode}", payload.len());
+        group.bench_function(BenchmarkId::from_parameter(id), |b| {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
-            let (mut j, _) = Journal::open(dir.path(), JournalConfig::default(), Box::new(OsSyncer)).expect("open");
+            let config = JournalConfig { preallocate, ..JournalConfig::default() };
+            let (mut j, _) = Journal::open(dir.path(), config, Box::new(OsSyncer)).expect("open");
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
