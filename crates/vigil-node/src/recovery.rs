@@ -72,6 +72,16 @@ pub fn recover(
         restored.push(load_shard(&store, shard, config)?);
     }
     let watermarks: Vec<Offset> = restored.iter().map(Engine::offset).collect();
+    let end = journal_recovered.durable;
+    if let Some((shard, w)) = watermarks.iter().enumerate().find(|(_, w)| **w > end) {
+        anyhow::bail!(
+            "shard {shard}'s checkpoint is at offset {}, beyond the journal's end at {}: the journal lost events \
+             the checkpoint holds (a power cut under sled's non-barrier flush, or a removed journal); refusing to \
+             start rather than reuse their offsets",
+            w.0,
+            end.0
+        );
+    }
     let mut engines = Sharded::from_engines(restored);
     let from = watermarks.iter().min().map_or(Offset(1), |w| Offset(w.0 + 1));
     let mut triggers = Vec::new();
@@ -144,5 +154,21 @@ mod tests {
         got.sort();
         assert!(!expected.is_empty());
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_checkpoint_ahead_of_the_journal_refuses_to_start() {
+        // Proves recovery never trusts state the journal cannot account for: it names the shard and both offsets.
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let mut engine = Engine::new(&config);
+        let deposit = parse_line(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"5"}"#).unwrap();
+        engine.apply(Offset(7), &deposit, &mut Vec::new()).unwrap();
+        let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
+        write_delta(&mut store, 0, &engine.take_delta()).unwrap();
+        drop(store);
+        let err = recover(dir.path(), &config, 1, JournalConfig::default(), Box::new(OsSyncer)).err().unwrap();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("shard 0's checkpoint is at offset 7, beyond the journal's end at 0"), "{msg}");
     }
 }

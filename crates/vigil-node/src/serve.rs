@@ -139,10 +139,17 @@ fn persistence_thread(
     rx: std_mpsc::Receiver<ShardDelta>,
     mut watermarks: Vec<Offset>,
     journal: std_mpsc::SyncSender<JournalMsg>,
+    durable: Arc<AtomicU64>,
 ) {
     while let Ok(ShardDelta { shard, delta }) = rx.recv() {
         let started = Instant::now();
         let offset = delta.offset;
+        // Shards apply before the journal syncs: a checkpoint must never get ahead of the journal, or a crash
+        // would recover state from events the journal lost (and reuse their offsets). If the journal is
+        // poisoned the process exits; this wait never ends otherwise.
+        while durable.load(Ordering::Acquire) < offset.0 {
+            thread::sleep(Duration::from_micros(200));
+        }
         match write_delta(&mut store, shard, &delta) {
             Ok(bytes) => {
                 tracing::info!(
@@ -352,10 +359,10 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Res
     let (delta_tx, delta_rx) = std_mpsc::channel::<ShardDelta>();
     let store = SledStore::open(&layout::checkpoints(&config.data)).context("opening the checkpoint store")?;
     let persistence_handle = {
-        let (watermarks, journal) = (recovery.watermarks.clone(), journal_tx.clone());
+        let (watermarks, journal, durable) = (recovery.watermarks.clone(), journal_tx.clone(), Arc::clone(&durable));
         thread::Builder::new()
             .name("vigil-persist".into())
-            .spawn(move || persistence_thread(store, delta_rx, watermarks, journal))?
+            .spawn(move || persistence_thread(store, delta_rx, watermarks, journal, durable))?
     };
     let pipeline_config = PipelineConfig {
         engine: config.engine.clone(),
