@@ -95,7 +95,7 @@ fn main() {
     {
         let mut store = SledStore::open(&layout::checkpoints(dir.path())).expect("store");
         for (shard, engine) in engines.iter_mut().enumerate() {
-            write_delta(&mut store, shard, &engine.take_delta()).expect("checkpoint");
+            write_delta(&mut store, shard, &engine.take_delta(), &[]).expect("checkpoint");
         }
     }
     println!("recovery/checkpoint_write: {:.1} s for all accounts", t.elapsed().as_secs_f64());

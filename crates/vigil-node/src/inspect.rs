@@ -77,7 +77,7 @@ mod tests {
         drop(j);
         {
             let mut s = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-            s.write(0, Offset(42), b"m", &[("a", b"x".to_vec())]).unwrap();
+            s.write(0, Offset(42), b"m", &[("a", b"x".to_vec())], &[]).unwrap();
         }
         let mut out = Vec::new();
         inspect(dir.path(), true, &mut out).unwrap();

@@ -21,10 +21,12 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+use vigil_engine::market::Market;
 use vigil_engine::{CheckOutcome, Config, Engine};
 
 use crate::handoff::Parker;
-use vigil_model::{Event, Fill, Offset, Rejection, RejectionRecord, Trigger, shard_of};
+use vigil_model::{AccountView, Event, Fill, Offset, Rejection, RejectionRecord, Trigger, shard_of};
 
 /// How an idle thread waits for work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,6 +81,9 @@ enum Input {
 pub struct ShardDelta {
     pub shard: usize,
     pub delta: vigil_engine::Delta,
+    /// The triggers the shard emitted since its previous delta (all at or below the delta's offset): persisted
+    /// with it, so the trigger history survives restarts (the replay beyond the watermark re-emits the rest).
+    pub triggers: Vec<Trigger>,
 }
 
 /// What a shard reports for one offset (sent only when there is something to report).
@@ -97,18 +102,35 @@ struct Shared {
 /// The answer to a routed pre-trade check.
 pub type CheckReply = Result<CheckOutcome, Rejection>;
 
-/// A pre-trade check waiting for its shard.
-struct Query {
-    fill: Fill,
-    min_offset: Offset,
-    reply: mpsc::SyncSender<CheckReply>,
+/// A read of a shard's state, answered by the shard thread between events (it owns the state).
+pub enum Ask {
+    /// The pre-trade check of a hypothetical fill.
+    Check(Fill),
+    /// The replay view of one account.
+    Account(String),
+    /// The shard's copy of the reference and market data (identical on every shard).
+    Market,
 }
 
-/// Sends pre-trade checks to the shard that owns the account; cloneable, usable from any thread.
+pub enum Answer {
+    Check(CheckReply),
+    Account(Option<AccountView>),
+    Market(Box<Market>),
+}
+
+/// A read waiting for its shard.
+struct Query {
+    ask: Ask,
+    min_offset: Offset,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// Sends reads to the shard that owns the account; cloneable, usable from any thread.
 #[derive(Clone)]
 pub struct Checker {
     queries: Vec<mpsc::Sender<Query>>,
     threads: Vec<Thread>,
+    shared: Vec<Arc<Shared>>,
     /// The sequencer's last offset, published after the event is routed.
     sequenced: Arc<AtomicU64>,
 }
@@ -116,11 +138,25 @@ pub struct Checker {
 impl Checker {
     /// Asks the owning shard to check `fill` once it has applied `min_offset` (read-your-writes for a trader who
     /// just traded); the answer comes on the returned channel, from the shard's state at that moment.
-    pub fn check(&self, fill: Fill, min_offset: Offset) -> mpsc::Receiver<CheckReply> {
-        let (tx, rx) = mpsc::sync_channel(1);
+    pub fn check(&self, fill: Fill, min_offset: Offset) -> oneshot::Receiver<Answer> {
         let shard = shard_of(&fill.account, self.queries.len());
-        // A send fails only once the shard has stopped; the receiver then reports disconnection.
-        let _ = self.queries[shard].send(Query { fill, min_offset, reply: tx });
+        self.ask_shard(shard, Ask::Check(fill), min_offset)
+    }
+
+    /// Asks the shard owning `account` (or shard 0 for `Ask::Market`) once it has applied `min_offset`.
+    /// A shard that has stopped drops the request; the receiver then reports it closed.
+    pub fn ask(&self, ask: Ask, min_offset: Offset) -> oneshot::Receiver<Answer> {
+        let shard = match &ask {
+            Ask::Check(fill) => shard_of(&fill.account, self.queries.len()),
+            Ask::Account(id) => shard_of(id, self.queries.len()),
+            Ask::Market => 0,
+        };
+        self.ask_shard(shard, ask, min_offset)
+    }
+
+    fn ask_shard(&self, shard: usize, ask: Ask, min_offset: Offset) -> oneshot::Receiver<Answer> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.queries[shard].send(Query { ask, min_offset, reply: tx });
         self.threads[shard].unpark();
         rx
     }
@@ -128,6 +164,12 @@ impl Checker {
     /// The last offset sequenced.
     pub fn sequenced(&self) -> Offset {
         Offset(self.sequenced.load(Ordering::Acquire))
+    }
+
+    /// The last offset each shard has applied (a shard with nothing routed to it lags: it only applies
+    /// broadcast events and its own accounts' events).
+    pub fn applied(&self) -> Vec<Offset> {
+        self.shared.iter().map(|s| Offset(s.applied.load(Ordering::Acquire))).collect()
     }
 }
 
@@ -152,14 +194,25 @@ fn serve_queries(
         Some(empty) if empty() => published.max(engine.offset().0),
         _ => engine.offset().0,
     };
-    waiting.retain(|q| {
-        if q.min_offset.0 > reached {
-            return true;
+    let mut i = 0;
+    while i < waiting.len() {
+        // The asker may have given up waiting (a timeout): drop its request.
+        if waiting[i].reply.is_closed() {
+            waiting.swap_remove(i);
+            continue;
         }
-        // The asker may have given up waiting; that is not the shard's concern.
-        let _ = q.reply.try_send(engine.check(&q.fill.account, &q.fill));
-        false
-    });
+        if waiting[i].min_offset.0 > reached {
+            i += 1;
+            continue;
+        }
+        let q = waiting.swap_remove(i);
+        let answer = match q.ask {
+            Ask::Check(fill) => Answer::Check(engine.check(&fill.account, &fill)),
+            Ask::Account(id) => Answer::Account(engine.account_view(&id)),
+            Ask::Market => Answer::Market(Box::new(engine.market().clone())),
+        };
+        let _ = q.reply.send(answer);
+    }
 }
 
 const SPINS: u32 = 128;
@@ -240,6 +293,7 @@ struct ShardIo {
 fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engine {
     let ShardIo { deltas, mut input, mut output, queries, shared, sequenced } = io;
     let mut triggers: Vec<Trigger> = Vec::new();
+    let mut since_delta: Vec<Trigger> = Vec::new();
     let mut waiting: Vec<Query> = Vec::new();
     let mut spins = 0;
     let mut since_queries = 0u32;
@@ -266,7 +320,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     let mut delta = engine.take_delta();
                     // A quiet shard is as current as the sequencer: its watermark must not hold the journal back.
                     delta.offset = delta.offset.max(at);
-                    let _ = tx.send(ShardDelta { shard: index, delta });
+                    let _ = tx.send(ShardDelta { shard: index, delta, triggers: std::mem::take(&mut since_delta) });
                 }
             }
             Input::Event(offset, event) => {
@@ -277,6 +331,9 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     Err(r) if event.account().is_some() || index == 0 => Some(r),
                     _ => None,
                 };
+                if deltas.is_some() {
+                    since_delta.extend(triggers.iter().cloned());
+                }
                 if rejection.is_some() || !triggers.is_empty() {
                     let mut out = Output { offset, rejection, triggers: std::mem::take(&mut triggers) };
                     let mut full_spins = 0;
@@ -323,6 +380,7 @@ impl Pipeline {
             checker: Checker {
                 queries: Vec::with_capacity(n),
                 threads: Vec::with_capacity(n),
+                shared: Vec::with_capacity(n),
                 sequenced: Arc::clone(&sequenced),
             },
             inputs: Vec::with_capacity(n),
@@ -364,6 +422,7 @@ impl Pipeline {
             p.threads.push(handle.thread().clone());
             p.checker.queries.push(query_tx);
             p.checker.threads.push(handle.thread().clone());
+            p.checker.shared.push(Arc::clone(&shared));
             p.handles.push(handle);
             p.inputs.push(in_tx);
             p.outputs.push(out_rx);
@@ -588,14 +647,25 @@ mod tests {
             fee: Amount::ZERO,
             margin_mode: MarginMode::Cross,
         };
-        let answer = checker.check(fill.clone(), trade).recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+        let Answer::Check(answer) = checker.check(fill.clone(), trade).blocking_recv().unwrap() else { panic!() };
+        let answer = answer.unwrap();
         // After the trade IM is 900 of 1 000 equity: one more ETH (IM 1 200) is refused.
         assert_eq!(answer.before.initial_margin, Amount::units(900));
         assert!(!answer.allowed);
         let name = (0..).map(|i| format!("other-{i}")).find(|n| shard_of(n, 4) != shard_of("a", 4)).unwrap();
         let other = p.submit(event(&format!(r#"{{"type":"deposit","account":"{name}","asset":"USDC","amount":"1"}}"#)));
-        let later = checker.check(fill, other).recv_timeout(Duration::from_secs(30)).unwrap();
+        let Answer::Check(later) = checker.check(fill, other).blocking_recv().unwrap() else { panic!() };
         assert!(later.is_ok());
+        let Answer::Account(Some(view)) = checker.ask(Ask::Account("a".into()), trade).blocking_recv().unwrap() else {
+            panic!("account a exists")
+        };
+        assert_eq!(view.positions.len(), 1);
+        let Answer::Account(None) = checker.ask(Ask::Account("nobody".into()), trade).blocking_recv().unwrap() else {
+            panic!("no such account")
+        };
+        let Answer::Market(market) = checker.ask(Ask::Market, trade).blocking_recv().unwrap() else { panic!() };
+        assert!(market.slot("ETH").is_some());
+        assert_eq!(checker.applied().len(), 4);
         let mut released = 0;
         p.finish(&mut |_| released += 1);
         assert_eq!(released, 0);

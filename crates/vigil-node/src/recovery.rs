@@ -10,14 +10,61 @@ use anyhow::Context;
 use vigil_engine::account::Account;
 use vigil_engine::market::Market;
 use vigil_engine::{Config, Delta, Engine, Sharded};
-use vigil_model::{Offset, Trigger};
+use vigil_model::{Offset, Trigger, shard_of};
 use vigil_store::checkpoint::{CheckpointStore, SledStore};
 use vigil_store::codec::{decode_event, decode_value, encode_value};
 use vigil_store::journal::{self, Journal, JournalConfig, Recovered, Syncer};
 use vigil_store::layout;
 
-/// Writes one shard's delta: every changed account, the market and the watermark, atomically.
-pub fn write_delta(store: &mut dyn CheckpointStore, shard: usize, delta: &Delta) -> anyhow::Result<u64> {
+/// A trigger's identity `(offset, account, symbol-or-cross, kind)` as a store key: writing it twice keeps one.
+pub fn trigger_key(t: &Trigger) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + t.account.len() + t.symbol.as_ref().map_or(0, |s| s.len()));
+    k.extend_from_slice(&t.offset.0.to_be_bytes());
+    // Names are at most 64 bytes (events.md); length prefixes keep any byte in them unambiguous.
+    k.push(t.account.len() as u8);
+    k.extend_from_slice(t.account.as_bytes());
+    match &t.symbol {
+        None => k.push(0),
+        Some(s) => {
+            k.push(s.len() as u8 + 1);
+            k.extend_from_slice(s.as_bytes());
+        }
+    }
+    k.push(t.kind as u8);
+    k
+}
+
+fn encode_triggers(triggers: &[Trigger]) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    triggers
+        .iter()
+        .map(|t| {
+            let mut v = Vec::new();
+            encode_value(t, &mut v).context("encoding a trigger")?;
+            Ok((trigger_key(t), v))
+        })
+        .collect()
+}
+
+/// Every trigger stored for `shards` shards, in the contract's order.
+pub fn load_triggers(store: &dyn CheckpointStore, shards: usize) -> anyhow::Result<Vec<Trigger>> {
+    let mut out = Vec::new();
+    for shard in 0..shards {
+        for bytes in store.triggers(shard)? {
+            out.push(decode_value::<Trigger>(&bytes).with_context(|| format!("decoding a trigger of shard {shard}"))?);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Writes one shard's delta: every changed account, the market, the watermark and the triggers emitted up to it,
+/// atomically.
+pub fn write_delta(
+    store: &mut dyn CheckpointStore,
+    shard: usize,
+    delta: &Delta,
+    triggers: &[Trigger],
+) -> anyhow::Result<u64> {
     let mut market = Vec::new();
     encode_value(&delta.market, &mut market).context("encoding the market")?;
     let mut accounts = Vec::with_capacity(delta.accounts.len());
@@ -26,7 +73,7 @@ pub fn write_delta(store: &mut dyn CheckpointStore, shard: usize, delta: &Delta)
         encode_value(acc, &mut bytes).context("encoding an account")?;
         accounts.push((&*acc.id, bytes));
     }
-    Ok(store.write(shard, delta.offset, &market, &accounts)?)
+    Ok(store.write(shard, delta.offset, &market, &accounts, &encode_triggers(triggers)?)?)
 }
 
 /// Restores one shard from its checkpoint (an empty shard if it has none).
@@ -53,6 +100,9 @@ pub struct Recovery {
     pub replayed: u64,
     /// Triggers re-emitted by the replay (same identities as before the crash).
     pub triggers: Vec<Trigger>,
+    /// Every trigger the node has released, in the contract's order: those stored with checkpoints and those the
+    /// replay re-emitted (which are stored now, with their shard's trees).
+    pub history: Vec<Trigger>,
 }
 
 /// Recovers `shards` shards from the data directory.
@@ -66,7 +116,7 @@ pub fn recover(
     let journal_dir = layout::journal(data);
     let (journal, journal_recovered) =
         Journal::open(&journal_dir, journal_config.clone(), syncer).context("opening the journal")?;
-    let store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
+    let mut store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
     let mut restored = Vec::with_capacity(shards);
     for shard in 0..shards {
         restored.push(load_shard(&store, shard, config)?);
@@ -96,14 +146,29 @@ pub fn recover(
         Ok(())
     })
     .context("replaying the journal")?;
-    Ok(Recovery { engines: engines.into_engines(), journal, journal_recovered, watermarks, replayed, triggers })
+    // The re-emitted triggers are durable (their events are journaled): store them, so the history no longer
+    // depends on replaying beyond watermarks that later checkpoints move past.
+    for shard in 0..shards {
+        let mine: Vec<Trigger> = triggers.iter().filter(|t| shard_of(&t.account, shards) == shard).cloned().collect();
+        store.put_triggers(shard, &encode_triggers(&mine)?).context("storing recovered triggers")?;
+    }
+    let history = load_triggers(&store, shards)?;
+    Ok(Recovery {
+        engines: engines.into_engines(),
+        journal,
+        journal_recovered,
+        watermarks,
+        replayed,
+        triggers,
+        history,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vigil_engine::merged_views;
-    use vigil_model::{parse_line, shard_of};
+    use vigil_model::parse_line;
     use vigil_store::codec::encode_event;
     use vigil_store::journal::OsSyncer;
     use vigil_testkit::{StreamConfig, generate};
@@ -136,7 +201,13 @@ mod tests {
                 // Shards checkpoint at different moments.
                 for (s, engine) in live.shards_mut().iter_mut().enumerate() {
                     if (i + 1) % (300 + 170 * s) == 0 && i < 1000 {
-                        write_delta(&mut store, s, &engine.take_delta()).unwrap();
+                        let delta = engine.take_delta();
+                        let emitted: Vec<Trigger> = all_triggers
+                            .iter()
+                            .filter(|t| shard_of(&t.account, shards) == s && t.offset <= delta.offset)
+                            .cloned()
+                            .collect();
+                        write_delta(&mut store, s, &delta, &emitted).unwrap();
                     }
                 }
             }
@@ -154,6 +225,13 @@ mod tests {
         got.sort();
         assert!(!expected.is_empty());
         assert_eq!(got, expected);
+        // The history is every trigger, once: those stored with checkpoints and those re-emitted.
+        let mut everything = all_triggers.clone();
+        everything.sort();
+        assert_eq!(r.history, everything);
+        drop(r);
+        let again = recover(dir.path(), &config, shards, JournalConfig::default(), Box::new(OsSyncer)).unwrap();
+        assert_eq!(again.history, everything, "recovering twice stores nothing twice");
     }
 
     #[test]
@@ -165,7 +243,7 @@ mod tests {
         let deposit = parse_line(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"5"}"#).unwrap();
         engine.apply(Offset(7), &deposit, &mut Vec::new()).unwrap();
         let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-        write_delta(&mut store, 0, &engine.take_delta()).unwrap();
+        write_delta(&mut store, 0, &engine.take_delta(), &[]).unwrap();
         drop(store);
         let err = recover(dir.path(), &config, 1, JournalConfig::default(), Box::new(OsSyncer)).err().unwrap();
         let msg = format!("{err:#}");

@@ -141,7 +141,7 @@ fn persistence_thread(
     journal: std_mpsc::SyncSender<JournalMsg>,
     durable: Arc<AtomicU64>,
 ) {
-    while let Ok(ShardDelta { shard, delta }) = rx.recv() {
+    while let Ok(ShardDelta { shard, delta, triggers }) = rx.recv() {
         let started = Instant::now();
         let offset = delta.offset;
         // Shards apply before the journal syncs: a checkpoint must never get ahead of the journal, or a crash
@@ -150,7 +150,7 @@ fn persistence_thread(
         while durable.load(Ordering::Acquire) < offset.0 {
             thread::sleep(Duration::from_micros(200));
         }
-        match write_delta(&mut store, shard, &delta) {
+        match write_delta(&mut store, shard, &delta, &triggers) {
             Ok(bytes) => {
                 tracing::info!(
                     shard,

@@ -1,5 +1,6 @@
 //! Shard checkpoints in sled: one tree per shard holding the latest encoded version of each changed account, the
-//! encoded market, and the `{offset}` watermark, all written by one atomic `apply_batch`, then flushed.
+//! encoded market, the `{offset}` watermark and the triggers the shard emitted up to it, all written by one atomic
+//! `apply_batch`, then flushed.
 //!
 //! Behind the small [`CheckpointStore`] trait so another embedded store can be measured against sled. Limits:
 //! sled 0.34's `flush()` uses `sync_file_range` on Linux, which survives a process crash but is not a power-loss
@@ -12,6 +13,7 @@ use vigil_model::Offset;
 const KEY_OFFSET: &[u8] = b"o";
 const KEY_MARKET: &[u8] = b"m";
 const PREFIX_ACCOUNT: &[u8] = b"a/";
+const PREFIX_TRIGGER: &[u8] = b"t/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -31,15 +33,20 @@ pub struct Loaded {
 
 /// What a checkpoint writer needs.
 pub trait CheckpointStore: Send {
-    /// Writes one delta atomically (accounts by id, the market, the watermark) and makes it durable.
-    /// Returns the bytes written.
+    /// Writes one delta atomically (accounts by id, the market, the watermark, and triggers as `(identity key,
+    /// value)`: writing the same identity twice keeps one) and makes it durable. Returns the bytes written.
     fn write(
         &mut self,
         shard: usize,
         offset: Offset,
         market: &[u8],
         accounts: &[(&str, Vec<u8>)],
+        triggers: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<u64, CheckpointError>;
+    /// Adds triggers (by identity key) without moving the watermark, durably.
+    fn put_triggers(&mut self, shard: usize, triggers: &[(Vec<u8>, Vec<u8>)]) -> Result<(), CheckpointError>;
+    /// Every trigger value stored for a shard, in key order.
+    fn triggers(&self, shard: usize) -> Result<Vec<Vec<u8>>, CheckpointError>;
     /// Loads a shard's checkpoint (empty if none).
     fn load(&self, shard: usize) -> Result<Loaded, CheckpointError>;
     /// The watermark of a shard (0 if none).
@@ -74,6 +81,13 @@ impl SledStore {
     }
 }
 
+fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + key.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(key);
+    k
+}
+
 fn account_key(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(PREFIX_ACCOUNT.len() + id.len());
     k.extend_from_slice(PREFIX_ACCOUNT);
@@ -88,6 +102,7 @@ impl CheckpointStore for SledStore {
         offset: Offset,
         market: &[u8],
         accounts: &[(&str, Vec<u8>)],
+        triggers: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<u64, CheckpointError> {
         let tree = self.tree(shard)?;
         let mut batch = sled::Batch::default();
@@ -95,6 +110,10 @@ impl CheckpointStore for SledStore {
         for (id, value) in accounts {
             bytes += (id.len() + value.len()) as u64;
             batch.insert(account_key(id), value.as_slice());
+        }
+        for (key, value) in triggers {
+            bytes += (key.len() + value.len()) as u64;
+            batch.insert(prefixed(PREFIX_TRIGGER, key), value.as_slice());
         }
         batch.insert(KEY_MARKET, market);
         batch.insert(KEY_OFFSET, &offset.0.to_be_bytes()[..]);
@@ -113,6 +132,27 @@ impl CheckpointStore for SledStore {
             accounts.push(v.to_vec());
         }
         Ok(Loaded { offset, market, accounts })
+    }
+
+    fn put_triggers(&mut self, shard: usize, triggers: &[(Vec<u8>, Vec<u8>)]) -> Result<(), CheckpointError> {
+        if triggers.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in triggers {
+            batch.insert(prefixed(PREFIX_TRIGGER, key), value.as_slice());
+        }
+        self.tree(shard)?.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn triggers(&self, shard: usize) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let mut out = Vec::new();
+        for item in self.tree(shard)?.scan_prefix(PREFIX_TRIGGER) {
+            out.push(item?.1.to_vec());
+        }
+        Ok(out)
     }
 
     fn offset(&self, shard: usize) -> Result<Offset, CheckpointError> {
@@ -142,9 +182,13 @@ mod tests {
         {
             let mut s = SledStore::open(dir.path()).unwrap();
             assert_eq!(s.load(0).unwrap(), Loaded::default());
-            s.write(0, Offset(10), b"m1", &[("alice", b"a1".to_vec()), ("bob", b"b1".to_vec())]).unwrap();
-            s.write(0, Offset(20), b"m2", &[("alice", b"a2".to_vec())]).unwrap();
-            s.write(1, Offset(15), b"m1", &[("carol", b"c1".to_vec())]).unwrap();
+            let t = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
+            s.write(0, Offset(10), b"m1", &[("alice", b"a1".to_vec()), ("bob", b"b1".to_vec())], &[t("k1", "t1")])
+                .unwrap();
+            s.write(0, Offset(20), b"m2", &[("alice", b"a2".to_vec())], &[t("k2", "t2")]).unwrap();
+            s.write(1, Offset(15), b"m1", &[("carol", b"c1".to_vec())], &[]).unwrap();
+            // The same identity again (a trigger re-emitted by recovery) keeps one copy.
+            s.put_triggers(0, &[t("k1", "t1"), t("k3", "t3")]).unwrap();
             assert!(s.size_on_disk().unwrap() > 0);
         }
         let s = SledStore::open(dir.path()).unwrap();
@@ -155,5 +199,8 @@ mod tests {
         assert_eq!(s.offset(1).unwrap(), Offset(15));
         assert_eq!(s.load(1).unwrap().accounts, vec![b"c1".to_vec()]);
         assert_eq!(s.shards(), vec![0, 1]);
+        assert_eq!(s.triggers(0).unwrap(), vec![b"t1".to_vec(), b"t2".to_vec(), b"t3".to_vec()]);
+        assert!(s.triggers(1).unwrap().is_empty());
+        assert_eq!(s.offset(0).unwrap(), Offset(20));
     }
 }
