@@ -56,9 +56,10 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = ServeConfig::new(dir.path().to_owned());
     config.ingest = "127.0.0.1:0".parse().expect("address");
+    config.http = "127.0.0.1:0".parse().expect("address");
     config.checkpoint_events = 1_000_000;
     let (tx, rx) = mpsc::channel();
-    let node = std::thread::spawn(move || serve(config, move |addr| tx.send(addr).expect("bench waits")));
+    let node = std::thread::spawn(move || serve(config, move |addr| tx.send(addr.ingest).expect("bench waits")));
     let addr = rx.recv_timeout(Duration::from_secs(60)).expect("node ready").to_string();
     // Setup (reference data, deposits, opening trades) on one connection, then the stream on two.
     let setup_len = events.len() - 1_000_000;

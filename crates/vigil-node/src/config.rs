@@ -1,16 +1,6 @@
-//! The node's optional configuration file (TOML). Every key is optional; a command-line flag wins over the file,
-//! the file over the built-in default. Unknown keys are errors, so a typo never passes silently.
-//!
-//! ```toml
-//! data = "vigil-data"
-//! ingest = "127.0.0.1:7878"
-//! shards = 2
-//! detection = "indexed"      # or "rescan"
-//! wait = "park"              # or "spin-yield", "spin"
-//! quote = "USDC"
-//! checkpoint_events = 1000000
-//! checkpoint_secs = 30
-//! ```
+//! The node's settings: an optional TOML file (`vigil serve --config vigil.toml`), every key also a flag. A flag
+//! (or its environment variable) wins over the file, the file over the built-in default. Unknown keys are errors,
+//! so a typo never passes silently. docs/configuration.md lists every key with its default.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,19 +12,61 @@ use vigil_engine::{Config, Detection};
 
 use crate::pipeline::Wait;
 use crate::serve::ServeConfig;
+use crate::wire::FRAME_BYTES_MAX;
 
 /// Node settings, each optional: from the file, or from the command line.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSettings {
+    /// Data directory (journal and checkpoints) [default: vigil-data].
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Binary TCP ingest address (docs/wire.md) [default: 127.0.0.1:7878].
+    #[arg(long)]
     pub ingest: Option<SocketAddr>,
+    /// HTTP API address (docs/api.md) [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Bearer token required on writes (HTTP POST /v1/events and TCP ingest); required to listen beyond
+    /// loopback [default: none].
+    #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Shard threads [default: 2].
+    #[arg(long)]
     pub shards: Option<u16>,
+    /// indexed or rescan [default: indexed].
+    #[arg(long)]
     pub detection: Option<String>,
+    /// park, spin-yield or spin [default: park].
+    #[arg(long)]
     pub wait: Option<String>,
+    /// The quote currency [default: USDC].
+    #[arg(long)]
     pub quote: Option<String>,
+    /// Checkpoint every this many events… [default: 1000000]
+    #[arg(long)]
     pub checkpoint_events: Option<u64>,
+    /// …or every this many seconds, when anything changed [default: 30].
+    #[arg(long)]
     pub checkpoint_secs: Option<u64>,
+    /// Journal segment size in bytes [default: 67108864].
+    #[arg(long)]
+    pub journal_segment_bytes: Option<u64>,
+    /// Open TCP ingest connections at most [default: 1024].
+    #[arg(long)]
+    pub connections_max: Option<usize>,
+    /// HTTP requests served at once; more wait [default: 1024].
+    #[arg(long)]
+    pub http_concurrency_max: Option<usize>,
+    /// Largest HTTP request body in bytes [default: 16777216].
+    #[arg(long)]
+    pub http_body_bytes_max: Option<usize>,
+    /// Largest TCP ingest frame in bytes, at most 16777216 [default: 16777216].
+    #[arg(long)]
+    pub frame_bytes_max: Option<usize>,
+    /// How long a read waits for its min_offset, in milliseconds [default: 5000].
+    #[arg(long)]
+    pub query_timeout_ms: Option<u64>,
 }
 
 impl NodeSettings {
@@ -49,6 +81,10 @@ impl NodeSettings {
         if let Some(ingest) = self.ingest.or(file.ingest) {
             c.ingest = ingest;
         }
+        if let Some(http) = self.http.or(file.http) {
+            c.http = http;
+        }
+        c.token = self.token.or(file.token);
         let shards = self.shards.or(file.shards).unwrap_or(2);
         anyhow::ensure!((1..=256).contains(&shards), "shards must be between 1 and 256, got {shards}");
         c.shards = usize::from(shards);
@@ -66,6 +102,32 @@ impl NodeSettings {
         }
         if let Some(s) = self.checkpoint_secs.or(file.checkpoint_secs) {
             c.checkpoint_interval = Duration::from_secs(s.max(1));
+        }
+        if let Some(b) = self.journal_segment_bytes.or(file.journal_segment_bytes) {
+            anyhow::ensure!(b >= 1 << 20, "journal_segment_bytes must be at least 1 MiB (1048576), got {b}");
+            c.journal.segment_bytes_max = b;
+        }
+        if let Some(n) = self.connections_max.or(file.connections_max) {
+            anyhow::ensure!(n >= 1, "connections_max must be at least 1");
+            c.connections_max = n;
+        }
+        if let Some(n) = self.http_concurrency_max.or(file.http_concurrency_max) {
+            anyhow::ensure!(n >= 1, "http_concurrency_max must be at least 1");
+            c.http_concurrency_max = n;
+        }
+        if let Some(n) = self.http_body_bytes_max.or(file.http_body_bytes_max) {
+            anyhow::ensure!(n >= 1024, "http_body_bytes_max must be at least 1024, got {n}");
+            c.http_body_bytes_max = n;
+        }
+        if let Some(n) = self.frame_bytes_max.or(file.frame_bytes_max) {
+            anyhow::ensure!(
+                (64..=FRAME_BYTES_MAX).contains(&n),
+                "frame_bytes_max must be between 64 and {FRAME_BYTES_MAX}, got {n}"
+            );
+            c.frame_bytes_max = n;
+        }
+        if let Some(ms) = self.query_timeout_ms.or(file.query_timeout_ms) {
+            c.query_timeout = Duration::from_millis(ms.max(1));
         }
         Ok(c)
     }
@@ -98,11 +160,33 @@ mod tests {
         assert_eq!(c.wait, Wait::SpinYield);
         assert_eq!(c.checkpoint_interval, Duration::from_secs(5));
         assert_eq!(c.checkpoint_events, 1_000_000);
+        assert_eq!(c.token, None);
+        assert_eq!(c.http.port(), 8080);
         let defaults = NodeSettings::default().resolve(NodeSettings::default()).unwrap();
         assert_eq!((defaults.shards, defaults.ingest.port()), (2, 7878));
         assert!(toml::from_str::<NodeSettings>("shard = 3").is_err());
         let bad = NodeSettings { detection: Some("fast".into()), ..NodeSettings::default() };
         assert!(bad.resolve(NodeSettings::default()).is_err());
+        let every: NodeSettings = toml::from_str(
+            r#"
+            http = "127.0.0.1:9001"
+            token = "t0k"
+            journal_segment_bytes = 2097152
+            connections_max = 3
+            http_concurrency_max = 4
+            http_body_bytes_max = 4096
+            frame_bytes_max = 1024
+            query_timeout_ms = 250
+            "#,
+        )
+        .unwrap();
+        let c = NodeSettings::default().resolve(every).unwrap();
+        assert_eq!((c.http.port(), c.token.as_deref()), (9001, Some("t0k")));
+        assert_eq!((c.journal.segment_bytes_max, c.connections_max, c.http_concurrency_max), (2 << 20, 3, 4));
+        assert_eq!((c.http_body_bytes_max, c.frame_bytes_max), (4096, 1024));
+        assert_eq!(c.query_timeout, Duration::from_millis(250));
+        let huge = NodeSettings { frame_bytes_max: Some(FRAME_BYTES_MAX + 1), ..NodeSettings::default() };
+        assert!(huge.resolve(NodeSettings::default()).is_err());
         let zero = NodeSettings { shards: Some(0), ..NodeSettings::default() };
         assert!(zero.resolve(NodeSettings::default()).is_err());
     }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod handoff;
+pub mod http;
 pub mod inspect;
 pub mod pipeline;
 pub mod recovery;

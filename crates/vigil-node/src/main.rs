@@ -47,33 +47,12 @@ enum Command {
     /// Runs the durable risk node: binary TCP ingest, journal with group commit, checkpoints, crash recovery.
     /// Flags override the optional `--config` file, which overrides the defaults shown.
     Serve {
-        /// A TOML file with any of the settings below (keys as the flags, with underscores; see README).
+        /// A TOML file with any of the settings below (keys as the flags, with underscores;
+        /// docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Data directory (journal and checkpoints) [default: vigil-data].
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Ingest address (binary frames, docs/wire.md) [default: 127.0.0.1:7878].
-        #[arg(long)]
-        ingest: Option<std::net::SocketAddr>,
-        /// Shard threads [default: 2].
-        #[arg(long)]
-        shards: Option<u16>,
-        /// indexed or rescan [default: indexed].
-        #[arg(long)]
-        detection: Option<String>,
-        /// park, spin-yield or spin [default: park].
-        #[arg(long)]
-        wait: Option<String>,
-        /// The quote currency [default: USDC].
-        #[arg(long)]
-        quote: Option<String>,
-        /// Checkpoint every this many events… [default: 1000000]
-        #[arg(long)]
-        checkpoint_events: Option<u64>,
-        /// …or every this many seconds, when anything changed [default: 30].
-        #[arg(long)]
-        checkpoint_secs: Option<u64>,
+        #[command(flatten)]
+        settings: Box<NodeSettings>,
     },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
@@ -121,7 +100,7 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs } => {
+        Command::Serve { config, settings } => {
             tracing_subscriber::fmt()
                 .with_writer(io::stderr)
                 .with_env_filter(
@@ -133,13 +112,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => NodeSettings::load(&path)?,
                 None => NodeSettings::default(),
             };
-            let flags =
-                NodeSettings { data, ingest, shards, detection, wait, quote, checkpoint_events, checkpoint_secs };
-            let config = flags.resolve(file)?;
-            vigil_node::serve::serve(config, |addr| {
-                // Scripts and tests read this line to find the port.
-                println!("listening on {addr}");
-                let _ = io::stdout().flush();
+            let config = settings.resolve(file)?;
+            vigil_node::serve::serve(config, |bound| {
+                // Scripts and tests read these lines to find the ports. A closed standard output (a reader that
+                // took the first line and left) must not stop the node: errors are ignored, never panicked on.
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out, "listening on {}", bound.ingest);
+                let _ = writeln!(out, "http on {}", bound.http);
+                let _ = out.flush();
             })
         }
         Command::Inspect { data, verify } => {

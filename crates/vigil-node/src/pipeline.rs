@@ -276,6 +276,8 @@ pub struct Pipeline {
     unwoken: Vec<bool>,
     unwoken_count: usize,
     since_publish: u32,
+    /// Every output at or below this offset has been released.
+    drained: Offset,
 }
 
 /// Events between two wake-ups of the shards by `submit`.
@@ -395,6 +397,7 @@ impl Pipeline {
             unwoken: vec![false; n],
             unwoken_count: 0,
             since_publish: 0,
+            drained: offset,
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
@@ -546,7 +549,13 @@ impl Pipeline {
         self.release(watermark, sink);
     }
 
+    /// The offset through which every output has been released (by `drain`, `flush` or `finish`).
+    pub fn drained(&self) -> Offset {
+        self.drained
+    }
+
     fn release(&mut self, watermark: Offset, sink: &mut impl FnMut(Released)) {
+        self.drained = self.drained.max(watermark);
         while let Some(entry) = self.pending.first_entry() {
             if *entry.key() > watermark {
                 break;

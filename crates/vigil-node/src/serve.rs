@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,20 +22,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use vigil_engine::Config;
-use vigil_model::{Event, Offset};
+use vigil_model::{Event, Offset, Rejection, RejectionRecord};
 use vigil_store::checkpoint::SledStore;
 use vigil_store::codec::encode_event;
 use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
 use vigil_store::layout;
 
+use crate::http::{Hub, HubConfig, Node, token_matches};
 use crate::pipeline::{Pipeline, PipelineConfig, Released, ShardDelta, Wait};
 use crate::recovery::{recover, write_delta};
-use crate::wire::{FRAME_BYTES_MAX, ack_frame, decode_batch, error_frame};
+use crate::wire::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, WIRE_AUTH, ack_frame, auth_ok_frame, decode_batch, error_frame};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data: PathBuf,
     pub ingest: SocketAddr,
+    /// The HTTP API (docs/api.md).
+    pub http: SocketAddr,
+    /// Bearer token required on writes (HTTP `POST /v1/events`, every TCP ingest connection).
+    pub token: Option<String>,
+    /// Open TCP ingest connections at most; more are refused with an error frame.
+    pub connections_max: usize,
+    /// HTTP requests handled at once; more wait.
+    pub http_concurrency_max: usize,
+    /// Largest HTTP request body, in bytes.
+    pub http_body_bytes_max: usize,
+    /// Largest TCP ingest frame, in bytes (at most `wire::FRAME_BYTES_MAX`).
+    pub frame_bytes_max: usize,
+    /// How long a read waits for its `min_offset`.
+    pub query_timeout: Duration,
     pub shards: usize,
     pub engine: Config,
     pub wait: Wait,
@@ -51,6 +66,13 @@ impl ServeConfig {
         Self {
             data,
             ingest: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            connections_max: 1024,
+            http_concurrency_max: 1024,
+            http_body_bytes_max: 16 << 20,
+            frame_bytes_max: FRAME_BYTES_MAX,
+            query_timeout: Duration::from_secs(5),
             shards: 2,
             engine: Config::default(),
             wait: Wait::Park,
@@ -61,12 +83,21 @@ impl ServeConfig {
     }
 }
 
-type AckReply = oneshot::Sender<Result<(Offset, Offset), String>>;
+pub type AckReply = oneshot::Sender<Result<(Offset, Offset), String>>;
 
-/// A batch from a connection: events with their encoded journal records.
-struct IngestBatch {
-    events: Vec<(Event, Vec<u8>)>,
-    reply: AckReply,
+/// One sequenced input: an event, or input rejected before it became one (it takes an offset all the same).
+pub enum Item {
+    Event(Event),
+    Invalid(Rejection),
+}
+
+/// A batch from a client: items with their encoded journal records.
+pub struct IngestBatch {
+    pub items: Vec<(Item, Vec<u8>)>,
+    /// The offset range, once durable.
+    pub reply: AckReply,
+    /// The batch's rejections, once every shard has applied it (HTTP answers with them; TCP does not ask).
+    pub report: Option<oneshot::Sender<Vec<RejectionRecord>>>,
 }
 
 enum JournalMsg {
@@ -140,6 +171,7 @@ fn persistence_thread(
     mut watermarks: Vec<Offset>,
     journal: std_mpsc::SyncSender<JournalMsg>,
     durable: Arc<AtomicU64>,
+    hub: Arc<Hub>,
 ) {
     while let Ok(ShardDelta { shard, delta, triggers }) = rx.recv() {
         let started = Instant::now();
@@ -163,6 +195,7 @@ fn persistence_thread(
                 if let Some(w) = watermarks.get_mut(shard) {
                     *w = offset;
                 }
+                hub.set_checkpoint(shard, offset);
                 if let Some(oldest) = watermarks.iter().min() {
                     let _ = journal.try_send(JournalMsg::Trim(*oldest));
                 }
@@ -172,37 +205,83 @@ fn persistence_thread(
     }
 }
 
-/// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling.
+/// A batch waiting for its rejections.
+struct Report {
+    first: Offset,
+    last: Offset,
+    rejections: Vec<RejectionRecord>,
+    reply: oneshot::Sender<Vec<RejectionRecord>>,
+}
+
+/// The output gate: outputs leave only at or below the durable offset.
+struct Gate {
+    items: VecDeque<Released>,
+    reports: VecDeque<Report>,
+    durable: Arc<AtomicU64>,
+    hub: Arc<Hub>,
+    released: u64,
+}
+
+impl Gate {
+    /// Releases what is durable; `drained` is the offset through which the pipeline has handed over outputs.
+    fn release(&mut self, drained: Offset) {
+        let durable = Offset(self.durable.load(Ordering::Acquire));
+        let mut triggers = Vec::new();
+        while let Some(r) = self.items.front()
+            && r.offset() <= durable
+        {
+            let Some(r) = self.items.pop_front() else { break };
+            self.released += 1;
+            match r {
+                Released::Trigger(t) => {
+                    tracing::info!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
+                        symbol = t.symbol.as_deref().unwrap_or(""), "trigger");
+                    triggers.push(t);
+                }
+                Released::Rejection(rec) => {
+                    if let Some(report) =
+                        self.reports.iter_mut().find(|p| p.first <= rec.offset && rec.offset <= p.last)
+                    {
+                        report.rejections.push(rec);
+                    }
+                }
+            }
+        }
+        let through = durable.min(drained);
+        self.hub.publish(triggers, through);
+        while self.reports.front().is_some_and(|p| p.last <= through) {
+            if let Some(p) = self.reports.pop_front() {
+                let _ = p.reply.send(p.rejections);
+            }
+        }
+    }
+}
+
+/// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling. Runs until
+/// `stop` is set (then takes what is already queued) or every sender is gone.
 fn sequencer_thread(
     runtime: tokio::runtime::Handle,
     mut pipeline: Pipeline,
     mut ingest: mpsc::Receiver<IngestBatch>,
     journal: std_mpsc::SyncSender<JournalMsg>,
-    durable: Arc<AtomicU64>,
+    mut gate: Gate,
+    stop: Arc<AtomicBool>,
     config: ServeConfig,
 ) {
-    let mut gate: VecDeque<Released> = VecDeque::new();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
-    let mut released = 0u64;
-    let mut release = |gate: &mut VecDeque<Released>| {
-        let d = Offset(durable.load(Ordering::Acquire));
-        while gate.front().is_some_and(|r| r.offset() <= d) {
-            if let Some(r) = gate.pop_front() {
-                released += 1;
-                if let Released::Trigger(t) = r {
-                    tracing::info!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
-                        symbol = t.symbol.as_deref().unwrap_or(""), "trigger");
-                }
-            }
-        }
-    };
+    let mut stopping = false;
     loop {
+        if !stopping && stop.load(Ordering::Acquire) {
+            // No new batches; the queued ones are still taken (their senders were told nothing yet).
+            stopping = true;
+            ingest.close();
+        }
         let batch = match ingest.try_recv() {
             Ok(b) => Some(b),
             Err(mpsc::error::TryRecvError::Empty) => {
-                pipeline.drain(&mut |r| gate.push_back(r));
-                release(&mut gate);
+                pipeline.drain(&mut |r| gate.items.push_back(r));
+                gate.release(pipeline.drained());
                 if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
                     pipeline.checkpoint();
                     since_checkpoint = 0;
@@ -218,15 +297,25 @@ fn sequencer_thread(
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
-        let Some(IngestBatch { events, reply }) = batch else { break };
+        let Some(IngestBatch { items, reply, report }) = batch else { break };
+        if items.is_empty() {
+            continue; // never built by the listeners; an empty batch has no offsets to acknowledge
+        }
         let first = Offset(pipeline.offset().0 + 1);
-        let mut records = Vec::with_capacity(events.len());
-        for (event, record) in events {
-            pipeline.submit(event);
+        let mut records = Vec::with_capacity(items.len());
+        for (item, record) in items {
+            match item {
+                Item::Event(event) => pipeline.submit(event),
+                Item::Invalid(rejection) => pipeline.reject(rejection),
+            };
             records.push(record);
         }
         since_checkpoint += records.len() as u64;
         pipeline.publish();
+        if let Some(reply) = report {
+            let last = pipeline.offset();
+            gate.reports.push_back(Report { first, last, rejections: Vec::new(), reply });
+        }
         if journal.send(JournalMsg::Batch { first, records, reply }).is_err() {
             break; // the journal thread stopped (poisoned)
         }
@@ -237,15 +326,25 @@ fn sequencer_thread(
         }
     }
     // Shutdown: apply everything, checkpoint, release what is durable.
-    pipeline.flush(&mut |r| gate.push_back(r));
+    pipeline.flush(&mut |r| gate.items.push_back(r));
     pipeline.checkpoint();
+    let drained = pipeline.offset();
     let _ = pipeline.finish(&mut |_| {});
     drop(journal);
-    release(&mut gate);
-    tracing::info!(released, "sequencer stopped");
+    // The journal thread commits what it was sent before it stops; wait for that, then release it.
+    let target = drained.0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.durable.load(Ordering::Acquire) < target && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    gate.release(drained);
+    tracing::info!(released = gate.released, "sequencer stopped");
 }
 
-async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Option<Result<Vec<u8>, String>>> {
+/// How long the rest of a frame may take once its length has arrived (a stalled sender is cut off).
+const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn read_frame(stream: &mut TcpStream, max: usize) -> std::io::Result<Option<Result<Vec<u8>, String>>> {
     let mut len = [0u8; 4];
     match stream.read_exact(&mut len).await {
         Ok(_) => {}
@@ -253,18 +352,30 @@ async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Option<Result<Vec
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > FRAME_BYTES_MAX {
-        return Ok(Some(Err(format!("frame length {len} out of bounds (1..={FRAME_BYTES_MAX})"))));
+    if len == 0 || len > max {
+        return Ok(Some(Err(format!("frame length {len} out of bounds (1..={max})"))));
     }
     let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
+    match tokio::time::timeout(FRAME_BODY_TIMEOUT, stream.read_exact(&mut body)).await {
+        Ok(r) => r?,
+        Err(_) => return Ok(Some(Err(format!("frame body not received within {} s", FRAME_BODY_TIMEOUT.as_secs())))),
+    };
     Ok(Some(Ok(body)))
 }
 
-async fn connection(mut stream: TcpStream, ingest: mpsc::Sender<IngestBatch>) {
+/// What a connection needs from the node.
+#[derive(Clone)]
+struct Listener {
+    ingest: mpsc::Sender<IngestBatch>,
+    token: Option<Arc<str>>,
+    frame_bytes_max: usize,
+}
+
+async fn connection(mut stream: TcpStream, node: Listener) {
     let _ = stream.set_nodelay(true);
+    let mut authorized = node.token.is_none();
     loop {
-        let body = match read_frame(&mut stream).await {
+        let body = match read_frame(&mut stream, node.frame_bytes_max).await {
             Ok(None) | Err(_) => return,
             Ok(Some(Err(msg))) => {
                 let _ = stream.write_all(&error_frame(&msg)).await;
@@ -272,6 +383,23 @@ async fn connection(mut stream: TcpStream, ingest: mpsc::Sender<IngestBatch>) {
             }
             Ok(Some(Ok(b))) => b,
         };
+        if body.first() == Some(&WIRE_AUTH) {
+            let given = std::str::from_utf8(&body[1..]).unwrap_or("");
+            let ok = node.token.as_deref().is_none_or(|t| token_matches(t, given));
+            if !ok {
+                let _ = stream.write_all(&error_frame("unauthorized: wrong token")).await;
+                return;
+            }
+            authorized = true;
+            if stream.write_all(&auth_ok_frame()).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if !authorized {
+            let _ = stream.write_all(&error_frame("unauthorized: this node requires an auth frame first")).await;
+            return;
+        }
         let events = match decode_batch(&body) {
             Ok(e) => e,
             Err(e) => {
@@ -279,17 +407,17 @@ async fn connection(mut stream: TcpStream, ingest: mpsc::Sender<IngestBatch>) {
                 return;
             }
         };
-        let mut with_records = Vec::with_capacity(events.len());
+        let mut items = Vec::with_capacity(events.len());
         for event in events {
             let mut record = Vec::new();
             if let Err(e) = encode_event(&event, &mut record) {
                 let _ = stream.write_all(&error_frame(&e.to_string())).await;
                 return;
             }
-            with_records.push((event, record));
+            items.push((Item::Event(event), record));
         }
         let (tx, rx) = oneshot::channel();
-        if ingest.send(IngestBatch { events: with_records, reply: tx }).await.is_err() {
+        if node.ingest.send(IngestBatch { items, reply: tx, report: None }).await.is_err() {
             let _ = stream.write_all(&error_frame("node shutting down")).await;
             return;
         }
@@ -326,9 +454,66 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs the node until SIGTERM/SIGINT. `ready` receives the bound ingest address.
-pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+/// The addresses the node listens on.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub ingest: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Refuses to expose an unauthenticated node beyond loopback.
+pub fn check_exposure(config: &ServeConfig) -> anyhow::Result<()> {
+    if config.token.is_none() {
+        for (what, addr) in [("ingest", config.ingest), ("http", config.http)] {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "refusing to listen for {what} on {addr}, beyond loopback, without a token (set --token, `token` \
+                 in the config file, or VIGIL_TOKEN)"
+            );
+        }
+    }
+    if let Some(t) = &config.token {
+        anyhow::ensure!(!t.is_empty() && !t.chars().any(char::is_control), "the token must be non-empty text");
+    }
+    Ok(())
+}
+
+/// Runs the node until SIGTERM/SIGINT. `ready` receives the bound addresses as soon as they are bound: the HTTP
+/// API answers `/health` (and `/ready` with 503) while recovery runs; TCP connections wait in the backlog.
+pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
+    check_exposure(&config)?;
     let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let hub = Arc::new(Hub::new(HubConfig {
+        token: config.token.clone(),
+        query_timeout: config.query_timeout,
+        events_max: BATCH_EVENTS_MAX,
+    }));
+    let (tcp, http) = runtime.block_on(async {
+        let tcp = TcpListener::bind(config.ingest).await.with_context(|| format!("binding {}", config.ingest))?;
+        let http = TcpListener::bind(config.http).await.with_context(|| format!("binding {}", config.http))?;
+        Ok::<_, anyhow::Error>((tcp, http))
+    })?;
+    let bound = Bound { ingest: tcp.local_addr()?, http: http.local_addr()? };
+    tracing::info!(ingest = %bound.ingest, http = %bound.http, data = %config.data.display(), "listening");
+    let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
+    let http_task = {
+        let app = crate::http::router(Arc::clone(&hub), config.http_body_bytes_max, config.http_concurrency_max);
+        runtime.spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(http, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    };
+    ready(bound);
+
     let recovery = recover(&config.data, &config.engine, config.shards, config.journal.clone(), Box::new(OsSyncer))?;
     tracing::info!(
         durable = recovery.journal_recovered.durable.0,
@@ -360,9 +545,10 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Res
     let store = SledStore::open(&layout::checkpoints(&config.data)).context("opening the checkpoint store")?;
     let persistence_handle = {
         let (watermarks, journal, durable) = (recovery.watermarks.clone(), journal_tx.clone(), Arc::clone(&durable));
+        let hub = Arc::clone(&hub);
         thread::Builder::new()
             .name("vigil-persist".into())
-            .spawn(move || persistence_thread(store, delta_rx, watermarks, journal, durable))?
+            .spawn(move || persistence_thread(store, delta_rx, watermarks, journal, durable, hub))?
     };
     let pipeline_config = PipelineConfig {
         engine: config.engine.clone(),
@@ -371,50 +557,73 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(SocketAddr)) -> anyhow::Res
         ..PipelineConfig::default()
     };
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
+    let checker = pipeline.checker();
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Gate {
+        items: VecDeque::new(),
+        reports: VecDeque::new(),
+        durable: Arc::clone(&durable),
+        hub: Arc::clone(&hub),
+        released: 0,
+    };
     let sequencer_handle = {
-        let (durable, config, handle) = (Arc::clone(&durable), config.clone(), runtime.handle().clone());
+        let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
         thread::Builder::new()
             .name("vigil-sequencer".into())
-            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, journal_tx, durable, config))?
+            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, journal_tx, gate, stop, config))?
     };
+    hub.start(
+        recovery.history,
+        durable_offset,
+        recovery.watermarks,
+        Node { checker, ingest: ingest_tx.clone(), durable: Arc::clone(&durable) },
+    );
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "ready");
+
+    let listener = Listener {
+        ingest: ingest_tx,
+        token: config.token.as_deref().map(Arc::from),
+        frame_bytes_max: config.frame_bytes_max.min(FRAME_BYTES_MAX),
+    };
+    let connections_max = config.connections_max.max(1);
     runtime.block_on(async {
-        let listener = TcpListener::bind(config.ingest).await.with_context(|| format!("binding {}", config.ingest))?;
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, data = %config.data.display(), "listening");
-        ready(addr);
         let signal = shutdown_signal();
         tokio::pin!(signal);
         let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = &mut signal => break,
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        connections.spawn(connection(stream, ingest_tx.clone()));
+                accepted = tcp.accept() => {
+                    if let Ok((mut stream, _)) = accepted {
+                        if connections.len() >= connections_max {
+                            let msg = format!("too many connections (at most {connections_max})");
+                            connections.spawn(async move { let _ = stream.write_all(&error_frame(&msg)).await; });
+                        } else {
+                            connections.spawn(connection(stream, listener.clone()));
+                        }
                     }
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
         // Stop accepting; close connections (a batch not yet acknowledged was never promised).
-        drop(listener);
+        drop(tcp);
         connections.abort_all();
         while connections.join_next().await.is_some() {}
         tracing::info!("shutting down: draining");
-        Ok::<(), anyhow::Error>(())
-    })?;
-    // The last sender: the sequencer sees the queue close, drains, checkpoints and stops (while the runtime it
-    // waits through is still alive); then the journal and persistence threads finish their queues.
-    drop(ingest_tx);
+    });
+    // The sequencer takes what is queued, drains, checkpoints and stops (while the runtime it waits through is
+    // still alive); then the journal and persistence threads finish their queues. HTTP requests in flight get
+    // their answers; live trigger streams end.
+    drop(listener);
+    let _ = http_stop_tx.send(true);
+    stop.store(true, Ordering::Release);
     let _ = sequencer_handle.join();
+    hub.shut_down();
     let _ = journal_handle.join();
     let _ = persistence_handle.join();
+    let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), http_task).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
     tracing::info!(durable = durable.load(Ordering::Acquire), "stopped");
     Ok(())

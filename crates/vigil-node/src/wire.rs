@@ -4,6 +4,9 @@
 //! standard config). Response frame: `len: u32 LE` | `kind: u8` | body. Kind 1, ack: `first: u64 LE`,
 //! `last: u64 LE`, the offset range of the batch, sent only once it is durable. Kind 2, error: UTF-8 message;
 //! the server closes the connection after it, and nothing of the offending frame was appended.
+//!
+//! When the node has a token, the first frame must be an auth frame: `len` | `0x10` | the token's UTF-8 bytes,
+//! answered by kind 3 (empty body) or an error frame (and the connection closed).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -17,8 +20,12 @@ pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Most events in one batch.
 pub const BATCH_EVENTS_MAX: usize = 65_536;
 
+/// First byte of an auth frame.
+pub const WIRE_AUTH: u8 = 0x10;
+
 pub const KIND_ACK: u8 = 1;
 pub const KIND_ERROR: u8 = 2;
+pub const KIND_AUTH_OK: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -77,6 +84,23 @@ pub fn ack_frame(first: Offset, last: Offset) -> Vec<u8> {
     f
 }
 
+/// An auth frame (request).
+pub fn auth_frame(token: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(5 + token.len());
+    f.extend_from_slice(&(token.len() as u32 + 1).to_le_bytes());
+    f.push(WIRE_AUTH);
+    f.extend_from_slice(token.as_bytes());
+    f
+}
+
+/// The answer to a good auth frame.
+pub fn auth_ok_frame() -> Vec<u8> {
+    let mut f = Vec::with_capacity(5);
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.push(KIND_AUTH_OK);
+    f
+}
+
 /// An error frame.
 pub fn error_frame(message: &str) -> Vec<u8> {
     let mut f = Vec::with_capacity(5 + message.len());
@@ -96,6 +120,16 @@ impl Client {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         Ok(Self { stream })
+    }
+
+    /// Connects and presents `token` (when given) before anything else.
+    pub fn connect_with(addr: &str, token: Option<&str>) -> io::Result<Self> {
+        let mut c = Self::connect(addr)?;
+        if let Some(t) = token {
+            c.stream.write_all(&auth_frame(t))?;
+            c.read_response()?;
+        }
+        Ok(c)
     }
 
     /// Sends a batch and waits for its durable offset range.
@@ -127,6 +161,7 @@ impl Client {
                 b.copy_from_slice(&rest[8..]);
                 Ok((Offset(u64::from_le_bytes(a)), Offset(u64::from_le_bytes(b))))
             }
+            (KIND_AUTH_OK, []) => Ok((Offset(0), Offset(0))),
             (KIND_ERROR, msg) => Err(io::Error::other(String::from_utf8_lossy(msg).into_owned())),
             (kind, _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown response kind {kind}"))),
         }

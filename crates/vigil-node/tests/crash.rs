@@ -26,7 +26,18 @@ fn start(dir: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["serve", "--data"])
         .arg(dir)
-        .args(["--ingest", "127.0.0.1:0", "--shards", "2", "--checkpoint-events", "300", "--checkpoint-secs", "1"])
+        .args([
+            "--ingest",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--checkpoint-events",
+            "300",
+            "--checkpoint-secs",
+            "1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -194,7 +205,7 @@ fn a_failed_fdatasync_poisons_the_journal_and_exits_non_zero() {
         .arg(env!("CARGO_BIN_EXE_vigil"))
         .args(["serve", "--data"])
         .arg(dir.path().join("data"))
-        .args(["--ingest", "127.0.0.1:0"])
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -49,6 +49,23 @@ pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, C
     Ok(value)
 }
 
+/// First byte of a journal record that holds input rejected before it became an event (an unreadable line sent
+/// over HTTP): it takes its offset like any event, and replay skips it (no shard ever saw it).
+pub const REJECTED_INPUT: u8 = 0xFE;
+
+/// The journal record of rejected input: the marker byte, then the rejection's text (for `inspect` and forensics).
+pub fn encode_rejected_input(reason: &str, message: &str, out: &mut Vec<u8>) {
+    out.push(REJECTED_INPUT);
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b": ");
+    // Bound the record: the message quotes input, which can be up to a megabyte.
+    let mut end = message.len().min(1024);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&message.as_bytes()[..end]);
+}
+
 /// Encodes one event: version byte, then bincode.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.push(CODEC_VERSION);

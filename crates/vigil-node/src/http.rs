@@ -1,0 +1,758 @@
+//! The HTTP JSON API (docs/api.md), served by axum on the node's tokio runtime.
+//!
+//! ```text
+//!  POST /v1/events ── parse (JSON array or JSON Lines) ──▶ sequencer (same queue as TCP) ──▶ durable + released
+//!  GET  /v1/accounts/{id}, POST …/check, GET /v1/instruments ──▶ Checker: the owning shard answers between events
+//!  GET  /v1/triggers, /v1/triggers/stream ◀── Hub: trigger history, appended by the output gate once durable
+//! ```
+//!
+//! Handlers never touch engine state: reads are messages to the shard that owns it, writes go through the
+//! sequencer. Every error is a JSON body `{"code", "message"}` with a stable code.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use vigil_engine::market::{Entry, InstrumentKind, Market};
+use vigil_model::{Event, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
+use vigil_store::codec::{encode_event, encode_rejected_input};
+
+use crate::pipeline::{Answer, Ask, Checker};
+use crate::replay::LINE_BYTES_MAX;
+use crate::serve::{IngestBatch, Item};
+
+/// What the HTTP handlers share with the node's threads.
+pub struct Hub {
+    started: Instant,
+    token: Option<String>,
+    query_timeout: Duration,
+    events_max: usize,
+    node: OnceLock<Node>,
+    /// Every trigger released so far, in the contract's order (offset, account, symbol, kind).
+    triggers: RwLock<Vec<Trigger>>,
+    /// The offset through which every output is durable and released: triggers at or below it are all in
+    /// `triggers`, and no more will ever come for those offsets.
+    released: watch::Sender<u64>,
+    /// Each shard's last checkpoint watermark.
+    checkpoints: Mutex<Vec<Offset>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The running node, once recovery has finished.
+pub struct Node {
+    pub checker: Checker,
+    pub ingest: mpsc::Sender<IngestBatch>,
+    pub durable: Arc<AtomicU64>,
+}
+
+/// Limits and access settings of the HTTP listener.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub token: Option<String>,
+    pub query_timeout: Duration,
+    pub events_max: usize,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Self {
+        Self {
+            started: Instant::now(),
+            token: config.token,
+            query_timeout: config.query_timeout,
+            events_max: config.events_max,
+            node: OnceLock::new(),
+            triggers: RwLock::new(Vec::new()),
+            released: watch::Sender::new(0),
+            checkpoints: Mutex::new(Vec::new()),
+            shutdown: watch::Sender::new(false),
+        }
+    }
+
+    /// Recovery finished: the history so far, the watermarks, and the handles of the running node.
+    pub fn start(&self, history: Vec<Trigger>, released: Offset, checkpoints: Vec<Offset>, node: Node) {
+        if let Ok(mut t) = self.triggers.write() {
+            *t = history;
+        }
+        self.set_checkpoints(checkpoints);
+        self.released.send_replace(released.0);
+        let _ = self.node.set(node);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.node.get().is_some()
+    }
+
+    /// Appends released triggers (whole offsets) and advances the released offset.
+    pub fn publish(&self, triggers: Vec<Trigger>, through: Offset) {
+        if !triggers.is_empty()
+            && let Ok(mut t) = self.triggers.write()
+        {
+            t.extend(triggers);
+        }
+        self.released.send_if_modified(|r| {
+            let advanced = through.0 > *r;
+            if advanced {
+                *r = through.0;
+            }
+            advanced
+        });
+    }
+
+    pub fn set_checkpoint(&self, shard: usize, offset: Offset) {
+        if let Ok(mut c) = self.checkpoints.lock()
+            && let Some(w) = c.get_mut(shard)
+        {
+            *w = offset;
+        }
+    }
+
+    fn set_checkpoints(&self, all: Vec<Offset>) {
+        if let Ok(mut c) = self.checkpoints.lock() {
+            *c = all;
+        }
+    }
+
+    /// Ends live trigger streams (the node is stopping).
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn released(&self) -> Offset {
+        Offset(*self.released.borrow())
+    }
+
+    /// Triggers after `after`, whole offsets only, at most `limit` of them unless one offset alone has more;
+    /// with whether the page was cut short.
+    fn triggers_after(&self, after: u64, limit: usize) -> (Vec<Trigger>, bool) {
+        let Ok(all) = self.triggers.read() else { return (Vec::new(), false) };
+        let start = all.partition_point(|t| t.offset.0 <= after);
+        let rest = &all[start..];
+        // Whole offsets only: as many as fit in `limit`, or the first one alone if it is larger.
+        let mut end = 0;
+        while end < rest.len() {
+            let offset = rest[end].offset;
+            let mut next = end;
+            while next < rest.len() && rest[next].offset == offset {
+                next += 1;
+            }
+            if next > limit && end > 0 {
+                break;
+            }
+            end = next;
+            if end >= limit {
+                break;
+            }
+        }
+        (rest[..end].to_vec(), end < rest.len())
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if token_matches(token, given) {
+            Ok(())
+        } else {
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required"))
+        }
+    }
+
+    fn node(&self) -> Result<&Node, ApiError> {
+        self.node.get().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the node is recovering; try again shortly")
+        })
+    }
+}
+
+/// Compares a presented token with the configured one in time independent of where they differ.
+pub fn token_matches(expected: &str, given: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// An API error: the status, a stable code and a message.
+pub struct ApiError {
+    status: StatusCode,
+    code: String,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: &str) -> Self {
+        Self { status, code: code.to_owned(), message: message.to_owned() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = error(self.status, &self.code, &self.message);
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// A JSON error body with a stable code.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body =
+        format!("{{\"code\":{},\"message\":{}}}", serde_json::Value::from(code), serde_json::Value::from(message));
+    json(status, body)
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+/// Why a request body is not a batch of events at all (as opposed to a batch with bad events in it).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body starts a JSON array that does not parse: {0}")]
+    MalformedArray(String),
+}
+
+/// Parses a body of events: a JSON array of event objects, or JSON Lines (blank lines skipped). Each element is
+/// an event or the rejection it earns, exactly as `vigil replay` would judge that line; only a body that starts
+/// an array and is not valid JSON is refused as a whole.
+pub fn parse_events(body: &[u8]) -> Result<Vec<Result<Event, Rejection>>, BodyError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        let elements: Vec<&serde_json::value::RawValue> =
+            serde_json::from_slice(body).map_err(|e| BodyError::MalformedArray(e.to_string()))?;
+        return Ok(elements.into_iter().map(|raw| parse_line(raw.get())).collect());
+    }
+    let mut out = Vec::new();
+    for line in body.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        out.push(if line.len() > LINE_BYTES_MAX {
+            Err(vigil_model::reject(Reason::InvalidEvent, format!("line longer than {LINE_BYTES_MAX} bytes")))
+        } else {
+            match std::str::from_utf8(line) {
+                Ok(text) => parse_line(text),
+                Err(e) => Err(vigil_model::reject(Reason::InvalidEvent, format!("line is not UTF-8: {e}"))),
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Turns parsed lines into sequencer items with their journal records. An event too large to journal becomes a
+/// rejection like any other unreadable input.
+pub fn to_items(parsed: Vec<Result<Event, Rejection>>) -> Vec<(Item, Vec<u8>)> {
+    parsed
+        .into_iter()
+        .map(|p| {
+            let mut record = Vec::new();
+            let item = match p {
+                Ok(event) => match encode_event(&event, &mut record) {
+                    Ok(()) => Item::Event(event),
+                    Err(e) => {
+                        record.clear();
+                        Item::Invalid(vigil_model::reject(Reason::InvalidEvent, format!("event not encodable: {e}")))
+                    }
+                },
+                Err(r) => Item::Invalid(r),
+            };
+            if let Item::Invalid(r) = &item {
+                encode_rejected_input(r.reason.as_str(), &r.message, &mut record);
+            }
+            (item, record)
+        })
+        .collect()
+}
+
+type Shared = State<Arc<Hub>>;
+
+/// The router. `body_bytes_max` bounds every request body; `concurrency_max` the requests handled at once.
+pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/events", post(post_events))
+        .route("/v1/accounts/{id}", get(get_account))
+        .route("/v1/accounts/{id}/check", post(post_check))
+        .route("/v1/instruments", get(get_instruments))
+        .route("/v1/triggers", get(get_triggers))
+        .route("/v1/triggers/stream", get(stream_triggers))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_bytes_max))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency_max.max(1)))
+        .with_state(hub)
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such route (see docs/api.md)")
+}
+
+async fn health() -> Response {
+    json(StatusCode::OK, "{\"status\":\"up\"}".into())
+}
+
+async fn ready(State(hub): Shared) -> Response {
+    if hub.ready() {
+        json(StatusCode::OK, "{\"status\":\"ready\"}".into())
+    } else {
+        json(StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"recovering\"}".into())
+    }
+}
+
+/// The node's offsets in Prometheus text format (the observability work adds the full set).
+async fn metrics(State(hub): Shared) -> Response {
+    let mut s = String::new();
+    let _ = writeln!(s, "# TYPE vigil_build_info gauge");
+    let _ = writeln!(s, "vigil_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    if let Some(node) = hub.node.get() {
+        let _ =
+            writeln!(s, "# TYPE vigil_sequenced_offset gauge\nvigil_sequenced_offset {}", node.checker.sequenced().0);
+        let _ = writeln!(
+            s,
+            "# TYPE vigil_durable_offset gauge\nvigil_durable_offset {}",
+            node.durable.load(Ordering::Acquire)
+        );
+        let _ = writeln!(s, "# TYPE vigil_applied_offset gauge");
+        for (shard, applied) in node.checker.applied().iter().enumerate() {
+            let _ = writeln!(s, "vigil_applied_offset{{shard=\"{shard}\"}} {}", applied.0);
+        }
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], s).into_response()
+}
+
+async fn status(State(hub): Shared) -> Response {
+    let node = match hub.node() {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let checkpoints = hub.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
+    let triggers = hub.triggers.read().map(|t| t.len()).unwrap_or(0);
+    let mut s = String::with_capacity(256);
+    let _ = write!(
+        s,
+        "{{\"version\":\"{}\",\"uptime_secs\":{},\"ready\":true,\"sequenced\":{},\"durable\":{},\"released\":{},\
+         \"triggers\":{},\"shards\":[",
+        env!("CARGO_PKG_VERSION"),
+        hub.started.elapsed().as_secs(),
+        node.checker.sequenced().0,
+        node.durable.load(Ordering::Acquire),
+        hub.released().0,
+        triggers,
+    );
+    for (shard, applied) in node.checker.applied().iter().enumerate() {
+        let checkpoint = checkpoints.get(shard).map_or(0, |o| o.0);
+        if shard > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{{\"shard\":{shard},\"applied\":{},\"checkpoint\":{checkpoint}}}", applied.0);
+    }
+    s.push_str("]}");
+    json(StatusCode::OK, s)
+}
+
+async fn post_events(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = hub.authorize(&headers) {
+        return r.into_response();
+    }
+    let node = match hub.node() {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let parsed = match parse_events(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "malformed_body", &e.to_string()),
+    };
+    if parsed.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "empty_batch", "the body holds no events");
+    }
+    if parsed.len() > hub.events_max {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            &format!("{} events in one request; at most {}", parsed.len(), hub.events_max),
+        );
+    }
+    let items = to_items(parsed);
+    let (reply, durable) = oneshot::channel();
+    let (report, rejections) = oneshot::channel();
+    if node.ingest.send(IngestBatch { items, reply, report: Some(report) }).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping");
+    }
+    let (first, last) = match durable.await {
+        Ok(Ok(range)) => range,
+        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, "journal_failure", &e),
+        Err(_) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "stopped before the batch was durable");
+        }
+    };
+    // Durable: the offsets are promised. The rejections come once every shard has applied them.
+    let rejections = rejections.await.unwrap_or_default();
+    let mut s = format!("{{\"first\":{},\"last\":{},\"rejections\":[", first.0, last.0);
+    push_list(&mut s, rejections.iter().map(RejectionRecord::to_json));
+    s.push_str("]}");
+    json(StatusCode::OK, s)
+}
+
+fn push_list(s: &mut String, items: impl Iterator<Item = String>) {
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&item);
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadParams {
+    min_offset: Option<u64>,
+}
+
+/// Sends a read to its shard and waits for the answer, the offset and the timeout.
+async fn ask(hub: &Hub, ask: Ask, min_offset: Option<u64>) -> Result<Answer, ApiError> {
+    let node = hub.node()?;
+    let min = Offset(min_offset.unwrap_or(0));
+    let sequenced = node.checker.sequenced();
+    if min > sequenced {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "offset_not_sequenced",
+            &format!("min_offset {} is beyond the last sequenced offset {}", min.0, sequenced.0),
+        ));
+    }
+    match tokio::time::timeout(hub.query_timeout, node.checker.ask(ask, min)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the shard stopped")),
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            &format!("offset {} not applied within {} ms", min.0, hub.query_timeout.as_millis()),
+        )),
+    }
+}
+
+fn valid_name(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 || id.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_account",
+            "an account is 1 to 64 bytes, no control characters",
+        ));
+    }
+    Ok(())
+}
+
+async fn get_account(State(hub): Shared, Path(id): Path<String>, Query(p): Query<ReadParams>) -> Response {
+    if let Err(r) = valid_name(&id) {
+        return r.into_response();
+    }
+    match ask(&hub, Ask::Account(id.clone()), p.min_offset).await {
+        Ok(Answer::Account(Some(view))) => json(StatusCode::OK, view.to_json()),
+        Ok(_) => error(StatusCode::NOT_FOUND, "unknown_account", &format!("no account {id:?}")),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<ReadParams>, body: Bytes) -> Response {
+    if let Err(r) = valid_name(&id) {
+        return r.into_response();
+    }
+    let fill = match check_fill(&id, &body) {
+        Ok(f) => f,
+        Err(r) => return error(StatusCode::BAD_REQUEST, r.reason.as_str(), &r.message),
+    };
+    match ask(&hub, Ask::Check(fill), p.min_offset).await {
+        Ok(Answer::Check(Ok(outcome))) => {
+            let a = &outcome.after;
+            let reason = match &outcome.reason {
+                Some(r) => serde_json::Value::from(r.reason.as_str()).to_string(),
+                None => "null".into(),
+            };
+            json(
+                StatusCode::OK,
+                format!(
+                    "{{\"allowed\":{},\"reason\":{reason},\"equity\":\"{}\",\"initial_margin\":\"{}\",\
+                     \"maintenance_margin\":\"{}\",\"available\":\"{}\"}}",
+                    outcome.allowed,
+                    a.equity,
+                    a.initial_margin,
+                    a.maintenance_margin,
+                    a.available()
+                ),
+            )
+        }
+        // The fill could not be a trade at all (unknown symbol, no mark price, settled instrument…).
+        Ok(Answer::Check(Err(r))) => error(StatusCode::UNPROCESSABLE_ENTITY, r.reason.as_str(), &r.message),
+        Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "unexpected answer"),
+        Err(r) => r.into_response(),
+    }
+}
+
+/// Reads a check body `{symbol, side, qty, price, margin_mode?}` as the trade it would be, through the event
+/// parser (same validation, same reasons).
+pub fn check_fill(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejection> {
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| vigil_model::reject(Reason::InvalidEvent, format!("the body is not a JSON object: {e}")))?;
+    for key in ["type", "account"] {
+        if object.contains_key(key) {
+            return Err(vigil_model::reject(Reason::InvalidEvent, format!("unknown field `{key}` in a check")));
+        }
+    }
+    object.insert("type".into(), "trade".into());
+    object.insert("account".into(), account.into());
+    match parse_line(&serde_json::Value::Object(object).to_string())? {
+        Event::Trade(fill) => Ok(fill),
+        _ => Err(vigil_model::reject(Reason::InvalidEvent, "not a trade")),
+    }
+}
+
+async fn get_instruments(State(hub): Shared) -> Response {
+    match ask(&hub, Ask::Market, None).await {
+        Ok(Answer::Market(market)) => json(StatusCode::OK, instruments_json(&market)),
+        Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "unexpected answer"),
+        Err(r) => r.into_response(),
+    }
+}
+
+/// `{"quote", "assets": [{asset, haircut, price}], "instruments": [{symbol, kind, price, settled, tiers | option}]}`.
+pub fn instruments_json(market: &Market) -> String {
+    let mut assets = Vec::new();
+    let mut instruments = Vec::new();
+    let mut quote = String::new();
+    let price = |slot| market.price(slot).map_or("null".into(), |p| format!("\"{p}\""));
+    for slot in 0..market.slots() as u32 {
+        let name = serde_json::Value::from(market.name(slot)).to_string();
+        match market.entry(slot) {
+            Some(Entry::Quote) => quote = name,
+            Some(Entry::Asset { haircut }) => {
+                assets.push(format!("{{\"asset\":{name},\"haircut\":\"{haircut}\",\"price\":{}}}", price(slot)))
+            }
+            Some(Entry::Instrument(i)) => {
+                let mut s = format!("{{\"symbol\":{name},\"kind\":");
+                match &i.kind {
+                    InstrumentKind::Perp => s.push_str("\"perp\""),
+                    InstrumentKind::Future => s.push_str("\"future\""),
+                    InstrumentKind::Option { underlying, terms } => {
+                        let right = match terms.right {
+                            Right::Call => "call",
+                            Right::Put => "put",
+                        };
+                        let m = &terms.margin;
+                        let _ = write!(
+                            s,
+                            "\"option\",\"underlying\":{},\"right\":\"{right}\",\"strike\":\"{}\",\
+                             \"margin\":{{\"im_max\":\"{}\",\"im_min\":\"{}\",\"mm\":\"{}\"}}",
+                            serde_json::Value::from(market.name(*underlying)),
+                            terms.strike,
+                            m.im_max,
+                            m.im_min,
+                            m.mm
+                        );
+                    }
+                }
+                let _ = write!(s, ",\"price\":{},\"settled\":{}", price(slot), i.settled);
+                if let Some(tiers) = &i.tiers {
+                    s.push_str(",\"tiers\":[");
+                    push_list(
+                        &mut s,
+                        tiers.tiers().iter().map(|t| {
+                            let max = t.max_notional.map_or("null".into(), |m| format!("\"{m}\""));
+                            format!("{{\"max_notional\":{max},\"imr\":\"{}\",\"mmr\":\"{}\"}}", t.imr, t.mmr)
+                        }),
+                    );
+                    s.push(']');
+                }
+                s.push('}');
+                instruments.push(s);
+            }
+            None => {}
+        }
+    }
+    let mut s = format!("{{\"quote\":{quote},\"assets\":[");
+    push_list(&mut s, assets.into_iter());
+    s.push_str("],\"instruments\":[");
+    push_list(&mut s, instruments.into_iter());
+    s.push_str("]}");
+    s
+}
+
+#[derive(Deserialize)]
+struct PageParams {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Most triggers in one page.
+const PAGE_MAX: usize = 10_000;
+
+async fn get_triggers(State(hub): Shared, Query(p): Query<PageParams>) -> Response {
+    if let Err(r) = hub.node() {
+        return r.into_response();
+    }
+    let after = p.after.unwrap_or(0);
+    let limit = p.limit.unwrap_or(1000).clamp(1, PAGE_MAX);
+    // Read the released offset before the list: everything at or below it is in the list by then.
+    let through = hub.released().0;
+    let (page, truncated) = hub.triggers_after(after, limit);
+    let next_after = match page.last() {
+        Some(t) if truncated => t.offset.0,
+        Some(t) => t.offset.0.max(through),
+        None => after.max(through),
+    };
+    let mut s = String::from("{\"triggers\":[");
+    push_list(&mut s, page.iter().map(Trigger::to_json));
+    let _ = write!(s, "],\"next_after\":{next_after},\"released\":{through}}}");
+    json(StatusCode::OK, s)
+}
+
+/// State of one live stream: the last offset sent, and events ready to send.
+struct StreamState {
+    hub: Arc<Hub>,
+    after: u64,
+    ready: std::collections::VecDeque<SseEvent>,
+    released: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// One SSE event per offset: `id` the offset, `event: triggers`, `data` a JSON array of that offset's triggers.
+fn offset_events(triggers: &[Trigger]) -> Vec<(u64, SseEvent)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < triggers.len() {
+        let offset = triggers[i].offset.0;
+        let mut j = i;
+        let mut data = String::from("[");
+        while j < triggers.len() && triggers[j].offset.0 == offset {
+            if j > i {
+                data.push(',');
+            }
+            data.push_str(&triggers[j].to_json());
+            j += 1;
+        }
+        data.push(']');
+        out.push((offset, SseEvent::default().id(offset.to_string()).event("triggers").data(data)));
+        i = j;
+    }
+    out
+}
+
+async fn stream_triggers(State(hub): Shared, headers: HeaderMap, Query(p): Query<PageParams>) -> Response {
+    if let Err(r) = hub.node() {
+        return r.into_response();
+    }
+    // A reconnecting EventSource sends the last id it saw; it wins over the query.
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let after = last_event_id.or(p.after).unwrap_or(0);
+    let state = StreamState {
+        released: hub.released.subscribe(),
+        shutdown: hub.shutdown.subscribe(),
+        hub,
+        after,
+        ready: Default::default(),
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.ready.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(e), st));
+            }
+            if *st.shutdown.borrow() {
+                return None;
+            }
+            // Mark the value seen before reading the list, so a release after the read wakes the wait below.
+            st.released.borrow_and_update();
+            let (page, _) = st.hub.triggers_after(st.after, 1000);
+            if let Some(last) = page.last() {
+                st.after = last.offset.0;
+                st.ready.extend(offset_events(&page).into_iter().map(|(_, e)| e));
+                continue;
+            }
+            tokio::select! {
+                changed = st.released.changed() => if changed.is_err() { return None },
+                _ = st.shutdown.changed() => {}
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_model::{Amount, TriggerKind};
+
+    fn trigger(offset: u64, account: &str) -> Trigger {
+        Trigger {
+            offset: Offset(offset),
+            account: account.into(),
+            symbol: None,
+            kind: TriggerKind::Liquidate,
+            equity: Amount::ZERO,
+            maintenance_margin: Amount::ZERO,
+        }
+    }
+
+    #[test]
+    fn bodies_parse_as_arrays_or_lines_and_bad_lines_become_rejections() {
+        let lines = b"{\"type\":\"asset\",\"asset\":\"BTC\"}\n\n  \nnot json\n{\"type\":\"price\",\"symbol\":\"BTC\",\"price\":\"1\"}";
+        let parsed = parse_events(lines).unwrap();
+        assert_eq!(parsed.len(), 3);
+        assert!(parsed[0].is_ok() && parsed[2].is_ok());
+        assert_eq!(parsed[1].as_ref().unwrap_err().reason, Reason::InvalidEvent);
+        let array = br#" [{"type":"asset","asset":"BTC"}, 7, {"type":"price","symbol":"BTC","price":"0.123456789"}]"#;
+        let parsed = parse_events(array).unwrap();
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed[1].as_ref().unwrap_err().reason, Reason::InvalidEvent);
+        assert_eq!(parsed[2].as_ref().unwrap_err().reason, Reason::InvalidNumber);
+        assert!(matches!(parse_events(b"[{\"type\":"), Err(BodyError::MalformedArray(_))));
+        assert!(parse_events(b"\xff\xfe").unwrap()[0].is_err());
+        // Every rejected line still gets a journal record (it takes an offset).
+        let items = to_items(parse_events(b"x\ny").unwrap());
+        assert!(items.iter().all(|(i, r)| matches!(i, Item::Invalid(_)) && r[0] == vigil_store::codec::REJECTED_INPUT));
+    }
+
+    #[test]
+    fn check_bodies_are_read_as_trades() {
+        let fill = check_fill("a", br#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#).unwrap();
+        assert_eq!((fill.account.as_str(), fill.symbol.as_str()), ("a", "ETH"));
+        let bad = check_fill("a", br#"{"symbol":"ETH","side":"buy","qty":"-1","price":"3000"}"#).unwrap_err();
+        assert_eq!(bad.reason, Reason::InvalidNumber);
+        assert_eq!(check_fill("a", b"[1]").unwrap_err().reason, Reason::InvalidEvent);
+        let typed = br#"{"type":"deposit","symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#;
+        assert_eq!(check_fill("a", typed).unwrap_err().reason, Reason::InvalidEvent);
+    }
+
+    #[test]
+    fn trigger_pages_never_split_an_offset() {
+        let hub = Hub::new(HubConfig { token: None, query_timeout: Duration::from_secs(1), events_max: 10 });
+        hub.publish(
+            vec![trigger(3, "a"), trigger(3, "b"), trigger(5, "a"), trigger(9, "a"), trigger(9, "b")],
+            Offset(9),
+        );
+        let (page, more) = hub.triggers_after(0, 2);
+        assert_eq!((page.len(), more), (2, true));
+        let (page, more) = hub.triggers_after(3, 2);
+        assert_eq!((page.iter().map(|t| t.offset.0).collect::<Vec<_>>(), more), (vec![5], true));
+        let (page, more) = hub.triggers_after(5, 1);
+        assert_eq!((page.len(), more), (2, false), "one offset alone is sent whole");
+        assert_eq!(hub.triggers_after(9, 10).0.len(), 0);
+        assert!(token_matches("secret", "secret"));
+        assert!(!token_matches("secret", "secreT") && !token_matches("secret", "") && !token_matches("s", "secret"));
+    }
+}
