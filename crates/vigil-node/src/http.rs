@@ -296,9 +296,31 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/triggers", get(get_triggers))
         .route("/v1/triggers/stream", get(stream_triggers))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(body_bytes_max))
         .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency_max.max(1)))
         .with_state(hub)
+}
+
+/// Gives the framework's own refusals (a body over the limit, a bad query string, a wrong method) the API's JSON
+/// error shape, with a code by status.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let text = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
+    let message = String::from_utf8_lossy(&text);
+    error(status, code, message.trim())
 }
 
 async fn not_found() -> Response {

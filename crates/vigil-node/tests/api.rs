@@ -1,0 +1,332 @@
+//! The node's interfaces end to end: the real binary on ephemeral loopback ports, driven by a real HTTP client
+//! (reqwest) and the TCP ingest client. Every endpoint, the token, the limits, malformed input, read-your-writes
+//! on `check`, and a trigger stream that reconnects mid-way and sees every trigger exactly once.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::blocking::{Client as Http, Response};
+use serde_json::Value;
+use vigil_model::{Offset, parse_line};
+use vigil_node::wire::{Client, encode_batch};
+
+struct Node {
+    child: Child,
+    ingest: String,
+    base: String,
+    http: Http,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--data"])
+        .arg(dir.path())
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
+        .args(extra)
+        .env_remove("VIGIL_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("vigil serve starts");
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = |prefix: &str| {
+        let mut l = String::new();
+        out.read_line(&mut l).expect("the node prints its addresses");
+        l.trim().strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {l:?}")).to_owned()
+    };
+    let ingest = line("listening on ");
+    let base = format!("http://{}", line("http on "));
+    let http = Http::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let node = Node { child, ingest, base, http };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.get("/ready").map(|r| r.status()) != Some(StatusCode::OK) {
+        assert!(Instant::now() < deadline, "the node never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (node, dir)
+}
+
+impl Node {
+    fn get(&self, path: &str) -> Option<Response> {
+        self.http.get(format!("{}{path}", self.base)).send().ok()
+    }
+
+    fn json(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.get(path).expect("response");
+        let status = r.status();
+        (status, serde_json::from_str(&r.text().expect("body")).expect("a JSON body"))
+    }
+
+    fn post(&self, path: &str, body: impl Into<reqwest::blocking::Body>, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().expect("response");
+        let status = r.status();
+        (status, serde_json::from_str(&r.text().expect("body")).expect("a JSON body"))
+    }
+
+    fn events(&self, body: &str) -> Value {
+        let (status, v) = self.post("/v1/events", body.to_owned(), None);
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+}
+
+const SETUP: &str = r#"{"type":"perp","symbol":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}
+{"type":"asset","asset":"BTC","haircut":"0.1"}
+{"type":"price","symbol":"ETH","price":"3000"}
+{"type":"deposit","account":"alice","asset":"USDC","amount":"1000"}
+"#;
+
+#[test]
+fn every_endpoint_answers_end_to_end() {
+    // Proves each endpoint's success and error answers, that bad lines take offsets as rejections without stopping
+    // the batch, and read-your-writes: a check naming the trade's offset sees the trade.
+    let (node, _dir) = start(&[]);
+    assert_eq!(node.json("/health").1["status"], "up");
+    assert_eq!(node.json("/ready").1["status"], "ready");
+
+    let v = node.events(&format!(
+        "{SETUP}not json\n{{\"type\":\"deposit\",\"account\":\"bob\",\"asset\":\"DOGE\",\"amount\":\"1\"}}\n"
+    ));
+    assert_eq!((v["first"].as_u64(), v["last"].as_u64()), (Some(1), Some(6)));
+    let rejections = v["rejections"].as_array().expect("list");
+    assert_eq!(rejections.len(), 2);
+    assert_eq!((rejections[0]["offset"].as_u64(), rejections[0]["reason"].as_str()), (Some(5), Some("invalid_event")));
+    assert_eq!((rejections[1]["offset"].as_u64(), rejections[1]["reason"].as_str()), (Some(6), Some("unknown_asset")));
+
+    // Before the trade: a 3 ETH buy needs IM 900 of 1 000 equity, allowed.
+    let check = r#"{"symbol":"ETH","side":"buy","qty":"3","price":"3000"}"#;
+    let (s, c) = node.post("/v1/accounts/alice/check", check, None);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["allowed"], true);
+    assert_eq!(c["reason"], Value::Null);
+    assert_eq!((c["initial_margin"].as_str(), c["available"].as_str()), (Some("900.00000000"), Some("100.00000000")));
+
+    // The trade, as a JSON array; then the same check reading its write: now 6 ETH would need 1 800.
+    let v = node.events(r#"[{"type":"trade","account":"alice","symbol":"ETH","side":"buy","qty":"3","price":"3000"}]"#);
+    let trade = v["last"].as_u64().expect("offset");
+    assert_eq!(trade, 7);
+    let (s, c) = node.post(&format!("/v1/accounts/alice/check?min_offset={trade}"), check, None);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["allowed"], false);
+    assert_eq!(c["reason"], "insufficient_margin");
+    assert_eq!((c["equity"].as_str(), c["initial_margin"].as_str()), (Some("1000.00000000"), Some("1800.00000000")));
+    assert_eq!(c["maintenance_margin"], "900.00000000");
+    assert_eq!(c["available"], "-800.00000000");
+
+    let (s, a) = node.json(&format!("/v1/accounts/alice?min_offset={trade}"));
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(a["account"], "alice");
+    assert_eq!(a["positions"][0]["qty"], "3.00000000");
+    assert_eq!(a["positions"][0]["liquidation_price"], "2807.01754386");
+    let keys: Vec<&str> = a.as_object().expect("object").keys().map(String::as_str).collect();
+    for key in ["equity", "initial_margin", "maintenance_margin", "available", "liquidatable", "balances"] {
+        assert!(keys.contains(&key), "account key {key}");
+    }
+
+    let (s, e) = node.json("/v1/accounts/nobody");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_account")));
+    let (s, e) = node.json("/v1/accounts/alice?min_offset=1000000");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("offset_not_sequenced")));
+    let (s, e) = node.post("/v1/accounts/alice/check", r#"{"symbol":"SOL","side":"buy","qty":"1","price":"1"}"#, None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_symbol")));
+    let (s, e) = node.post("/v1/accounts/alice/check", r#"{"symbol":"ETH","side":"up","qty":"1","price":"1"}"#, None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_event")));
+    let (s, e) =
+        node.post("/v1/accounts/alice/check", r#"{"symbol":"ETH","side":"buy","qty":"1e400","price":"1"}"#, None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_number")));
+
+    let (s, i) = node.json("/v1/instruments");
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(i["quote"], "USDC");
+    assert_eq!(i["assets"][0]["asset"], "BTC");
+    assert_eq!(i["assets"][0]["haircut"], "0.10000000");
+    assert_eq!(i["instruments"][0]["symbol"], "ETH");
+    assert_eq!(i["instruments"][0]["kind"], "perp");
+    assert_eq!(i["instruments"][0]["tiers"][0]["mmr"], "0.05000000");
+
+    // A tick that breaches: a trigger in the page, the status' offsets, the metrics.
+    let v = node.events(r#"{"type":"price","symbol":"ETH","price":"2800"}"#);
+    let tick = v["last"].as_u64().expect("offset");
+    let (s, t) = node.json("/v1/triggers?after=0");
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(t["triggers"][0]["offset"].as_u64(), Some(tick));
+    assert_eq!(t["triggers"][0]["account"], "alice");
+    assert_eq!(t["triggers"][0]["kind"], "liquidate");
+    assert_eq!(t["next_after"].as_u64(), Some(tick));
+    let (_, t) = node.json(&format!("/v1/triggers?after={tick}"));
+    assert_eq!(t["triggers"].as_array().map(Vec::len), Some(0));
+
+    let (s, st) = node.json("/v1/status");
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!((st["sequenced"].as_u64(), st["durable"].as_u64()), (Some(tick), Some(tick)));
+    assert_eq!(st["shards"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    let metrics = node.get("/metrics").expect("metrics").text().expect("text");
+    assert!(metrics.contains(&format!("vigil_durable_offset {tick}")), "{metrics}");
+
+    // Bodies that are not batches change nothing.
+    let (s, e) = node.post("/v1/events", "[{\"type\":", None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_body")));
+    let (s, e) = node.post("/v1/events", "\n  \n", None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("empty_batch")));
+    let (s, e) = node.json("/v2/nothing");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(node.json("/v1/status").1["sequenced"].as_u64(), Some(tick), "nothing sequenced by refused bodies");
+}
+
+#[test]
+fn writes_need_the_token_and_an_exposed_node_needs_one() {
+    // Proves: without or with a wrong token, HTTP writes get 401 and TCP connections an error frame, and nothing
+    // is sequenced; reads stay open; the right token works on both; `serve` refuses a non-loopback address
+    // without a token.
+    let (node, _dir) = start(&["--token", "s3cret"]);
+    let body = r#"{"type":"deposit","account":"a","asset":"USDC","amount":"5"}"#;
+    let (s, e) = node.post("/v1/events", body, None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    let (s, _) = node.post("/v1/events", body, Some("s3cre"));
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let event = parse_line(body).expect("valid");
+    let mut c = Client::connect(&node.ingest).expect("connect");
+    let refused = c.send(std::slice::from_ref(&event)).expect_err("no auth frame");
+    assert!(refused.to_string().contains("unauthorized"), "{refused}");
+    assert!(Client::connect_with(&node.ingest, Some("wrong")).is_err());
+    assert_eq!(node.json("/v1/status").1["sequenced"].as_u64(), Some(0));
+
+    let (s, v) = node.post("/v1/events", body, Some("s3cret"));
+    assert_eq!((s, v["first"].as_u64()), (StatusCode::OK, Some(1)));
+    let mut c = Client::connect_with(&node.ingest, Some("s3cret")).expect("authorised");
+    assert_eq!(c.send(&[event]).expect("ack"), (Offset(2), Offset(2)));
+    assert_eq!(node.json("/v1/accounts/a?min_offset=2").1["balances"]["USDC"], "10.00000000");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--data"])
+        .arg(dir.path())
+        .args(["--ingest", "127.0.0.1:0", "--http", "0.0.0.0:0"])
+        .env_remove("VIGIL_TOKEN")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without a token"));
+}
+
+#[test]
+fn oversized_and_malformed_input_is_refused_and_changes_nothing() {
+    // Proves the body and frame limits, malformed frames and hostile bodies: clear errors, nothing sequenced, and
+    // the node keeps serving.
+    let (node, _dir) = start(&["--http-body-bytes-max", "4096", "--frame-bytes-max", "4096"]);
+    let big = format!("{SETUP}{}", " ".repeat(5000));
+    let r = node.http.post(format!("{}/v1/events", node.base)).body(big).send().expect("response");
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let e: Value = serde_json::from_str(&r.text().expect("body")).expect("a JSON error");
+    assert_eq!(e["code"], "body_too_large");
+
+    let mut raw = TcpStream::connect(&node.ingest).expect("connect");
+    raw.write_all(&(8192u32).to_le_bytes()).expect("write");
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    assert_eq!(answer.get(4), Some(&2), "an error frame");
+    assert!(String::from_utf8_lossy(&answer[5..]).contains("out of bounds"));
+
+    let mut c = Client::connect(&node.ingest).expect("connect");
+    let mut frame = encode_batch(&[parse_line(r#"{"type":"asset","asset":"BTC"}"#).expect("valid")]);
+    frame[5] ^= 0xFF; // corrupt the bincode body
+    assert!(c.send_raw(&frame).is_err());
+
+    for hostile in ["[[[[[[[[", "{\"type\":\"trade\"", "\u{0}\u{1}", "[1,2,", "]"] {
+        let (s, _) = node.post("/v1/events", hostile, None);
+        assert!(s == StatusCode::BAD_REQUEST || s == StatusCode::OK, "{hostile:?}: {s}");
+    }
+    // The lines of the last loop that were JSON Lines became rejections (they take offsets); the rest nothing.
+    let sequenced = node.json("/v1/status").1["sequenced"].as_u64().expect("offset");
+    let (_, v) = node.post("/v1/events", "{\"type\":\"asset\",\"asset\":\"BTC\"}", None);
+    assert_eq!(v["first"].as_u64(), Some(sequenced + 1), "the node still sequences");
+    let (s, e) = node.post("/v1/accounts/x/check", "x".repeat(5000), None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large")));
+    let (s, e) = node.json("/v1/accounts/x?min_offset=soon");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_request")));
+}
+
+/// Reads SSE events (id, data) from a stream until `until` returns true.
+fn read_events(reader: &mut impl BufRead, mut until: impl FnMut(u64) -> bool) -> Vec<(u64, Vec<Value>)> {
+    let mut out = Vec::new();
+    let (mut id, mut data) = (None, String::new());
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("stream") > 0, "stream ended early");
+        let line = line.trim_end_matches(['\r', '\n']);
+        if let Some(v) = line.strip_prefix("id: ") {
+            id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        } else if line.is_empty() && !data.is_empty() {
+            let offset = id.take().expect("every event has an id");
+            out.push((offset, serde_json::from_str(&data).expect("a JSON array")));
+            data.clear();
+            if until(offset) {
+                return out;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_trigger_stream_resumes_after_a_reconnect_exactly_once() {
+    // Proves the liquidator's contract: a stream cut mid-way and resumed from its last id receives every trigger
+    // once, in order, and the union equals the trigger history.
+    let (node, _dir) = start(&[]);
+    let mut setup = String::new();
+    // Five accounts, liquidated at five different prices (2807, 2736, 2631, 2456, 2105), bankrupt further down:
+    // each of the six ticks below emits triggers. Ticking again after that emits none (episodes are open).
+    for (i, qty) in ["3", "2.5", "2", "1.5", "1"].iter().enumerate() {
+        setup.push_str(&format!(
+            "{{\"type\":\"deposit\",\"account\":\"t{i}\",\"asset\":\"USDC\",\"amount\":\"1000\"}}\n\
+             {{\"type\":\"trade\",\"account\":\"t{i}\",\"symbol\":\"ETH\",\"side\":\"buy\",\"qty\":\"{qty}\",\"price\":\"3000\"}}\n"
+        ));
+    }
+    node.events(&format!("{SETUP}{setup}"));
+    let tick =
+        |p: u32| node.events(&format!("{{\"type\":\"price\",\"symbol\":\"ETH\",\"price\":\"{p}\"}}"))["last"].as_u64();
+
+    let stream = node.get("/v1/triggers/stream?after=0").expect("stream");
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut reader = BufReader::new(stream);
+    let mut offsets = vec![tick(2800).expect("offset"), tick(2700).expect("offset"), tick(2600).expect("offset")];
+    let first = read_events(&mut reader, |o| o == offsets[1]);
+    drop(reader); // the liquidator disconnects after two offsets
+    offsets.push(tick(2400).expect("offset"));
+    offsets.push(tick(2000).expect("offset"));
+    offsets.push(tick(1500).expect("offset")); // the last account goes bankrupt
+    let resumed = node
+        .http
+        .get(format!("{}/v1/triggers/stream", node.base))
+        .header("Last-Event-ID", first.last().expect("two events").0.to_string())
+        .send()
+        .expect("stream");
+    let last = offsets[5];
+    let second = read_events(&mut BufReader::new(resumed), |o| o == last);
+
+    let seen: Vec<u64> = first.iter().chain(&second).map(|(o, _)| *o).collect();
+    assert_eq!(seen, offsets, "every trigger offset once, in order");
+    let streamed: Vec<Value> = first.into_iter().chain(second).flat_map(|(_, t)| t).collect();
+    let (_, history) = node.json("/v1/triggers?after=0");
+    assert_eq!(&streamed, history["triggers"].as_array().expect("list"));
+    let accounts: Vec<&str> =
+        streamed.iter().filter(|t| t["kind"] == "liquidate").filter_map(|t| t["account"].as_str()).collect();
+    assert_eq!(accounts, ["t0", "t1", "t2", "t3", "t4"]);
+}
