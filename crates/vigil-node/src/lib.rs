@@ -4,6 +4,7 @@ pub mod config;
 pub mod handoff;
 pub mod http;
 pub mod inspect;
+pub mod load;
 pub mod pipeline;
 pub mod recovery;
 pub mod replay;

@@ -54,6 +54,56 @@ enum Command {
         #[command(flatten)]
         settings: Box<NodeSettings>,
     },
+    /// Drives a running node: a workload over TCP at a target rate (or flat out), pre-trade checks over HTTP at a
+    /// fixed rate, trigger latency through the live stream; reports throughput and latency percentiles.
+    Load {
+        /// The node's TCP ingest address.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        ingest: String,
+        /// The node's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+        /// Bearer token, when the node has one.
+        #[arg(long, env = "VIGIL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A JSON Lines workload; without it, one is generated (`vigil gen` with the flags below).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Lines of the file that are setup (sent first, unmeasured).
+        #[arg(long, default_value_t = 0)]
+        setup: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Events after the setup.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Percent of accounts opened close to maintenance margin (more triggers).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+        near: u32,
+        /// Per-tick volatility of the price walk.
+        #[arg(long, default_value_t = 0.0005)]
+        volatility: f64,
+        /// Target events per second; 0 sends flat out.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Events per batch.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// TCP connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Pre-trade checks per second over HTTP (0 = none), alongside the ingest.
+        #[arg(long, default_value_t = 0)]
+        checks_rate: u64,
+        /// Seconds of checks.
+        #[arg(long, default_value_t = 10)]
+        checks_secs: u64,
+        /// Measure trigger latency through GET /v1/triggers/stream.
+        #[arg(long)]
+        triggers: bool,
+    },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
         /// The node's data directory.
@@ -121,6 +171,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = writeln!(out, "http on {}", bound.http);
                 let _ = out.flush();
             })
+        }
+        Command::Load {
+            ingest,
+            http,
+            token,
+            file,
+            setup,
+            seed,
+            accounts,
+            events,
+            near,
+            volatility,
+            rate,
+            batch,
+            connections,
+            checks_rate,
+            checks_secs,
+            triggers,
+        } => {
+            let (stream, setup) = match file {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    (vigil_node::load::read_workload(&text)?, setup)
+                }
+                None => {
+                    let w = Workload {
+                        seed,
+                        accounts,
+                        events,
+                        near_percent: near,
+                        volatility,
+                        options: 0,
+                        ..Workload::default()
+                    };
+                    let mut text = Vec::new();
+                    write_workload(&w, &mut text).context("generating the workload")?;
+                    let text = String::from_utf8(text).context("the workload is UTF-8")?;
+                    let all = vigil_node::load::read_workload(&text)?;
+                    let setup = all.len().saturating_sub(events);
+                    (all, setup)
+                }
+            };
+            let options = vigil_node::load::LoadOptions {
+                ingest,
+                http,
+                token,
+                rate,
+                batch,
+                connections,
+                checks_rate,
+                checks_secs,
+                triggers,
+                progress: io::stderr().is_terminal(),
+            };
+            let report = vigil_node::load::run(&options, &stream, setup)?;
+            vigil_node::load::print(&report, &mut io::stdout().lock()).context("writing the report")
         }
         Command::Inspect { data, verify } => {
             let mut out = io::stdout().lock();

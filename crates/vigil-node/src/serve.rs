@@ -54,6 +54,8 @@ pub struct ServeConfig {
     pub shards: usize,
     pub engine: Config,
     pub wait: Wait,
+    /// Pin each shard thread to a core of its own.
+    pub pin: bool,
     /// Checkpoint after this many events…
     pub checkpoint_events: u64,
     /// …or this long, whichever comes first (if anything changed).
@@ -76,6 +78,7 @@ impl ServeConfig {
             shards: 2,
             engine: Config::default(),
             wait: Wait::Park,
+            pin: true,
             checkpoint_events: 1_000_000,
             checkpoint_interval: Duration::from_secs(30),
             journal: JournalConfig::default(),
@@ -234,7 +237,7 @@ impl Gate {
             self.released += 1;
             match r {
                 Released::Trigger(t) => {
-                    tracing::info!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
+                    tracing::debug!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
                         symbol = t.symbol.as_deref().unwrap_or(""), "trigger");
                     triggers.push(t);
                 }
@@ -507,6 +510,11 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
             let shutdown = async move {
                 let _ = http_stop_rx.wait_for(|s| *s).await;
             };
+            use axum::serve::ListenerExt;
+            // Small answers must leave at once, not wait for Nagle's algorithm to gather more.
+            let http = http.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(http, app).with_graceful_shutdown(shutdown).await {
                 tracing::error!(error = %e, "http server failed");
             }
@@ -554,6 +562,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         engine: config.engine.clone(),
         shards: config.shards,
         wait: config.wait,
+        pin: config.pin,
         ..PipelineConfig::default()
     };
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
