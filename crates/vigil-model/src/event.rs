@@ -549,6 +549,125 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
     })
 }
 
+/// Checks an event that did not come through the parser (decoded from the binary wire, say) against the parser's
+/// rules, with the same reasons and in the same order: shape (names, timestamps, tier count), then numbers in
+/// field order. A decoded event is accepted exactly when its JSON form would be.
+pub fn validate(event: &Event) -> Result<(), Rejection> {
+    fn name(field: &str, s: &str) -> Result<(), Rejection> {
+        if s.is_empty() {
+            Err(shape_err(format!("`{field}` must not be empty")))
+        } else if s.len() > NAME_LEN_MAX {
+            Err(shape_err(format!("`{field}` is longer than {NAME_LEN_MAX} bytes")))
+        } else if s.chars().any(char::is_control) {
+            Err(shape_err(format!("`{field}` contains a control character")))
+        } else {
+            Ok(())
+        }
+    }
+    fn time(field: &str, s: &str) -> Result<(), Rejection> {
+        if is_rfc3339(s) {
+            Ok(())
+        } else {
+            Err(shape_err(format!("`{field}` must be an RFC 3339 timestamp, got {s:?}")))
+        }
+    }
+    fn tier_count(tiers: &[TierSpec]) -> Result<(), Rejection> {
+        if tiers.is_empty() {
+            return Err(shape_err("`tiers` must hold at least one tier".into()));
+        }
+        if tiers.len() > TIERS_MAX {
+            return Err(shape_err(format!("`tiers` holds more than {TIERS_MAX} tiers")));
+        }
+        Ok(())
+    }
+    fn num(field: &str, raw: i64, bound: Bound) -> Result<(), Rejection> {
+        // The parser's range: |x| < 2^63 × 1e-8.
+        if raw == i64::MIN {
+            return Err(reject(Reason::InvalidNumber, format!("`{field}`: {}", NumError::OutOfRange)));
+        }
+        match bound {
+            Bound::Positive if raw <= 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must be > 0"))),
+            Bound::NonZero if raw == 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must not be 0"))),
+            Bound::Unit if raw.abs() > Rate::ONE.0 => {
+                Err(reject(Reason::InvalidNumber, format!("`{field}` must be between -1 and 1")))
+            }
+            _ => Ok(()),
+        }
+    }
+    fn amount(field: &str, a: Amount, bound: Bound) -> Result<(), Rejection> {
+        let raw = i64::try_from(a.0)
+            .map_err(|_| reject(Reason::InvalidNumber, format!("`{field}`: {}", NumError::OutOfRange)))?;
+        num(field, raw, bound)
+    }
+    fn tier_numbers(tiers: &[TierSpec]) -> Result<(), Rejection> {
+        for (i, t) in tiers.iter().enumerate() {
+            if let Some(m) = t.max_notional {
+                num(&format!("tier {i}.max_notional"), m.0, Bound::Positive)?;
+            }
+            num(&format!("tier {i}.imr"), t.imr.0, Bound::Any)?;
+            num(&format!("tier {i}.mmr"), t.mmr.0, Bound::Any)?;
+        }
+        Ok(())
+    }
+    match event {
+        Event::Asset { asset, haircut } => {
+            name("asset", asset)?;
+            num("haircut", haircut.0, Bound::Any)
+        }
+        Event::Perp { symbol, underlying, tiers } => {
+            name("symbol", symbol)?;
+            if let Some(u) = underlying {
+                name("underlying", u)?;
+            }
+            tier_count(tiers)?;
+            tier_numbers(tiers)
+        }
+        Event::Future { symbol, underlying, tiers, expiry } => {
+            name("symbol", symbol)?;
+            if let Some(u) = underlying {
+                name("underlying", u)?;
+            }
+            tier_count(tiers)?;
+            time("expiry", expiry)?;
+            tier_numbers(tiers)
+        }
+        Event::Option { symbol, underlying, strike, expiry, margin, .. } => {
+            name("symbol", symbol)?;
+            name("underlying", underlying)?;
+            time("expiry", expiry)?;
+            num("strike", strike.0, Bound::Positive)?;
+            num("margin.im_max", margin.im_max.0, Bound::Any)?;
+            num("margin.im_min", margin.im_min.0, Bound::Any)?;
+            num("margin.mm", margin.mm.0, Bound::Any)
+        }
+        Event::Price { symbol, price } | Event::Settle { symbol, price } => {
+            name("symbol", symbol)?;
+            num("price", price.0, Bound::Positive)
+        }
+        Event::Funding { symbol, rate } => {
+            name("symbol", symbol)?;
+            num("rate", rate.0, Bound::Unit)
+        }
+        Event::Deposit { account, asset, amount: a } | Event::Withdraw { account, asset, amount: a } => {
+            name("account", account)?;
+            name("asset", asset)?;
+            amount("amount", *a, Bound::Positive)
+        }
+        Event::Transfer { account, symbol, amount: a } => {
+            name("account", account)?;
+            name("symbol", symbol)?;
+            amount("amount", *a, Bound::NonZero)
+        }
+        Event::Trade(fill) => {
+            name("account", &fill.account)?;
+            name("symbol", &fill.symbol)?;
+            num("qty", fill.qty.0, Bound::Positive)?;
+            num("price", fill.price.0, Bound::Positive)?;
+            amount("fee", fill.fee, Bound::Any)
+        }
+    }
+}
+
 impl From<NumError> for Reason {
     fn from(_: NumError) -> Self {
         Reason::InvalidNumber
@@ -558,6 +677,47 @@ impl From<NumError> for Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoded_events_are_held_to_the_parsers_rules() {
+        // Proves `validate` accepts what the parser produces and refuses, with the parser's reason, what the binary
+        // wire could carry but JSON could not: empty or control-character names, non-positive quantities and
+        // prices, out-of-range amounts, bad timestamps, empty tier tables.
+        let lines = [
+            r#"{"type":"asset","asset":"BTC","haircut":"0.1"}"#,
+            r#"{"type":"perp","symbol":"ETH","tiers":[{"max_notional":"1000","imr":"0.1","mmr":"0.05"},{"imr":"0.2","mmr":"0.1"}]}"#,
+            r#"{"type":"future","symbol":"F","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2027-01-01T00:00:00Z"}"#,
+            r#"{"type":"option","symbol":"C","underlying":"BTC","right":"call","strike":"100","expiry":"2027-01-01T00:00:00Z"}"#,
+            r#"{"type":"funding","symbol":"ETH","rate":"-0.001"}"#,
+            r#"{"type":"transfer","account":"a","symbol":"ETH","amount":"-5"}"#,
+            r#"{"type":"trade","account":"a","symbol":"ETH","side":"sell","qty":"1","price":"2","fee":"-0.1"}"#,
+        ];
+        for l in lines {
+            assert_eq!(validate(&parse_line(l).unwrap()), Ok(()), "{l}");
+        }
+        let trade =
+            parse_line(r#"{"type":"trade","account":"a","symbol":"ETH","side":"buy","qty":"1","price":"2"}"#).unwrap();
+        let Event::Trade(fill) = trade else { panic!() };
+        let bad = |f: Fill| validate(&Event::Trade(f)).unwrap_err().reason;
+        assert_eq!(bad(Fill { qty: Qty(0), ..fill.clone() }), Reason::InvalidNumber);
+        assert_eq!(bad(Fill { price: Price(-1), ..fill.clone() }), Reason::InvalidNumber);
+        assert_eq!(bad(Fill { account: String::new(), ..fill.clone() }), Reason::InvalidEvent);
+        assert_eq!(
+            bad(Fill { symbol: "E\u{7}".into(), qty: Qty(0), ..fill.clone() }),
+            Reason::InvalidEvent,
+            "shape first"
+        );
+        assert_eq!(bad(Fill { fee: Amount(i128::MAX), ..fill.clone() }), Reason::InvalidNumber);
+        assert_eq!(bad(Fill { qty: Qty(i64::MIN), ..fill }), Reason::InvalidNumber);
+        let deposit = Event::Deposit { account: "a".into(), asset: "USDC".into(), amount: Amount(1 << 70) };
+        assert_eq!(validate(&deposit).unwrap_err().reason, Reason::InvalidNumber);
+        let perp = Event::Perp { symbol: "P".into(), underlying: None, tiers: vec![] };
+        assert_eq!(validate(&perp).unwrap_err().reason, Reason::InvalidEvent);
+        let future = Event::Future { symbol: "F".into(), underlying: None, tiers: vec![], expiry: "soon".into() };
+        assert_eq!(validate(&future).unwrap_err().reason, Reason::InvalidEvent);
+        let funding = Event::Funding { symbol: "ETH".into(), rate: Rate(Rate::ONE.0 + 1) };
+        assert_eq!(validate(&funding).unwrap_err().reason, Reason::InvalidNumber);
+    }
 
     fn reason(line: &str) -> Reason {
         match parse_line(line) {

@@ -7,7 +7,9 @@ pub mod num;
 pub mod reject;
 pub mod view;
 
-pub use event::{Event, Fill, MarginMode, Name, OptionMargin, Right, Side, TierSpec, parse_line, parse_value};
+pub use event::{
+    Event, Fill, MarginMode, Name, OptionMargin, Right, Side, TierSpec, parse_line, parse_value, validate,
+};
 pub use margin::{OptionTerms, PositionFigures, Tier, Tiers, UnitFigures};
 pub use num::{Amount, Price, Qty, Rate, Round};
 pub use reject::{Reason, Rejection, reject};

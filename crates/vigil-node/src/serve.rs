@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use vigil_engine::Config;
 use vigil_model::{Event, Offset, Rejection, RejectionRecord};
 use vigil_store::checkpoint::SledStore;
-use vigil_store::codec::encode_event;
+use vigil_store::codec::{encode_event, encode_rejected_input};
 use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
 use vigil_store::layout;
 
@@ -413,6 +413,13 @@ async fn connection(mut stream: TcpStream, node: Listener) {
         let mut items = Vec::with_capacity(events.len());
         for event in events {
             let mut record = Vec::new();
+            // The binary form skips the JSON parser: hold each event to its rules. One that breaks them takes its
+            // offset as a rejection, exactly as its JSON line would.
+            if let Err(rejection) = vigil_model::validate(&event) {
+                encode_rejected_input(rejection.reason.as_str(), &rejection.message, &mut record);
+                items.push((Item::Invalid(rejection), record));
+                continue;
+            }
             if let Err(e) = encode_event(&event, &mut record) {
                 let _ = stream.write_all(&error_frame(&e.to_string())).await;
                 return;

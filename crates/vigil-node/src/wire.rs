@@ -64,7 +64,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, WireError> {
     let mut with_codec_version = body.to_vec();
     with_codec_version[0] = vigil_store::codec::CODEC_VERSION;
     let events: Vec<Event> =
-        vigil_store::codec::decode_value(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
+        vigil_store::codec::decode_untrusted(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
     if events.is_empty() {
         return Err(WireError::EmptyBatch);
     }

@@ -66,6 +66,27 @@ pub fn encode_rejected_input(reason: &str, message: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(&message.as_bytes()[..end]);
 }
 
+/// Most bytes a hostile payload may make the decoder claim (string and sequence lengths are checked against it
+/// before anything is allocated): the largest wire frame.
+pub const UNTRUSTED_BYTES_MAX: usize = 16 << 20;
+
+/// Decodes a value from an untrusted source (a network frame): as [`decode_value`], but a length prefix can
+/// never make it allocate more than [`UNTRUSTED_BYTES_MAX`] (found by fuzzing: a 60 GB string claim in a
+/// 40-byte frame aborted the process).
+pub fn decode_untrusted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != CODEC_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let config = bincode::config::standard().with_limit::<UNTRUSTED_BYTES_MAX>();
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, config).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(CodecError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
 /// Encodes one event: version byte, then bincode.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.push(CODEC_VERSION);
