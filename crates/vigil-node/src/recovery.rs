@@ -117,6 +117,17 @@ pub fn recover(
     let (journal, journal_recovered) =
         Journal::open(&journal_dir, journal_config.clone(), syncer).context("opening the journal")?;
     let mut store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
+    // Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards
+    // that do not hold them (or ignore the trees beyond the new count) and silently lose state.
+    let stored = store.shards();
+    if !stored.is_empty() && stored != (0..shards).collect::<Vec<_>>() {
+        anyhow::bail!(
+            "the data directory's checkpoints were written by a node with {} shard(s); start it with --shards {} \
+             (changing the shard count of an existing data directory is not supported)",
+            stored.len(),
+            stored.len()
+        );
+    }
     let mut restored = Vec::with_capacity(shards);
     for shard in 0..shards {
         restored.push(load_shard(&store, shard, config)?);
@@ -231,6 +242,8 @@ mod tests {
         assert_eq!(r.history, everything);
         drop(r);
         let again = recover(dir.path(), &config, shards, JournalConfig::default(), Box::new(OsSyncer)).unwrap();
+        let other = recover(dir.path(), &config, shards + 1, JournalConfig::default(), Box::new(OsSyncer));
+        assert!(other.err().is_some_and(|e| e.to_string().contains("--shards 3")), "another shard count is refused");
         assert_eq!(again.history, everything, "recovering twice stores nothing twice");
     }
 
