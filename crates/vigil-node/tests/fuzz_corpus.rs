@@ -1,30 +1,87 @@
-//! Replays the saved fuzz corpus (`crates/vigil-node/fuzz/corpus`, minimised after each fuzzing campaign, plus
-//! every crash found, kept as a regression) through the same functions the fuzz targets call. A corpus input that
-//! panics here is a regression of a fixed bug or a new one.
+//! Replays the saved fuzz corpus through the same functions the fuzz targets call. A corpus input that panics
+//! here is a regression of a fixed bug or a new one.
+//!
+//! The corpus is kept as one pack per target (`fuzz/<target>.corpus`: `u32 LE length | bytes`, repeated), the
+//! minimised corpus of the last campaign plus the seeds and every crash found, rather than thousands of files.
+//! Between campaigns (from `crates/vigil-node`):
+//!
+//! ```sh
+//! cargo test --test fuzz_corpus -- --ignored --exact unpack         # packs → fuzz/corpus/<target>/ (gitignored)
+//! cargo +nightly fuzz run -O -a wire fuzz/corpus/wire -- -max_total_time=900
+//! cargo +nightly fuzz cmin -O -a wire fuzz/corpus/wire
+//! cargo test --test fuzz_corpus -- --ignored --exact pack         # fuzz/corpus/<target>/ → packs
+//! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+const TARGETS: [&str; 2] = ["wire", "json"];
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz")
+}
+
+fn read_pack(target: &str) -> Vec<Vec<u8>> {
+    let path = fuzz_dir().join(format!("{target}.corpus"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut rest = &bytes[..];
+    let mut out = Vec::new();
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        assert!(rest.len() >= 4 + len, "truncated pack {}", path.display());
+        out.push(rest[4..4 + len].to_vec());
+        rest = &rest[4 + len..];
+    }
+    assert!(rest.is_empty(), "trailing bytes in {}", path.display());
+    out
+}
 
 fn replay(target: &str, run: fn(&[u8])) -> usize {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.expect("entry").path();
-        let data = std::fs::read(&path).expect("readable");
-        let outcome = std::panic::catch_unwind(|| run(&data));
-        assert!(outcome.is_ok(), "{} panicked", path.display());
-        n += 1;
+    let inputs = read_pack(target);
+    for (i, data) in inputs.iter().enumerate() {
+        let outcome = std::panic::catch_unwind(|| run(data));
+        assert!(outcome.is_ok(), "input {i} of {target}.corpus panicked");
     }
-    n
+    inputs.len()
+}
+
+#[test]
+#[ignore = "maintenance: writes the packs from fuzz/corpus/<target>/"]
+fn pack() {
+    for target in TARGETS {
+        let dir = fuzz_dir().join("corpus").join(target);
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&dir).expect("corpus dir").map(|e| e.expect("entry").path()).collect();
+        files.sort();
+        let mut pack = Vec::new();
+        for f in files {
+            let data = std::fs::read(&f).expect("readable");
+            pack.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            pack.extend_from_slice(&data);
+        }
+        std::fs::write(fuzz_dir().join(format!("{target}.corpus")), pack).expect("write pack");
+    }
+}
+
+#[test]
+#[ignore = "maintenance: writes fuzz/corpus/<target>/ from the packs"]
+fn unpack() {
+    for target in TARGETS {
+        let dir = fuzz_dir().join("corpus").join(target);
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        for (i, data) in read_pack(target).iter().enumerate() {
+            std::fs::write(dir.join(format!("pack-{i:05}")), data).expect("write input");
+        }
+    }
 }
 
 #[test]
 fn the_wire_corpus_replays_without_a_panic() {
-    assert!(replay("wire", vigil_node::fuzzing::wire_stream) >= 6, "seeds and the OOM regression are there");
+    assert!(replay("wire", vigil_node::fuzzing::wire_stream) >= 100, "the campaign's corpus is there");
 }
 
 #[test]
 fn the_json_corpus_replays_without_a_panic() {
-    assert!(replay("json", vigil_node::fuzzing::json_body) >= 7);
+    assert!(replay("json", vigil_node::fuzzing::json_body) >= 100);
 }
 
 #[test]
