@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use vigil_engine::Config;
 use vigil_model::{Event, Offset, Rejection, RejectionRecord};
 use vigil_store::checkpoint::SledStore;
@@ -114,6 +114,7 @@ fn journal_thread(
     mut journal: Journal,
     rx: std_mpsc::Receiver<JournalMsg>,
     durable: Arc<AtomicU64>,
+    on_commit: Arc<Notify>,
     on_poison: Box<dyn FnOnce(String) + Send>,
 ) {
     let mut waiting: Vec<(Offset, Offset, AckReply)> = Vec::new();
@@ -146,6 +147,8 @@ fn journal_thread(
         match committed {
             Ok(offset) => {
                 durable.store(offset.0, Ordering::Release);
+                // The sequencer releases triggers and HTTP answers up to the new durable offset at once.
+                on_commit.notify_one();
                 for (first, last, reply) in waiting.drain(..) {
                     let _ = reply.send(Ok((first, last)));
                 }
@@ -221,6 +224,8 @@ struct Gate {
     items: VecDeque<Released>,
     reports: VecDeque<Report>,
     durable: Arc<AtomicU64>,
+    /// Signalled by the journal thread after each commit.
+    committed: Arc<Notify>,
     hub: Arc<Hub>,
     released: u64,
 }
@@ -271,6 +276,7 @@ fn sequencer_thread(
     stop: Arc<AtomicBool>,
     config: ServeConfig,
 ) {
+    let committed = Arc::clone(&gate.committed);
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
     let mut stopping = false;
@@ -290,12 +296,20 @@ fn sequencer_thread(
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
-                // Nothing queued: block until the next batch, waking every millisecond for outputs and checkpoints.
-                // (The timer must be created inside the runtime's context, hence the async block.)
-                match runtime.block_on(async { tokio::time::timeout(Duration::from_millis(1), ingest.recv()).await }) {
-                    Ok(Some(b)) => Some(b),
-                    Ok(None) => None,
-                    Err(_) => continue,
+                // Nothing queued: block until the next batch or a journal commit (outputs to release), waking at
+                // least every millisecond for shard outputs and checkpoints. (The timer must be created inside the
+                // runtime's context, hence the async block; `recv` is cancel-safe.)
+                let woken = runtime.block_on(async {
+                    tokio::select! {
+                        batch = ingest.recv() => Some(batch),
+                        _ = committed.notified() => None,
+                        _ = tokio::time::sleep(Duration::from_millis(1)) => None,
+                    }
+                });
+                match woken {
+                    Some(Some(b)) => Some(b),
+                    Some(None) => None,
+                    None => continue,
                 }
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -541,14 +555,16 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let durable_offset = recovery.journal.durable();
     let durable = Arc::new(AtomicU64::new(durable_offset.0));
     let (journal_tx, journal_rx) = std_mpsc::sync_channel::<JournalMsg>(1024);
+    let committed = Arc::new(Notify::new());
     let journal_handle = {
-        let durable = Arc::clone(&durable);
+        let (durable, committed) = (Arc::clone(&durable), Arc::clone(&committed));
         let journal = recovery.journal;
         thread::Builder::new().name("vigil-journal".into()).spawn(move || {
             journal_thread(
                 journal,
                 journal_rx,
                 durable,
+                committed,
                 Box::new(|e| {
                     eprintln!("vigil: journal failure, exiting: {e}");
                     std::process::exit(2);
@@ -580,6 +596,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         items: VecDeque::new(),
         reports: VecDeque::new(),
         durable: Arc::clone(&durable),
+        committed,
         hub: Arc::clone(&hub),
         released: 0,
     };
