@@ -9,7 +9,6 @@ use std::time::Instant;
 use vigil_engine::Config;
 use vigil_model::{Offset, parse_line};
 use vigil_node::recovery::{recover, write_delta};
-use vigil_store::checkpoint::SledStore;
 use vigil_store::codec::encode_event;
 use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
 use vigil_store::layout;
@@ -91,13 +90,12 @@ fn main() {
     );
     let mut engines = r.engines;
     drop(r.journal);
+    let mut store = r.store;
     let t = Instant::now();
-    {
-        let mut store = SledStore::open(&layout::checkpoints(dir.path())).expect("store");
-        for (shard, engine) in engines.iter_mut().enumerate() {
-            write_delta(&mut store, shard, &engine.take_delta(), &[]).expect("checkpoint");
-        }
+    for (shard, engine) in engines.iter_mut().enumerate() {
+        write_delta(&mut store, shard, &engine.take_delta(), &[]).expect("checkpoint");
     }
+    drop(store);
     println!("recovery/checkpoint_write: {:.1} s for all accounts", t.elapsed().as_secs_f64());
     drop(engines);
     let t = Instant::now();

@@ -27,6 +27,7 @@ use vigil_engine::market::{Entry, InstrumentKind, Market};
 use vigil_model::{Event, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
+use crate::metrics as m;
 use crate::pipeline::{Answer, Ask, Checker};
 use crate::replay::LINE_BYTES_MAX;
 use crate::serve::{IngestBatch, Item};
@@ -86,6 +87,11 @@ impl Hub {
         self.set_checkpoints(checkpoints);
         self.released.send_replace(released.0);
         let _ = self.node.set(node);
+    }
+
+    /// The node's read handle, once recovered.
+    pub fn checker(&self) -> Option<Checker> {
+        self.node.get().map(|n| n.checker.clone())
     }
 
     pub fn ready(&self) -> bool {
@@ -297,9 +303,25 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/triggers/stream", get(stream_triggers))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::max(body_bytes_max))
         .layer(tower::limit::ConcurrencyLimitLayer::new(concurrency_max.max(1)))
         .with_state(hub)
+}
+
+/// Counts requests by route (the matched pattern, never the account in the path) and status, and times them.
+async fn count_requests(
+    path: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = path.map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone()).record(started.elapsed().as_secs_f64());
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    response
 }
 
 /// Gives the framework's own refusals (a body over the limit, a bad query string, a wrong method) the API's JSON
@@ -339,25 +361,10 @@ async fn ready(State(hub): Shared) -> Response {
     }
 }
 
-/// The node's offsets in Prometheus text format (the observability work adds the full set).
-async fn metrics(State(hub): Shared) -> Response {
-    let mut s = String::new();
-    let _ = writeln!(s, "# TYPE vigil_build_info gauge");
-    let _ = writeln!(s, "vigil_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-    if let Some(node) = hub.node.get() {
-        let _ =
-            writeln!(s, "# TYPE vigil_sequenced_offset gauge\nvigil_sequenced_offset {}", node.checker.sequenced().0);
-        let _ = writeln!(
-            s,
-            "# TYPE vigil_durable_offset gauge\nvigil_durable_offset {}",
-            node.durable.load(Ordering::Acquire)
-        );
-        let _ = writeln!(s, "# TYPE vigil_applied_offset gauge");
-        for (shard, applied) in node.checker.applied().iter().enumerate() {
-            let _ = writeln!(s, "vigil_applied_offset{{shard=\"{shard}\"}} {}", applied.0);
-        }
-    }
-    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], s).into_response()
+/// The Prometheus text exposition of every metric (docs/operations.md).
+async fn metrics() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], m::render())
+        .into_response()
 }
 
 async fn status(State(hub): Shared) -> Response {
@@ -413,6 +420,8 @@ async fn post_events(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Res
         );
     }
     let items = to_items(parsed);
+    metrics::counter!(m::INGEST_EVENTS, "transport" => "http").increment(items.len() as u64);
+    metrics::counter!(m::INGEST_BATCHES, "transport" => "http").increment(1);
     let (reply, durable) = oneshot::channel();
     let (report, rejections) = oneshot::channel();
     if node.ingest.send(IngestBatch { items, reply, report: Some(report) }).await.is_err() {
@@ -496,12 +505,14 @@ async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<
     if let Err(r) = valid_name(&id) {
         return r.into_response();
     }
+    let started = Instant::now();
     let fill = match check_fill(&id, &body) {
         Ok(f) => f,
         Err(r) => return error(StatusCode::BAD_REQUEST, r.reason.as_str(), &r.message),
     };
     match ask(&hub, Ask::Check(fill), p.min_offset).await {
         Ok(Answer::Check(Ok(outcome))) => {
+            metrics::histogram!(m::CHECK_SECONDS).record(started.elapsed().as_secs_f64());
             let a = &outcome.after;
             let reason = match &outcome.reason {
                 Some(r) => serde_json::Value::from(r.reason.as_str()).to_string(),

@@ -6,6 +6,7 @@ pub mod handoff;
 pub mod http;
 pub mod inspect;
 pub mod load;
+pub mod metrics;
 pub mod pipeline;
 pub mod recovery;
 pub mod replay;

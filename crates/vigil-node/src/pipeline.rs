@@ -110,12 +110,15 @@ pub enum Ask {
     Account(String),
     /// The shard's copy of the reference and market data (identical on every shard).
     Market,
+    /// Monitoring counts (`Engine::stats`) of the shard asked (`Checker::stats`).
+    Stats,
 }
 
 pub enum Answer {
     Check(CheckReply),
     Account(Option<AccountView>),
     Market(Box<Market>),
+    Stats(vigil_engine::ShardStats),
 }
 
 /// A read waiting for its shard.
@@ -149,7 +152,7 @@ impl Checker {
         let shard = match &ask {
             Ask::Check(fill) => shard_of(&fill.account, self.queries.len()),
             Ask::Account(id) => shard_of(id, self.queries.len()),
-            Ask::Market => 0,
+            Ask::Market | Ask::Stats => 0,
         };
         self.ask_shard(shard, ask, min_offset)
     }
@@ -159,6 +162,16 @@ impl Checker {
         let _ = self.queries[shard].send(Query { ask, min_offset, reply: tx });
         self.threads[shard].unpark();
         rx
+    }
+
+    /// Asks shard `shard` for its monitoring counts (answered between events; one pass over its accounts).
+    pub fn stats(&self, shard: usize) -> oneshot::Receiver<Answer> {
+        self.ask_shard(shard.min(self.queries.len().saturating_sub(1)), Ask::Stats, Offset(0))
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.queries.len()
     }
 
     /// The last offset sequenced.
@@ -210,6 +223,7 @@ fn serve_queries(
             Ask::Check(fill) => Answer::Check(engine.check(&fill.account, &fill)),
             Ask::Account(id) => Answer::Account(engine.account_view(&id)),
             Ask::Market => Answer::Market(Box::new(engine.market().clone())),
+            Ask::Stats => Answer::Stats(engine.stats()),
         };
         let _ = q.reply.send(answer);
     }
@@ -294,6 +308,7 @@ struct ShardIo {
 
 fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engine {
     let ShardIo { deltas, mut input, mut output, queries, shared, sequenced } = io;
+    let metrics = crate::metrics::ShardMetrics::new(index);
     let mut triggers: Vec<Trigger> = Vec::new();
     let mut since_delta: Vec<Trigger> = Vec::new();
     let mut waiting: Vec<Query> = Vec::new();
@@ -328,6 +343,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
             Input::Event(offset, event) => {
                 triggers.clear();
                 let result = engine.apply(offset, &event, &mut triggers);
+                metrics.applied(&event);
                 // Every shard rejects a broadcast event alike: shard 0 alone reports it.
                 let rejection = match result {
                     Err(r) if event.account().is_some() || index == 0 => Some(r),
@@ -547,6 +563,12 @@ impl Pipeline {
         let watermark = self.watermark();
         self.collect();
         self.release(watermark, sink);
+    }
+
+    /// Messages waiting in each shard's input ring, and the rings' capacity.
+    pub fn ring_occupancy(&self) -> (Vec<usize>, usize) {
+        let capacity = self.inputs.first().map_or(0, |p| p.buffer().capacity());
+        (self.inputs.iter().map(|p| capacity.saturating_sub(p.slots())).collect(), capacity)
     }
 
     /// The offset through which every output has been released (by `drain`, `flush` or `finish`).

@@ -103,6 +103,9 @@ pub struct Recovery {
     /// Every trigger the node has released, in the contract's order: those stored with checkpoints and those the
     /// replay re-emitted (which are stored now, with their shard's trees).
     pub history: Vec<Trigger>,
+    /// The open checkpoint store, for the node to keep writing to. (Reopening it would race sled's background
+    /// threads for the file lock of the handle just dropped: "could not acquire lock", seen in CI.)
+    pub store: SledStore,
 }
 
 /// Recovers `shards` shards from the data directory.
@@ -172,6 +175,7 @@ pub fn recover(
         replayed,
         triggers,
         history,
+        store,
     })
 }
 
@@ -242,9 +246,11 @@ mod tests {
         assert_eq!(r.history, everything);
         drop(r);
         let again = recover(dir.path(), &config, shards, JournalConfig::default(), Box::new(OsSyncer)).unwrap();
-        let other = recover(dir.path(), &config, shards + 1, JournalConfig::default(), Box::new(OsSyncer));
-        assert!(other.err().is_some_and(|e| e.to_string().contains("--shards 3")), "another shard count is refused");
         assert_eq!(again.history, everything, "recovering twice stores nothing twice");
+        drop(again);
+        let other = recover(dir.path(), &config, shards + 1, JournalConfig::default(), Box::new(OsSyncer));
+        let refused = other.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(refused.contains("--shards 3"), "another shard count is refused: {refused}");
     }
 
     #[test]

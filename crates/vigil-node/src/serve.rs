@@ -23,13 +23,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use vigil_engine::Config;
 use vigil_model::{Event, Offset, Rejection, RejectionRecord};
-use vigil_store::checkpoint::SledStore;
+use vigil_store::checkpoint::{CheckpointStore, SledStore};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
-use vigil_store::layout;
 
 use crate::http::{Hub, HubConfig, Node, token_matches};
-use crate::pipeline::{Pipeline, PipelineConfig, Released, ShardDelta, Wait};
+use crate::metrics as m;
+use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, ShardDelta, Wait};
 use crate::recovery::{recover, write_delta};
 use crate::wire::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, WIRE_AUTH, ack_frame, auth_ok_frame, decode_batch, error_frame};
 
@@ -118,7 +118,11 @@ fn journal_thread(
     on_poison: Box<dyn FnOnce(String) + Send>,
 ) {
     let mut waiting: Vec<(Offset, Offset, AckReply)> = Vec::new();
+    let fsync_seconds = metrics::histogram!(m::FSYNC_SECONDS);
+    let batch_records = metrics::histogram!(m::JOURNAL_BATCH);
+    let durable_gauge = metrics::gauge!(m::DURABLE);
     while let Ok(first_msg) = rx.recv() {
+        let mut records_in_group = 0usize;
         let mut trim = None;
         let mut fail: Option<String> = None;
         let mut msg = Some(first_msg);
@@ -127,6 +131,7 @@ fn journal_thread(
             match m {
                 JournalMsg::Batch { first, records, reply } => {
                     let last = Offset(first.0 + records.len() as u64 - 1);
+                    records_in_group += records.len();
                     if fail.is_none() {
                         for (i, r) in records.iter().enumerate() {
                             if let Err(e) = journal.append(Offset(first.0 + i as u64), r) {
@@ -140,13 +145,19 @@ fn journal_thread(
                 JournalMsg::Trim(offset) => trim = Some(offset),
             }
         }
+        let commit_started = Instant::now();
         let committed = match fail {
             Some(e) => Err(e),
             None => journal.commit().map_err(|e| e.to_string()),
         };
+        if records_in_group > 0 {
+            fsync_seconds.record(commit_started.elapsed().as_secs_f64());
+            batch_records.record(records_in_group as f64);
+        }
         match committed {
             Ok(offset) => {
                 durable.store(offset.0, Ordering::Release);
+                durable_gauge.set(offset.0 as f64);
                 // The sequencer releases triggers and HTTP answers up to the new durable offset at once.
                 on_commit.notify_one();
                 for (first, last, reply) in waiting.drain(..) {
@@ -162,6 +173,7 @@ fn journal_thread(
                 for (_, _, reply) in waiting.drain(..) {
                     let _ = reply.send(Err(format!("journal failure, nothing acknowledged: {e}")));
                 }
+                metrics::counter!(m::JOURNAL_FAILURES).increment(1);
                 tracing::error!(error = %e, "journal poisoned");
                 on_poison(e);
                 return;
@@ -190,6 +202,14 @@ fn persistence_thread(
         }
         match write_delta(&mut store, shard, &delta, &triggers) {
             Ok(bytes) => {
+                let shard_label = shard.to_string();
+                metrics::histogram!(m::CHECKPOINT_SECONDS, "shard" => shard_label.clone())
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::CHECKPOINT_BYTES, "shard" => shard_label.clone()).record(bytes as f64);
+                metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard_label).set(offset.0 as f64);
+                if let Ok(size) = store.size_on_disk() {
+                    metrics::gauge!(m::STORE_BYTES).set(size as f64);
+                }
                 tracing::info!(
                     shard,
                     offset = offset.0,
@@ -206,10 +226,16 @@ fn persistence_thread(
                     let _ = journal.try_send(JournalMsg::Trim(*oldest));
                 }
             }
-            Err(e) => tracing::error!(shard, error = %e, "checkpoint failed; the journal keeps everything"),
+            Err(e) => {
+                metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
+                tracing::error!(shard, error = %e, "checkpoint failed; the journal keeps everything");
+            }
         }
     }
 }
+
+/// How often the sequencer samples its gauges (when idle; under load, between batches that find the queue empty).
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// A batch waiting for its rejections.
 struct Report {
@@ -228,6 +254,9 @@ struct Gate {
     committed: Arc<Notify>,
     hub: Arc<Hub>,
     released: u64,
+    /// When each batch was sequenced: `(last offset, instant)`, oldest first (for trigger latency).
+    sequenced_at: VecDeque<(Offset, Instant)>,
+    metrics: m::GateMetrics,
 }
 
 impl Gate {
@@ -242,11 +271,19 @@ impl Gate {
             self.released += 1;
             match r {
                 Released::Trigger(t) => {
+                    while self.sequenced_at.front().is_some_and(|(last, _)| *last < t.offset) {
+                        self.sequenced_at.pop_front();
+                    }
+                    if let Some((_, at)) = self.sequenced_at.front() {
+                        self.metrics.latency.record(at.elapsed().as_secs_f64());
+                    }
+                    self.metrics.trigger(t.kind);
                     tracing::debug!(offset = t.offset.0, account = %t.account, kind = t.kind.as_str(),
                         symbol = t.symbol.as_deref().unwrap_or(""), "trigger");
                     triggers.push(t);
                 }
                 Released::Rejection(rec) => {
+                    self.metrics.rejection(rec.reason);
                     if let Some(report) =
                         self.reports.iter_mut().find(|p| p.first <= rec.offset && rec.offset <= p.last)
                     {
@@ -257,6 +294,11 @@ impl Gate {
         }
         let through = durable.min(drained);
         self.hub.publish(triggers, through);
+        self.metrics.released.set(through.0 as f64);
+        // No trigger can come any more at or below `through`.
+        while self.sequenced_at.front().is_some_and(|(last, _)| *last <= through) {
+            self.sequenced_at.pop_front();
+        }
         while self.reports.front().is_some_and(|p| p.last <= through) {
             if let Some(p) = self.reports.pop_front() {
                 let _ = p.reply.send(p.rejections);
@@ -277,6 +319,10 @@ fn sequencer_thread(
     config: ServeConfig,
 ) {
     let committed = Arc::clone(&gate.committed);
+    let sequenced_gauge = metrics::gauge!(m::SEQUENCED);
+    let ring_gauges: Vec<metrics::Gauge> =
+        (0..config.shards).map(|s| metrics::gauge!(m::RING_OCCUPANCY, "shard" => s.to_string())).collect();
+    let mut last_sample = Instant::now();
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
     let mut stopping = false;
@@ -291,6 +337,15 @@ fn sequencer_thread(
             Err(mpsc::error::TryRecvError::Empty) => {
                 pipeline.drain(&mut |r| gate.items.push_back(r));
                 gate.release(pipeline.drained());
+                if last_sample.elapsed() >= SAMPLE_EVERY {
+                    last_sample = Instant::now();
+                    sequenced_gauge.set(pipeline.offset().0 as f64);
+                    let (occupancy, capacity) = pipeline.ring_occupancy();
+                    for (g, n) in ring_gauges.iter().zip(occupancy) {
+                        g.set(n as f64);
+                    }
+                    metrics::gauge!(m::RING_CAPACITY).set(capacity as f64);
+                }
                 if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
                     pipeline.checkpoint();
                     since_checkpoint = 0;
@@ -329,6 +384,7 @@ fn sequencer_thread(
         }
         since_checkpoint += records.len() as u64;
         pipeline.publish();
+        gate.sequenced_at.push_back((pipeline.offset(), Instant::now()));
         if let Some(reply) = report {
             let last = pipeline.offset();
             gate.reports.push_back(Report { first, last, rejections: Vec::new(), reply });
@@ -386,6 +442,8 @@ struct Listener {
     ingest: mpsc::Sender<IngestBatch>,
     token: Option<Arc<str>>,
     frame_bytes_max: usize,
+    events: metrics::Counter,
+    batches: metrics::Counter,
 }
 
 async fn connection(mut stream: TcpStream, node: Listener) {
@@ -440,6 +498,8 @@ async fn connection(mut stream: TcpStream, node: Listener) {
             }
             items.push((Item::Event(event), record));
         }
+        node.events.increment(items.len() as u64);
+        node.batches.increment(1);
         let (tx, rx) = oneshot::channel();
         if node.ingest.send(IngestBatch { items, reply: tx, report: None }).await.is_err() {
             let _ = stream.write_all(&error_frame("node shutting down")).await;
@@ -478,6 +538,34 @@ async fn shutdown_signal() {
     }
 }
 
+/// How often the shards are asked for their monitoring counts (one pass over their accounts each).
+const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples, off the hot path, what the shards hold: applied offsets every second, account counts and margin
+/// bands every `STATS_EVERY` (asked of each shard between two of its events).
+async fn sample_shards(hub: Arc<Hub>) {
+    let Some(checker) = hub.checker() else { return };
+    let applied: Vec<metrics::Gauge> =
+        (0..checker.shards()).map(|s| metrics::gauge!(m::APPLIED, "shard" => s.to_string())).collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_stats: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        for (g, o) in applied.iter().zip(checker.applied()) {
+            g.set(o.0 as f64);
+        }
+        if last_stats.is_some_and(|t| t.elapsed() < STATS_EVERY) {
+            continue;
+        }
+        last_stats = Some(Instant::now());
+        for shard in 0..checker.shards() {
+            if let Ok(Ok(Answer::Stats(stats))) = tokio::time::timeout(STATS_EVERY, checker.stats(shard)).await {
+                m::shard_stats(shard, &stats);
+            }
+        }
+    }
+}
+
 /// The addresses the node listens on.
 #[derive(Clone, Copy, Debug)]
 pub struct Bound {
@@ -507,6 +595,10 @@ pub fn check_exposure(config: &ServeConfig) -> anyhow::Result<()> {
 pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
     check_exposure(&config)?;
     let started = Instant::now();
+    if m::install().is_none() {
+        tracing::warn!("another metrics recorder is installed in this process: /metrics will be empty");
+    }
+    metrics::gauge!(m::READY).set(0.0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -552,6 +644,8 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         ms = started.elapsed().as_millis() as u64,
         "recovered"
     );
+    metrics::gauge!(m::RECOVERY_SECONDS).set(started.elapsed().as_secs_f64());
+    metrics::gauge!(m::DURABLE).set(recovery.journal.durable().0 as f64);
     let durable_offset = recovery.journal.durable();
     let durable = Arc::new(AtomicU64::new(durable_offset.0));
     let (journal_tx, journal_rx) = std_mpsc::sync_channel::<JournalMsg>(1024);
@@ -573,7 +667,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         })?
     };
     let (delta_tx, delta_rx) = std_mpsc::channel::<ShardDelta>();
-    let store = SledStore::open(&layout::checkpoints(&config.data)).context("opening the checkpoint store")?;
+    let store = recovery.store;
     let persistence_handle = {
         let (watermarks, journal, durable) = (recovery.watermarks.clone(), journal_tx.clone(), Arc::clone(&durable));
         let hub = Arc::clone(&hub);
@@ -599,6 +693,8 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         committed,
         hub: Arc::clone(&hub),
         released: 0,
+        sequenced_at: VecDeque::new(),
+        metrics: m::GateMetrics::new(),
     };
     let sequencer_handle = {
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
@@ -612,12 +708,16 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         recovery.watermarks,
         Node { checker, ingest: ingest_tx.clone(), durable: Arc::clone(&durable) },
     );
+    metrics::gauge!(m::READY).set(1.0);
+    runtime.spawn(sample_shards(Arc::clone(&hub)));
     tracing::info!(ms = started.elapsed().as_millis() as u64, "ready");
 
     let listener = Listener {
         ingest: ingest_tx,
         token: config.token.as_deref().map(Arc::from),
         frame_bytes_max: config.frame_bytes_max.min(FRAME_BYTES_MAX),
+        events: metrics::counter!(m::INGEST_EVENTS, "transport" => "tcp"),
+        batches: metrics::counter!(m::INGEST_BATCHES, "transport" => "tcp"),
     };
     let connections_max = config.connections_max.max(1);
     runtime.block_on(async {

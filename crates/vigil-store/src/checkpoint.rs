@@ -60,8 +60,21 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Opens (or creates) the store. sled releases its file lock from background threads after the last handle
+    /// is dropped, so an open right after a drop in the same process can find it still held: that case is
+    /// retried for up to two seconds (another process holding it is refused after that).
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
-        Ok(Self { db: sled::Config::new().path(path).open()? })
+        let mut tries = 0;
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return Ok(Self { db }),
+                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The shards that have a checkpoint tree, ascending.

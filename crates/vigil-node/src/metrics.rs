@@ -1,0 +1,231 @@
+//! The node's metrics (docs/operations.md): names, buckets, the Prometheus recorder, cached handles.
+//!
+//! Everything goes through the `metrics` facade. Hot paths (a shard applying events, the journal committing, the
+//! gate releasing) hold handles created once, so recording is an atomic add; labels are bounded sets (shard, event
+//! type, reason, kind, route, status, band), never an account. Without an installed recorder (`vigil replay`,
+//! tests) the handles are no-ops. Gauges that describe state (offsets, ring occupancy, accounts by band) are
+//! sampled off the hot path by `sampler`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use vigil_engine::{MARGIN_BANDS, ShardStats};
+use vigil_model::{Event, Reason, TriggerKind};
+
+pub const BUILD_INFO: &str = "vigil_build_info";
+pub const READY: &str = "vigil_ready";
+pub const EVENTS_APPLIED: &str = "vigil_events_applied_total";
+pub const INGEST_EVENTS: &str = "vigil_ingest_events_total";
+pub const INGEST_BATCHES: &str = "vigil_ingest_batches_total";
+pub const REJECTIONS: &str = "vigil_rejections_total";
+pub const TRIGGERS: &str = "vigil_triggers_total";
+pub const TRIGGER_LATENCY: &str = "vigil_tick_to_trigger_seconds";
+pub const SEQUENCED: &str = "vigil_sequenced_offset";
+pub const DURABLE: &str = "vigil_durable_offset";
+pub const RELEASED: &str = "vigil_released_offset";
+pub const APPLIED: &str = "vigil_applied_offset";
+pub const RING_OCCUPANCY: &str = "vigil_ring_occupancy";
+pub const RING_CAPACITY: &str = "vigil_ring_capacity";
+pub const FSYNC_SECONDS: &str = "vigil_journal_fsync_seconds";
+pub const JOURNAL_BATCH: &str = "vigil_journal_batch_records";
+pub const JOURNAL_FAILURES: &str = "vigil_journal_failures_total";
+pub const CHECKPOINT_SECONDS: &str = "vigil_checkpoint_seconds";
+pub const CHECKPOINT_BYTES: &str = "vigil_checkpoint_bytes";
+pub const CHECKPOINT_FAILURES: &str = "vigil_checkpoint_failures_total";
+pub const CHECKPOINT_OFFSET: &str = "vigil_checkpoint_offset";
+pub const STORE_BYTES: &str = "vigil_checkpoint_store_bytes";
+pub const RECOVERY_SECONDS: &str = "vigil_recovery_seconds";
+pub const CHECK_SECONDS: &str = "vigil_check_seconds";
+pub const ACCOUNTS: &str = "vigil_accounts";
+pub const POSITIONS: &str = "vigil_positions";
+pub const LIQUIDATING: &str = "vigil_accounts_liquidating";
+pub const MARGIN_BAND: &str = "vigil_accounts_by_margin_ratio";
+pub const HTTP_REQUESTS: &str = "vigil_http_requests_total";
+pub const HTTP_SECONDS: &str = "vigil_http_request_seconds";
+
+/// Latency buckets, in seconds: 10 µs to 10 s.
+const SECONDS: [f64; 19] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+/// Records per journal commit.
+const RECORDS: [f64; 14] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 1e5];
+/// Bytes: 1 KiB to 4 GiB, by 4×.
+const BYTES: [f64; 12] = [
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+    4_294_967_296.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process (a second node in the same process, as in the benches,
+/// shares it) and starts its upkeep thread. `None` if another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in [
+                (TRIGGER_LATENCY, &SECONDS[..]),
+                (FSYNC_SECONDS, &SECONDS[..]),
+                (CHECKPOINT_SECONDS, &SECONDS[..]),
+                (CHECK_SECONDS, &SECONDS[..]),
+                (HTTP_SECONDS, &SECONDS[..]),
+                (JOURNAL_BATCH, &RECORDS[..]),
+                (CHECKPOINT_BYTES, &BYTES[..]),
+            ] {
+                builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), buckets).ok()?;
+            }
+            let handle = builder.install_recorder().ok()?;
+            let upkeep = handle.clone();
+            // Histograms are drained into their buckets on upkeep; without it they grow.
+            let _ = std::thread::Builder::new().name("vigil-metrics".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The exposition text (empty without a recorder).
+pub fn render() -> String {
+    HANDLE.get().and_then(Option::as_ref).map(PrometheusHandle::render).unwrap_or_default()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(BUILD_INFO, "Build information: 1, labelled by version.");
+    describe_gauge!(READY, "1 once recovery has finished and the node serves, else 0.");
+    describe_counter!(EVENTS_APPLIED, "Events applied by a shard (accepted or rejected), by shard and type.");
+    describe_counter!(INGEST_EVENTS, "Events received, by transport (tcp, http).");
+    describe_counter!(INGEST_BATCHES, "Batches received, by transport (tcp, http).");
+    describe_counter!(REJECTIONS, "Rejected events, by reason code (docs/events.md).");
+    describe_counter!(TRIGGERS, "Liquidation triggers released, by kind (liquidate, bankrupt).");
+    describe_histogram!(TRIGGER_LATENCY, Unit::Seconds, "From sequencing an event to releasing its trigger.");
+    describe_gauge!(SEQUENCED, "Last offset given out by the sequencer.");
+    describe_gauge!(DURABLE, "Last offset covered by a journal fdatasync.");
+    describe_gauge!(RELEASED, "Offset through which outputs are durable and published.");
+    describe_gauge!(APPLIED, "Last offset a shard applied, by shard.");
+    describe_gauge!(RING_OCCUPANCY, "Messages waiting in a shard's input ring, by shard.");
+    describe_gauge!(RING_CAPACITY, "Capacity of each shard's input ring.");
+    describe_histogram!(FSYNC_SECONDS, Unit::Seconds, "Duration of a journal commit (write + fdatasync).");
+    describe_histogram!(JOURNAL_BATCH, Unit::Count, "Records per journal commit (group commit size).");
+    describe_counter!(JOURNAL_FAILURES, "Journal write or fdatasync failures (the node exits after one).");
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Duration of writing one shard's checkpoint delta.");
+    describe_histogram!(CHECKPOINT_BYTES, Unit::Bytes, "Encoded size of one shard's checkpoint delta.");
+    describe_counter!(CHECKPOINT_FAILURES, "Checkpoint writes that failed (the journal keeps everything).");
+    describe_gauge!(CHECKPOINT_OFFSET, "Watermark of a shard's last checkpoint, by shard.");
+    describe_gauge!(STORE_BYTES, Unit::Bytes, "Size of the sled checkpoint store on disk.");
+    describe_gauge!(RECOVERY_SECONDS, Unit::Seconds, "Duration of the last recovery at startup.");
+    describe_histogram!(CHECK_SECONDS, Unit::Seconds, "Pre-trade check latency in the node (HTTP handler).");
+    describe_gauge!(ACCOUNTS, "Accounts, by shard.");
+    describe_gauge!(POSITIONS, "Open positions, by shard.");
+    describe_gauge!(LIQUIDATING, "Accounts with a unit in a liquidation episode, by shard.");
+    describe_gauge!(MARGIN_BAND, "Accounts with positions by margin ratio (MM / equity) band, by shard.");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status.");
+    describe_histogram!(HTTP_SECONDS, Unit::Seconds, "HTTP request duration, by route.");
+}
+
+/// The event types, in `Event::type_name` terms, for per-type counters.
+const EVENT_TYPES: [&str; 11] =
+    ["asset", "perp", "future", "option", "price", "funding", "settle", "deposit", "withdraw", "transfer", "trade"];
+
+fn type_index(event: &Event) -> usize {
+    match event {
+        Event::Asset { .. } => 0,
+        Event::Perp { .. } => 1,
+        Event::Future { .. } => 2,
+        Event::Option { .. } => 3,
+        Event::Price { .. } => 4,
+        Event::Funding { .. } => 5,
+        Event::Settle { .. } => 6,
+        Event::Deposit { .. } => 7,
+        Event::Withdraw { .. } => 8,
+        Event::Transfer { .. } => 9,
+        Event::Trade(_) => 10,
+    }
+}
+
+/// A shard's handles, created on its thread at start.
+pub struct ShardMetrics {
+    applied: [Counter; 11],
+}
+
+impl ShardMetrics {
+    pub fn new(shard: usize) -> Self {
+        let shard = shard.to_string();
+        Self { applied: EVENT_TYPES.map(|t| counter!(EVENTS_APPLIED, "shard" => shard.clone(), "type" => t)) }
+    }
+
+    #[inline]
+    pub fn applied(&self, event: &Event) {
+        self.applied[type_index(event)].increment(1);
+    }
+}
+
+/// The output gate's handles.
+pub struct GateMetrics {
+    rejections: Vec<Counter>,
+    liquidate: Counter,
+    bankrupt: Counter,
+    pub latency: Histogram,
+    pub released: Gauge,
+}
+
+impl GateMetrics {
+    pub fn new() -> Self {
+        Self {
+            rejections: Reason::ALL.iter().map(|r| counter!(REJECTIONS, "reason" => r.as_str())).collect(),
+            liquidate: counter!(TRIGGERS, "kind" => TriggerKind::Liquidate.as_str()),
+            bankrupt: counter!(TRIGGERS, "kind" => TriggerKind::Bankrupt.as_str()),
+            latency: histogram!(TRIGGER_LATENCY),
+            released: gauge!(RELEASED),
+        }
+    }
+
+    pub fn rejection(&self, reason: Reason) {
+        if let Some(c) = Reason::ALL.iter().position(|r| *r == reason).and_then(|i| self.rejections.get(i)) {
+            c.increment(1);
+        }
+    }
+
+    pub fn trigger(&self, kind: TriggerKind) {
+        match kind {
+            TriggerKind::Liquidate => self.liquidate.increment(1),
+            TriggerKind::Bankrupt => self.bankrupt.increment(1),
+        }
+    }
+}
+
+impl Default for GateMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Publishes one shard's monitoring counts.
+pub fn shard_stats(shard: usize, stats: &ShardStats) {
+    let s = shard.to_string();
+    gauge!(ACCOUNTS, "shard" => s.clone()).set(stats.accounts as f64);
+    gauge!(POSITIONS, "shard" => s.clone()).set(stats.positions as f64);
+    gauge!(LIQUIDATING, "shard" => s.clone()).set(stats.liquidating as f64);
+    for (band, n) in MARGIN_BANDS.iter().zip(stats.bands) {
+        gauge!(MARGIN_BAND, "shard" => s.clone(), "band" => *band).set(n as f64);
+    }
+}
