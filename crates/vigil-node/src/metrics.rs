@@ -98,6 +98,9 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             });
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            // Counters of rare events exist from the start at 0, so `increase()` and alerts see them.
+            counter!(JOURNAL_FAILURES).increment(0);
+            counter!(CHECKPOINT_FAILURES).increment(0);
             Some(handle)
         })
         .as_ref()
