@@ -41,6 +41,9 @@ pub struct LoadOptions {
     pub triggers: bool,
     /// Print a progress line every second on standard error.
     pub progress: bool,
+    /// Do not send the setup (the node already has it, from an earlier run with the same workload): a checks-only
+    /// run then changes nothing on the node (no checkpoint competes with it).
+    pub skip_setup: bool,
 }
 
 /// A latency summary in microseconds.
@@ -170,11 +173,12 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
         Client::connect_with(&options.ingest, token).with_context(|| format!("connecting to {}", options.ingest))?;
     let setup = setup.min(events.len());
     let mut start_offset = Offset(0);
-    for chunk in events[..setup].chunks(batch) {
+    let to_send = if options.skip_setup { 0 } else { setup };
+    for chunk in events[..to_send].chunks(batch) {
         let (_, last) = c.send(chunk).context("sending the setup")?;
         start_offset = last;
     }
-    if setup == 0 {
+    if to_send == 0 {
         // Learn where the stream starts: ask the node.
         start_offset = Offset(status_sequenced(&options.http)?);
     }

@@ -103,6 +103,9 @@ enum Command {
         /// Measure trigger latency through GET /v1/triggers/stream.
         #[arg(long)]
         triggers: bool,
+        /// Do not send the workload's setup (the node has it from an earlier run with the same seed and sizes).
+        #[arg(long)]
+        skip_setup: bool,
     },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
@@ -189,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checks_rate,
             checks_secs,
             triggers,
+            skip_setup,
         } => {
             let (stream, setup) = match file {
                 Some(path) => {
@@ -223,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 checks_rate,
                 checks_secs,
                 triggers,
+                skip_setup,
                 progress: io::stderr().is_terminal(),
             };
             let report = vigil_node::load::run(&options, &stream, setup)?;

@@ -61,11 +61,21 @@ pub struct PipelineConfig {
     pub ring_capacity: usize,
     /// Pin shard threads to cores (a no-op where pinning is impossible).
     pub pin: bool,
+    /// Notified by a shard each time it has emptied its ring after applying something: the sequencer waits on it
+    /// to release outputs as soon as the shards are done, instead of polling.
+    pub on_idle: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { engine: Config::default(), shards: 1, wait: Wait::Park, ring_capacity: 1 << 14, pin: true }
+        Self {
+            engine: Config::default(),
+            shards: 1,
+            wait: Wait::Park,
+            ring_capacity: 1 << 14,
+            pin: true,
+            on_idle: None,
+        }
     }
 }
 
@@ -298,6 +308,7 @@ pub struct Pipeline {
 const WAKE_BATCH: u32 = 64;
 
 struct ShardIo {
+    on_idle: Option<Arc<tokio::sync::Notify>>,
     deltas: Option<mpsc::Sender<ShardDelta>>,
     input: rtrb::Consumer<Input>,
     output: rtrb::Producer<Output>,
@@ -307,7 +318,8 @@ struct ShardIo {
 }
 
 fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engine {
-    let ShardIo { deltas, mut input, mut output, queries, shared, sequenced } = io;
+    let ShardIo { on_idle, deltas, mut input, mut output, queries, shared, sequenced } = io;
+    let mut applied_since_idle = false;
     let metrics = crate::metrics::ShardMetrics::new(index);
     let mut triggers: Vec<Trigger> = Vec::new();
     let mut since_delta: Vec<Trigger> = Vec::new();
@@ -318,6 +330,12 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
         let message = match input.pop() {
             Ok(m) => m,
             Err(_) => {
+                if applied_since_idle {
+                    applied_since_idle = false;
+                    if let Some(n) = &on_idle {
+                        n.notify_one();
+                    }
+                }
                 serve_queries(&engine, &queries, &mut waiting, &sequenced, Some(&|| input.is_empty()));
                 wait.idle(&mut spins, &shared, || input.is_empty());
                 continue;
@@ -370,6 +388,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     }
                 }
                 shared.applied.store(offset.0, Ordering::Release);
+                applied_since_idle = true;
             }
         }
     }
@@ -423,6 +442,7 @@ impl Pipeline {
             let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
             let (query_tx, query_rx) = mpsc::channel();
             let io = ShardIo {
+                on_idle: config.on_idle.clone(),
                 deltas: deltas.clone(),
                 input: in_rx,
                 output: out_tx,

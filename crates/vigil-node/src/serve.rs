@@ -234,6 +234,9 @@ fn persistence_thread(
     }
 }
 
+/// The longest the sequencer sleeps when idle (outputs wake it earlier: see `sequencer_thread`).
+const IDLE_TICK: Duration = Duration::from_millis(10);
+
 /// How often the sequencer samples its gauges (when idle; under load, between batches that find the queue empty).
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
@@ -250,7 +253,8 @@ struct Gate {
     items: VecDeque<Released>,
     reports: VecDeque<Report>,
     durable: Arc<AtomicU64>,
-    /// Signalled by the journal thread after each commit.
+    /// Signalled by the journal thread after each commit and by a shard that emptied its ring: outputs may be
+    /// releasable.
     committed: Arc<Notify>,
     hub: Arc<Hub>,
     released: u64,
@@ -351,14 +355,15 @@ fn sequencer_thread(
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
-                // Nothing queued: block until the next batch or a journal commit (outputs to release), waking at
-                // least every millisecond for shard outputs and checkpoints. (The timer must be created inside the
-                // runtime's context, hence the async block; `recv` is cancel-safe.)
+                // Nothing queued: block until the next batch, or until outputs may be releasable (a journal commit,
+                // or a shard that emptied its ring: both notify), waking at least every `IDLE_TICK` for
+                // checkpoints and gauges. (The timer must be created inside the runtime's context, hence the async
+                // block; `recv` is cancel-safe; a notification sent while the sequencer was busy is kept.)
                 let woken = runtime.block_on(async {
                     tokio::select! {
                         batch = ingest.recv() => Some(batch),
                         _ = committed.notified() => None,
-                        _ = tokio::time::sleep(Duration::from_millis(1)) => None,
+                        _ = tokio::time::sleep(IDLE_TICK) => None,
                     }
                 });
                 match woken {
@@ -680,6 +685,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         shards: config.shards,
         wait: config.wait,
         pin: config.pin,
+        on_idle: Some(Arc::clone(&committed)),
         ..PipelineConfig::default()
     };
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
