@@ -2,7 +2,8 @@
 //! channel and wake-up → `Engine::check` → the oneshot answer, on a pipeline of 2 shards holding a `vigil gen`
 //! book (10 000 accounts, 8 perps). Parked shards (`Wait::Park`, the node's default) are woken by each query, as
 //! in a node that is not ingesting. Compare with the HTTP figures of `vigil load` (docs/performance.md): the
-//! difference is the network stack, HTTP and the scheduler.
+//! difference is the network stack, HTTP and the scheduler. Also the monitoring pass a shard makes every 5 s for
+//! the metrics (accounts, positions, liquidating, margin bands), over its ~5 000 accounts.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -63,6 +64,12 @@ fn round_trip(c: &mut Criterion) {
                 }
             })
         });
+        if wait == Wait::Park {
+            // The monitoring pass (`Engine::stats`, asked every 5 s by the node): one shard's accounts, counted.
+            group.bench_function("stats_pass_one_shard_of_2", |b| {
+                b.iter(|| matches!(checker.stats(0).blocking_recv(), Ok(Answer::Stats(s)) if s.accounts > 0))
+            });
+        }
         p.finish(&mut |_| {});
     }
     group.finish();
