@@ -44,7 +44,8 @@ enum Command {
         #[arg(long, default_value = "park")]
         wait: Wait,
     },
-    /// Runs the durable risk node: binary TCP ingest, journal with group commit, checkpoints, crash recovery.
+    /// Runs the durable risk node: binary TCP ingest, HTTP API (checks, accounts, trigger stream, metrics), journal
+    /// with group commit, checkpoints, crash recovery.
     /// Flags override the optional `--config` file, which overrides the defaults shown.
     Serve {
         /// A TOML file with any of the settings below (keys as the flags, with underscores;
