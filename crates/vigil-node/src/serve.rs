@@ -726,6 +726,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         batches: metrics::counter!(m::INGEST_BATCHES, "transport" => "tcp"),
     };
     let connections_max = config.connections_max.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(connections_max));
     runtime.block_on(async {
         let signal = shutdown_signal();
         tokio::pin!(signal);
@@ -735,11 +736,19 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
                 _ = &mut signal => break,
                 accepted = tcp.accept() => {
                     if let Ok((mut stream, _)) = accepted {
-                        if connections.len() >= connections_max {
-                            let msg = format!("too many connections (at most {connections_max})");
-                            connections.spawn(async move { let _ = stream.write_all(&error_frame(&msg)).await; });
-                        } else {
-                            connections.spawn(connection(stream, listener.clone()));
+                        // A permit per open connection, released the moment its task ends.
+                        match Arc::clone(&slots).try_acquire_owned() {
+                            Ok(permit) => {
+                                let listener = listener.clone();
+                                connections.spawn(async move {
+                                    connection(stream, listener).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                let msg = format!("too many connections (at most {connections_max})");
+                                connections.spawn(async move { let _ = stream.write_all(&error_frame(&msg)).await; });
+                            }
                         }
                     }
                 }

@@ -227,9 +227,9 @@ fn writes_need_the_token_and_an_exposed_node_needs_one() {
 
 #[test]
 fn oversized_and_malformed_input_is_refused_and_changes_nothing() {
-    // Proves the body and frame limits, malformed frames and hostile bodies: clear errors, nothing sequenced, and
-    // the node keeps serving.
-    let (node, _dir) = start(&["--http-body-bytes-max", "4096", "--frame-bytes-max", "4096"]);
+    // Proves the body, frame and connection limits, malformed frames and hostile bodies: clear errors, nothing
+    // sequenced, and the node keeps serving.
+    let (node, _dir) = start(&["--http-body-bytes-max", "4096", "--frame-bytes-max", "4096", "--connections-max", "2"]);
     let big = format!("{SETUP}{}", " ".repeat(5000));
     let r = node.http.post(format!("{}/v1/events", node.base)).body(big).send().expect("response");
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -247,6 +247,31 @@ fn oversized_and_malformed_input_is_refused_and_changes_nothing() {
     let mut frame = encode_batch(&[parse_line(r#"{"type":"asset","asset":"BTC"}"#).expect("valid")]);
     frame[5] ^= 0xFF; // corrupt the bincode body
     assert!(c.send_raw(&frame).is_err());
+
+    // One connection over `connections_max` is refused with an error frame; the ones already open keep working.
+    drop(c);
+    let mut open: Vec<Client> = Vec::new();
+    let event = parse_line(r#"{"type":"asset","asset":"ETH"}"#).expect("valid");
+    for _ in 0..2 {
+        // The refused connections above release their slots as their tasks end: allow that a moment.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let c = loop {
+            let mut c = Client::connect(&node.ingest).expect("connect");
+            match c.send(std::slice::from_ref(&event)) {
+                Ok(_) => break c,
+                Err(e) if e.to_string().contains("too many") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("not served: {e}"),
+            }
+        };
+        open.push(c);
+    }
+    let mut third = Client::connect(&node.ingest).expect("the TCP handshake itself succeeds");
+    let refused = third.send(std::slice::from_ref(&event)).expect_err("over the limit");
+    assert!(refused.to_string().contains("too many connections"), "{refused}");
+    assert!(open[0].send(std::slice::from_ref(&event)).is_ok(), "open connections still served");
+    drop(open);
 
     for hostile in ["[[[[[[[[", "{\"type\":\"trade\"", "\u{0}\u{1}", "[1,2,", "]"] {
         let (s, _) = node.post("/v1/events", hostile, None);
