@@ -673,6 +673,13 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     };
     let (delta_tx, delta_rx) = std_mpsc::channel::<ShardDelta>();
     let store = recovery.store;
+    // The checkpoint gauges start from what recovery found, not from the first checkpoint of this run.
+    if let Ok(size) = store.size_on_disk() {
+        metrics::gauge!(m::STORE_BYTES).set(size as f64);
+    }
+    for (shard, w) in recovery.watermarks.iter().enumerate() {
+        metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard.to_string()).set(w.0 as f64);
+    }
     let persistence_handle = {
         let (watermarks, journal, durable) = (recovery.watermarks.clone(), journal_tx.clone(), Arc::clone(&durable));
         let hub = Arc::clone(&hub);
