@@ -10,7 +10,8 @@ use vigil_model::{Event, Offset, parse_line};
 use vigil_node::serve::{ServeConfig, serve};
 use vigil_node::wire::Client;
 use vigil_store::codec::encode_event;
-use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
+use vigil_store::journal::{Journal, JournalConfig};
+use vigil_store::storage::OsStorage;
 use vigil_testkit::{Workload, write_workload};
 
 #[global_allocator]
@@ -28,7 +29,8 @@ fn events() -> Vec<Event> {
 
 fn ceiling(events: &[Event]) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut j, _) = Journal::open(dir.path(), JournalConfig::default(), Box::new(OsSyncer)).expect("journal");
+    let (mut j, _) =
+        Journal::open(dir.path(), JournalConfig::default(), std::sync::Arc::new(OsStorage)).expect("journal");
     let records: Vec<Vec<u8>> = events
         .iter()
         .map(|e| {

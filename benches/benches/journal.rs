@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use vigil_model::{Offset, parse_line};
 use vigil_store::codec::encode_event;
-use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
+use vigil_store::journal::{Journal, JournalConfig};
+use vigil_store::storage::OsStorage;
 
 fn payload() -> Vec<u8> {
     let e = parse_line(r#"{"type":"trade","account":"acct-0000042","symbol":"P7-PERP","side":"buy","qty":"1.5","price":"100.25","fee":"0.01"}"#)
@@ -29,7 +30,7 @@ fn group_commit(c: &mut Criterion) {
         group.bench_function(BenchmarkId::from_parameter(id), |b| {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
             let config = JournalConfig { preallocate, ..JournalConfig::default() };
-            let (mut j, _) = Journal::open(dir.path(), config, Box::new(OsSyncer)).expect("open");
+            let (mut j, _) = Journal::open(dir.path(), config, std::sync::Arc::new(OsStorage)).expect("open");
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {

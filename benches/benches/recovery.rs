@@ -10,8 +10,9 @@ use vigil_engine::Config;
 use vigil_model::{Offset, parse_line};
 use vigil_node::recovery::{recover, write_delta};
 use vigil_store::codec::encode_event;
-use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
+use vigil_store::journal::{Journal, JournalConfig};
 use vigil_store::layout;
+use vigil_store::storage::OsStorage;
 use vigil_testkit::{Workload, write_workload};
 
 #[global_allocator]
@@ -62,7 +63,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let started = Instant::now();
     let (journal, _) =
-        Journal::open(&layout::journal(dir.path()), JournalConfig::default(), Box::new(OsSyncer)).expect("journal");
+        Journal::open(&layout::journal(dir.path()), JournalConfig::default(), std::sync::Arc::new(OsStorage))
+            .expect("journal");
     let mut sink = IntoJournal { journal, line: Vec::new(), record: Vec::new() };
     // The setup (deposits and opening trades) adds about 3 events per account; the stream makes up the rest.
     let w = Workload { accounts, events: events.saturating_sub(3 * accounts), options: 0, ..Workload::default() };
@@ -79,7 +81,7 @@ fn main() {
     );
     let config = Config::default();
     let t = Instant::now();
-    let r = recover(dir.path(), &config, 2, JournalConfig::default(), Box::new(OsSyncer)).expect("recover");
+    let r = recover(dir.path(), &config, 2, JournalConfig::default()).expect("recover");
     let from_journal = t.elapsed();
     println!(
         "recovery/journal_only: {:.1} s to replay {} events into 2 shards ({:.0} events/s), {} accounts",
@@ -93,13 +95,13 @@ fn main() {
     let mut store = r.store;
     let t = Instant::now();
     for (shard, engine) in engines.iter_mut().enumerate() {
-        write_delta(&mut store, shard, &engine.take_delta(), &[]).expect("checkpoint");
+        write_delta(&mut *store, shard, &engine.take_delta(), &[]).expect("checkpoint");
     }
     drop(store);
     println!("recovery/checkpoint_write: {:.1} s for all accounts", t.elapsed().as_secs_f64());
     drop(engines);
     let t = Instant::now();
-    let r = recover(dir.path(), &config, 2, JournalConfig::default(), Box::new(OsSyncer)).expect("recover");
+    let r = recover(dir.path(), &config, 2, JournalConfig::default()).expect("recover");
     println!(
         "recovery/from_checkpoints: {:.1} s ({} events replayed after the watermarks, {} accounts restored)",
         t.elapsed().as_secs_f64(),

@@ -14,6 +14,13 @@ use crate::reject::Reason;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Offset(pub u64);
 
+impl Offset {
+    /// The offset after this one.
+    pub fn next(self) -> Offset {
+        Offset(self.0 + 1)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PositionView {
     pub symbol: String,

@@ -53,6 +53,10 @@ pub struct NodeSettings {
     /// …or every this many seconds, when anything changed [default: 30].
     #[arg(long)]
     pub checkpoint_secs: Option<u64>,
+    /// Checkpoint writes that may fail in a row before the node stops (exit status 3); each failed delta is kept
+    /// and merged into the next attempt [default: 3].
+    #[arg(long)]
+    pub checkpoint_failures_max: Option<u32>,
     /// Journal segment size in bytes [default: 67108864].
     #[arg(long)]
     pub journal_segment_bytes: Option<u64>,
@@ -110,6 +114,10 @@ impl NodeSettings {
         }
         if let Some(s) = self.checkpoint_secs.or(file.checkpoint_secs) {
             c.checkpoint_interval = Duration::from_secs(s.max(1));
+        }
+        if let Some(n) = self.checkpoint_failures_max.or(file.checkpoint_failures_max) {
+            anyhow::ensure!(n >= 1, "checkpoint_failures_max must be at least 1");
+            c.checkpoint_failures_max = n;
         }
         if let Some(b) = self.journal_segment_bytes.or(file.journal_segment_bytes) {
             anyhow::ensure!(b >= 1 << 20, "journal_segment_bytes must be at least 1 MiB (1048576), got {b}");

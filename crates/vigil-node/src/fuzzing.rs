@@ -51,7 +51,7 @@ pub fn wire_stream(data: &[u8]) {
             continue;
         }
         match decode_batch(body) {
-            Ok(events) => accepted.extend(events.into_iter().filter(|e| validate(e).is_ok())),
+            Ok(batch) => accepted.extend(batch.events.into_iter().filter(|e| validate(e).is_ok())),
             Err(_) => break,
         }
     }

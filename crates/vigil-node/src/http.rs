@@ -30,7 +30,7 @@ use vigil_store::codec::{encode_event, encode_rejected_input};
 use crate::metrics as m;
 use crate::pipeline::{Answer, Ask, Checker};
 use crate::replay::LINE_BYTES_MAX;
-use crate::serve::{IngestBatch, Item};
+use crate::serve::{Ack, IngestBatch, Item, Refusal};
 
 /// What the HTTP handlers share with the node's threads.
 pub struct Hub {
@@ -419,17 +419,29 @@ async fn post_events(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Res
             &format!("{} events in one request; at most {}", parsed.len(), hub.events_max),
         );
     }
+    let producer = match producer_headers(&headers) {
+        Ok(p) => p,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_producer", &msg),
+    };
     let items = to_items(parsed);
     metrics::counter!(m::INGEST_EVENTS, "transport" => "http").increment(items.len() as u64);
     metrics::counter!(m::INGEST_BATCHES, "transport" => "http").increment(1);
     let (reply, durable) = oneshot::channel();
     let (report, rejections) = oneshot::channel();
-    if node.ingest.send(IngestBatch { items, reply, report: Some(report) }).await.is_err() {
+    if node.ingest.send(IngestBatch { items, producer, reply, report: Some(report) }).await.is_err() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping");
     }
     let (first, last) = match durable.await {
-        Ok(Ok(range)) => range,
-        Ok(Err(e)) => return error(StatusCode::SERVICE_UNAVAILABLE, "journal_failure", &e),
+        Ok(Ok(Ack { first, last, duplicate: false })) => (first, last),
+        Ok(Ok(Ack { first, last, duplicate: true })) => {
+            // A resend of a batch already journaled: nothing appended; its rejections were in the first answer.
+            let s = format!("{{\"first\":{},\"last\":{},\"duplicate\":true,\"rejections\":null}}", first.0, last.0);
+            return json(StatusCode::OK, s);
+        }
+        Ok(Err(Refusal::Sequence(e))) => return error(StatusCode::CONFLICT, e.code(), &e.to_string()),
+        Ok(Err(e @ Refusal::Journal(_))) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "journal_failure", &e.to_string());
+        }
         Err(_) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "stopped before the batch was durable");
         }
@@ -440,6 +452,25 @@ async fn post_events(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Res
     push_list(&mut s, rejections.iter().map(RejectionRecord::to_json));
     s.push_str("]}");
     json(StatusCode::OK, s)
+}
+
+/// The producer headers of `POST /v1/events`: `Vigil-Producer` (the id) and `Vigil-Sequence` (the batch number),
+/// both or neither.
+fn producer_headers(headers: &HeaderMap) -> Result<Option<(String, u64)>, String> {
+    let text = |name: &str| -> Result<Option<&str>, String> {
+        headers.get(name).map(|v| v.to_str().map_err(|_| format!("the {name} header is not text"))).transpose()
+    };
+    match (text("vigil-producer")?, text("vigil-sequence")?) {
+        (None, None) => Ok(None),
+        (Some(id), Some(seq)) => {
+            let seq = seq
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("Vigil-Sequence must be a whole number from 1, got {seq:?}"))?;
+            Ok(Some((id.to_owned(), seq)))
+        }
+        _ => Err("Vigil-Producer and Vigil-Sequence go together: send both or neither".to_owned()),
+    }
 }
 
 fn push_list(s: &mut String, items: impl Iterator<Item = String>) {

@@ -19,6 +19,7 @@ pub const READY: &str = "vigil_ready";
 pub const EVENTS_APPLIED: &str = "vigil_events_applied_total";
 pub const INGEST_EVENTS: &str = "vigil_ingest_events_total";
 pub const INGEST_BATCHES: &str = "vigil_ingest_batches_total";
+pub const INGEST_DUPLICATES: &str = "vigil_ingest_duplicate_batches_total";
 pub const REJECTIONS: &str = "vigil_rejections_total";
 pub const TRIGGERS: &str = "vigil_triggers_total";
 pub const TRIGGER_LATENCY: &str = "vigil_tick_to_trigger_seconds";
@@ -118,6 +119,10 @@ fn describe() {
     describe_counter!(EVENTS_APPLIED, "Events applied by a shard (accepted or rejected), by shard and type.");
     describe_counter!(INGEST_EVENTS, "Events received, by transport (tcp, http).");
     describe_counter!(INGEST_BATCHES, "Batches received, by transport (tcp, http).");
+    describe_counter!(
+        INGEST_DUPLICATES,
+        "Resent batches a producer had already journaled: answered with their original offsets, nothing appended."
+    );
     describe_counter!(REJECTIONS, "Rejected events, by reason code (docs/events.md).");
     describe_counter!(TRIGGERS, "Liquidation triggers released, by kind (liquidate, bankrupt).");
     describe_histogram!(TRIGGER_LATENCY, Unit::Seconds, "From sequencing an event to releasing its trigger.");

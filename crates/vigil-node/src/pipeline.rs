@@ -87,14 +87,7 @@ enum Input {
     Stop,
 }
 
-/// A shard's checkpoint delta, sent off the shard thread for persistence.
-pub struct ShardDelta {
-    pub shard: usize,
-    pub delta: vigil_engine::Delta,
-    /// The triggers the shard emitted since its previous delta (all at or below the delta's offset): persisted
-    /// with it, so the trigger history survives restarts (the replay beyond the watermark re-emits the rest).
-    pub triggers: Vec<Trigger>,
-}
+pub use crate::persist::{Persist, ShardDelta};
 
 /// What a shard reports for one offset (sent only when there is something to report).
 struct Output {
@@ -309,7 +302,7 @@ const WAKE_BATCH: u32 = 64;
 
 struct ShardIo {
     on_idle: Option<Arc<tokio::sync::Notify>>,
-    deltas: Option<mpsc::Sender<ShardDelta>>,
+    deltas: Option<mpsc::Sender<Persist>>,
     input: rtrb::Consumer<Input>,
     output: rtrb::Producer<Output>,
     queries: mpsc::Receiver<Query>,
@@ -355,7 +348,11 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     let mut delta = engine.take_delta();
                     // A quiet shard is as current as the sequencer: its watermark must not hold the journal back.
                     delta.offset = delta.offset.max(at);
-                    let _ = tx.send(ShardDelta { shard: index, delta, triggers: std::mem::take(&mut since_delta) });
+                    let _ = tx.send(Persist::Shard(ShardDelta {
+                        shard: index,
+                        delta,
+                        triggers: std::mem::take(&mut since_delta),
+                    }));
                 }
             }
             Input::Event(offset, event) => {
@@ -407,7 +404,7 @@ impl Pipeline {
         config: &PipelineConfig,
         engines: Vec<Engine>,
         offset: Offset,
-        deltas: Option<mpsc::Sender<ShardDelta>>,
+        deltas: Option<mpsc::Sender<Persist>>,
     ) -> std::io::Result<Self> {
         let n = engines.len().max(1);
         let mut engines = engines.into_iter();

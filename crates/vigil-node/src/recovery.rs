@@ -5,6 +5,7 @@
 //! A shard ignores offsets at or below its own watermark, so no event is applied twice.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use vigil_engine::account::Account;
@@ -12,9 +13,12 @@ use vigil_engine::market::Market;
 use vigil_engine::{Config, Delta, Engine, Sharded};
 use vigil_model::{Offset, Trigger, shard_of};
 use vigil_store::checkpoint::{CheckpointStore, SledStore};
-use vigil_store::codec::{decode_event, decode_value, encode_value};
-use vigil_store::journal::{self, Journal, JournalConfig, Recovered, Syncer};
+use vigil_store::codec::{REJECTED_INPUT, Stamp, decode_event, decode_value, encode_value, split_stamp};
+use vigil_store::journal::{self, Journal, JournalConfig, Recovered};
 use vigil_store::layout;
+use vigil_store::storage::{OsStorage, Storage};
+
+use crate::producers::{LastBatch, Producers};
 
 /// A trigger's identity `(offset, account, symbol-or-cross, kind)` as a store key: writing it twice keeps one.
 pub fn trigger_key(t: &Trigger) -> Vec<u8> {
@@ -103,37 +107,72 @@ pub struct Recovery {
     /// Every trigger the node has released, in the contract's order: those stored with checkpoints and those the
     /// replay re-emitted (which are stored now, with their shard's trees).
     pub history: Vec<Trigger>,
+    /// Every producer's last journaled batch: the stored table plus the stamps in the journal after it.
+    pub producers: Producers,
+    /// The offset of the stored producers table (the journal is kept after it).
+    pub node_offset: Offset,
     /// The open checkpoint store, for the node to keep writing to. (Reopening it would race sled's background
     /// threads for the file lock of the handle just dropped: "could not acquire lock", seen in CI.)
-    pub store: SledStore,
+    pub store: Box<dyn CheckpointStore>,
 }
 
-/// Recovers `shards` shards from the data directory.
-pub fn recover(
-    data: &Path,
+/// Recovers `shards` shards from the data directory on the real disk (sled checkpoints).
+pub fn recover(data: &Path, config: &Config, shards: usize, journal_config: JournalConfig) -> anyhow::Result<Recovery> {
+    let store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
+    recover_with(&layout::journal(data), Arc::new(OsStorage), Box::new(store), config, shards, journal_config)
+}
+
+/// Decodes a journaled payload for replay: `None` for input rejected before it became an event (it holds its
+/// offset; no shard ever saw it), an error for anything that does not decode (this build wrote it: a bug, or
+/// damage the CRC could not see; recovery stops rather than skip an event).
+/// A producer's stamp, if the record carries one, is set aside.
+pub fn replayable(payload: &[u8]) -> Result<Option<vigil_model::Event>, String> {
+    let (_, payload) = split_stamp(payload).map_err(|e| e.to_string())?;
+    if payload.first() == Some(&REJECTED_INPUT) {
+        return Ok(None);
+    }
+    decode_event(payload).map(Some).map_err(|e| e.to_string())
+}
+
+/// The producer's stamp of a journaled record, if it carries one.
+pub fn stamp_of(payload: &[u8]) -> Result<Option<Stamp<'_>>, String> {
+    split_stamp(payload).map(|(stamp, _)| stamp).map_err(|e| e.to_string())
+}
+
+/// Recovers `shards` shards from the journal in `journal_dir` (on `storage`) and the checkpoints in `store`.
+pub fn recover_with(
+    journal_dir: &Path,
+    storage: Arc<dyn Storage>,
+    mut store: Box<dyn CheckpointStore>,
     config: &Config,
     shards: usize,
     journal_config: JournalConfig,
-    syncer: Box<dyn Syncer>,
 ) -> anyhow::Result<Recovery> {
-    let journal_dir = layout::journal(data);
     let (journal, journal_recovered) =
-        Journal::open(&journal_dir, journal_config.clone(), syncer).context("opening the journal")?;
-    let mut store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
+        Journal::open(journal_dir, journal_config.clone(), Arc::clone(&storage)).context("opening the journal")?;
     // Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards
     // that do not hold them (or ignore the trees beyond the new count) and silently lose state.
-    let stored = store.shards();
-    if !stored.is_empty() && stored != (0..shards).collect::<Vec<_>>() {
-        anyhow::bail!(
-            "the data directory's checkpoints were written by a node with {} shard(s); start it with --shards {} \
-             (changing the shard count of an existing data directory is not supported)",
-            stored.len(),
-            stored.len()
-        );
+    let refuse = |written: usize| {
+        anyhow::anyhow!(
+            "the data directory's checkpoints were written by a node with {written} shard(s); start it with --shards \
+             {written} (changing the shard count of an existing data directory is not supported)"
+        )
+    };
+    match store.shard_count()? {
+        Some(written) if written != shards => return Err(refuse(written)),
+        Some(_) => {}
+        None => {
+            // A store from before the count was recorded: its trees tell (all of them were written at once).
+            let stored = store.shards()?;
+            if !stored.is_empty() && stored != (0..shards).collect::<Vec<_>>() {
+                return Err(refuse(stored.len()));
+            }
+            store.set_shard_count(shards).context("recording the shard count")?;
+        }
     }
     let mut restored = Vec::with_capacity(shards);
     for shard in 0..shards {
-        restored.push(load_shard(&store, shard, config)?);
+        restored.push(load_shard(&*store, shard, config)?);
     }
     let watermarks: Vec<Offset> = restored.iter().map(Engine::offset).collect();
     let end = journal_recovered.durable;
@@ -146,27 +185,90 @@ pub fn recover(
             end.0
         );
     }
+    // The journal must hold every event after the oldest watermark. Segments are deleted only behind a watermark
+    // made durable by a barrier, so a journal that starts later means the disk lost what it had synced (or
+    // someone removed segments): the events between are nowhere. Refuse rather than start with a hole.
+    let (oldest_shard, oldest) =
+        watermarks.iter().copied().enumerate().min_by_key(|(_, w)| *w).unwrap_or((0, Offset(0)));
+    // The producers table as of its offset. With none stored, the journal was never trimmed by this version
+    // (trims wait for the table), so every stamp is in it: scan it whole. (A store from before producers existed
+    // has no stamps in what was trimmed.)
+    let (stored_at, mut producers) = match store.node()? {
+        Some((offset, bytes)) => {
+            (Some(offset), decode_value::<Producers>(&bytes).context("decoding the stored producers table")?)
+        }
+        None => (None, Producers::default()),
+    };
+    // Until a table is stored, the persister must not trim: its offset counts as 0.
+    let node_offset = stored_at.unwrap_or(Offset(0));
+    let scan_from = stored_at.unwrap_or(Offset(journal_recovered.first.0.saturating_sub(1)));
+    if journal_recovered.first.0 > scan_from.0 + 1 {
+        anyhow::bail!(
+            "the journal starts at offset {}, but the producers table is stored at offset {}: the stamps between \
+             are lost; refusing to start rather than accept a resend twice",
+            journal_recovered.first.0,
+            node_offset.0
+        );
+    }
+    if journal_recovered.first.0 > oldest.0 + 1 {
+        anyhow::bail!(
+            "the journal starts at offset {}, but shard {oldest_shard}'s checkpoint is at offset {}: events {} to {}              are in neither the journal nor the checkpoints (segments deleted ahead of a checkpoint the disk did              not keep, or removed by hand); refusing to start with a hole in the history",
+            journal_recovered.first.0,
+            oldest.0,
+            oldest.0 + 1,
+            journal_recovered.first.0 - 1
+        );
+    }
     let mut engines = Sharded::from_engines(restored);
-    let from = watermarks.iter().min().map_or(Offset(1), |w| Offset(w.0 + 1));
+    let from = oldest.min(scan_from).next();
+    let end = journal_recovered.durable;
     let mut triggers = Vec::new();
     let mut replayed = 0u64;
-    journal::read(&journal_dir, &journal_config, from, |offset, payload| {
+    // A producer's batch whose tail a crash lost (written, never synced, never acknowledged) is dropped whole:
+    // applying its head would make the producer's resend apply it twice.
+    let mut incomplete: Option<Offset> = None;
+    journal::read_in(&*storage, journal_dir, &journal_config, from, |offset, payload| {
+        if incomplete.is_some() {
+            return Ok(());
+        }
+        if let Some(stamp) = stamp_of(payload)? {
+            let last = Offset(offset.0 + u64::from(stamp.count.max(1)) - 1);
+            if last > end {
+                incomplete = Some(offset);
+                return Ok(());
+            }
+            if offset > scan_from {
+                producers.record(stamp.producer, LastBatch { sequence: stamp.sequence, first: offset, last });
+            }
+        }
         replayed += 1;
-        // A record that does not decode was journaled by this code: it cannot happen short of a bug; the event
-        // is rejected in replay exactly as it was when first applied (it never reached a shard either).
-        let Ok(event) = decode_event(payload) else { return Ok(()) };
-        // Offsets at or below a shard's watermark are skipped by the engine itself.
-        let _ = engines.apply_at(offset, &event, &mut triggers);
+        if let Some(event) = replayable(payload)? {
+            // Offsets at or below a shard's watermark are skipped by the engine itself.
+            let _ = engines.apply_at(offset, &event, &mut triggers);
+        }
         Ok(())
     })
     .context("replaying the journal")?;
+    let mut journal = journal;
+    if let Some(first) = incomplete {
+        if let Some((shard, w)) = watermarks.iter().enumerate().find(|(_, w)| **w >= first) {
+            anyhow::bail!(
+                "shard {shard}'s checkpoint is at offset {}, inside a batch starting at {} that was never wholly \
+                 written; refusing to start",
+                w.0,
+                first.0
+            );
+        }
+        let cut = journal.truncate_after(Offset(first.0 - 1)).context("dropping an incomplete batch")?;
+        tracing::warn!(from = first.0, records = cut, "dropped a producer's batch whose tail was never written");
+    }
     // The re-emitted triggers are durable (their events are journaled): store them, so the history no longer
     // depends on replaying beyond watermarks that later checkpoints move past.
     for shard in 0..shards {
         let mine: Vec<Trigger> = triggers.iter().filter(|t| shard_of(&t.account, shards) == shard).cloned().collect();
         store.put_triggers(shard, &encode_triggers(&mine)?).context("storing recovered triggers")?;
     }
-    let history = load_triggers(&store, shards)?;
+    let history = load_triggers(&*store, shards)?;
     Ok(Recovery {
         engines: engines.into_engines(),
         journal,
@@ -175,6 +277,8 @@ pub fn recover(
         replayed,
         triggers,
         history,
+        producers,
+        node_offset,
         store,
     })
 }
@@ -185,7 +289,6 @@ mod tests {
     use vigil_engine::merged_views;
     use vigil_model::parse_line;
     use vigil_store::codec::encode_event;
-    use vigil_store::journal::OsSyncer;
     use vigil_testkit::{StreamConfig, generate};
 
     #[test]
@@ -200,7 +303,7 @@ mod tests {
         let mut all_triggers = Vec::new();
         {
             let (mut j, _) =
-                Journal::open(&layout::journal(dir.path()), JournalConfig::default(), Box::new(OsSyncer)).unwrap();
+                Journal::open(&layout::journal(dir.path()), JournalConfig::default(), Arc::new(OsStorage)).unwrap();
             let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
             let mut live = Sharded::new(&config, shards);
             for (i, line) in lines.iter().enumerate() {
@@ -228,7 +331,7 @@ mod tests {
             }
             j.commit().unwrap();
         }
-        let r = recover(dir.path(), &config, shards, JournalConfig::default(), Box::new(OsSyncer)).unwrap();
+        let r = recover(dir.path(), &config, shards, JournalConfig::default()).unwrap();
         assert!(r.watermarks.iter().all(|w| w.0 > 0), "every shard checkpointed: {:?}", r.watermarks);
         assert!(r.replayed > 0 && r.replayed < lines.len() as u64);
         assert_eq!(merged_views(&r.engines), reference.views());
@@ -245,10 +348,10 @@ mod tests {
         everything.sort();
         assert_eq!(r.history, everything);
         drop(r);
-        let again = recover(dir.path(), &config, shards, JournalConfig::default(), Box::new(OsSyncer)).unwrap();
+        let again = recover(dir.path(), &config, shards, JournalConfig::default()).unwrap();
         assert_eq!(again.history, everything, "recovering twice stores nothing twice");
         drop(again);
-        let other = recover(dir.path(), &config, shards + 1, JournalConfig::default(), Box::new(OsSyncer));
+        let other = recover(dir.path(), &config, shards + 1, JournalConfig::default());
         let refused = other.err().map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(refused.contains("--shards 3"), "another shard count is refused: {refused}");
     }
@@ -264,8 +367,77 @@ mod tests {
         let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
         write_delta(&mut store, 0, &engine.take_delta(), &[]).unwrap();
         drop(store);
-        let err = recover(dir.path(), &config, 1, JournalConfig::default(), Box::new(OsSyncer)).err().unwrap();
+        let err = recover(dir.path(), &config, 1, JournalConfig::default()).err().unwrap();
         let msg = format!("{err:#}");
         assert!(msg.contains("shard 0's checkpoint is at offset 7, beyond the journal's end at 0"), "{msg}");
     }
+
+    #[test]
+    fn a_journal_that_starts_after_the_oldest_watermark_or_holds_an_undecodable_event_refuses() {
+        // Proves recovery refuses a hole between the checkpoints and the journal (naming both offsets) and a
+        // journaled payload that does not decode (naming the segment and byte), instead of skipping either.
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::default();
+        let small = JournalConfig { segment_bytes_max: 1024, ..JournalConfig::default() };
+        let (mut j, _) = Journal::open(&layout::journal(dir.path()), small.clone(), Arc::new(OsStorage)).unwrap();
+        let mut engine = Engine::new(&config);
+        for i in 1..=60u64 {
+            let line = format!(r#"{{"type":"deposit","account":"a{i}","asset":"USDC","amount":"1"}}"#);
+            let event = parse_line(&line).unwrap();
+            let mut payload = Vec::new();
+            encode_event(&event, &mut payload).unwrap();
+            j.append(Offset(i), &payload).unwrap();
+            if i <= 5 {
+                engine.apply(Offset(i), &event, &mut Vec::new()).unwrap();
+            }
+        }
+        j.commit().unwrap();
+        let first_segment = j.segments()[0].clone();
+        drop(j);
+        let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
+        write_delta(&mut store, 0, &engine.take_delta(), &[]).unwrap();
+        drop(store);
+        assert!(recover(dir.path(), &config, 1, small.clone()).is_ok());
+        let saved = std::fs::read(&first_segment.path).unwrap();
+        std::fs::remove_file(&first_segment.path).unwrap();
+        let msg = format!("{:#}", recover(dir.path(), &config, 1, small.clone()).err().unwrap());
+        let next = first_segment.last.0 + 1;
+        assert!(msg.contains(&format!("the journal starts at offset {next}, but shard 0's checkpoint is at offset 5")));
+        assert!(msg.contains(&format!("events 6 to {}", next - 1)), "{msg}");
+        std::fs::write(&first_segment.path, saved).unwrap();
+        let (mut j, _) = Journal::open(&layout::journal(dir.path()), small.clone(), Arc::new(OsStorage)).unwrap();
+        j.append(Offset(61), &[1, 0xFF, 0xFF]).unwrap();
+        j.commit().unwrap();
+        drop(j);
+        let msg = format!("{:#}", recover(dir.path(), &config, 1, small).err().unwrap());
+        assert!(msg.contains("journal record 61 in") && msg.contains("at byte"), "{msg}");
+        assert!(msg.contains("does not decode"), "{msg}");
+    }
+
+    #[test]
+    fn golden_bytes_of_a_checkpoint_value() {
+        // Proves the checkpoint encoding does not change silently: an account value and the producers table,
+        // byte for byte, and both decode back to what was encoded.
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut engine = Engine::new(&Config::default());
+        let deposit = parse_line(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"1.5"}"#).unwrap();
+        engine.apply(Offset(1), &deposit, &mut Vec::new()).unwrap();
+        let delta = engine.take_delta();
+        let mut account = Vec::new();
+        encode_value(&delta.accounts[0], &mut account).unwrap();
+        assert_eq!(hex(&account), GOLDEN_ACCOUNT);
+        let back: Account = decode_value(&account).unwrap();
+        let mut again = Vec::new();
+        encode_value(&back, &mut again).unwrap();
+        assert_eq!(again, account, "what is decoded re-encodes to the same bytes");
+        let mut producers = Producers::default();
+        producers.record("gw", LastBatch { sequence: 3, first: Offset(5), last: Offset(6) });
+        let mut table = Vec::new();
+        encode_value(&producers, &mut table).unwrap();
+        assert_eq!(hex(&table), GOLDEN_PRODUCERS);
+        assert_eq!(decode_value::<Producers>(&table).unwrap(), producers);
+    }
+
+    const GOLDEN_ACCOUNT: &str = "0101610100fc00a3e111000000";
+    const GOLDEN_PRODUCERS: &str = "0101026777030506";
 }

@@ -23,15 +23,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use vigil_engine::Config;
 use vigil_model::{Event, Offset, Rejection, RejectionRecord};
-use vigil_store::checkpoint::{CheckpointStore, SledStore};
-use vigil_store::codec::{encode_event, encode_rejected_input};
-use vigil_store::journal::{Journal, JournalConfig, OsSyncer};
+use vigil_store::codec::{Stamp, encode_event, encode_rejected_input, encode_stamp};
+use vigil_store::journal::{Journal, JournalConfig};
 
 use crate::http::{Hub, HubConfig, Node, token_matches};
 use crate::metrics as m;
-use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, ShardDelta, Wait};
-use crate::recovery::{recover, write_delta};
-use crate::wire::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, WIRE_AUTH, ack_frame, auth_ok_frame, decode_batch, error_frame};
+use crate::persist::Persist;
+use crate::persist::Persister;
+use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, Wait};
+use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
+use crate::recovery::recover;
+use crate::wire::{
+    BATCH_EVENTS_MAX, Batch, FRAME_BYTES_MAX, WIRE_AUTH, ack_frame, auth_ok_frame, decode_batch, duplicate_ack_frame,
+    error_frame,
+};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -60,6 +65,8 @@ pub struct ServeConfig {
     pub checkpoint_events: u64,
     /// …or this long, whichever comes first (if anything changed).
     pub checkpoint_interval: Duration,
+    /// Checkpoint writes that may fail in a row before the node stops (a failed delta is kept and retried).
+    pub checkpoint_failures_max: u32,
     pub journal: JournalConfig,
 }
 
@@ -81,12 +88,40 @@ impl ServeConfig {
             pin: true,
             checkpoint_events: 1_000_000,
             checkpoint_interval: Duration::from_secs(30),
+            checkpoint_failures_max: 3,
             journal: JournalConfig::default(),
         }
     }
 }
 
-pub type AckReply = oneshot::Sender<Result<(Offset, Offset), String>>;
+/// The answer to a durable batch: its offsets, and whether it was a producer's resend of a batch already journaled
+/// (then nothing was appended and the offsets are the original ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub first: Offset,
+    pub last: Offset,
+    pub duplicate: bool,
+}
+
+/// Why a batch got no ack.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The journal failed: nothing is acknowledged any more and the node exits.
+    Journal(String),
+    /// The producer's sequence number does not follow its last batch.
+    Sequence(SequenceError),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Journal(e) => write!(f, "journal failure, nothing acknowledged: {e}"),
+            Refusal::Sequence(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+pub type AckReply = oneshot::Sender<Result<Ack, Refusal>>;
 
 /// One sequenced input: an event, or input rejected before it became one (it takes an offset all the same).
 pub enum Item {
@@ -97,6 +132,8 @@ pub enum Item {
 /// A batch from a client: items with their encoded journal records.
 pub struct IngestBatch {
     pub items: Vec<(Item, Vec<u8>)>,
+    /// The producer's id and this batch's sequence number, for idempotent resends (`producers.rs`).
+    pub producer: Option<(String, u64)>,
     /// The offset range, once durable.
     pub reply: AckReply,
     /// The batch's rejections, once every shard has applied it (HTTP answers with them; TCP does not ask).
@@ -104,7 +141,17 @@ pub struct IngestBatch {
 }
 
 enum JournalMsg {
-    Batch { first: Offset, records: Vec<Vec<u8>>, reply: AckReply },
+    Batch {
+        first: Offset,
+        records: Vec<Vec<u8>>,
+        reply: AckReply,
+    },
+    /// A resend of a batch sequenced earlier: answered after the next commit (by then the original is durable: it
+    /// was sent to this thread before).
+    Duplicate {
+        ack: Ack,
+        reply: AckReply,
+    },
     Trim(Offset),
 }
 
@@ -117,7 +164,7 @@ fn journal_thread(
     on_commit: Arc<Notify>,
     on_poison: Box<dyn FnOnce(String) + Send>,
 ) {
-    let mut waiting: Vec<(Offset, Offset, AckReply)> = Vec::new();
+    let mut waiting: Vec<(Ack, AckReply)> = Vec::new();
     let fsync_seconds = metrics::histogram!(m::FSYNC_SECONDS);
     let batch_records = metrics::histogram!(m::JOURNAL_BATCH);
     let durable_gauge = metrics::gauge!(m::DURABLE);
@@ -140,8 +187,9 @@ fn journal_thread(
                             }
                         }
                     }
-                    waiting.push((first, last, reply));
+                    waiting.push((Ack { first, last, duplicate: false }, reply));
                 }
+                JournalMsg::Duplicate { ack, reply } => waiting.push((ack, reply)),
                 JournalMsg::Trim(offset) => trim = Some(offset),
             }
         }
@@ -160,8 +208,9 @@ fn journal_thread(
                 durable_gauge.set(offset.0 as f64);
                 // The sequencer releases triggers and HTTP answers up to the new durable offset at once.
                 on_commit.notify_one();
-                for (first, last, reply) in waiting.drain(..) {
-                    let _ = reply.send(Ok((first, last)));
+                for (ack, reply) in waiting.drain(..) {
+                    debug_assert!(ack.last <= offset, "invariant: an ack is sent only once its batch is durable");
+                    let _ = reply.send(Ok(ack));
                 }
                 if let Some(t) = trim
                     && let Err(e) = journal.delete_before(t)
@@ -170,8 +219,8 @@ fn journal_thread(
                 }
             }
             Err(e) => {
-                for (_, _, reply) in waiting.drain(..) {
-                    let _ = reply.send(Err(format!("journal failure, nothing acknowledged: {e}")));
+                for (_, reply) in waiting.drain(..) {
+                    let _ = reply.send(Err(Refusal::Journal(e.clone())));
                 }
                 metrics::counter!(m::JOURNAL_FAILURES).increment(1);
                 tracing::error!(error = %e, "journal poisoned");
@@ -182,55 +231,82 @@ fn journal_thread(
     }
 }
 
-/// Persists checkpoint deltas off the shard threads; tells the journal the oldest durable watermark.
+/// Persists checkpoint deltas off the shard threads (the rules are `persist::Persister`'s); tells the journal the
+/// oldest watermark a barrier made durable. `on_fatal` stops the node after too many failures in a row.
 fn persistence_thread(
-    mut store: SledStore,
-    rx: std_mpsc::Receiver<ShardDelta>,
-    mut watermarks: Vec<Offset>,
+    mut persister: Persister,
+    rx: std_mpsc::Receiver<Persist>,
     journal: std_mpsc::SyncSender<JournalMsg>,
     durable: Arc<AtomicU64>,
     hub: Arc<Hub>,
+    on_fatal: Box<dyn FnOnce(String) + Send>,
 ) {
-    while let Ok(ShardDelta { shard, delta, triggers }) = rx.recv() {
+    let mut on_fatal = Some(on_fatal);
+    let shards = persister.watermarks().len();
+    while let Ok(message) = rx.recv() {
         let started = Instant::now();
-        let offset = delta.offset;
+        let offset = match &message {
+            Persist::Shard(delta) => delta.delta.offset,
+            Persist::Node { offset, .. } => *offset,
+        };
         // Shards apply before the journal syncs: a checkpoint must never get ahead of the journal, or a crash
         // would recover state from events the journal lost (and reuse their offsets). If the journal is
         // poisoned the process exits; this wait never ends otherwise.
         while durable.load(Ordering::Acquire) < offset.0 {
             thread::sleep(Duration::from_micros(200));
         }
-        match write_delta(&mut store, shard, &delta, &triggers) {
-            Ok(bytes) => {
-                let shard_label = shard.to_string();
+        match persister.handle(message) {
+            Ok(w) if w.shard >= shards => {
+                tracing::debug!(offset = w.offset.0, bytes = w.bytes, "producers table written");
+                let _ = journal.try_send(JournalMsg::Trim(w.trim));
+            }
+            Ok(w) => {
+                let shard_label = w.shard.to_string();
                 metrics::histogram!(m::CHECKPOINT_SECONDS, "shard" => shard_label.clone())
                     .record(started.elapsed().as_secs_f64());
-                metrics::histogram!(m::CHECKPOINT_BYTES, "shard" => shard_label.clone()).record(bytes as f64);
-                metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard_label).set(offset.0 as f64);
-                if let Ok(size) = store.size_on_disk() {
+                metrics::histogram!(m::CHECKPOINT_BYTES, "shard" => shard_label.clone()).record(w.bytes as f64);
+                metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard_label).set(w.offset.0 as f64);
+                if let Ok(size) = persister.store().size_on_disk() {
                     metrics::gauge!(m::STORE_BYTES).set(size as f64);
                 }
                 tracing::info!(
-                    shard,
-                    offset = offset.0,
-                    accounts = delta.accounts.len(),
-                    bytes,
+                    shard = w.shard,
+                    offset = w.offset.0,
+                    accounts = w.accounts,
+                    bytes = w.bytes,
                     ms = started.elapsed().as_millis() as u64,
                     "checkpoint written"
                 );
-                if let Some(w) = watermarks.get_mut(shard) {
-                    *w = offset;
-                }
-                hub.set_checkpoint(shard, offset);
-                if let Some(oldest) = watermarks.iter().min() {
-                    let _ = journal.try_send(JournalMsg::Trim(*oldest));
-                }
+                hub.set_checkpoint(w.shard, w.offset);
+                // A full queue drops this trim; the next checkpoint sends a later one.
+                let _ = journal.try_send(JournalMsg::Trim(w.trim));
             }
-            Err(e) => {
+            Err(f) => {
                 metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
-                tracing::error!(shard, error = %e, "checkpoint failed; the journal keeps everything");
+                tracing::error!(
+                    shard = f.shard,
+                    in_a_row = f.in_a_row,
+                    error = format!("{:#}", f.error),
+                    "checkpoint failed; the delta is kept for the next one and the journal keeps everything"
+                );
+                if f.fatal
+                    && let Some(stop) = on_fatal.take()
+                {
+                    stop(format!(
+                        "{} checkpoint writes failed in a row (last: {:#}); the journal holds every acknowledged \
+                         event: free space or fix the disk, then restart",
+                        f.in_a_row, f.error
+                    ));
+                    return;
+                }
             }
         }
+    }
+    // Shutdown: a kept delta gets one more try, so a clean stop leaves nothing to replay that it could store.
+    if persister.has_kept()
+        && let Err(f) = persister.retry_kept()
+    {
+        tracing::error!(shard = f.shard, error = format!("{:#}", f.error), "final checkpoint failed");
     }
 }
 
@@ -313,11 +389,28 @@ impl Gate {
 
 /// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling. Runs until
 /// `stop` is set (then takes what is already queued) or every sender is gone.
+/// Where the sequencer sends what must become durable, and the producers table it keeps.
+struct Durability {
+    journal: std_mpsc::SyncSender<JournalMsg>,
+    persist: std_mpsc::Sender<Persist>,
+    producers: Producers,
+    duplicates: metrics::Counter,
+}
+
+impl Durability {
+    /// Asks every shard for a checkpoint delta at the sequenced offset, and the persistence thread to store the
+    /// producers table as of the same offset.
+    fn checkpoint(&self, pipeline: &mut Pipeline) {
+        pipeline.checkpoint();
+        let _ = self.persist.send(Persist::Node { offset: pipeline.offset(), producers: self.producers.clone() });
+    }
+}
+
 fn sequencer_thread(
     runtime: tokio::runtime::Handle,
     mut pipeline: Pipeline,
     mut ingest: mpsc::Receiver<IngestBatch>,
-    journal: std_mpsc::SyncSender<JournalMsg>,
+    mut durability: Durability,
     mut gate: Gate,
     stop: Arc<AtomicBool>,
     config: ServeConfig,
@@ -351,7 +444,7 @@ fn sequencer_thread(
                     metrics::gauge!(m::RING_CAPACITY).set(capacity as f64);
                 }
                 if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
-                    pipeline.checkpoint();
+                    durability.checkpoint(&mut pipeline);
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
                 }
@@ -374,11 +467,30 @@ fn sequencer_thread(
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
-        let Some(IngestBatch { items, reply, report }) = batch else { break };
+        let Some(IngestBatch { items, producer, reply, report }) = batch else { break };
         if items.is_empty() {
             continue; // never built by the listeners; an empty batch has no offsets to acknowledge
         }
-        let first = Offset(pipeline.offset().0 + 1);
+        if let Some((id, sequence)) = &producer {
+            match durability.producers.check(id, *sequence) {
+                Ok(Verdict::Fresh) => {}
+                Ok(Verdict::Duplicate(b)) => {
+                    // Appends nothing; answered with the original offsets once they are durable. (`report` is
+                    // dropped: the original answer carried the rejections.)
+                    durability.duplicates.increment(1);
+                    let ack = Ack { first: b.first, last: b.last, duplicate: true };
+                    if durability.journal.send(JournalMsg::Duplicate { ack, reply }).is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(Refusal::Sequence(e)));
+                    continue;
+                }
+            }
+        }
+        let first = pipeline.offset().next();
         let mut records = Vec::with_capacity(items.len());
         for (item, record) in items {
             match item {
@@ -389,26 +501,36 @@ fn sequencer_thread(
         }
         since_checkpoint += records.len() as u64;
         pipeline.publish();
+        if let Some((id, sequence)) = &producer {
+            let count = records.len();
+            durability.producers.record(id, LastBatch { sequence: *sequence, first, last: pipeline.offset() });
+            // The stamp rides on the batch's first record: recovery rebuilds the table from it.
+            let mut stamped = Vec::with_capacity(records[0].len() + 16 + id.len());
+            let stamp = Stamp { producer: id, sequence: *sequence, count: count as u32 };
+            encode_stamp(&stamp, &mut stamped);
+            stamped.extend_from_slice(&records[0]);
+            records[0] = stamped;
+        }
         gate.sequenced_at.push_back((pipeline.offset(), Instant::now()));
         if let Some(reply) = report {
             let last = pipeline.offset();
             gate.reports.push_back(Report { first, last, rejections: Vec::new(), reply });
         }
-        if journal.send(JournalMsg::Batch { first, records, reply }).is_err() {
+        if durability.journal.send(JournalMsg::Batch { first, records, reply }).is_err() {
             break; // the journal thread stopped (poisoned)
         }
         if since_checkpoint >= config.checkpoint_events {
-            pipeline.checkpoint();
+            durability.checkpoint(&mut pipeline);
             since_checkpoint = 0;
             last_checkpoint = Instant::now();
         }
     }
     // Shutdown: apply everything, checkpoint, release what is durable.
     pipeline.flush(&mut |r| gate.items.push_back(r));
-    pipeline.checkpoint();
+    durability.checkpoint(&mut pipeline);
     let drained = pipeline.offset();
     let _ = pipeline.finish(&mut |_| {});
-    drop(journal);
+    drop(durability);
     // The journal thread commits what it was sent before it stops; wait for that, then release it.
     let target = drained.0;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -480,8 +602,8 @@ async fn connection(mut stream: TcpStream, node: Listener) {
             let _ = stream.write_all(&error_frame("unauthorized: this node requires an auth frame first")).await;
             return;
         }
-        let events = match decode_batch(&body) {
-            Ok(e) => e,
+        let Batch { producer, events } = match decode_batch(&body) {
+            Ok(b) => b,
             Err(e) => {
                 let _ = stream.write_all(&error_frame(&e.to_string())).await;
                 return;
@@ -506,13 +628,14 @@ async fn connection(mut stream: TcpStream, node: Listener) {
         node.events.increment(items.len() as u64);
         node.batches.increment(1);
         let (tx, rx) = oneshot::channel();
-        if node.ingest.send(IngestBatch { items, reply: tx, report: None }).await.is_err() {
+        if node.ingest.send(IngestBatch { items, producer, reply: tx, report: None }).await.is_err() {
             let _ = stream.write_all(&error_frame("node shutting down")).await;
             return;
         }
         let frame = match rx.await {
-            Ok(Ok((first, last))) => ack_frame(first, last),
-            Ok(Err(e)) => error_frame(&e),
+            Ok(Ok(Ack { first, last, duplicate: false })) => ack_frame(first, last),
+            Ok(Ok(Ack { first, last, duplicate: true })) => duplicate_ack_frame(first, last),
+            Ok(Err(e)) => error_frame(&e.to_string()),
             Err(_) => error_frame("node stopped before the batch was durable"),
         };
         if stream.write_all(&frame).await.is_err() {
@@ -600,6 +723,8 @@ pub fn check_exposure(config: &ServeConfig) -> anyhow::Result<()> {
 pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
     check_exposure(&config)?;
     let started = Instant::now();
+    // Held until serve returns (the kernel releases it if the process dies).
+    let _lock = vigil_store::lock_data_dir(&config.data).map_err(anyhow::Error::msg)?;
     if m::install().is_none() {
         tracing::warn!("another metrics recorder is installed in this process: /metrics will be empty");
     }
@@ -640,7 +765,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     };
     ready(bound);
 
-    let recovery = recover(&config.data, &config.engine, config.shards, config.journal.clone(), Box::new(OsSyncer))?;
+    let recovery = recover(&config.data, &config.engine, config.shards, config.journal.clone())?;
     tracing::info!(
         durable = recovery.journal_recovered.durable.0,
         truncated_bytes = recovery.journal_recovered.truncated_bytes,
@@ -671,7 +796,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
             )
         })?
     };
-    let (delta_tx, delta_rx) = std_mpsc::channel::<ShardDelta>();
+    let (delta_tx, delta_rx) = std_mpsc::channel::<Persist>();
     let store = recovery.store;
     // The checkpoint gauges start from what recovery found, not from the first checkpoint of this run.
     if let Ok(size) = store.size_on_disk() {
@@ -681,11 +806,17 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard.to_string()).set(w.0 as f64);
     }
     let persistence_handle = {
-        let (watermarks, journal, durable) = (recovery.watermarks.clone(), journal_tx.clone(), Arc::clone(&durable));
+        let persister =
+            Persister::new(store, recovery.watermarks.clone(), recovery.node_offset, config.checkpoint_failures_max);
+        let (journal, durable) = (journal_tx.clone(), Arc::clone(&durable));
         let hub = Arc::clone(&hub);
+        let on_fatal = Box::new(|e: String| {
+            eprintln!("vigil: checkpoint store failing, exiting: {e}");
+            std::process::exit(3);
+        });
         thread::Builder::new()
             .name("vigil-persist".into())
-            .spawn(move || persistence_thread(store, delta_rx, watermarks, journal, durable, hub))?
+            .spawn(move || persistence_thread(persister, delta_rx, journal, durable, hub, on_fatal))?
     };
     let pipeline_config = PipelineConfig {
         engine: config.engine.clone(),
@@ -694,6 +825,12 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         pin: config.pin,
         on_idle: Some(Arc::clone(&committed)),
         ..PipelineConfig::default()
+    };
+    let durability = Durability {
+        journal: journal_tx,
+        persist: delta_tx.clone(),
+        producers: recovery.producers,
+        duplicates: metrics::counter!(m::INGEST_DUPLICATES),
     };
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
     let checker = pipeline.checker();
@@ -713,7 +850,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
         thread::Builder::new()
             .name("vigil-sequencer".into())
-            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, journal_tx, gate, stop, config))?
+            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, durability, gate, stop, config))?
     };
     hub.start(
         recovery.history,

@@ -7,14 +7,20 @@
 //!
 //! When the node has a token, the first frame must be an auth frame: `len` | `0x10` | the token's UTF-8 bytes,
 //! answered by kind 3 (empty body) or an error frame (and the connection closed).
+//!
+//! Idempotent producers use version 2: `len` | `2` | `producer_len: u8` | producer id (UTF-8) | `sequence: u64 LE` |
+//! bincode of `Vec<Event>`. A resend of the producer's last journaled batch is answered by kind 4 (same body as an
+//! ack: the original offsets) and appends nothing; a gap or regression gets an error frame.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
 use vigil_model::{Event, Offset};
 
-/// Protocol version byte.
+/// Protocol version byte of a plain batch.
 pub const WIRE_VERSION: u8 = 1;
+/// Version byte of a batch stamped with a producer id and sequence number.
+pub const WIRE_VERSION_PRODUCER: u8 = 2;
 /// Largest request frame, in bytes.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Most events in one batch.
@@ -26,6 +32,8 @@ pub const WIRE_AUTH: u8 = 0x10;
 pub const KIND_ACK: u8 = 1;
 pub const KIND_ERROR: u8 = 2;
 pub const KIND_AUTH_OK: u8 = 3;
+/// An ack of a resent batch the node had already journaled: its original offsets; nothing was appended.
+pub const KIND_ACK_DUPLICATE: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -33,8 +41,10 @@ pub enum WireError {
     TooLarge(usize),
     #[error("empty frame")]
     Empty,
-    #[error("unsupported wire version {0} (this node speaks {WIRE_VERSION})")]
+    #[error("unsupported wire version {0} (this node speaks {WIRE_VERSION} and {WIRE_VERSION_PRODUCER})")]
     Version(u8),
+    #[error("malformed producer header: {0}")]
+    Producer(String),
     #[error("malformed batch: {0}")]
     Malformed(String),
     #[error("batch of {0} events exceeds {BATCH_EVENTS_MAX}")]
@@ -55,14 +65,50 @@ pub fn encode_batch(events: &[Event]) -> Vec<u8> {
     frame
 }
 
+/// Encodes a batch stamped with a producer id and sequence number (version 2; length prefix included).
+pub fn encode_producer_batch(producer: &str, sequence: u64, events: &[Event]) -> Vec<u8> {
+    let mut body = Vec::new();
+    // A Vec of events always encodes: the codec's only failure is on decode.
+    let _ = vigil_store::codec::encode_value(&events, &mut body);
+    let id = &producer.as_bytes()[..producer.len().min(u8::MAX as usize)];
+    let mut frame = Vec::with_capacity(4 + 10 + id.len() + body.len());
+    frame.extend_from_slice(&((1 + 1 + id.len() + 8 + body.len() - 1) as u32).to_le_bytes());
+    frame.push(WIRE_VERSION_PRODUCER);
+    frame.push(id.len() as u8);
+    frame.extend_from_slice(id);
+    frame.extend_from_slice(&sequence.to_le_bytes());
+    frame.extend_from_slice(&body[1..]);
+    frame
+}
+
+/// A decoded request: the events, and the producer's `(id, sequence)` for a version 2 frame.
+#[derive(Debug, PartialEq)]
+pub struct Batch {
+    pub producer: Option<(String, u64)>,
+    pub events: Vec<Event>,
+}
+
 /// Decodes a request frame's body (after the length prefix).
-pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, WireError> {
-    let (&version, _) = body.split_first().ok_or(WireError::Empty)?;
-    if version != WIRE_VERSION {
-        return Err(WireError::Version(version));
-    }
-    let mut with_codec_version = body.to_vec();
-    with_codec_version[0] = vigil_store::codec::CODEC_VERSION;
+pub fn decode_batch(body: &[u8]) -> Result<Batch, WireError> {
+    let (&version, rest) = body.split_first().ok_or(WireError::Empty)?;
+    let (producer, encoded) = match version {
+        WIRE_VERSION => (None, rest),
+        WIRE_VERSION_PRODUCER => {
+            let (&len, rest) = rest.split_first().ok_or_else(|| WireError::Producer("no id length".into()))?;
+            let len = len as usize;
+            let id = rest.get(..len).ok_or_else(|| WireError::Producer("truncated id".into()))?;
+            let id = std::str::from_utf8(id).map_err(|_| WireError::Producer("the id is not UTF-8".into()))?;
+            let sequence = rest
+                .get(len..len + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .ok_or_else(|| WireError::Producer("truncated sequence number".into()))?;
+            (Some((id.to_owned(), u64::from_le_bytes(sequence))), &rest[len + 8..])
+        }
+        other => return Err(WireError::Version(other)),
+    };
+    let mut with_codec_version = Vec::with_capacity(1 + encoded.len());
+    with_codec_version.push(vigil_store::codec::CODEC_VERSION);
+    with_codec_version.extend_from_slice(encoded);
     let events: Vec<Event> =
         vigil_store::codec::decode_untrusted(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
     if events.is_empty() {
@@ -71,14 +117,23 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Event>, WireError> {
     if events.len() > BATCH_EVENTS_MAX {
         return Err(WireError::TooManyEvents(events.len()));
     }
-    Ok(events)
+    Ok(Batch { producer, events })
 }
 
 /// An ack frame.
 pub fn ack_frame(first: Offset, last: Offset) -> Vec<u8> {
+    offsets_frame(KIND_ACK, first, last)
+}
+
+/// The ack of a resent batch already journaled (its original offsets).
+pub fn duplicate_ack_frame(first: Offset, last: Offset) -> Vec<u8> {
+    offsets_frame(KIND_ACK_DUPLICATE, first, last)
+}
+
+fn offsets_frame(kind: u8, first: Offset, last: Offset) -> Vec<u8> {
     let mut f = Vec::with_capacity(21);
     f.extend_from_slice(&17u32.to_le_bytes());
-    f.push(KIND_ACK);
+    f.push(kind);
     f.extend_from_slice(&first.0.to_le_bytes());
     f.extend_from_slice(&last.0.to_le_bytes());
     f
@@ -135,16 +190,23 @@ impl Client {
     /// Sends a batch and waits for its durable offset range.
     pub fn send(&mut self, events: &[Event]) -> io::Result<(Offset, Offset)> {
         self.stream.write_all(&encode_batch(events))?;
+        self.read_response().map(|(first, last, _)| (first, last))
+    }
+
+    /// Sends a batch as `producer`'s batch number `sequence` and waits for its durable offset range; the flag is
+    /// set when the node had journaled it already (a resend: nothing was appended, the offsets are the original).
+    pub fn send_as(&mut self, producer: &str, sequence: u64, events: &[Event]) -> io::Result<(Offset, Offset, bool)> {
+        self.stream.write_all(&encode_producer_batch(producer, sequence, events))?;
         self.read_response()
     }
 
     /// Sends raw bytes (for tests of malformed frames) and reads one response.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<(Offset, Offset)> {
         self.stream.write_all(bytes)?;
-        self.read_response()
+        self.read_response().map(|(first, last, _)| (first, last))
     }
 
-    fn read_response(&mut self) -> io::Result<(Offset, Offset)> {
+    fn read_response(&mut self) -> io::Result<(Offset, Offset, bool)> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len)?;
         let len = u32::from_le_bytes(len) as usize;
@@ -154,16 +216,51 @@ impl Client {
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body)?;
         match (body[0], &body[1..]) {
-            (KIND_ACK, rest) if rest.len() == 16 => {
+            (kind @ (KIND_ACK | KIND_ACK_DUPLICATE), rest) if rest.len() == 16 => {
                 let mut a = [0u8; 8];
                 let mut b = [0u8; 8];
                 a.copy_from_slice(&rest[..8]);
                 b.copy_from_slice(&rest[8..]);
-                Ok((Offset(u64::from_le_bytes(a)), Offset(u64::from_le_bytes(b))))
+                Ok((Offset(u64::from_le_bytes(a)), Offset(u64::from_le_bytes(b)), kind == KIND_ACK_DUPLICATE))
             }
-            (KIND_AUTH_OK, []) => Ok((Offset(0), Offset(0))),
+            (KIND_AUTH_OK, []) => Ok((Offset(0), Offset(0), false)),
             (KIND_ERROR, msg) => Err(io::Error::other(String::from_utf8_lossy(msg).into_owned())),
             (kind, _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown response kind {kind}"))),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn golden_bytes_of_every_frame_kind() {
+        // Proves the wire bytes do not change silently: each request and response frame kind, byte for byte,
+        // and that the batches decode back to what was encoded.
+        let event =
+            vigil_model::parse_line(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"1.5"}"#).unwrap();
+        let v1 = encode_batch(std::slice::from_ref(&event));
+        assert_eq!(hex(&v1), GOLDEN_V1);
+        assert_eq!(decode_batch(&v1[4..]).unwrap(), Batch { producer: None, events: vec![event.clone()] });
+        let v2 = encode_producer_batch("gw", 3, std::slice::from_ref(&event));
+        assert_eq!(hex(&v2), GOLDEN_V2);
+        let decoded = decode_batch(&v2[4..]).unwrap();
+        assert_eq!(decoded, Batch { producer: Some(("gw".into(), 3)), events: vec![event] });
+        assert_eq!(hex(&auth_frame("t0k")), "040000001074306b");
+        assert_eq!(
+            hex(&ack_frame(Offset(1), Offset(258))),
+            "11000000010100000000000000".to_owned() + "0201000000000000"
+        );
+        assert_eq!(hex(&duplicate_ack_frame(Offset(1), Offset(2))), "110000000401000000000000000200000000000000");
+        assert_eq!(hex(&auth_ok_frame()), "0100000003");
+        assert_eq!(hex(&error_frame("no")), "03000000026e6f");
+    }
+
+    const GOLDEN_V1: &str = "0f00000001010701610455534443fc00a3e111";
+    const GOLDEN_V2: &str = "1a000000020267770300000000000000010701610455534443fc00a3e111";
 }

@@ -15,8 +15,7 @@ use vigil_engine::{Config, merged_views};
 use vigil_model::{Event, Offset, Trigger, parse_line, shard_of};
 use vigil_node::recovery::recover;
 use vigil_node::wire::Client;
-use vigil_store::codec::decode_event;
-use vigil_store::journal::{self, JournalConfig, OsSyncer};
+use vigil_store::journal::{self, JournalConfig};
 use vigil_store::layout;
 use vigil_testkit::{Reference, Rng, StreamConfig, generate};
 
@@ -55,32 +54,72 @@ fn address(child: &mut Child) -> String {
     addr.to_owned()
 }
 
-/// Sends batches from `events[from..]` until stopped or an error (the kill); returns acked ranges.
-fn drive(addr: &str, events: &[Event], from: usize, stop: &AtomicBool, rng: &mut Rng) -> Vec<(Offset, Offset)> {
+/// The client's side of the stream, kept across kills: what it had acknowledged, and the batch it had in flight
+/// (resent first after a restart, with the same sequence number: the node answers it once).
+#[derive(Clone, Copy, Debug, Default)]
+struct Producer {
+    /// Events acknowledged (the next batch starts here).
+    pos: usize,
+    /// The last acknowledged batch number.
+    sequence: u64,
+    /// Events of the batch sent without an answer.
+    in_flight: Option<usize>,
+    /// Resends the node answered as already journaled.
+    duplicates: u64,
+}
+
+const PRODUCER: &str = "crash-loop";
+
+/// Sends batches until stopped or an error (the kill), resending the in-flight batch first; returns acked ranges.
+/// `first_ack` is told when the first batch is acknowledged (or that none will be), so the kill timer starts from
+/// a node that is ready and durable, however long this machine takes to get there.
+fn drive(
+    addr: &str,
+    events: &[Event],
+    producer: &mut Producer,
+    stop: &AtomicBool,
+    rng: &mut Rng,
+    first_ack: std::sync::mpsc::Sender<bool>,
+) -> Vec<(Offset, Offset)> {
     let mut acked = Vec::new();
-    let Ok(mut client) = Client::connect(addr) else { return acked };
-    let mut pos = from;
-    while pos < events.len() && !stop.load(Ordering::SeqCst) {
-        let n = (1 + rng.below(12) as usize).min(events.len() - pos);
-        match client.send(&events[pos..pos + n]) {
-            Ok(range) => {
-                acked.push(range);
-                pos += n;
+    let Ok(mut client) = Client::connect(addr) else {
+        let _ = first_ack.send(false);
+        return acked;
+    };
+    while producer.pos < events.len() && !stop.load(Ordering::SeqCst) {
+        let n = producer.in_flight.unwrap_or_else(|| (1 + rng.below(12) as usize).min(events.len() - producer.pos));
+        producer.in_flight = Some(n);
+        match client.send_as(PRODUCER, producer.sequence + 1, &events[producer.pos..producer.pos + n]) {
+            Ok((first, last, duplicate)) => {
+                assert_eq!((last.0 - first.0 + 1) as usize, n, "an ack covers the whole batch");
+                assert_eq!(first.0 as usize, producer.pos + 1, "the batch's offsets follow what was acknowledged");
+                if acked.is_empty() {
+                    let _ = first_ack.send(true);
+                }
+                producer.duplicates += u64::from(duplicate);
+                acked.push((first, last));
+                producer.pos += n;
+                producer.sequence += 1;
+                producer.in_flight = None;
             }
             Err(_) => break,
         }
+    }
+    if acked.is_empty() {
+        let _ = first_ack.send(false);
     }
     acked
 }
 
 fn verify(dir: &Path, events: &[Event], acked_max: Offset) -> Offset {
     // Recover as the node does (a torn tail, if the kill tore a write, is cut here), then compare.
-    let r = recover(dir, &Config::default(), SHARDS, JournalConfig::default(), Box::new(OsSyncer)).expect("recovery");
+    let r = recover(dir, &Config::default(), SHARDS, JournalConfig::default()).expect("recovery");
     let recovered_durable = r.journal.durable();
     // Journal: gapless, every acknowledged offset present, records equal to what was sent, in order.
     let mut records = Vec::new();
     let durable = journal::read(&layout::journal(dir), &JournalConfig::default(), Offset(1), |o, p| {
-        records.push((o, decode_event(p).expect("journaled events decode")));
+        let event = vigil_node::recovery::replayable(p).expect("journaled events decode").expect("an event");
+        records.push((o, event));
         Ok(())
     })
     .expect("after recovery the journal reads cleanly");
@@ -125,41 +164,65 @@ fn kill_9_loses_nothing_acknowledged() {
     let mut durable = Offset(0);
     let mut acked_total = 0usize;
     let mut ran = 0;
+    let mut producer = Producer::default();
     for cycle in 0..cycles {
         ran += 1;
         let (mut child, addr) = start(dir.path());
         let stop = Arc::new(AtomicBool::new(false));
-        let (evs, from, seed) = (events.clone(), durable.0 as usize, rng.next_u64());
+        let (evs, seed) = (events.clone(), rng.next_u64());
+        let (first_ack_tx, first_ack) = std::sync::mpsc::channel();
         let client = {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || drive(&addr, &evs, from, &stop, &mut Rng::new(seed)))
+            std::thread::spawn(move || {
+                let mut p = producer;
+                let acked = drive(&addr, &evs, &mut p, &stop, &mut Rng::new(seed), first_ack_tx);
+                (acked, p)
+            })
         };
-        std::thread::sleep(Duration::from_millis(5 + rng.below(120)));
+        // The kill timer starts at the first acknowledgement: a slow machine gets a node that is ready and has
+        // made something durable, then the same random window of load as a fast one.
+        assert!(first_ack.recv().unwrap_or(false), "cycle {cycle}: the node acknowledged no batch before the kill");
+        std::thread::sleep(Duration::from_millis(rng.below(120)));
         child.kill().expect("kill -9");
         let _ = child.wait();
         stop.store(true, Ordering::SeqCst);
-        let acked = client.join().expect("client thread");
+        let (acked, after) = client.join().expect("client thread");
+        producer = after;
         acked_total += acked.len();
         let acked_max = acked.last().map_or(durable, |(_, last)| *last);
         for w in acked.windows(2) {
             assert_eq!(w[1].0.0, w[0].1.0 + 1, "cycle {cycle}: acknowledged ranges have a gap");
         }
         durable = verify(dir.path(), &events, acked_max);
+        // Exactly once: the journal holds what was acknowledged and at most the batch in flight, never a resend.
+        let sent = producer.pos + producer.in_flight.unwrap_or(0);
+        assert!(
+            durable.0 as usize >= producer.pos && durable.0 as usize <= sent,
+            "cycle {cycle}: journal at {}, \
+            acknowledged {}, sent {sent}",
+            durable.0,
+            producer.pos
+        );
         eprintln!("cycle {cycle}: {} batches acked, journal at {}", acked.len(), durable.0);
         assert!(durable.0 as usize <= events.len());
-        if durable.0 as usize == events.len() {
+        if producer.pos == events.len() {
             break;
         }
     }
-    eprintln!("{ran} kill -9 cycles, {acked_total} batches acknowledged, {} events journaled and verified", durable.0);
+    eprintln!(
+        "{ran} kill -9 cycles, {acked_total} batches acknowledged ({} resends answered as duplicates), {} events \
+         journaled and verified",
+        producer.duplicates, durable.0
+    );
     assert_eq!(ran, cycles, "the stream ran out before the cycles did");
     assert!(acked_total > cycles as usize, "the load acknowledged only {acked_total} batches");
 }
 
 #[test]
 fn malformed_frames_are_refused_and_sigterm_drains_and_checkpoints() {
-    // Proves a malformed frame gets an error frame and appends nothing while the node keeps serving, and that
-    // SIGTERM drains, checkpoints every shard at the last offset and exits 0.
+    // Proves a malformed frame gets an error frame and appends nothing while the node keeps serving, a second
+    // node on the same data directory is refused naming the first one's pid, and SIGTERM drains, checkpoints
+    // every shard at the last offset and exits 0.
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut child, addr) = start(dir.path());
     let mut bad = Client::connect(&addr).expect("connect");
@@ -176,6 +239,16 @@ fn malformed_frames_are_refused_and_sigterm_drains_and_checkpoints() {
     .collect();
     let mut good = Client::connect(&addr).expect("connect");
     assert_eq!(good.send(&events).expect("ack"), (Offset(1), Offset(2)));
+    // A second node on the same data directory is refused, naming the first one's pid.
+    let second = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--data"])
+        .arg(dir.path())
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
+        .output()
+        .expect("a second node runs");
+    assert!(!second.status.success(), "a second node on the same data directory must not start");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("in use by another vigil node (pid {},", child.id())), "{err}");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
     assert!(status.success());
     assert!(child.wait().expect("exit").success(), "SIGTERM exits 0");

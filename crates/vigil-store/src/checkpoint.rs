@@ -2,11 +2,15 @@
 //! encoded market, the `{offset}` watermark and the triggers the shard emitted up to it, all written by one atomic
 //! `apply_batch`, then flushed.
 //!
-//! Behind the small [`CheckpointStore`] trait so another embedded store can be measured against sled. Limits:
-//! sled 0.34's `flush()` uses `sync_file_range` on Linux, which survives a process crash but is not a power-loss
-//! barrier; the journal must therefore keep every segment behind the oldest checkpoint it knows to be durable.
+//! Behind the small [`CheckpointStore`] trait so another embedded store can be measured against sled, and so the
+//! power-loss simulation can run the node's checkpoint logic over a simulated store ([`crate::sim`]).
+//!
+//! Durability: sled 0.34's `flush()` ends in `sync_file_range` on Linux, which survives a process crash but is not
+//! a power-loss barrier (no metadata, no device cache flush). [`CheckpointStore::barrier`] is: for sled it
+//! `fsync`s every file and directory of the store. Journal segments behind a watermark are deleted only after a
+//! barrier that follows the write of that watermark.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vigil_model::Offset;
 
@@ -14,6 +18,10 @@ const KEY_OFFSET: &[u8] = b"o";
 const KEY_MARKET: &[u8] = b"m";
 const PREFIX_ACCOUNT: &[u8] = b"a/";
 const PREFIX_TRIGGER: &[u8] = b"t/";
+/// The tree of the node's own state (the producers table): value under `m`, offset under `o`.
+const NODE_TREE: &str = "node";
+/// The shard count a store was created for, in the node tree.
+const KEY_SHARDS: &[u8] = b"s";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -21,6 +29,15 @@ pub enum CheckpointError {
     Sled(#[from] sled::Error),
     #[error("checkpoint store: malformed watermark in shard {0}")]
     Watermark(usize),
+    #[error("checkpoint store: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A fault injected by a test or the simulation.
+    #[error("checkpoint store: {0}")]
+    Injected(String),
 }
 
 /// One shard's checkpoint as loaded: the watermark, the market and every account (encoded by the caller).
@@ -34,7 +51,8 @@ pub struct Loaded {
 /// What a checkpoint writer needs.
 pub trait CheckpointStore: Send {
     /// Writes one delta atomically (accounts by id, the market, the watermark, and triggers as `(identity key,
-    /// value)`: writing the same identity twice keeps one) and makes it durable. Returns the bytes written.
+    /// value)`: writing the same identity twice keeps one) and makes it survive a process crash (not necessarily a
+    /// power cut: see [`CheckpointStore::barrier`]). Returns the bytes written.
     fn write(
         &mut self,
         shard: usize,
@@ -53,10 +71,38 @@ pub trait CheckpointStore: Send {
     fn offset(&self, shard: usize) -> Result<Offset, CheckpointError>;
     /// Bytes on disk.
     fn size_on_disk(&self) -> Result<u64, CheckpointError>;
+    /// The shards that have a checkpoint, ascending.
+    fn shards(&self) -> Result<Vec<usize>, CheckpointError>;
+    /// Makes everything written so far survive a power cut. Called before any journal segment behind a new
+    /// watermark is deleted.
+    fn barrier(&mut self) -> Result<(), CheckpointError>;
+    /// Writes the node's own state (the producers table) as of `offset`, atomically, replacing the previous one.
+    fn write_node(&mut self, offset: Offset, value: &[u8]) -> Result<(), CheckpointError>;
+    /// The node's state and its offset, if one was written.
+    fn node(&self) -> Result<Option<(Offset, Vec<u8>)>, CheckpointError>;
+    /// The shard count the store was created for, if recorded.
+    fn shard_count(&self) -> Result<Option<usize>, CheckpointError>;
+    /// Records the shard count, durably (a barrier follows).
+    fn set_shard_count(&mut self, shards: usize) -> Result<(), CheckpointError>;
 }
 
 pub struct SledStore {
     db: sled::Db,
+    path: PathBuf,
+}
+
+/// `fsync`s every file and directory under `dir` (the directory last, after its entries).
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl SledStore {
@@ -67,7 +113,7 @@ impl SledStore {
         let mut tries = 0;
         loop {
             match sled::Config::new().path(path).open() {
-                Ok(db) => return Ok(Self { db }),
+                Ok(db) => return Ok(Self { db, path: path.to_owned() }),
                 Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 200 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -75,18 +121,6 @@ impl SledStore {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    /// The shards that have a checkpoint tree, ascending.
-    pub fn shards(&self) -> Vec<usize> {
-        let mut out: Vec<usize> = self
-            .db
-            .tree_names()
-            .iter()
-            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix("shard-")?.parse().ok())
-            .collect();
-        out.sort_unstable();
-        out
     }
 
     fn tree(&self, shard: usize) -> Result<sled::Tree, CheckpointError> {
@@ -181,6 +215,50 @@ impl CheckpointStore for SledStore {
     fn size_on_disk(&self) -> Result<u64, CheckpointError> {
         Ok(self.db.size_on_disk()?)
     }
+
+    fn shards(&self) -> Result<Vec<usize>, CheckpointError> {
+        let mut out: Vec<usize> = self
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| std::str::from_utf8(n).ok()?.strip_prefix("shard-")?.parse().ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn write_node(&mut self, offset: Offset, value: &[u8]) -> Result<(), CheckpointError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_MARKET, value);
+        batch.insert(KEY_OFFSET, &offset.0.to_be_bytes()[..]);
+        self.db.open_tree(NODE_TREE)?.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn node(&self) -> Result<Option<(Offset, Vec<u8>)>, CheckpointError> {
+        let tree = self.db.open_tree(NODE_TREE)?;
+        let (Some(offset), Some(value)) = (tree.get(KEY_OFFSET)?, tree.get(KEY_MARKET)?) else { return Ok(None) };
+        let b: [u8; 8] = offset.as_ref().try_into().map_err(|_| CheckpointError::Watermark(usize::MAX))?;
+        Ok(Some((Offset(u64::from_be_bytes(b)), value.to_vec())))
+    }
+
+    fn shard_count(&self) -> Result<Option<usize>, CheckpointError> {
+        let Some(v) = self.db.open_tree(NODE_TREE)?.get(KEY_SHARDS)? else { return Ok(None) };
+        let b: [u8; 8] = v.as_ref().try_into().map_err(|_| CheckpointError::Watermark(usize::MAX))?;
+        Ok(Some(u64::from_be_bytes(b) as usize))
+    }
+
+    fn set_shard_count(&mut self, shards: usize) -> Result<(), CheckpointError> {
+        self.db.open_tree(NODE_TREE)?.insert(KEY_SHARDS, &(shards as u64).to_be_bytes()[..])?;
+        self.barrier()
+    }
+
+    fn barrier(&mut self) -> Result<(), CheckpointError> {
+        self.db.flush()?;
+        sync_tree(&self.path)
+            .map_err(|source| CheckpointError::Io { context: format!("syncing {}", self.path.display()), source })
+    }
 }
 
 #[cfg(test)]
@@ -211,7 +289,7 @@ mod tests {
         assert_eq!(l0.accounts, vec![b"a2".to_vec(), b"b1".to_vec()]);
         assert_eq!(s.offset(1).unwrap(), Offset(15));
         assert_eq!(s.load(1).unwrap().accounts, vec![b"c1".to_vec()]);
-        assert_eq!(s.shards(), vec![0, 1]);
+        assert_eq!(s.shards().unwrap(), vec![0, 1]);
         assert_eq!(s.triggers(0).unwrap(), vec![b"t1".to_vec(), b"t2".to_vec(), b"t3".to_vec()]);
         assert!(s.triggers(1).unwrap().is_empty());
         assert_eq!(s.offset(0).unwrap(), Offset(20));

@@ -22,13 +22,14 @@
 //! segment, a gap between segments) is corruption in the middle: `open` refuses, naming the segment and the byte
 //! position.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vigil_model::Offset;
+
+use crate::storage::{Open, OsStorage, Storage, StorageFile};
 
 /// Bytes of a record header.
 pub const HEADER_BYTES: usize = 16;
@@ -41,11 +42,14 @@ pub struct JournalConfig {
     pub record_bytes_max: u32,
     /// Segments are created full size, zero-filled and synced, ahead of use (see the module documentation).
     pub preallocate: bool,
+    /// The next segment is prepared by a helper thread (else inline, at the roll before it is needed: the
+    /// deterministic simulation wants no thread).
+    pub prepare_in_background: bool,
 }
 
 impl Default for JournalConfig {
     fn default() -> Self {
-        Self { segment_bytes_max: 64 << 20, record_bytes_max: 1 << 20, preallocate: true }
+        Self { segment_bytes_max: 64 << 20, record_bytes_max: 1 << 20, preallocate: true, prepare_in_background: true }
     }
 }
 
@@ -73,6 +77,8 @@ pub enum JournalError {
     OffsetGap { expected: u64, got: u64 },
     #[error("record of {0} bytes exceeds the limit")]
     RecordTooLarge(usize),
+    #[error("journal record {offset} in {segment} at byte {position} does not decode: {reason}; refusing to start")]
+    Payload { segment: PathBuf, position: u64, offset: u64, reason: String },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> JournalError {
@@ -80,30 +86,14 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> JournalError 
     move |source| JournalError::Io { context, source }
 }
 
-/// The durability seam: how data and directories are synced. Tests inject failures through it.
-pub trait Syncer: Send {
-    fn sync_data(&mut self, file: &File) -> io::Result<()>;
-    fn sync_dir(&mut self, dir: &Path) -> io::Result<()>;
-}
-
-/// The real thing: `fdatasync` on files, `fsync` on the directory.
-#[derive(Debug, Default)]
-pub struct OsSyncer;
-
-impl Syncer for OsSyncer {
-    fn sync_data(&mut self, file: &File) -> io::Result<()> {
-        file.sync_data()
-    }
-    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
-    }
-}
-
 /// What `open` found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
     /// The last offset in the journal (0 if empty): everything up to it is durable.
     pub durable: Offset,
+    /// The first offset the journal holds (segments before it were deleted behind checkpoints); `durable + 1`
+    /// when it holds no record.
+    pub first: Offset,
     /// Bytes cut from a torn tail.
     pub truncated_bytes: u64,
     pub segments: usize,
@@ -123,9 +113,10 @@ pub struct SegmentInfo {
 pub struct Journal {
     dir: PathBuf,
     config: JournalConfig,
-    syncer: Box<dyn Syncer>,
+    storage: Arc<dyn Storage>,
     segments: Vec<SegmentInfo>,
-    file: File,
+    /// The segment being written (none only before the first one exists, inside `open`).
+    file: Option<Box<dyn StorageFile>>,
     /// The helper preparing the next segment, if one is running.
     preparing: Option<JoinHandle<io::Result<()>>>,
     buffer: Vec<u8>,
@@ -197,50 +188,60 @@ fn zero_from(bytes: &[u8], pos: usize) -> bool {
 
 /// Writes `PREPARED`: `size` zero bytes, synced, then renamed into place (so its existence means it is whole).
 /// Reuses one left by an earlier run.
-fn prepare(dir: &Path, size: u64) -> io::Result<()> {
+fn prepare(storage: &dyn Storage, dir: &Path, size: u64) -> io::Result<()> {
     let done = dir.join(PREPARED);
-    if fs::metadata(&done).is_ok_and(|m| m.len() == size) {
+    if storage.len(&done).is_ok_and(|len| len == size) {
         return Ok(());
     }
     let tmp = dir.join(PREPARING);
-    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(&tmp)?;
+    let mut file = storage.open(&tmp, Open::Truncate)?;
     let chunk = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        file.write_all(&chunk[..n])?;
-        left -= n as u64;
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(chunk.len() as u64) as usize;
+        file.write_at(&chunk[..n], at)?;
+        at += n as u64;
     }
-    file.sync_all()?;
-    fs::rename(&tmp, &done)
+    file.sync_data()?;
+    storage.rename(&tmp, &done)
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))? {
-        let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
-        let name = entry.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else { continue };
+    for name in storage.list(dir).map_err(io_err(format!("listing {}", dir.display())))? {
+        let Some(stem) = name.strip_suffix(".log") else { continue };
         if let Ok(first) = stem.parse::<u64>() {
-            out.push((first, entry.path()));
+            out.push((first, dir.join(&name)));
         }
     }
     out.sort();
     Ok(out)
 }
 
-/// Reads and checks every record of the journal in `dir`, calling `visit` for each at or after `from`.
-/// The same checks as recovery, without repairing anything: a torn tail is reported as `Corrupt` too.
+/// Reads and checks every record of the journal in `dir` on the real disk: [`read_in`] with [`OsStorage`].
 pub fn read(
     dir: &Path,
     config: &JournalConfig,
     from: Offset,
-    mut visit: impl FnMut(Offset, &[u8]) -> Result<(), JournalError>,
+    visit: impl FnMut(Offset, &[u8]) -> Result<(), String>,
+) -> Result<Offset, JournalError> {
+    read_in(&OsStorage, dir, config, from, visit)
+}
+
+/// Reads and checks every record of the journal in `dir`, calling `visit` for each at or after `from`; an error
+/// from `visit` (a payload that does not decode) stops the read as [`JournalError::Payload`], naming the segment
+/// and byte. The same checks as recovery, without repairing anything: a torn tail is reported as `Corrupt` too.
+pub fn read_in(
+    storage: &dyn Storage,
+    dir: &Path,
+    config: &JournalConfig,
+    from: Offset,
+    mut visit: impl FnMut(Offset, &[u8]) -> Result<(), String>,
 ) -> Result<Offset, JournalError> {
     let mut expected = None::<u64>;
     let mut last = 0;
-    for (first, path) in list_segments(dir)? {
-        let bytes = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+    for (first, path) in list_segments(storage, dir)? {
+        let bytes = storage.read(&path).map_err(io_err(format!("reading {}", path.display())))?;
         let mut pos = 0;
         if expected.is_some_and(|e| e != first) || (expected.is_none() && first == 0) {
             return Err(JournalError::Corrupt { segment: path, position: 0, reason: "gap between segments".into() });
@@ -249,10 +250,11 @@ pub fn read(
         while pos < bytes.len() {
             match parse_at(&bytes, pos, config.record_bytes_max) {
                 Parsed::Record { offset, payload, next: end } if offset == next => {
-                    if offset >= from.0 {
-                        visit(Offset(offset), payload)?;
+                    if offset >= from.0
+                        && let Err(reason) = visit(Offset(offset), payload)
+                    {
+                        return Err(JournalError::Payload { segment: path, position: pos as u64, offset, reason });
                     }
-                    last = offset;
                     next += 1;
                     pos = end;
                 }
@@ -267,6 +269,8 @@ pub fn read(
             }
         }
         expected = Some(next);
+        // An empty last segment still says where the journal ends: before its first offset.
+        last = next - 1;
     }
     Ok(Offset(last))
 }
@@ -276,10 +280,10 @@ impl Journal {
     pub fn open(
         dir: &Path,
         config: JournalConfig,
-        mut syncer: Box<dyn Syncer>,
+        storage: Arc<dyn Storage>,
     ) -> Result<(Journal, Recovered), JournalError> {
-        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let listed = list_segments(dir)?;
+        storage.create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let listed = list_segments(&*storage, dir)?;
         let mut segments = Vec::with_capacity(listed.len().max(1));
         let mut truncated_bytes = 0;
         let mut next: Option<u64> = None;
@@ -290,7 +294,7 @@ impl Journal {
                 let reason = format!("segment starts at offset {first}, expected {}", next.unwrap_or(1));
                 return Err(JournalError::Corrupt { segment: path, position: 0, reason });
             }
-            let bytes = fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+            let bytes = storage.read(&path).map_err(io_err(format!("reading {}", path.display())))?;
             let mut pos = 0usize;
             let mut expect = first;
             while pos < bytes.len() {
@@ -308,12 +312,10 @@ impl Journal {
                     return Err(JournalError::Corrupt { segment: path, position: pos as u64, reason: bad });
                 }
                 // A torn tail: cut it, and make the cut durable before anything is appended after it.
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(format!("opening {}", path.display())))?;
+                let mut file =
+                    storage.open(&path, Open::Existing).map_err(io_err(format!("opening {}", path.display())))?;
                 file.set_len(pos as u64).map_err(io_err(format!("truncating {}", path.display())))?;
-                syncer.sync_data(&file).map_err(io_err(format!("syncing {}", path.display())))?;
+                file.sync_data().map_err(io_err(format!("syncing {}", path.display())))?;
                 let garbage_end = bytes.iter().rposition(|b| *b != 0).map_or(pos, |p| p + 1);
                 truncated_bytes = (garbage_end - pos) as u64;
                 break;
@@ -322,18 +324,25 @@ impl Journal {
             segments.push(SegmentInfo { path, first: Offset(first), last: Offset(expect - 1), bytes: pos as u64 });
         }
         let appended = next.map_or(0, |n| n - 1);
+        let first = segments.first().map_or(Offset(appended + 1), |s| s.first);
         let recovered_segments = segments.len();
         let file = match segments.last() {
             Some(s) => {
-                OpenOptions::new().write(true).open(&s.path).map_err(io_err(format!("opening {}", s.path.display())))?
+                let mut file =
+                    storage.open(&s.path, Open::Existing).map_err(io_err(format!("opening {}", s.path.display())))?;
+                // What was found may have been in the page cache only (written by a process that died before its
+                // sync): make it durable, names included, before anything derived from it (an ack to a resend,
+                // a re-emitted trigger) is published.
+                file.sync_data().map_err(io_err(format!("syncing {}", s.path.display())))?;
+                storage.sync_dir(dir).map_err(io_err(format!("syncing directory {}", dir.display())))?;
+                Some(file)
             }
-            // A placeholder until the first segment exists, just below.
-            None => File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?,
+            None => None,
         };
         let mut journal = Journal {
             dir: dir.to_owned(),
             config,
-            syncer,
+            storage,
             segments,
             file,
             preparing: None,
@@ -347,15 +356,16 @@ impl Journal {
         } else {
             journal.prepare_next();
         }
-        let recovered = Recovered { durable: Offset(appended), truncated_bytes, segments: journal.segments.len() };
+        let recovered =
+            Recovered { durable: Offset(appended), first, truncated_bytes, segments: journal.segments.len() };
         Ok((journal, recovered))
     }
 
     /// Starts the helper that prepares the next segment, if preallocating and none is running.
     fn prepare_next(&mut self) {
-        if self.config.preallocate && self.preparing.is_none() {
-            let (dir, size) = (self.dir.clone(), self.config.segment_bytes_max);
-            self.preparing = Some(std::thread::spawn(move || prepare(&dir, size)));
+        if self.config.preallocate && self.config.prepare_in_background && self.preparing.is_none() {
+            let (dir, size, storage) = (self.dir.clone(), self.config.segment_bytes_max, Arc::clone(&self.storage));
+            self.preparing = Some(std::thread::spawn(move || prepare(&*storage, &dir, size)));
         }
     }
 
@@ -366,18 +376,20 @@ impl Journal {
         let file = if self.config.preallocate {
             let helper = self.preparing.take().map(|h| h.join());
             if !matches!(helper, Some(Ok(Ok(())))) {
-                prepare(&self.dir, self.config.segment_bytes_max)
+                prepare(&*self.storage, &self.dir, self.config.segment_bytes_max)
                     .map_err(io_err(format!("preallocating a segment in {}", self.dir.display())))?;
             }
-            fs::rename(self.dir.join(PREPARED), &path).map_err(io_err(format!("creating {}", path.display())))?;
-            OpenOptions::new().write(true).open(&path)
+            self.storage
+                .rename(&self.dir.join(PREPARED), &path)
+                .map_err(io_err(format!("creating {}", path.display())))?;
+            self.storage.open(&path, Open::Existing)
         } else {
-            OpenOptions::new().create_new(true).write(true).open(&path)
+            self.storage.open(&path, Open::CreateNew)
         };
         let file = file.map_err(io_err(format!("opening {}", path.display())))?;
         // The new name must survive a crash as well as its contents.
-        self.syncer.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
-        self.file = file;
+        self.storage.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
+        self.file = Some(file);
         self.segments.push(SegmentInfo { path, first: Offset(first), last: Offset(first - 1), bytes: 0 });
         self.prepare_next();
         Ok(())
@@ -444,7 +456,11 @@ impl Journal {
             return Ok(());
         }
         let at = self.segments.last().map_or(0, |s| s.bytes);
-        if let Err(e) = self.file.write_all_at(&self.buffer, at) {
+        let Some(file) = self.file.as_mut() else {
+            self.poisoned = true;
+            return Err(JournalError::Poisoned);
+        };
+        if let Err(e) = file.write_at(&self.buffer, at) {
             self.poisoned = true;
             return Err(io_err("writing the journal")(e));
         }
@@ -456,7 +472,11 @@ impl Journal {
     }
 
     fn sync(&mut self) -> Result<(), JournalError> {
-        if let Err(e) = self.syncer.sync_data(&self.file) {
+        let synced = match self.file.as_mut() {
+            Some(file) => file.sync_data(),
+            None => Err(io::Error::other("no segment open")),
+        };
+        if let Err(e) = synced {
             // Never retried: see the module documentation.
             self.poisoned = true;
             return Err(io_err("fdatasync of the journal")(e));
@@ -481,17 +501,63 @@ impl Journal {
         Ok(self.durable)
     }
 
+    /// Cuts every record after `keep` (recovery drops a batch whose tail a crash lost: never acknowledged, and
+    /// all-or-nothing for its producer). Later segments are deleted; in the segment that holds `keep + 1`, the
+    /// records from it on are overwritten with zeros (the clean end), then synced. Returns the records cut.
+    pub fn truncate_after(&mut self, keep: Offset) -> Result<u64, JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        if keep.0 >= self.appended {
+            return Ok(0);
+        }
+        assert!(self.buffer.is_empty() && self.durable.0 == self.appended, "invariant: truncation follows open");
+        let cut = self.appended - keep.0;
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments.last().is_some_and(|s| s.first > keep) {
+            if let Some(s) = self.segments.pop() {
+                self.storage.remove(&s.path).map_err(io_err(format!("deleting {}", s.path.display())))?;
+                removed = true;
+            }
+        }
+        let Some(segment) = self.segments.last_mut() else { return Err(JournalError::Poisoned) };
+        let bytes = self.storage.read(&segment.path).map_err(io_err(format!("reading {}", segment.path.display())))?;
+        let mut pos = 0usize;
+        while let Parsed::Record { offset, next, .. } = parse_at(&bytes, pos, self.config.record_bytes_max) {
+            if offset > keep.0 {
+                break;
+            }
+            pos = next;
+        }
+        let mut file = self
+            .storage
+            .open(&segment.path, Open::Existing)
+            .map_err(io_err(format!("opening {}", segment.path.display())))?;
+        let zeros = vec![0u8; segment.bytes as usize - pos];
+        file.write_at(&zeros, pos as u64).map_err(io_err(format!("truncating {}", segment.path.display())))?;
+        file.sync_data().map_err(io_err(format!("syncing {}", segment.path.display())))?;
+        if removed {
+            self.storage.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
+        }
+        segment.bytes = pos as u64;
+        segment.last = keep;
+        self.file = Some(file);
+        self.appended = keep.0;
+        self.durable = keep;
+        Ok(cut)
+    }
+
     /// Deletes the segments whose records are all below `offset` (the oldest durable checkpoint). The segment
     /// being written is never deleted.
     pub fn delete_before(&mut self, offset: Offset) -> Result<usize, JournalError> {
         let mut deleted = 0;
         while self.segments.len() > 1 && self.segments[0].last < offset && self.segments[1].first <= offset {
             let s = self.segments.remove(0);
-            fs::remove_file(&s.path).map_err(io_err(format!("deleting {}", s.path.display())))?;
+            self.storage.remove(&s.path).map_err(io_err(format!("deleting {}", s.path.display())))?;
             deleted += 1;
         }
         if deleted > 0 {
-            self.syncer.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
+            self.storage.sync_dir(&self.dir).map_err(io_err(format!("syncing directory {}", self.dir.display())))?;
         }
         Ok(deleted)
     }
@@ -509,8 +575,9 @@ impl Drop for Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, File, OpenOptions};
     use std::io::Read;
-    use std::sync::Arc;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn read_file(path: &Path) -> io::Result<Vec<u8>> {
@@ -520,7 +587,7 @@ mod tests {
     }
 
     fn open(dir: &Path, segment_bytes_max: u64) -> Result<(Journal, Recovered), JournalError> {
-        Journal::open(dir, JournalConfig { segment_bytes_max, ..JournalConfig::default() }, Box::new(OsSyncer))
+        Journal::open(dir, JournalConfig { segment_bytes_max, ..JournalConfig::default() }, Arc::new(OsStorage))
     }
 
     fn payload(i: u64) -> Vec<u8> {
@@ -585,7 +652,7 @@ mod tests {
         for preallocate in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let config = JournalConfig { segment_bytes_max: 4096, preallocate, ..JournalConfig::default() };
-            let (mut j, _) = Journal::open(dir.path(), config.clone(), Box::new(OsSyncer)).unwrap();
+            let (mut j, _) = Journal::open(dir.path(), config.clone(), Arc::new(OsStorage)).unwrap();
             fill(&mut j, 1, 150);
             let segments = j.segments().to_vec();
             assert!(segments.len() >= 2);
@@ -596,7 +663,7 @@ mod tests {
             }
             drop(j);
             assert_eq!(dir.path().join(PREPARED).exists(), preallocate);
-            let (mut j, r) = Journal::open(dir.path(), config.clone(), Box::new(OsSyncer)).unwrap();
+            let (mut j, r) = Journal::open(dir.path(), config.clone(), Arc::new(OsStorage)).unwrap();
             assert_eq!((r.durable, r.truncated_bytes, r.segments), (Offset(150), 0, segments.len()));
             fill(&mut j, 151, 300);
             drop(j);
@@ -685,19 +752,56 @@ mod tests {
         }
     }
 
-    struct FailingSyncer {
+    /// The real disk, with `fdatasync` failing on demand.
+    #[derive(Debug)]
+    struct FailingStorage {
         fail: Arc<AtomicBool>,
     }
 
-    impl Syncer for FailingSyncer {
-        fn sync_data(&mut self, file: &File) -> io::Result<()> {
+    struct FailingFile {
+        inner: Box<dyn StorageFile>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl StorageFile for FailingFile {
+        fn write_at(&mut self, buf: &[u8], pos: u64) -> io::Result<()> {
+            self.inner.write_at(buf, pos)
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&mut self) -> io::Result<()> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(io::Error::other("injected fsync failure"));
             }
-            file.sync_data()
+            self.inner.sync_data()
         }
-        fn sync_dir(&mut self, _: &Path) -> io::Result<()> {
-            Ok(())
+    }
+
+    impl Storage for FailingStorage {
+        fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+            OsStorage.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+            OsStorage.list(dir)
+        }
+        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+            OsStorage.read(path)
+        }
+        fn len(&self, path: &Path) -> io::Result<u64> {
+            OsStorage.len(path)
+        }
+        fn open(&self, path: &Path, how: Open) -> io::Result<Box<dyn StorageFile>> {
+            Ok(Box::new(FailingFile { inner: OsStorage.open(path, how)?, fail: Arc::clone(&self.fail) }))
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            OsStorage.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> io::Result<()> {
+            OsStorage.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            OsStorage.sync_dir(dir)
         }
     }
 
@@ -706,8 +810,8 @@ mod tests {
         // Proves a failed fsync acknowledges nothing, and every later append and commit fails (never retried).
         let dir = tempfile::tempdir().unwrap();
         let fail = Arc::new(AtomicBool::new(false));
-        let syncer = Box::new(FailingSyncer { fail: Arc::clone(&fail) });
-        let (mut j, _) = Journal::open(dir.path(), JournalConfig::default(), syncer).unwrap();
+        let storage = Arc::new(FailingStorage { fail: Arc::clone(&fail) });
+        let (mut j, _) = Journal::open(dir.path(), JournalConfig::default(), storage).unwrap();
         fill(&mut j, 1, 5);
         j.append(Offset(6), b"six").unwrap();
         fail.store(true, Ordering::SeqCst);
