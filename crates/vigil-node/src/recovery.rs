@@ -148,7 +148,7 @@ pub fn recover_with(
     shards: usize,
     journal_config: JournalConfig,
 ) -> anyhow::Result<Recovery> {
-    let (journal, journal_recovered) =
+    let (mut journal, journal_recovered) =
         Journal::open(journal_dir, journal_config.clone(), Arc::clone(&storage)).context("opening the journal")?;
     // Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards
     // that do not hold them (or ignore the trees beyond the new count) and silently lose state.
@@ -249,7 +249,6 @@ pub fn recover_with(
         Ok(())
     })
     .context("replaying the journal")?;
-    let mut journal = journal;
     if let Some(first) = incomplete {
         if let Some((shard, w)) = watermarks.iter().enumerate().find(|(_, w)| **w >= first) {
             anyhow::bail!(

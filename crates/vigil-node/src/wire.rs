@@ -252,10 +252,7 @@ mod tests {
         let decoded = decode_batch(&v2[4..]).unwrap();
         assert_eq!(decoded, Batch { producer: Some(("gw".into(), 3)), events: vec![event] });
         assert_eq!(hex(&auth_frame("t0k")), "040000001074306b");
-        assert_eq!(
-            hex(&ack_frame(Offset(1), Offset(258))),
-            "11000000010100000000000000".to_owned() + "0201000000000000"
-        );
+        assert_eq!(hex(&ack_frame(Offset(1), Offset(258))), "110000000101000000000000000201000000000000");
         assert_eq!(hex(&duplicate_ack_frame(Offset(1), Offset(2))), "110000000401000000000000000200000000000000");
         assert_eq!(hex(&auth_ok_frame()), "0100000003");
         assert_eq!(hex(&error_frame("no")), "03000000026e6f");

@@ -96,9 +96,6 @@ struct State {
     next_inode: Inode,
     ignore_data_syncs: bool,
     ignore_dir_syncs: bool,
-    /// Counts of what happened, for tests that want to know a path was exercised.
-    data_syncs: u64,
-    dir_syncs: u64,
 }
 
 /// A small deterministic generator (SplitMix64): the simulator must not depend on the test kit.
@@ -218,17 +215,6 @@ impl SimStorage {
         s.ignore_data_syncs = data;
         s.ignore_dir_syncs = dir;
     }
-
-    /// `(file syncs, directory syncs)` performed so far.
-    pub fn syncs(&self) -> (u64, u64) {
-        let s = self.lock();
-        (s.data_syncs, s.dir_syncs)
-    }
-
-    /// The names in `dir` that would survive a power cut now with nothing pending kept.
-    pub fn durable_names(&self, dir: &Path) -> Vec<String> {
-        self.lock().dirs.get(dir).map(|d| d.durable.keys().cloned().collect()).unwrap_or_default()
-    }
 }
 
 struct SimFile {
@@ -270,7 +256,6 @@ impl StorageFile for SimFile {
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.with(|s, inode| {
-            s.data_syncs += 1;
             if s.ignore_data_syncs {
                 return Ok(());
             }
@@ -350,7 +335,6 @@ impl Storage for SimStorage {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        s.dir_syncs += 1;
         if s.ignore_dir_syncs {
             return Ok(());
         }
@@ -376,8 +360,6 @@ struct StoreState {
     /// Writes and barriers still to fail, for the checkpoint-failure tests.
     write_failures_pending: u32,
     barrier_failures_pending: u32,
-    writes: u64,
-    barriers: u64,
 }
 
 /// A checkpoint store for the power-loss simulation, with sled's durability: a write survives a process crash at
@@ -427,12 +409,6 @@ impl SimCheckpointStore {
         self.lock().barrier_failures_pending = n;
     }
 
-    /// `(writes, barriers)` that succeeded.
-    pub fn counts(&self) -> (u64, u64) {
-        let s = self.lock();
-        (s.writes, s.barriers)
-    }
-
     fn injected(pending: &mut u32, what: &str) -> Result<(), crate::checkpoint::CheckpointError> {
         if *pending > 0 {
             *pending -= 1;
@@ -467,7 +443,6 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
         tree.insert(SIM_OFFSET.to_vec(), offset.0.to_be_bytes().to_vec());
         let snapshot = s.current.clone();
         s.since_barrier.push(snapshot);
-        s.writes += 1;
         Ok(bytes)
     }
 
@@ -575,7 +550,6 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
         Self::injected(&mut s.barrier_failures_pending, "barrier")?;
         s.durable = s.current.clone();
         s.since_barrier.clear();
-        s.barriers += 1;
         Ok(())
     }
 }
