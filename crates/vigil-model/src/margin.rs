@@ -119,7 +119,8 @@ pub struct PositionFigures {
 /// `(a × b + c) / d` exactly, rounded once; saturates (conservatively for the caller) only past `i128`.
 fn mul_add_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
     if let Some(x) = a.checked_mul(b).and_then(|p| p.checked_add(c)) {
-        return mul_div(x, 1, d, round).unwrap_or(i128::MAX);
+        // d > 0 (callers pass a positive scale) and x × 1 fits: a division that cannot fail.
+        return mul_div(x, 1, d, round).expect("invariant: x / d with d > 0 and x an i128 is an i128");
     }
     let x = I256::from(a) * I256::from(b) + I256::from(c);
     let q = match round {
@@ -132,7 +133,7 @@ fn mul_add_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
 /// `a × b × c / d` exactly, rounded once (`d > 0`).
 fn mul3_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
     if let Some(p) = a.checked_mul(b).and_then(|p| p.checked_mul(c)) {
-        return mul_div(p, 1, d, round).unwrap_or(0);
+        return mul_div(p, 1, d, round).expect("invariant: p / d with d > 0 and p an i128 is an i128");
     }
     let x = I256::from(a) * I256::from(b) * I256::from(c);
     let q = match round {

@@ -87,8 +87,9 @@ pub fn div(n: i128, d: i128, round: Round) -> Option<i128> {
 
 /// A raw 1e-16 product rounded to 1e-8.
 pub fn e16_to_e8(n: i128, round: Round) -> i128 {
-    // The divisor is a non-zero constant and |n / 1e8| < |n|: this cannot fail.
-    div_round_i128(n, SCALE_I128, round).unwrap_or(0)
+    // The divisor is a positive constant: the quotient exists, and rounding it one step cannot overflow because
+    // |n / 1e8| + 1 <= |n| for every n the step applies to (a non-zero remainder needs |n| >= 1).
+    div_round_i128(n, SCALE_I128, round).expect("invariant: dividing by 1e8 and rounding cannot fail")
 }
 
 macro_rules! fixed64 {

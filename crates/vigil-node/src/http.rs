@@ -81,9 +81,7 @@ impl Hub {
 
     /// Recovery finished: the history so far, the watermarks, and the handles of the running node.
     pub fn start(&self, history: Vec<Trigger>, released: Offset, checkpoints: Vec<Offset>, node: Node) {
-        if let Ok(mut t) = self.triggers.write() {
-            *t = history;
-        }
+        *crate::write(&self.triggers, "the trigger history") = history;
         self.set_checkpoints(checkpoints);
         self.released.send_replace(released.0);
         let _ = self.node.set(node);
@@ -100,10 +98,8 @@ impl Hub {
 
     /// Appends released triggers (whole offsets) and advances the released offset.
     pub fn publish(&self, triggers: Vec<Trigger>, through: Offset) {
-        if !triggers.is_empty()
-            && let Ok(mut t) = self.triggers.write()
-        {
-            t.extend(triggers);
+        if !triggers.is_empty() {
+            crate::write(&self.triggers, "the trigger history").extend(triggers);
         }
         self.released.send_if_modified(|r| {
             let advanced = through.0 > *r;
@@ -115,17 +111,13 @@ impl Hub {
     }
 
     pub fn set_checkpoint(&self, shard: usize, offset: Offset) {
-        if let Ok(mut c) = self.checkpoints.lock()
-            && let Some(w) = c.get_mut(shard)
-        {
+        if let Some(w) = crate::lock(&self.checkpoints, "the checkpoint watermarks").get_mut(shard) {
             *w = offset;
         }
     }
 
     fn set_checkpoints(&self, all: Vec<Offset>) {
-        if let Ok(mut c) = self.checkpoints.lock() {
-            *c = all;
-        }
+        *crate::lock(&self.checkpoints, "the checkpoint watermarks") = all;
     }
 
     /// Ends live trigger streams (the node is stopping).
@@ -140,7 +132,7 @@ impl Hub {
     /// Triggers after `after`, whole offsets only, at most `limit` of them unless one offset alone has more;
     /// with whether the page was cut short.
     fn triggers_after(&self, after: u64, limit: usize) -> (Vec<Trigger>, bool) {
-        let Ok(all) = self.triggers.read() else { return (Vec::new(), false) };
+        let all = crate::read(&self.triggers, "the trigger history");
         let start = all.partition_point(|t| t.offset.0 <= after);
         let rest = &all[start..];
         // Whole offsets only: as many as fit in `limit`, or the first one alone if it is larger.
@@ -372,8 +364,8 @@ async fn status(State(hub): Shared) -> Response {
         Ok(n) => n,
         Err(r) => return r.into_response(),
     };
-    let checkpoints = hub.checkpoints.lock().map(|c| c.clone()).unwrap_or_default();
-    let triggers = hub.triggers.read().map(|t| t.len()).unwrap_or(0);
+    let checkpoints = crate::lock(&hub.checkpoints, "the checkpoint watermarks").clone();
+    let triggers = crate::read(&hub.triggers, "the trigger history").len();
     let mut s = String::with_capacity(256);
     let _ = write!(
         s,

@@ -64,6 +64,10 @@ pub struct PipelineConfig {
     /// Notified by a shard each time it has emptied its ring after applying something: the sequencer waits on it
     /// to release outputs as soon as the shards are done, instead of polling.
     pub on_idle: Option<Arc<tokio::sync::Notify>>,
+    /// Called with the message when a shard thread panics (a broken invariant). The node passes
+    /// [`crate::fatal`]: a node with a dead shard must stop, not run half alive. Without it the panic surfaces
+    /// on the sequencer's side (at the next full ring, `flush` or `finish`).
+    pub on_shard_panic: Option<fn(String)>,
 }
 
 impl Default for PipelineConfig {
@@ -75,6 +79,7 @@ impl Default for PipelineConfig {
             ring_capacity: 1 << 14,
             pin: true,
             on_idle: None,
+            on_shard_panic: None,
         }
     }
 }
@@ -94,6 +99,8 @@ struct Output {
     offset: Offset,
     rejection: Option<Rejection>,
     triggers: Vec<Trigger>,
+    /// The event went to every shard: each reports its rejection, and the merge checks they agree.
+    broadcast: bool,
 }
 
 /// State a shard shares with the sequencer.
@@ -356,19 +363,27 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                 }
             }
             Input::Event(offset, event) => {
+                // The sequencer numbers events in order; an engine silently skips an offset it has already
+                // applied (a replayed prefix), so a repeated or reordered offset here would lose an event.
+                assert!(
+                    offset > engine.offset(),
+                    "invariant: offsets strictly increase into every engine (shard {index} was given offset {} after \
+                     {})",
+                    offset.0,
+                    engine.offset().0
+                );
                 triggers.clear();
                 let result = engine.apply(offset, &event, &mut triggers);
                 metrics.applied(&event);
-                // Every shard rejects a broadcast event alike: shard 0 alone reports it.
-                let rejection = match result {
-                    Err(r) if event.account().is_some() || index == 0 => Some(r),
-                    _ => None,
-                };
+                let broadcast = event.account().is_none();
+                // Every shard reports its rejection of a broadcast event: the merge checks they agree (they see the
+                // same reference and market data; a disagreement is a bug that would fork the shards' states).
+                let rejection = result.err();
                 if deltas.is_some() {
                     since_delta.extend(triggers.iter().cloned());
                 }
                 if rejection.is_some() || !triggers.is_empty() {
-                    let mut out = Output { offset, rejection, triggers: std::mem::take(&mut triggers) };
+                    let mut out = Output { offset, rejection, triggers: std::mem::take(&mut triggers), broadcast };
                     let mut full_spins = 0;
                     loop {
                         match output.push(out) {
@@ -388,6 +403,31 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                 applied_since_idle = true;
             }
         }
+    }
+}
+
+/// Every shard must reach the same verdict on a broadcast event: all accept it (then none reports a rejection) or
+/// all reject it for the same reason. Anything else is a broken invariant (the shards' states would fork), fatal
+/// with both verdicts in the message.
+fn check_broadcast_verdicts(offset: Offset, outs: &[Output], shards: usize) {
+    let rejected: Vec<&Rejection> = outs.iter().filter(|o| o.broadcast).filter_map(|o| o.rejection.as_ref()).collect();
+    let Some(first) = rejected.first() else { return };
+    if let Some(other) = rejected.iter().find(|r| r.reason != first.reason) {
+        panic!(
+            "invariant: the shards disagree on broadcast event {}: one rejected it with {:?} ({}), another with {:?} \
+             ({})",
+            offset.0, first.reason, first.message, other.reason, other.message
+        );
+    }
+    if rejected.len() != shards {
+        panic!(
+            "invariant: the shards disagree on broadcast event {}: {} of {shards} rejected it with {:?} ({}), the \
+             others accepted it",
+            offset.0,
+            rejected.len(),
+            first.reason,
+            first.message
+        );
     }
 }
 
@@ -448,12 +488,21 @@ impl Pipeline {
                 sequenced: Arc::clone(&sequenced),
             };
             let wait = config.wait;
+            let on_panic = config.on_shard_panic;
             let handle = thread::Builder::new().name(format!("vigil-shard-{i}")).spawn(move || {
                 if let Some(core) = core {
                     // Pinning is best effort: where the OS refuses, the shard runs unpinned.
                     let _ = core_affinity::set_for_current(core);
                 }
-                run_shard(i, engine, io, wait)
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_shard(i, engine, io, wait))) {
+                    Ok(engine) => engine,
+                    Err(panic) => {
+                        if let Some(on_panic) = on_panic {
+                            on_panic(format!("shard {i} panicked: {}", crate::panic_message(&*panic)));
+                        }
+                        std::panic::resume_unwind(panic)
+                    }
+                }
             })?;
             p.threads.push(handle.thread().clone());
             p.checker.queries.push(query_tx);
@@ -490,8 +539,9 @@ impl Pipeline {
                 Ok(()) => break,
                 Err(rtrb::PushError::Full(back)) => {
                     // Backpressure: the shard is behind. Drain outputs meanwhile, so a shard blocked on its own
-                    // full output ring can go on.
+                    // full output ring can go on. A shard that died will never make room: its panic goes on here.
                     message = back;
+                    self.surface_dead_shard();
                     self.collect();
                     wake(Wait::Park, &self.shared[shard], &self.threads[shard]);
                     thread::yield_now();
@@ -550,7 +600,8 @@ impl Pipeline {
         self.offset = Offset(self.offset.0 + 1);
         let offset = self.offset;
         self.checker.sequenced.store(offset.0, Ordering::Release);
-        self.pending.entry(offset).or_default().push(Output { offset, rejection: Some(rejection), triggers: vec![] });
+        let out = Output { offset, rejection: Some(rejection), triggers: vec![], broadcast: false };
+        self.pending.entry(offset).or_default().push(out);
         offset
     }
 
@@ -600,6 +651,7 @@ impl Pipeline {
                 break;
             }
             let (offset, outs) = entry.remove_entry();
+            check_broadcast_verdicts(offset, &outs, self.inputs.len());
             let mut triggers: Vec<Trigger> = Vec::new();
             let mut rejection = None;
             for o in outs {
@@ -626,9 +678,22 @@ impl Pipeline {
         self.publish();
     }
 
+    /// If a shard thread has ended (only a panic ends one before `finish`), continues its panic here rather than
+    /// wait forever for it.
+    fn surface_dead_shard(&mut self) {
+        if let Some(i) = self.handles.iter().position(|h| h.is_finished()) {
+            let handle = self.handles.remove(i);
+            match handle.join() {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(_) => panic!("invariant: shard {i} stopped before the pipeline finished"),
+            }
+        }
+    }
+
     /// Waits until every shard has applied everything sequenced so far, releasing all outputs.
     pub fn flush(&mut self, sink: &mut impl FnMut(Released)) {
         loop {
+            self.surface_dead_shard();
             self.drain(sink);
             if self.pending.is_empty() && self.watermark() == self.offset {
                 // Outputs of offsets up to the watermark were collected by `drain` before this check.
@@ -673,6 +738,43 @@ mod tests {
 
     fn event(line: &str) -> Event {
         parse_line(line).unwrap()
+    }
+
+    /// Two engines that differ in reference data (only the first lists ETH): a broken invariant on purpose.
+    fn forked_engines() -> Vec<Engine> {
+        let config = Config::default();
+        let mut listed = Engine::new(&config);
+        let perp = event(r#"{"type":"perp","symbol":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#);
+        listed.apply(Offset(1), &perp, &mut Vec::new()).unwrap();
+        let mut unlisted = Engine::new(&config);
+        // Both at offset 1, as the pipeline expects of engines it continues after offset 1.
+        let deposit = event(r#"{"type":"deposit","account":"x","asset":"USDC","amount":"1"}"#);
+        unlisted.apply(Offset(1), &deposit, &mut Vec::new()).unwrap();
+        vec![listed, unlisted]
+    }
+
+    #[test]
+    #[should_panic(expected = "the shards disagree on broadcast event 2: 1 of 2 rejected it")]
+    fn shards_that_disagree_on_a_broadcast_event_are_fatal() {
+        // Proves the merge checks every shard's verdict on a broadcast event: one shard accepting a price the
+        // other rejects stops the pipeline, naming the offset and the rejection.
+        let config = PipelineConfig { shards: 2, pin: false, ..PipelineConfig::default() };
+        let mut p = Pipeline::start_with(&config, forked_engines(), Offset(1), None).unwrap();
+        p.submit(event(r#"{"type":"price","symbol":"ETH","price":"3000"}"#));
+        p.flush(&mut |_| {});
+    }
+
+    #[test]
+    #[should_panic(expected = "was given offset 1 after 1")]
+    fn an_offset_an_engine_already_has_is_fatal_and_surfaces_from_the_shard() {
+        // Proves a shard refuses an offset at or below its engine's (which the engine alone would skip silently),
+        // and that its panic reaches the sequencer's side.
+        let config = PipelineConfig { shards: 2, pin: false, ..PipelineConfig::default() };
+        // Continuing after offset 0 with engines already at offset 1: the first event is offset 1 again.
+        let mut p = Pipeline::start_with(&config, forked_engines(), Offset(0), None).unwrap();
+        p.submit(event(r#"{"type":"deposit","account":"x","asset":"USDC","amount":"1"}"#));
+        p.submit(event(r#"{"type":"deposit","account":"y","asset":"USDC","amount":"1"}"#));
+        p.finish(&mut |_| {});
     }
 
     #[test]

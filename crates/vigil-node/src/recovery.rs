@@ -14,7 +14,7 @@ use vigil_engine::{Config, Delta, Engine, Sharded};
 use vigil_model::{Offset, Trigger, shard_of};
 use vigil_store::checkpoint::{CheckpointStore, SledStore};
 use vigil_store::codec::{REJECTED_INPUT, Stamp, decode_event, decode_value, encode_value, split_stamp};
-use vigil_store::journal::{self, Journal, JournalConfig, Recovered};
+use vigil_store::journal::{Journal, JournalConfig, Recovered};
 use vigil_store::layout;
 use vigil_store::storage::{OsStorage, Storage};
 
@@ -118,8 +118,11 @@ pub struct Recovery {
 
 /// Recovers `shards` shards from the data directory on the real disk (sled checkpoints).
 pub fn recover(data: &Path, config: &Config, shards: usize, journal_config: JournalConfig) -> anyhow::Result<Recovery> {
-    let store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
-    recover_with(&layout::journal(data), Arc::new(OsStorage), Box::new(store), config, shards, journal_config)
+    let open_store = || -> anyhow::Result<Box<dyn CheckpointStore>> {
+        let store = SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?;
+        Ok(Box::new(store))
+    };
+    recover_with(&layout::journal(data), Arc::new(OsStorage), open_store, config, shards, journal_config)
 }
 
 /// Decodes a journaled payload for replay: `None` for input rejected before it became an event (it holds its
@@ -139,17 +142,26 @@ pub fn stamp_of(payload: &[u8]) -> Result<Option<Stamp<'_>>, String> {
     split_stamp(payload).map(|(stamp, _)| stamp).map_err(|e| e.to_string())
 }
 
-/// Recovers `shards` shards from the journal in `journal_dir` (on `storage`) and the checkpoints in `store`.
+/// Recovers `shards` shards from the journal in `journal_dir` (on `storage`) and the checkpoints in the store
+/// `open_store` opens. The journal is opened (its segments read and checked) on a helper thread while the store
+/// opens: the two are independent, and together they are most of a restart.
 pub fn recover_with(
     journal_dir: &Path,
     storage: Arc<dyn Storage>,
-    mut store: Box<dyn CheckpointStore>,
+    open_store: impl FnOnce() -> anyhow::Result<Box<dyn CheckpointStore>>,
     config: &Config,
     shards: usize,
     journal_config: JournalConfig,
 ) -> anyhow::Result<Recovery> {
-    let (mut journal, journal_recovered) =
-        Journal::open(journal_dir, journal_config.clone(), Arc::clone(&storage)).context("opening the journal")?;
+    let (opened, store) = std::thread::scope(|scope| {
+        let journal = scope.spawn(|| Journal::open(journal_dir, journal_config.clone(), Arc::clone(&storage)));
+        let store = open_store();
+        (journal.join(), store)
+    });
+    let (mut journal, journal_recovered) = opened
+        .map_err(|_| anyhow::anyhow!("the thread opening the journal panicked"))?
+        .context("opening the journal")?;
+    let mut store = store?;
     // Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards
     // that do not hold them (or ignore the trees beyond the new count) and silently lose state.
     let refuse = |written: usize| {
@@ -227,28 +239,29 @@ pub fn recover_with(
     // A producer's batch whose tail a crash lost (written, never synced, never acknowledged) is dropped whole:
     // applying its head would make the producer's resend apply it twice.
     let mut incomplete: Option<Offset> = None;
-    journal::read_in(&*storage, journal_dir, &journal_config, from, |offset, payload| {
-        if incomplete.is_some() {
-            return Ok(());
-        }
-        if let Some(stamp) = stamp_of(payload)? {
-            let last = Offset(offset.0 + u64::from(stamp.count.max(1)) - 1);
-            if last > end {
-                incomplete = Some(offset);
+    journal
+        .replay(from, |offset, payload| {
+            if incomplete.is_some() {
                 return Ok(());
             }
-            if offset > scan_from {
-                producers.record(stamp.producer, LastBatch { sequence: stamp.sequence, first: offset, last });
+            if let Some(stamp) = stamp_of(payload)? {
+                let last = Offset(offset.0 + u64::from(stamp.count.max(1)) - 1);
+                if last > end {
+                    incomplete = Some(offset);
+                    return Ok(());
+                }
+                if offset > scan_from {
+                    producers.record(stamp.producer, LastBatch { sequence: stamp.sequence, first: offset, last });
+                }
             }
-        }
-        replayed += 1;
-        if let Some(event) = replayable(payload)? {
-            // Offsets at or below a shard's watermark are skipped by the engine itself.
-            let _ = engines.apply_at(offset, &event, &mut triggers);
-        }
-        Ok(())
-    })
-    .context("replaying the journal")?;
+            replayed += 1;
+            if let Some(event) = replayable(payload)? {
+                // Offsets at or below a shard's watermark are skipped by the engine itself.
+                let _ = engines.apply_at(offset, &event, &mut triggers);
+            }
+            Ok(())
+        })
+        .context("replaying the journal")?;
     if let Some(first) = incomplete {
         if let Some((shard, w)) = watermarks.iter().enumerate().find(|(_, w)| **w >= first) {
             anyhow::bail!(

@@ -783,7 +783,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let journal_handle = {
         let (durable, committed) = (Arc::clone(&durable), Arc::clone(&committed));
         let journal = recovery.journal;
-        thread::Builder::new().name("vigil-journal".into()).spawn(move || {
+        crate::spawn_vital("vigil-journal", move || {
             journal_thread(
                 journal,
                 journal_rx,
@@ -814,9 +814,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
             eprintln!("vigil: checkpoint store failing, exiting: {e}");
             std::process::exit(3);
         });
-        thread::Builder::new()
-            .name("vigil-persist".into())
-            .spawn(move || persistence_thread(persister, delta_rx, journal, durable, hub, on_fatal))?
+        crate::spawn_vital("vigil-persist", move || {
+            persistence_thread(persister, delta_rx, journal, durable, hub, on_fatal)
+        })?
     };
     let pipeline_config = PipelineConfig {
         engine: config.engine.clone(),
@@ -824,6 +824,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         wait: config.wait,
         pin: config.pin,
         on_idle: Some(Arc::clone(&committed)),
+        on_shard_panic: Some(|message| crate::fatal(message)),
         ..PipelineConfig::default()
     };
     let durability = Durability {
@@ -848,9 +849,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     };
     let sequencer_handle = {
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
-        thread::Builder::new()
-            .name("vigil-sequencer".into())
-            .spawn(move || sequencer_thread(handle, pipeline, ingest_rx, durability, gate, stop, config))?
+        crate::spawn_vital("vigil-sequencer", move || {
+            sequencer_thread(handle, pipeline, ingest_rx, durability, gate, stop, config)
+        })?
     };
     hub.start(
         recovery.history,

@@ -84,7 +84,7 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
         let recovered = recover_with(
             &journal_dir(),
             Arc::new(disk.clone()),
-            Box::new(store.clone()),
+            || Ok(Box::new(store.clone())),
             &config,
             SHARDS,
             journal_config.clone(),
@@ -257,7 +257,9 @@ fn damage(disk: &SimStorage, rng: &mut Rng) -> Result<Damage, String> {
     }
     if rng.chance(50) {
         let path = dir.join(&segments[rng.below(segments.len() as u64 - 1) as usize]);
-        let bytes = vigil_store::Storage::read(disk, &path).map_err(|e| e.to_string())?;
+        let len = vigil_store::Storage::len(disk, &path).map_err(|e| e.to_string())?;
+        let mut bytes = vec![0u8; len as usize];
+        vigil_store::Storage::read_at(disk, &path, 0, &mut bytes).map_err(|e| e.to_string())?;
         let Some(end) = bytes.iter().rposition(|b| *b != 0) else { return Ok(Damage::None) };
         let at = rng.below(end as u64 + 1);
         disk.flip_bit(&path, at, rng.below(8) as u8).map_err(|e| e.to_string())?;

@@ -278,10 +278,14 @@ impl Storage for SimStorage {
         let d = s.dirs.get(dir).ok_or_else(|| not_found(dir))?;
         Ok(d.current.keys().cloned().collect())
     }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+    fn read_at(&self, path: &Path, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
         let s = self.lock();
         let inode = Self::inode_of(&s, path)?;
-        Ok(s.files.get(&inode).map(|f| f.current.clone()).unwrap_or_default())
+        let data = s.files.get(&inode).map_or(&[][..], |f| &f.current[..]);
+        let start = usize::try_from(pos).unwrap_or(usize::MAX).min(data.len());
+        let n = (data.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
     }
     fn len(&self, path: &Path) -> io::Result<u64> {
         let s = self.lock();

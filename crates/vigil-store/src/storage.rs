@@ -38,7 +38,8 @@ pub trait Storage: Send + Sync + Debug {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// The names of the entries of `dir`, in any order.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Reads into `buf` from byte `pos` until it is full or the file ends; returns the bytes read.
+    fn read_at(&self, path: &Path, pos: u64, buf: &mut [u8]) -> io::Result<usize>;
     /// The length of the file at `path` (an error if there is none).
     fn len(&self, path: &Path) -> io::Result<u64>;
     fn open(&self, path: &Path, how: Open) -> io::Result<Box<dyn StorageFile>>;
@@ -80,8 +81,18 @@ impl Storage for OsStorage {
         }
         Ok(out)
     }
-    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        fs::read(path)
+    fn read_at(&self, path: &Path, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let file = File::open(path)?;
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read_at(&mut buf[n..], pos + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
     fn len(&self, path: &Path) -> io::Result<u64> {
         Ok(fs::metadata(path)?.len())
