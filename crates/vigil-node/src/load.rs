@@ -44,6 +44,12 @@ pub struct LoadOptions {
     /// Do not send the setup (the node already has it, from an earlier run with the same workload): a checks-only
     /// run then changes nothing on the node (no checkpoint competes with it).
     pub skip_setup: bool,
+    /// The producer id the stream's batches carry (connection k sends as `{producer}-{k}`, batches numbered from
+    /// 1), so that a batch resent after a lost ack is applied once; `None` picks one unique to this run.
+    pub producer: Option<String>,
+    /// How long a connection keeps reconnecting and resending its in-flight batch after the node went away (a
+    /// crash, a restart) before the run fails.
+    pub resend_for: Duration,
 }
 
 /// A latency summary in microseconds.
@@ -89,6 +95,10 @@ pub struct LoadReport {
     pub check_latency: Percentiles,
     pub triggers: u64,
     pub trigger_latency: Percentiles,
+    /// Batches sent again after the connection failed before their ack.
+    pub resends: u64,
+    /// Resends the node answered as duplicates (it had journaled the batch: nothing appended twice).
+    pub duplicates: u64,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -112,6 +122,14 @@ impl std::fmt::Display for LoadReport {
         if self.trigger_latency.count > 0 || self.triggers > 0 {
             writeln!(f, "triggers: {} streamed", self.triggers)?;
             writeln!(f, "  trigger latency, intended batch send to stream: {}", self.trigger_latency)?;
+        }
+        if self.resends > 0 {
+            writeln!(
+                f,
+                "resends: {} batches sent again after a lost connection, {} answered as duplicates; every batch \
+                 acknowledged once, at its own offsets",
+                self.resends, self.duplicates
+            )?;
         }
         Ok(())
     }
@@ -162,6 +180,86 @@ fn universe(events: &[Event]) -> Universe {
     let mut marks: Vec<(String, String)> = marks.into_iter().collect();
     marks.sort();
     Universe { accounts, marks }
+}
+
+/// Whether a failed send may be retried on a new connection: the node went away (crashed, restarting, refused a
+/// batch because its journal failed, nothing acknowledged). A refusal of the batch itself is not retried.
+fn retryable(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+        | TimedOut | Interrupted => true,
+        Other => e.to_string().starts_with("journal failure"),
+        _ => false,
+    }
+}
+
+/// Sends `producer`'s batch number `sequence` until the node acknowledges it: after a failure that may have lost
+/// the ack, reconnects (backing off, for at most `options.resend_for`) and sends the same batch with the same
+/// number again. The node answers a batch it journaled already with its original offsets, so the batch is
+/// applied once whichever way the failure fell.
+fn send_until_acknowledged(
+    client: &mut Option<Client>,
+    options: &LoadOptions,
+    (producer, sequence): (&str, u64),
+    batch: &[Event],
+    (resends, duplicates): (&AtomicU64, &AtomicU64),
+) -> anyhow::Result<(Offset, Offset)> {
+    let mut deadline = None;
+    let mut backoff = Duration::from_millis(5);
+    let mut attempt = 0u32;
+    loop {
+        let result = match client.as_mut() {
+            Some(c) => c.send_as(producer, sequence, batch),
+            None => Client::connect_with(&options.ingest, options.token.as_deref()).and_then(|c| {
+                let c = client.insert(c);
+                c.send_as(producer, sequence, batch)
+            }),
+        };
+        match result {
+            Ok((first, last, duplicate)) => {
+                if attempt > 0 {
+                    resends.fetch_add(1, Ordering::Relaxed);
+                }
+                if duplicate {
+                    duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok((first, last));
+            }
+            Err(e) if retryable(&e) => {
+                *client = None;
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + options.resend_for);
+                if Instant::now() >= deadline {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "batch {sequence} of producer {producer}: the node did not come back within {:?}",
+                        options.resend_for
+                    )));
+                }
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(250));
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("batch {sequence} of producer {producer} refused")));
+            }
+        }
+    }
+}
+
+/// Checks that every batch was acknowledged once, at offsets of its own: as many offsets as events, and no two
+/// batches sharing one (a resend applied twice would show as a second range; one answered as a duplicate carries
+/// the original range).
+fn exactly_once(acks: &[(Offset, Offset, Instant)], batches: &[&[Event]]) -> anyhow::Result<()> {
+    let mut ranges: Vec<(u64, u64)> = acks.iter().map(|(f, l, _)| (f.0, l.0)).collect();
+    ranges.sort_unstable();
+    anyhow::ensure!(ranges.len() == batches.len(), "{} batches sent, {} acknowledged", batches.len(), ranges.len());
+    let offsets: u64 = ranges.iter().map(|(f, l)| l + 1 - f).sum();
+    let events: u64 = batches.iter().map(|b| b.len() as u64).sum();
+    anyhow::ensure!(offsets == events, "{events} events sent, {offsets} offsets acknowledged");
+    if let Some(w) = ranges.windows(2).find(|w| w[1].0 <= w[0].1) {
+        anyhow::bail!("two batches acknowledged at overlapping offsets {:?} and {:?}", w[0], w[1]);
+    }
+    Ok(())
 }
 
 /// Sends the setup, then the stream; runs checks and the trigger stream alongside. `setup` events are sent
@@ -236,14 +334,22 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
         })
     });
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let producer = options.producer.clone().unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        format!("vigil-load-{}-{nanos}", std::process::id())
+    });
+    let (resends, duplicates) = (AtomicU64::new(0), AtomicU64::new(0));
     thread::scope(|s| {
         for k in 0..connections {
             let (batches, acks, hist, sent, failure) = (&batches, &acks, &hist, &sent, &failure);
+            let (resends, duplicates) = (&resends, &duplicates);
+            let producer = format!("{producer}-{k}");
             s.spawn(move || {
                 let mut local = histogram();
                 let mut mine = Vec::new();
                 let result = (|| -> anyhow::Result<()> {
-                    let mut c = Client::connect_with(&options.ingest, token)?;
+                    let mut c = Some(Client::connect_with(&options.ingest, token)?);
+                    let mut sequence = 0u64;
                     let mut i = k;
                     while i < batches.len() {
                         let intended = if rate > 0 {
@@ -256,7 +362,14 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
                         } else {
                             Instant::now()
                         };
-                        let (first, last) = c.send(batches[i])?;
+                        sequence += 1;
+                        let (first, last) = send_until_acknowledged(
+                            &mut c,
+                            options,
+                            (&producer, sequence),
+                            batches[i],
+                            (resends, duplicates),
+                        )?;
                         let _ = local.record(micros(intended.elapsed()));
                         mine.push((first, last, intended));
                         sent.fetch_add(batches[i].len() as u64, Ordering::Relaxed);
@@ -264,29 +377,26 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
                     }
                     Ok(())
                 })();
-                if let Err(e) = result
-                    && let Ok(mut f) = failure.lock()
-                {
-                    f.get_or_insert(e);
+                if let Err(e) = result {
+                    crate::lock(failure, "the load's first failure").get_or_insert(e);
                 }
-                if let Ok(mut h) = hist.lock() {
-                    let _ = h.add(&local);
-                }
-                if let Ok(mut a) = acks.lock() {
-                    a.extend(mine);
-                }
+                let _ = crate::lock(hist, "the batch latency histogram").add(&local);
+                crate::lock(acks, "the acknowledged batches").extend(mine);
             });
         }
     });
     let seconds = start.elapsed().as_secs_f64();
-    if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
+    if let Some(e) = crate::lock(&failure, "the load's first failure").take() {
         done.store(true, Ordering::Release);
         return Err(e.context("ingest"));
     }
+    exactly_once(&crate::lock(&acks, "the acknowledged batches"), &batches)?;
     let mut report = LoadReport {
         events: sent.load(Ordering::Relaxed),
         seconds,
-        batch_latency: Percentiles::of(&*hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+        batch_latency: Percentiles::of(&crate::lock(&hist, "the batch latency histogram")),
+        resends: resends.load(Ordering::Relaxed),
+        duplicates: duplicates.load(Ordering::Relaxed),
         ..LoadReport::default()
     };
     if let Some(t) = checks_thread {
@@ -298,7 +408,7 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
     }
     if let Some(t) = trigger_thread {
         // Let the last triggers arrive (they follow the acks by the shards' apply time).
-        let last = acks.lock().ok().and_then(|a| a.iter().map(|(_, l, _)| l.0).max()).unwrap_or(0);
+        let last = crate::lock(&acks, "the acknowledged batches").iter().map(|(_, l, _)| l.0).max().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if status_released(&options.http).unwrap_or(0) >= last {
@@ -309,16 +419,16 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
         // Then until the stream has delivered the last trigger of the run (the history says which offset).
         let target = last_trigger_offset(&options.http, start_offset.0, last).unwrap_or(0);
         while Instant::now() < deadline + Duration::from_secs(5) {
-            let seen = trigger_times.lock().map(|t| t.last().map_or(0, |(o, _, _)| *o)).unwrap_or(0);
+            let seen = crate::lock(&trigger_times, "the trigger times").last().map_or(0, |(o, _, _)| *o);
             if seen >= target {
                 break;
             }
             thread::sleep(Duration::from_millis(10));
         }
         done.store(true, Ordering::Release);
-        let mut acks = acks.into_inner().unwrap_or_default();
+        let mut acks = std::mem::take(&mut *crate::lock(&acks, "the acknowledged batches"));
         acks.sort_by_key(|(f, _, _)| *f);
-        let times = trigger_times.lock().map(|t| t.clone()).unwrap_or_default();
+        let times = crate::lock(&trigger_times, "the trigger times").clone();
         let mut h = histogram();
         for (offset, at, n) in &times {
             report.triggers += *n as u64;
@@ -358,9 +468,7 @@ fn read_stream(response: reqwest::blocking::Response, times: &Mutex<Vec<(u64, In
             && let Some(offset) = id.take()
         {
             let n = data.matches("\"offset\"").count();
-            if let Ok(mut t) = times.lock() {
-                t.push((offset, Instant::now(), n));
-            }
+            crate::lock(times, "the trigger times").push((offset, Instant::now(), n));
         }
     }
 }
@@ -441,9 +549,7 @@ fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckRes
             if !ok {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
-            if let Ok(mut h) = hist.lock() {
-                let _ = h.record(micros(elapsed));
-            }
+            let _ = crate::lock(&hist, "the check latency histogram").record(micros(elapsed));
         }));
     }
     runtime.block_on(async {
@@ -452,7 +558,7 @@ fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckRes
         }
     });
     let secs = started.elapsed().as_secs_f64();
-    let h = hist.lock().map(|h| h.clone()).map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let h = crate::lock(&hist, "the check latency histogram").clone();
     Ok((total, errors.load(Ordering::Relaxed), secs, h))
 }
 

@@ -107,6 +107,13 @@ enum Command {
         /// Do not send the workload's setup (the node has it from an earlier run with the same seed and sizes).
         #[arg(long)]
         skip_setup: bool,
+        /// Producer id of the stream's batches (connection k sends as ID-k, batches numbered from 1): a batch
+        /// resent after a lost ack is applied once. Default: an id unique to the run.
+        #[arg(long)]
+        producer: Option<String>,
+        /// Seconds a connection keeps reconnecting and resending its in-flight batch after the node went away.
+        #[arg(long, default_value_t = 30)]
+        resend_secs: u64,
     },
     /// Shows what a node's data directory holds: journal segments and durable offset, checkpoint watermarks.
     Inspect {
@@ -194,6 +201,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checks_secs,
             triggers,
             skip_setup,
+            producer,
+            resend_secs,
         } => {
             let (stream, setup) = match file {
                 Some(path) => {
@@ -230,6 +239,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 triggers,
                 skip_setup,
                 progress: io::stderr().is_terminal(),
+                producer,
+                resend_for: std::time::Duration::from_secs(resend_secs),
             };
             let report = vigil_node::load::run(&options, &stream, setup)?;
             vigil_node::load::print(&report, &mut io::stdout().lock()).context("writing the report")

@@ -305,3 +305,85 @@ fn a_failed_fdatasync_poisons_the_journal_and_exits_non_zero() {
     });
     assert!(acked.contains(&Offset(1)), "the acknowledged batch is intact");
 }
+
+/// A free loopback port (bound, read, released: the node binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+}
+
+fn serve_at(dir: &Path, ingest: u16, http: u16) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["serve", "--data"])
+        .arg(dir)
+        .args(["--ingest", &format!("127.0.0.1:{ingest}"), "--http", &format!("127.0.0.1:{http}")])
+        .args(["--shards", "2", "--checkpoint-secs", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("vigil serve starts");
+    address(&mut child);
+    child
+}
+
+/// The node's durable offset, from `GET /v1/status` (0 while it is not answering).
+fn durable_of(http: u16) -> u64 {
+    let Ok(response) = reqwest::blocking::get(format!("http://127.0.0.1:{http}/v1/status")) else { return 0 };
+    let Ok(text) = response.text() else { return 0 };
+    let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else { return 0 };
+    status["durable"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn vigil_load_resends_across_a_kill_and_every_batch_is_applied_once() {
+    // Proves `vigil load` is an idempotent producer: the node is killed (-9) under it and restarted on the same
+    // ports; the load reconnects, resends its in-flight batches with their numbers, and finishes; the journal
+    // then holds every event of the workload exactly once.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let lines = generate(&StreamConfig { seed: 5, events: 20_000, accounts: 40, bad_percent: 0 });
+    let file = dir.path().join("workload.jsonl");
+    std::fs::write(&file, lines.join("\n")).expect("workload written");
+    let (ingest, http) = (free_port(), free_port());
+    let mut node = serve_at(&data, ingest, http);
+    let load = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["load", "--file"])
+        .arg(&file)
+        .args(["--ingest", &format!("127.0.0.1:{ingest}"), "--http", &format!("127.0.0.1:{http}")])
+        .args(["--rate", "8000", "--batch", "100", "--connections", "2", "--producer", "resend-test"])
+        .args(["--resend-secs", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vigil load starts");
+    // Kill once a fifth of the stream is durable (a condition, not a time: any machine gets there).
+    let mut load = load;
+    while durable_of(http) < 4_000 {
+        if let Some(status) = load.try_wait().expect("load status") {
+            let output = load.wait_with_output().expect("load output");
+            panic!("vigil load ended ({status}) before the kill: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    node.kill().expect("kill -9");
+    node.wait().expect("reaped");
+    let mut node = serve_at(&data, ingest, http);
+    let output = load.wait_with_output().expect("vigil load ends");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "vigil load failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("ingest: 20000 events"), "{stdout}");
+    assert!(stdout.contains("resends: "), "the kill interrupted the load, so batches were resent: {stdout}");
+    let _ = Command::new("kill").arg("-TERM").arg(node.id().to_string()).status();
+    assert!(node.wait().expect("exit").success());
+    let mut journaled = Vec::new();
+    let end = journal::read(&layout::journal(&data), &JournalConfig::default(), Offset(1), |_, p| {
+        let event = vigil_node::recovery::replayable(p)?.ok_or("only events were sent")?;
+        journaled.push(format!("{event:?}"));
+        Ok(())
+    })
+    .expect("journal");
+    assert_eq!(end.0, 20_000, "every event journaled once: no batch lost, none applied twice");
+    let mut sent: Vec<String> = lines.iter().map(|l| format!("{:?}", parse_line(l).expect("valid"))).collect();
+    sent.sort();
+    journaled.sort();
+    assert!(sent == journaled, "the journal holds the workload's events, each once");
+}
