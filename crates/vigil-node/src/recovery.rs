@@ -224,7 +224,9 @@ pub fn recover_with(
     }
     if journal_recovered.first.0 > oldest.0 + 1 {
         anyhow::bail!(
-            "the journal starts at offset {}, but shard {oldest_shard}'s checkpoint is at offset {}: events {} to {}              are in neither the journal nor the checkpoints (segments deleted ahead of a checkpoint the disk did              not keep, or removed by hand); refusing to start with a hole in the history",
+            "the journal starts at offset {}, but shard {oldest_shard}'s checkpoint is at offset {}: events {} to \
+             {} are in neither the journal nor the checkpoints (segments deleted ahead of a checkpoint the disk \
+             did not keep, or removed by hand); refusing to start with a hole in the history",
             journal_recovered.first.0,
             oldest.0,
             oldest.0 + 1,
