@@ -4,6 +4,7 @@
 # client sees it (from spawning the process to the first 200 from /ready, polled every 2 ms).
 #
 #   benches/restart.sh [RUNS] [EVENTS]        # defaults: 11 runs, 100 000 events for the "small" cases
+#   VIGIL_BIN=path/to/vigil benches/restart.sh # another build (an older commit, to compare)
 #
 # Cases: a first start on an empty data directory; a restart of that empty directory; a restart after EVENTS
 # events and a clean stop (SIGTERM checkpoints: nothing to replay); a restart after EVENTS events and `kill -9`
@@ -12,7 +13,7 @@ set -euo pipefail
 runs=${1:-11}
 events=${2:-100000}
 cd "$(dirname "$0")/.."
-bin=target/release/vigil
+bin=${VIGIL_BIN:-target/release/vigil}
 [ -x "$bin" ] || cargo build --release --locked -p vigil-node
 work=$(mktemp -d)
 trap 'pkill -f "vigil serve --data $work" 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -4,6 +4,7 @@
 pub mod event;
 pub mod margin;
 pub mod num;
+pub mod portfolio;
 pub mod reject;
 pub mod view;
 
