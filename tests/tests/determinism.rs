@@ -49,6 +49,56 @@ fn without_messages(doc: &str) -> String {
     v.to_string()
 }
 
+/// Figures a portfolio group feeds (floating point inside, each side with its own code): compared within
+/// `vigil_testkit::compare::TOLERANCE`. Everything else is compared exactly.
+const FLOAT_FED: [&str; 6] =
+    ["initial_margin", "maintenance_margin", "available", "scanning_risk", "liquidation_price", "bankruptcy_price"];
+
+/// Whether the engine's document matches the reference's: equal, but for the float-fed figures within tolerance.
+fn matches(path: &str, got: &serde_json::Value, want: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => {
+            if g.len() != w.len() || g.keys().zip(w.keys()).any(|(a, b)| a != b) {
+                return Err(format!(
+                    "{path}: keys {:?} vs {:?}",
+                    g.keys().collect::<Vec<_>>(),
+                    w.keys().collect::<Vec<_>>()
+                ));
+            }
+            for (k, v) in g {
+                let p = format!("{path}.{k}");
+                match (v, &w[k]) {
+                    (Value::String(a), Value::String(b)) if FLOAT_FED.contains(&k.as_str()) && a != b => {
+                        let raw = |s: &str| vigil_model::Amount::parse(s).map(|x| x.0);
+                        match (raw(a), raw(b)) {
+                            (Ok(x), Ok(y)) if (x - y).abs() <= vigil_testkit::compare::TOLERANCE => {}
+                            _ => return Err(format!("{p}: {a} vs {b}")),
+                        }
+                    }
+                    // The worst scenario of a group whose losses are all about zero is float noise (see
+                    // `vigil_testkit::compare`): compared only from a scanning risk of 1e-3.
+                    (Value::Object(_), _) if k == "worst" && near_zero(&g["scanning_risk"]) => {}
+                    (a, b) => matches(&p, a, b)?,
+                }
+            }
+            Ok(())
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            if g.len() != w.len() {
+                return Err(format!("{path}: {} elements vs {}", g.len(), w.len()));
+            }
+            g.iter().zip(w).enumerate().try_for_each(|(i, (a, b))| matches(&format!("{path}[{i}]"), a, b))
+        }
+        (a, b) if a == b => Ok(()),
+        (a, b) => Err(format!("{path}: {a} vs {b}")),
+    }
+}
+
+fn near_zero(v: &serde_json::Value) -> bool {
+    v.as_str().and_then(|s| vigil_model::Amount::parse(s).ok()).is_some_and(|a| a.0 < 100_000)
+}
+
 fn replay_threaded(input: &str, shards: usize, detection: Detection) -> String {
     let options = ReplayOptions { shards, config: Config { detection, ..Config::default() }, wait: Wait::Park };
     let mut out = Vec::new();
@@ -68,6 +118,8 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
             events: 10_000,
             accounts: 8 + rng.below(24) as usize,
             bad_percent: 1 + rng.below(4),
+            // Half the streams carry contract v2 events (portfolio accounts, clocks, risk changes).
+            portfolio_percent: if seed % 2 == 1 { 2 + rng.below(4) } else { 0 },
         };
         let lines = generate(&config);
         let input = lines.join("\n");
@@ -81,10 +133,9 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
                 match &first {
                     None => {
                         let got: serde_json::Value = serde_json::from_str(&without_messages(&doc)).expect("JSON");
-                        assert!(
-                            got == expected_json,
-                            "seed {seed}: {shards} shards {detection:?} differs from the reference"
-                        );
+                        if let Err(e) = matches("", &got, &expected_json) {
+                            panic!("seed {seed}: {shards} shards {detection:?} differs from the reference: {e}");
+                        }
                         first = Some(doc);
                     }
                     Some(f) => assert!(f == &doc, "seed {seed}: {shards} shards {detection:?} is not byte-identical"),

@@ -27,6 +27,18 @@ const SETUP: &[&str] = &[
     r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"sell","qty":"1","price":"3000","margin_mode":"isolated"}"#,
     r#"{"type":"deposit","account":"dave","asset":"USDC","amount":"1000"}"#,
     r#"{"type":"trade","account":"dave","symbol":"ETH-PERP","side":"buy","qty":"0.2","price":"3000"}"#,
+    // Contract v2: the clock, a perp whose underlying has no index yet, a portfolio account, and hank, whose long
+    // BTC-PERP carries IM 6 000 under standard margin and 9 600 under portfolio margin (a 16% move), on 7 000.
+    r#"{"type":"clock","time":"2026-12-01T00:00:00Z"}"#,
+    r#"{"type":"asset","asset":"SOL"}"#,
+    r#"{"type":"perp","symbol":"SOLX-PERP","underlying":"SOL","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+    r#"{"type":"price","symbol":"SOLX-PERP","price":"150"}"#,
+    r#"{"type":"deposit","account":"erin","asset":"USDC","amount":"1000"}"#,
+    r#"{"type":"account_config","account":"erin","margin":"portfolio"}"#,
+    r#"{"type":"deposit","account":"frank","asset":"USDC","amount":"1000"}"#,
+    r#"{"type":"trade","account":"frank","symbol":"SOLX-PERP","side":"buy","qty":"1","price":"150"}"#,
+    r#"{"type":"deposit","account":"hank","asset":"USDC","amount":"7000"}"#,
+    r#"{"type":"trade","account":"hank","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000"}"#,
 ];
 
 fn setup() -> Engine {
@@ -77,6 +89,67 @@ fn invalid_event() {
         r#"{"type":"trade","account":"alice","symbol":"BTC-C","side":"sell","qty":"1","price":"600","margin_mode":"isolated"}"#,
         Reason::InvalidEvent,
     );
+}
+
+#[test]
+fn contract_v2_refusals() {
+    // Proves each refusal of the v2 events (`portfolio-margin.md`): shapes, references, names and state, in that
+    // order, each leaving the state as it was.
+    check(r#"{"type":"clock","time":"2026-11-30T23:59:59.999Z"}"#, Reason::ClockRegression);
+    for shape in [
+        r#"{"type":"clock","time":"2026-02-30T00:00:00Z"}"#,
+        r#"{"type":"clock","time":"2026-12-02 00:00:00"}"#,
+        r#"{"type":"risk","underlying":"BTC","buckets":"4"}"#,
+        r#"{"type":"risk","underlying":"BTC","buckets":0}"#,
+        r#"{"type":"risk","underlying":"BTC","buckets":21}"#,
+        r#"{"type":"risk","underlying":"BTC","buckets":2.5}"#,
+        r#"{"type":"risk","underlying":"BTC","spread":"0.1"}"#,
+        r#"{"type":"account_config","account":"alice","margin":"spicy"}"#,
+        r#"{"type":"option","symbol":"Z","underlying":"BTC","right":"put","strike":"1","expiry":"2027-03-26"}"#,
+    ] {
+        check(shape, Reason::InvalidEvent);
+    }
+    check(r#"{"type":"risk","underlying":"BTC","price_range":"0.1.5"}"#, Reason::InvalidNumber);
+    for reference in [
+        r#"{"type":"risk","underlying":"BTC","mm_factor":"0"}"#,
+        r#"{"type":"risk","underlying":"BTC","vol_up":"10.1"}"#,
+        r#"{"type":"risk","underlying":"BTC","price_range":"-0.1"}"#,
+        r#"{"type":"risk","underlying":"BTC-PERP"}"#,
+        r#"{"type":"risk","underlying":"USDC"}"#,
+        // A perp's underlying is fixed at its first declaration.
+        r#"{"type":"perp","symbol":"ETH-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+        r#"{"type":"perp","symbol":"SOLX-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+    ] {
+        check(reference, Reason::InvalidReference);
+    }
+    check(r#"{"type":"risk","underlying":"DOGE"}"#, Reason::UnknownAsset);
+    check(r#"{"type":"account_config","account":"nobody","margin":"portfolio"}"#, Reason::UnknownAccount);
+    // SOL has no index price: frank cannot switch, erin (portfolio) cannot trade SOLX-PERP.
+    check(r#"{"type":"account_config","account":"frank","margin":"portfolio"}"#, Reason::NoPrice);
+    check(
+        r#"{"type":"trade","account":"erin","symbol":"SOLX-PERP","side":"buy","qty":"1","price":"150"}"#,
+        Reason::NoPrice,
+    );
+    check(r#"{"type":"account_config","account":"hank","margin":"portfolio"}"#, Reason::InsufficientMargin);
+}
+
+#[test]
+fn a_portfolio_option_needs_the_clock() {
+    // Proves an option in a portfolio account needs a `clock` (its time to expiry), as `no_price`.
+    let lines = [
+        r#"{"type":"asset","asset":"BTC"}"#,
+        r#"{"type":"option","symbol":"C","underlying":"BTC","right":"call","strike":"70000","expiry":"2027-03-26T08:00:00Z"}"#,
+        r#"{"type":"price","symbol":"BTC","price":"60000"}"#,
+        r#"{"type":"price","symbol":"C","price":"600"}"#,
+        r#"{"type":"deposit","account":"a","asset":"USDC","amount":"10000"}"#,
+        r#"{"type":"account_config","account":"a","margin":"portfolio"}"#,
+        r#"{"type":"trade","account":"a","symbol":"C","side":"buy","qty":"1","price":"600"}"#,
+    ];
+    let doc: serde_json::Value = serde_json::from_str(&replay_text(&lines.join("\n"), 2)).unwrap();
+    let rejections = doc["rejections"].as_array().unwrap();
+    assert_eq!(rejections.len(), 1, "{doc}");
+    assert_eq!(rejections[0]["offset"], 7);
+    assert_eq!(rejections[0]["reason"], "no_price");
 }
 
 #[test]

@@ -3,14 +3,16 @@
 use vigil_model::margin::{
     bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, liquidation_price, option_figures,
 };
+use vigil_model::portfolio::{GroupMargin, Leg, OptionVector, group_margin, option_vector, years_to_expiry};
 use vigil_model::{
-    AccountView, Amount, MarginMode, Offset, PositionFigures, PositionView, Qty, Trigger, TriggerKind, UnitFigures,
+    AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, PositionFigures, PositionView, Qty, Trigger,
+    TriggerKind, UnitFigures,
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::band::Band;
-use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+use crate::market::{InstrumentKind, Market, QUOTE, Slot};
 
 /// A liquidation episode of one margin unit (`margin-model.md`, "Liquidation episodes and triggers").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +112,8 @@ pub struct Account {
     #[serde(skip)]
     pub cross: UnitFigures,
     pub episode: Episode,
+    /// Standard or portfolio margin (`account_config`).
+    pub margin: MarginModel,
     /// Changed since the last checkpoint delta.
     #[serde(skip)]
     pub dirty: bool,
@@ -124,6 +128,7 @@ impl Account {
             deps: Vec::new(),
             cross: UnitFigures::default(),
             episode: Episode::default(),
+            margin: MarginModel::Standard,
             dirty: false,
         }
     }
@@ -180,18 +185,85 @@ pub fn collateral(market: &Market, balances: &[(Slot, Amount)]) -> Amount {
     total
 }
 
-/// Re-evaluates every position of the account and its cross figures (no episode change).
+/// Re-evaluates every position of the account and its cross figures (no episode change). A portfolio account's
+/// grouped cross positions are charged their groups' margins instead of their own.
 pub fn evaluate(market: &Market, acc: &mut Account) {
     let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
     for p in &mut acc.positions {
         p.figures = position_figures(market, p);
+    }
+    let groups = match acc.margin {
+        MarginModel::Portfolio => portfolio_groups(market, &acc.positions, acc.margin),
+        MarginModel::Standard => Vec::new(),
+    };
+    for p in &acc.positions {
         if p.mode == MarginMode::Cross {
             cross.equity = cross.equity.saturating_add(p.figures.value);
-            cross.initial_margin = cross.initial_margin.saturating_add(p.figures.initial_margin);
-            cross.maintenance_margin = cross.maintenance_margin.saturating_add(p.figures.maintenance_margin);
+            if !in_group(market, &groups, p) {
+                cross.initial_margin = cross.initial_margin.saturating_add(p.figures.initial_margin);
+                cross.maintenance_margin = cross.maintenance_margin.saturating_add(p.figures.maintenance_margin);
+            }
         }
     }
+    for (_, g) in &groups {
+        cross.initial_margin = cross.initial_margin.saturating_add(g.initial_margin);
+        cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
+    }
     acc.cross = cross;
+}
+
+/// Whether a position is charged through one of `groups`.
+fn in_group(market: &Market, groups: &[(Slot, GroupMargin)], p: &Position) -> bool {
+    p.mode == MarginMode::Cross
+        && p.is_open()
+        && market.group_of(p.slot).is_some_and(|u| groups.iter().any(|(g, _)| *g == u))
+}
+
+/// The groups of a portfolio account's cross positions, by underlying slot (in slot order): each group revalued
+/// under its underlying's grid. A group is left out (its positions keep their standard figures) only when a
+/// figure it needs is missing (an index, a mark, or the clock for an option), which the events that open
+/// positions and switch models refuse to let happen.
+pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginModel) -> Vec<(Slot, GroupMargin)> {
+    if model != MarginModel::Portfolio {
+        return Vec::new();
+    }
+    let mut underlyings: Vec<Slot> = positions
+        .iter()
+        .filter(|p| p.is_open() && p.mode == MarginMode::Cross)
+        .filter_map(|p| market.group_of(p.slot))
+        .collect();
+    underlyings.sort_unstable();
+    underlyings.dedup();
+    let mut out = Vec::with_capacity(underlyings.len());
+    'groups: for u in underlyings {
+        let Some(index) = market.price(u) else { continue };
+        let params = market.risk_params(u);
+        let members: Vec<&Position> = positions
+            .iter()
+            .filter(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot) == Some(u))
+            .collect();
+        let mut vectors: Vec<OptionVector> = Vec::new();
+        let mut linear: Vec<(Qty, vigil_model::Price)> = Vec::new();
+        let mut option_qty: Vec<Qty> = Vec::new();
+        for p in members {
+            let (Some(inst), Some(mark)) = (market.instrument(p.slot), market.price(p.slot)) else { continue 'groups };
+            match &inst.kind {
+                InstrumentKind::Option { terms, .. } => {
+                    let (Some(now), Some(expiry)) = (market.clock(), inst.expiry) else { continue 'groups };
+                    let t = years_to_expiry(now, expiry);
+                    vectors.push(option_vector(&params, terms.right, terms.strike, t, index, mark));
+                    option_qty.push(p.qty);
+                }
+                _ => linear.push((p.qty, mark)),
+            }
+        }
+        let mut legs: Vec<Leg<'_>> = linear.iter().map(|(qty, mark)| Leg::Linear { qty: *qty, mark: *mark }).collect();
+        legs.extend(option_qty.iter().zip(&vectors).map(|(qty, vector)| Leg::Option { qty: *qty, vector }));
+        if let Some(g) = group_margin(&params, index, &legs) {
+            out.push((u, g));
+        }
+    }
+    out
 }
 
 /// Re-evaluates the account and advances the episodes of its units, appending any triggers.
@@ -233,6 +305,7 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
     let mut fresh = acc.clone();
     evaluate(market, &mut fresh);
     let acc = &fresh;
+    let groups = portfolio_groups(market, &acc.positions, acc.margin);
     let mut balances: Vec<(String, Amount)> = acc
         .balances
         .iter()
@@ -246,7 +319,8 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
         .filter(|p| p.is_open())
         .map(|p| {
             let mark = market.price(p.slot);
-            let tiers = market.instrument(p.slot).and_then(|i| i.tiers.as_ref());
+            let grouped = in_group(market, &groups, p);
+            let tiers = market.instrument(p.slot).and_then(|i| i.tiers.as_ref()).filter(|_| !grouped);
             let (liq, bankrupt) = match (tiers, mark) {
                 (Some(t), Some(m)) => {
                     let (equity, others) = match p.mode {
@@ -266,8 +340,8 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
                 entry_price: entry_price(p.qty, p.cost_e16),
                 mark_price: mark,
                 unrealized_pnl: p.figures.unrealized_pnl,
-                initial_margin: p.figures.initial_margin,
-                maintenance_margin: p.figures.maintenance_margin,
+                initial_margin: (!grouped).then_some(p.figures.initial_margin),
+                maintenance_margin: (!grouped).then_some(p.figures.maintenance_margin),
                 margin_mode: p.mode,
                 isolated_wallet: (p.mode == MarginMode::Isolated).then_some(p.wallet),
                 liquidation_price: liq,
@@ -285,16 +359,31 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
         liquidatable: is_liquidatable(acc.cross.equity, acc.cross.maintenance_margin),
         balances,
         positions,
+        margin: acc.margin,
+        groups: {
+            let mut views: Vec<GroupView> = groups
+                .iter()
+                .map(|(u, g)| {
+                    let params = market.risk_params(*u);
+                    GroupView {
+                        underlying: market.name(*u).to_owned(),
+                        scanning_risk: g.scanning_risk,
+                        contingency: g.contingency,
+                        initial_margin: g.initial_margin,
+                        maintenance_margin: g.maintenance_margin,
+                        worst_move: g.worst.price_move(&params),
+                        worst_vol: g.worst.vol,
+                    }
+                })
+                .collect();
+            views.sort_by(|a, b| a.underlying.cmp(&b.underlying));
+            views
+        },
     }
 }
 
-/// Whether an entry is an instrument whose positions depend on a second slot (an option's underlying).
+/// The second slot a position depends on: its instrument's underlying (an option's value and margin follow the
+/// index; any grouped position's portfolio figures do).
 pub fn underlying_of(market: &Market, slot: Slot) -> Option<Slot> {
-    match market.entry(slot) {
-        Some(Entry::Instrument(i)) => match i.kind {
-            InstrumentKind::Option { underlying, .. } => Some(underlying),
-            _ => None,
-        },
-        _ => None,
-    }
+    market.group_of(slot)
 }

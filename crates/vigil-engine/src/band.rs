@@ -195,6 +195,19 @@ pub fn compute(market: &Market, acc: &Account, out: &mut Vec<Band>) {
     out.clear();
     out.resize(acc.deps.len(), Band::default());
     let n = acc.deps.len();
+    // A portfolio group's figures are not monotone in its prices (a short straddle loses both ways) and move with
+    // the implied volatilities its marks carry: no sound band is cheaper than none. Such an account is
+    // re-evaluated on every change of any price it depends on (a point band), and on every clock and `risk`.
+    if acc.margin == vigil_model::MarginModel::Portfolio
+        && acc.positions.iter().any(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot).is_some())
+    {
+        for (i, d) in acc.deps.iter().enumerate() {
+            if let Some(price) = market.price(d.slot) {
+                out[i] = Band { lo: Some(price.raw()), hi: Some(price.raw()) };
+            }
+        }
+        return;
+    }
     let slot_index = |slot: Slot| acc.deps.iter().position(|d| d.slot == slot);
 
     // Cross unit.

@@ -17,7 +17,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use vigil_model::margin::{apply_fill, credit_from_e16, funding_credit, pretrade_allowed};
 use vigil_model::{
-    AccountView, Amount, Event, Fill, MarginMode, Offset, Qty, Reason, Rejection, Trigger, UnitFigures, reject,
+    AccountView, Amount, Event, Fill, MarginMode, MarginModel, Offset, Qty, Reason, Rejection, Trigger, UnitFigures,
+    reject,
 };
 
 use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, underlying_of, view};
@@ -497,7 +498,89 @@ impl Engine {
                 self.touch(a, offset, triggers);
                 Ok(())
             }
+            Event::Clock { time } => {
+                self.market.check_clock(*time)?;
+                self.market.set_clock(*time);
+                // Time moves every option's time to expiry: portfolio accounts holding options are revalued.
+                for a in 0..self.accounts.len() as u32 {
+                    let acc = &self.accounts[a as usize];
+                    let holds_option = acc.positions.iter().any(|p| {
+                        p.is_open()
+                            && matches!(
+                                self.market.instrument(p.slot).map(|i| &i.kind),
+                                Some(InstrumentKind::Option { .. })
+                            )
+                    });
+                    if acc.margin == MarginModel::Portfolio && holds_option {
+                        self.touch(a, offset, triggers);
+                    }
+                }
+                Ok(())
+            }
+            Event::Risk { underlying, params } => {
+                let slot = self.market.check_risk(underlying, params)?;
+                self.market.set_risk(slot, *params);
+                // Every position grouped under the underlying depends on its index slot.
+                self.reevaluate(slot, offset, triggers);
+                Ok(())
+            }
+            Event::AccountConfig { account, margin } => {
+                let a = self.existing_account(account)?;
+                let acc = &self.accounts[a as usize];
+                if acc.margin == *margin {
+                    return Ok(());
+                }
+                let mut copy = acc.clone();
+                copy.margin = *margin;
+                if *margin == MarginModel::Portfolio {
+                    self.check_portfolio_prices(&copy.positions)?;
+                }
+                evaluate(&self.market, &mut copy);
+                if copy.cross.equity < copy.cross.initial_margin {
+                    return Err(reject(
+                        Reason::InsufficientMargin,
+                        format!(
+                            "equity {} < initial margin {} under {} margin",
+                            copy.cross.equity,
+                            copy.cross.initial_margin,
+                            margin.as_str()
+                        ),
+                    ));
+                }
+                self.accounts[a as usize].margin = *margin;
+                self.touch(a, offset, triggers);
+                Ok(())
+            }
         }
+    }
+
+    /// `no_price` unless every figure a portfolio account's groups need is there: each grouped position's
+    /// underlying index (a mark is there: the position was opened at one), and the clock once it holds an option.
+    fn check_portfolio_prices(&self, positions: &[Position]) -> Result<(), Rejection> {
+        for p in positions.iter().filter(|p| p.is_open() && p.mode == MarginMode::Cross) {
+            self.check_group_prices(p.slot)?;
+        }
+        Ok(())
+    }
+
+    /// The figures a position in `slot` needs in a portfolio group (see `check_portfolio_prices`).
+    fn check_group_prices(&self, slot: Slot) -> Result<(), Rejection> {
+        let Some(u) = self.market.group_of(slot) else { return Ok(()) };
+        let symbol = self.market.name(slot);
+        if self.market.price(u).is_none() {
+            return Err(reject(
+                Reason::NoPrice,
+                format!("the underlying {:?} of {symbol:?} has no index price yet", self.market.name(u)),
+            ));
+        }
+        let is_option = matches!(self.market.instrument(slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
+        if is_option && self.market.clock().is_none() {
+            return Err(reject(
+                Reason::NoPrice,
+                format!("{symbol:?} is an option: its time to expiry needs a clock event first"),
+            ));
+        }
+        Ok(())
     }
 
     /// Re-evaluates every account that depends on `slot` (rescan ticks, funding, re-sent reference data).
@@ -702,6 +785,9 @@ impl Engine {
                 Reason::NoPrice,
                 format!("the underlying {:?} of {:?} has no index price yet", self.market.name(u), fill.symbol),
             ));
+        }
+        if acc.is_some_and(|a| a.margin == MarginModel::Portfolio) && fill.margin_mode == MarginMode::Cross {
+            self.check_group_prices(slot)?;
         }
         let pos = acc.and_then(|a| a.position(slot));
         if let Some(p) = pos

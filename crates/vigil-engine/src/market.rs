@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
-use vigil_model::event::OptionMargin;
+use vigil_model::event::{OptionMargin, Timestamp};
+use vigil_model::portfolio::RiskParams;
 use vigil_model::{Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject};
 
 /// Index of a named entity (the quote, an asset or an instrument); also its price slot.
@@ -39,6 +40,11 @@ pub struct Instrument {
     /// Risk tiers of a perp or future; options carry their margin in `OptionTerms`.
     pub tiers: Option<Tiers>,
     pub settled: bool,
+    /// The asset a perp or future follows (fixed at its first declaration), or an option's underlying: its
+    /// portfolio-margin group.
+    pub underlying: Option<Slot>,
+    /// A future's or option's expiry.
+    pub expiry: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +63,10 @@ pub struct Market {
     pub(crate) entries: Vec<(Box<str>, Entry)>,
     /// Mark price of an instrument or index price of an asset; `None` until the first `price` event.
     pub(crate) prices: Vec<Option<Price>>,
+    /// The venue's time (the last `clock`); `None` until the first.
+    pub(crate) clock: Option<Timestamp>,
+    /// Portfolio parameters per underlying asset slot (`risk`); an underlying without an entry has the defaults.
+    pub(crate) risk: Vec<(Slot, RiskParams)>,
 }
 
 /// What a reference-data event changed: the slot whose holders must be re-evaluated.
@@ -69,7 +79,13 @@ impl Market {
     pub fn new(quote: &str) -> Self {
         let mut names = HashMap::default();
         names.insert(Box::from(quote), QUOTE);
-        Self { names, entries: vec![(Box::from(quote), Entry::Quote)], prices: vec![Some(Price::ONE)] }
+        Self {
+            names,
+            entries: vec![(Box::from(quote), Entry::Quote)],
+            prices: vec![Some(Price::ONE)],
+            clock: None,
+            risk: Vec::new(),
+        }
     }
 
     /// Rebuilds the derived name index after deserialisation.
@@ -139,13 +155,14 @@ impl Market {
         match event {
             Event::Asset { asset, haircut } => self.declare_asset(asset, *haircut),
             Event::Perp { symbol, underlying, tiers } => {
-                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Perp)
+                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Perp, None)
             }
-            Event::Future { symbol, underlying, tiers, .. } => {
-                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Future)
+            Event::Future { symbol, underlying, tiers, expiry } => {
+                let expiry = Timestamp::parse(expiry);
+                self.declare_linear(symbol, underlying.as_deref(), tiers, InstrumentKind::Future, expiry)
             }
-            Event::Option { symbol, underlying, right, strike, margin, .. } => {
-                self.declare_option(symbol, underlying, *right, *strike, margin)
+            Event::Option { symbol, underlying, right, strike, margin, expiry } => {
+                self.declare_option(symbol, underlying, *right, *strike, margin, Timestamp::parse(expiry))
             }
             other => Err(reject(Reason::InvalidEvent, format!("`{}` is not reference data", other.type_name()))),
         }
@@ -203,21 +220,31 @@ impl Market {
         underlying: Option<&str>,
         specs: &[TierSpec],
         kind: InstrumentKind,
+        expiry: Option<Timestamp>,
     ) -> Result<Declared, Rejection> {
         let tiers = Tiers::new(specs)?;
-        if let Some(u) = underlying {
-            self.underlying_asset(u)?;
-        }
+        let underlying = match underlying {
+            Some(u) => Some(self.underlying_asset(u)?),
+            None => None,
+        };
         match self.existing(symbol, kind.name())? {
             Some(s) => {
                 if let Entry::Instrument(i) = &mut self.entries[s as usize].1 {
+                    // v2: the underlying is fixed at the first declaration (it decides the portfolio group).
+                    if underlying.is_some() && underlying != i.underlying {
+                        return Err(reject(
+                            Reason::InvalidReference,
+                            format!("{symbol:?} cannot change its underlying (fixed at its first declaration)"),
+                        ));
+                    }
                     i.tiers = Some(tiers);
+                    i.expiry = expiry.or(i.expiry);
                 }
                 Ok(Declared { slot: s, created: false })
             }
             None => {
-                let slot =
-                    self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: Some(tiers), settled: false }));
+                let instrument = Instrument { kind, tiers: Some(tiers), settled: false, underlying, expiry };
+                let slot = self.insert(symbol, Entry::Instrument(instrument));
                 Ok(Declared { slot, created: true })
             }
         }
@@ -230,6 +257,7 @@ impl Market {
         right: Right,
         strike: Price,
         margin: &OptionMargin,
+        expiry: Option<Timestamp>,
     ) -> Result<Declared, Rejection> {
         OptionTerms::validate(margin)?;
         let u = self.underlying_asset(underlying)?;
@@ -253,7 +281,8 @@ impl Market {
             }
             None => {
                 let kind = InstrumentKind::Option { underlying: u, terms };
-                let slot = self.insert(symbol, Entry::Instrument(Instrument { kind, tiers: None, settled: false }));
+                let instrument = Instrument { kind, tiers: None, settled: false, underlying: Some(u), expiry };
+                let slot = self.insert(symbol, Entry::Instrument(instrument));
                 Ok(Declared { slot, created: true })
             }
         }
@@ -282,6 +311,49 @@ impl Market {
         if let Some((_, Entry::Instrument(i))) = self.entries.get_mut(slot as usize) {
             i.settled = true;
         }
+    }
+
+    /// The venue's time, once a `clock` set it.
+    pub fn clock(&self) -> Option<Timestamp> {
+        self.clock
+    }
+
+    /// Validates a `clock` event: time never goes backwards.
+    pub fn check_clock(&self, time: Timestamp) -> Result<(), Rejection> {
+        match self.clock {
+            Some(now) if time < now => {
+                Err(reject(Reason::ClockRegression, format!("the clock is at {} ns, {} ns is earlier", now.0, time.0)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn set_clock(&mut self, time: Timestamp) {
+        self.clock = Some(time);
+    }
+
+    /// Validates a `risk` event (names, then the parameters' bounds) and returns the underlying's slot.
+    pub fn check_risk(&self, underlying: &str, params: &RiskParams) -> Result<Slot, Rejection> {
+        let slot = self.underlying_asset(underlying)?;
+        params.check().map_err(|e| reject(Reason::InvalidReference, e))?;
+        Ok(slot)
+    }
+
+    pub fn set_risk(&mut self, slot: Slot, params: RiskParams) {
+        match self.risk.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, p)) => *p = params,
+            None => self.risk.push((slot, params)),
+        }
+    }
+
+    /// The portfolio parameters of an underlying (the defaults until a `risk` event sets them).
+    pub fn risk_params(&self, underlying: Slot) -> RiskParams {
+        self.risk.iter().find(|(s, _)| *s == underlying).map_or_else(RiskParams::default, |(_, p)| *p)
+    }
+
+    /// The portfolio group of an instrument: its underlying, if it has one.
+    pub fn group_of(&self, slot: Slot) -> Option<Slot> {
+        self.instrument(slot).and_then(|i| i.underlying)
     }
 
     pub fn haircut(&self, slot: Slot) -> Rate {

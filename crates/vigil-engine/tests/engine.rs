@@ -56,7 +56,7 @@ fn option_premium_and_settlement_of_a_call_and_a_put() {
     assert_eq!(t.usdc("h"), "98799.00000000");
     // The writer's short call: IM = 2 × (max(9000 − 10000, 6000) + 600).
     let w = t.engine.account_view("w").unwrap();
-    assert_eq!(w.positions[0].initial_margin.to_string(), "13200.00000000");
+    assert_eq!(w.positions[0].initial_margin.map(|m| m.to_string()).as_deref(), Some("13200.00000000"));
     assert_eq!(w.positions[0].liquidation_price, None);
     t.ok(r#"{"type":"settle","symbol":"C","price":"75000"}"#);
     t.ok(r#"{"type":"settle","symbol":"P","price":"75000"}"#);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::num::{Amount, NumError, Price, Qty, Rate};
+use crate::portfolio::{BUCKETS_MAX, RiskParams};
 use crate::reject::{Reason, Rejection, reject};
 
 /// Longest account id, symbol or asset name, in bytes.
@@ -44,6 +45,90 @@ impl MarginMode {
             MarginMode::Isolated => "isolated",
         }
     }
+}
+
+/// An account's margin model (`account_config`, contract v2): every account starts `standard`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MarginModel {
+    #[default]
+    Standard,
+    Portfolio,
+}
+
+impl MarginModel {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MarginModel::Standard => "standard",
+            MarginModel::Portfolio => "portfolio",
+        }
+    }
+}
+
+/// An instant of the venue's time: nanoseconds since the Unix epoch, UTC (RFC 3339 in the stream). Exact for
+/// every timestamp the contract accepts (years 0000 to 9999, up to nine fractional digits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub i128);
+
+impl Timestamp {
+    pub const NANOS_PER_SECOND: i128 = 1_000_000_000;
+
+    /// Parses an RFC 3339 timestamp with a zone (`Z` or `±HH:MM`); `None` for anything else, including a day
+    /// the month does not have.
+    pub fn parse(s: &str) -> Option<Timestamp> {
+        if !is_rfc3339(s) {
+            return None;
+        }
+        let b = s.as_bytes();
+        let num = |r: std::ops::Range<usize>| b[r].iter().fold(0i64, |acc, x| acc * 10 + i64::from(x - b'0'));
+        let (year, month, day) = (num(0..4), num(5..7), num(8..10));
+        if day > days_in_month(year, month) {
+            return None;
+        }
+        let secs_of_day = num(11..13) * 3600 + num(14..16) * 60 + num(17..19);
+        let mut i = 19;
+        let mut nanos: i128 = 0;
+        if b[i] == b'.' {
+            i += 1;
+            let mut digits = 0;
+            while i < b.len() && b[i].is_ascii_digit() {
+                if digits < 9 {
+                    nanos = nanos * 10 + i128::from(b[i] - b'0');
+                    digits += 1;
+                }
+                i += 1;
+            }
+            for _ in digits..9 {
+                nanos *= 10;
+            }
+        }
+        let offset_secs = match b[i] {
+            b'+' => num(i + 1..i + 3) * 3600 + num(i + 4..i + 6) * 60,
+            b'-' => -(num(i + 1..i + 3) * 3600 + num(i + 4..i + 6) * 60),
+            _ => 0,
+        };
+        let secs = days_from_civil(year, month, day) * 86_400 + secs_of_day - offset_secs;
+        Some(Timestamp(i128::from(secs) * Self::NANOS_PER_SECOND + nanos))
+    }
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// One tier as sent: `max_notional` is absent only for an unbounded last tier.
@@ -93,17 +178,72 @@ impl Fill {
 /// One event of the stream, as parsed (names unresolved).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    Asset { asset: Name, haircut: Rate },
-    Perp { symbol: Name, underlying: Option<Name>, tiers: Vec<TierSpec> },
-    Future { symbol: Name, underlying: Option<Name>, tiers: Vec<TierSpec>, expiry: String },
-    Option { symbol: Name, underlying: Name, right: Right, strike: Price, expiry: String, margin: OptionMargin },
-    Price { symbol: Name, price: Price },
-    Funding { symbol: Name, rate: Rate },
-    Settle { symbol: Name, price: Price },
-    Deposit { account: Name, asset: Name, amount: Amount },
-    Withdraw { account: Name, asset: Name, amount: Amount },
-    Transfer { account: Name, symbol: Name, amount: Amount },
+    Asset {
+        asset: Name,
+        haircut: Rate,
+    },
+    Perp {
+        symbol: Name,
+        underlying: Option<Name>,
+        tiers: Vec<TierSpec>,
+    },
+    Future {
+        symbol: Name,
+        underlying: Option<Name>,
+        tiers: Vec<TierSpec>,
+        expiry: String,
+    },
+    Option {
+        symbol: Name,
+        underlying: Name,
+        right: Right,
+        strike: Price,
+        expiry: String,
+        margin: OptionMargin,
+    },
+    Price {
+        symbol: Name,
+        price: Price,
+    },
+    Funding {
+        symbol: Name,
+        rate: Rate,
+    },
+    Settle {
+        symbol: Name,
+        price: Price,
+    },
+    Deposit {
+        account: Name,
+        asset: Name,
+        amount: Amount,
+    },
+    Withdraw {
+        account: Name,
+        asset: Name,
+        amount: Amount,
+    },
+    Transfer {
+        account: Name,
+        symbol: Name,
+        amount: Amount,
+    },
     Trade(Fill),
+    // Contract v2, appended so that the encodings of the variants above do not change.
+    /// The venue's time from this offset on.
+    Clock {
+        time: Timestamp,
+    },
+    /// The portfolio parameters of one underlying (an asset), replacing any earlier ones.
+    Risk {
+        underlying: Name,
+        params: RiskParams,
+    },
+    /// An account's margin model from this offset on.
+    AccountConfig {
+        account: Name,
+        margin: MarginModel,
+    },
 }
 
 impl Event {
@@ -113,7 +253,8 @@ impl Event {
             Event::Deposit { account, .. }
             | Event::Withdraw { account, .. }
             | Event::Transfer { account, .. }
-            | Event::Trade(Fill { account, .. }) => Some(account),
+            | Event::Trade(Fill { account, .. })
+            | Event::AccountConfig { account, .. } => Some(account),
             _ => None,
         }
     }
@@ -132,6 +273,9 @@ impl Event {
             Event::Withdraw { .. } => "withdraw",
             Event::Transfer { .. } => "transfer",
             Event::Trade(_) => "trade",
+            Event::Clock { .. } => "clock",
+            Event::Risk { .. } => "risk",
+            Event::AccountConfig { .. } => "account_config",
         }
     }
 }
@@ -146,6 +290,10 @@ enum Kind {
     Tiers,
     OptionMargin,
     Time,
+    /// A JSON integer (not a string): `risk.buckets`.
+    Integer,
+    /// `standard` or `portfolio`.
+    Model,
 }
 
 struct FieldSpec {
@@ -190,6 +338,24 @@ const TYPES: &[(&str, &[FieldSpec])] = &[
     ("deposit", &[req("account", Kind::Name), req("asset", Kind::Name), req("amount", Kind::Number)]),
     ("withdraw", &[req("account", Kind::Name), req("asset", Kind::Name), req("amount", Kind::Number)]),
     ("transfer", &[req("account", Kind::Name), req("symbol", Kind::Name), req("amount", Kind::Number)]),
+    ("clock", &[req("time", Kind::Time)]),
+    (
+        "risk",
+        &[
+            req("underlying", Kind::Name),
+            opt("price_range", Kind::Number),
+            opt("buckets", Kind::Integer),
+            opt("vol_up", Kind::Number),
+            opt("vol_down", Kind::Number),
+            opt("min_vol_up", Kind::Number),
+            opt("short_vega_power", Kind::Number),
+            opt("long_vega_power", Kind::Number),
+            opt("option_contingency", Kind::Number),
+            opt("future_contingency", Kind::Number),
+            opt("mm_factor", Kind::Number),
+        ],
+    ),
+    ("account_config", &[req("account", Kind::Name), req("margin", Kind::Model)]),
     (
         "trade",
         &[
@@ -316,8 +482,16 @@ fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
         Kind::Side => check_enum(name, v, &["buy", "sell"]),
         Kind::Right => check_enum(name, v, &["call", "put"]),
         Kind::Mode => check_enum(name, v, &["cross", "isolated"]),
+        Kind::Model => check_enum(name, v, &["standard", "portfolio"]),
+        Kind::Integer => match v {
+            Value::Number(n) if n.as_u64().is_some_and(|b| (1..=u64::from(BUCKETS_MAX)).contains(&b)) => Ok(()),
+            Value::Number(n) => {
+                Err(shape_err(format!("`{name}` must be an integer from 1 to {BUCKETS_MAX}, got {}", n.as_str())))
+            }
+            other => Err(shape_err(format!("`{name}` must be a JSON integer, got {}", json_type(other)))),
+        },
         Kind::Time => match v {
-            Value::String(s) if is_rfc3339(s) => Ok(()),
+            Value::String(s) if Timestamp::parse(s).is_some() => Ok(()),
             Value::String(s) => Err(shape_err(format!("`{name}` must be an RFC 3339 timestamp, got {s:?}"))),
             other => Err(shape_err(format!("`{name}` must be a string, got {}", json_type(other)))),
         },
@@ -531,6 +705,35 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
             symbol: f.name("symbol"),
             amount: Amount(i128::from(f.num("amount", Bound::NonZero)?)),
         },
+        "clock" => Event::Clock { time: Timestamp::parse(f.text("time")).unwrap_or_default() },
+        "risk" => {
+            let d = RiskParams::default();
+            let rate = |k: &str, default: Rate| -> Result<Rate, Rejection> {
+                Ok(match f.get(k) {
+                    Some(v) => Rate(number(k, v, Bound::Any)?),
+                    None => default,
+                })
+            };
+            Event::Risk {
+                underlying: f.name("underlying"),
+                params: RiskParams {
+                    price_range: rate("price_range", d.price_range)?,
+                    buckets: f.get("buckets").and_then(Value::as_u64).map_or(d.buckets, |b| b as u32),
+                    vol_up: rate("vol_up", d.vol_up)?,
+                    vol_down: rate("vol_down", d.vol_down)?,
+                    min_vol_up: rate("min_vol_up", d.min_vol_up)?,
+                    short_vega_power: rate("short_vega_power", d.short_vega_power)?,
+                    long_vega_power: rate("long_vega_power", d.long_vega_power)?,
+                    option_contingency: rate("option_contingency", d.option_contingency)?,
+                    future_contingency: rate("future_contingency", d.future_contingency)?,
+                    mm_factor: rate("mm_factor", d.mm_factor)?,
+                },
+            }
+        }
+        "account_config" => Event::AccountConfig {
+            account: f.name("account"),
+            margin: if f.text("margin") == "portfolio" { MarginModel::Portfolio } else { MarginModel::Standard },
+        },
         _ => {
             // "trade": the table holds no other type.
             let qty = Qty(f.num("qty", Bound::Positive)?);
@@ -565,7 +768,7 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
         }
     }
     fn time(field: &str, s: &str) -> Result<(), Rejection> {
-        if is_rfc3339(s) {
+        if Timestamp::parse(s).is_some() {
             Ok(())
         } else {
             Err(shape_err(format!("`{field}` must be an RFC 3339 timestamp, got {s:?}")))
@@ -665,6 +868,37 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             num("price", fill.price.0, Bound::Positive)?;
             amount("fee", fill.fee, Bound::Any)
         }
+        Event::Clock { time } => {
+            // The parser's range: years 0000 to 9999 (anything it produced is within).
+            let lo = Timestamp::parse("0000-01-01T00:00:00Z").unwrap_or_default();
+            let hi = Timestamp::parse("9999-12-31T23:59:59.999999999Z").unwrap_or_default();
+            if (lo..=hi).contains(time) {
+                Ok(())
+            } else {
+                Err(shape_err("`time` must be an RFC 3339 timestamp, got one out of its range".into()))
+            }
+        }
+        Event::Risk { underlying, params } => {
+            name("underlying", underlying)?;
+            if !(1..=BUCKETS_MAX).contains(&params.buckets) {
+                return Err(shape_err(format!("`buckets` must be an integer from 1 to {BUCKETS_MAX}")));
+            }
+            for (field, r) in [
+                ("price_range", params.price_range),
+                ("vol_up", params.vol_up),
+                ("vol_down", params.vol_down),
+                ("min_vol_up", params.min_vol_up),
+                ("short_vega_power", params.short_vega_power),
+                ("long_vega_power", params.long_vega_power),
+                ("option_contingency", params.option_contingency),
+                ("future_contingency", params.future_contingency),
+                ("mm_factor", params.mm_factor),
+            ] {
+                num(field, r.0, Bound::Any)?;
+            }
+            Ok(())
+        }
+        Event::AccountConfig { account, .. } => name("account", account),
     }
 }
 

@@ -9,12 +9,13 @@ pub mod reject;
 pub mod view;
 
 pub use event::{
-    Event, Fill, MarginMode, Name, OptionMargin, Right, Side, TierSpec, parse_line, parse_value, validate,
+    Event, Fill, MarginMode, MarginModel, Name, OptionMargin, Right, Side, TierSpec, Timestamp, parse_line,
+    parse_value, validate,
 };
 pub use margin::{OptionTerms, PositionFigures, Tier, Tiers, UnitFigures};
 pub use num::{Amount, Price, Qty, Rate, Round};
 pub use reject::{Reason, Rejection, reject};
-pub use view::{AccountView, Offset, PositionView, RejectionRecord, Trigger, TriggerKind};
+pub use view::{AccountView, GroupView, Offset, PositionView, RejectionRecord, Trigger, TriggerKind};
 
 /// The quote currency's name by default (config `quote`).
 pub const QUOTE_DEFAULT: &str = "USDC";

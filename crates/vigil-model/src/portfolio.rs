@@ -11,7 +11,7 @@
 //! changes under the grid ([`OptionVector`]) are computed once per price change and shared by every account
 //! holding it; an account's group is then a few dot products ([`group_margin`]).
 
-use crate::event::Right;
+use crate::event::{Right, Timestamp};
 use crate::num::{Amount, Price, Qty, Rate, Round, SCALE, SCALE_I128, SCALE2, mul_div};
 
 /// The volatility range implied volatilities are searched in, and clamped to.
@@ -206,9 +206,10 @@ pub fn implied_vol(right: Right, u: f64, k: f64, t: f64, mark: f64) -> f64 {
     0.5 * (lo + hi)
 }
 
-/// Years from `now` to `expiry` (seconds since the epoch), 0 once expired.
-pub fn years_to_expiry(now: i64, expiry: i64) -> f64 {
-    (expiry.saturating_sub(now)).max(0) as f64 / YEAR_SECONDS as f64
+/// Years of 365 days from `now` to `expiry`, 0 once expired.
+pub fn years_to_expiry(now: Timestamp, expiry: Timestamp) -> f64 {
+    let nanos = (expiry.0 - now.0).max(0);
+    nanos as f64 / (YEAR_SECONDS as f64 * Timestamp::NANOS_PER_SECOND as f64)
 }
 
 /// The shocked volatility of a scenario's case, for an option `t` years from expiry.

@@ -18,10 +18,12 @@ pub enum Reason {
     InstrumentSettled,
     InsufficientBalance,
     InsufficientMargin,
+    /// Contract v2: a `clock` earlier than the current time.
+    ClockRegression,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::InvalidEvent,
         Reason::InvalidNumber,
         Reason::InvalidReference,
@@ -33,6 +35,7 @@ impl Reason {
         Reason::InstrumentSettled,
         Reason::InsufficientBalance,
         Reason::InsufficientMargin,
+        Reason::ClockRegression,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Reason {
             Reason::InstrumentSettled => "instrument_settled",
             Reason::InsufficientBalance => "insufficient_balance",
             Reason::InsufficientMargin => "insufficient_margin",
+            Reason::ClockRegression => "clock_regression",
         }
     }
 }

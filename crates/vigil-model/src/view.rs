@@ -6,8 +6,9 @@ use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::MarginMode;
-use crate::num::{Amount, Price, Qty, write_fixed};
+use crate::event::{MarginMode, MarginModel};
+use crate::num::{Amount, Price, Qty, Rate, write_fixed};
+use crate::portfolio::VolCase;
 use crate::reject::Reason;
 
 /// A sequencer offset: the first event is 1.
@@ -28,8 +29,9 @@ pub struct PositionView {
     pub entry_price: Option<Price>,
     pub mark_price: Option<Price>,
     pub unrealized_pnl: Amount,
-    pub initial_margin: Amount,
-    pub maintenance_margin: Amount,
+    /// `None` for a position in a portfolio group (the group carries the margin).
+    pub initial_margin: Option<Amount>,
+    pub maintenance_margin: Option<Amount>,
     pub margin_mode: MarginMode,
     pub isolated_wallet: Option<Amount>,
     pub liquidation_price: Option<Price>,
@@ -48,6 +50,22 @@ pub struct AccountView {
     pub balances: Vec<(String, Amount)>,
     /// Open positions, sorted by symbol.
     pub positions: Vec<PositionView>,
+    pub margin: MarginModel,
+    /// A portfolio account's groups, sorted by underlying (empty for a standard account).
+    pub groups: Vec<GroupView>,
+}
+
+/// A portfolio group's figures (`portfolio-margin.md`, "What the document shows").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupView {
+    pub underlying: String,
+    pub scanning_risk: Amount,
+    pub contingency: Amount,
+    pub initial_margin: Amount,
+    pub maintenance_margin: Amount,
+    /// The scenario of the scanning risk: its relative price move and volatility case.
+    pub worst_move: Rate,
+    pub worst_vol: VolCase,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -99,6 +117,13 @@ fn opt_price(s: &mut String, p: Option<Price>) {
     }
 }
 
+fn opt_amount(s: &mut String, a: Option<Amount>) {
+    match a {
+        Some(a) => fixed(s, a.0),
+        None => s.push_str("null"),
+    }
+}
+
 fn string(s: &mut String, v: &str) {
     // Serializing a &str cannot fail.
     s.push_str(&serde_json::to_string(v).unwrap_or_default());
@@ -118,7 +143,7 @@ impl AccountView {
         fixed(&mut s, self.maintenance_margin.0);
         s.push_str(",\"available\":");
         fixed(&mut s, self.available.0);
-        let _ = write!(s, ",\"liquidatable\":{}", self.liquidatable);
+        let _ = write!(s, ",\"liquidatable\":{},\"margin\":\"{}\"", self.liquidatable, self.margin.as_str());
         s.push_str(",\"balances\":{");
         for (i, (asset, amount)) in self.balances.iter().enumerate() {
             if i > 0 {
@@ -144,9 +169,9 @@ impl AccountView {
             s.push_str(",\"unrealized_pnl\":");
             fixed(&mut s, p.unrealized_pnl.0);
             s.push_str(",\"initial_margin\":");
-            fixed(&mut s, p.initial_margin.0);
+            opt_amount(&mut s, p.initial_margin);
             s.push_str(",\"maintenance_margin\":");
-            fixed(&mut s, p.maintenance_margin.0);
+            opt_amount(&mut s, p.maintenance_margin);
             let _ = write!(s, ",\"margin_mode\":\"{}\"", p.margin_mode.as_str());
             s.push_str(",\"isolated_wallet\":");
             match p.isolated_wallet {
@@ -159,7 +184,30 @@ impl AccountView {
             opt_price(&mut s, p.bankruptcy_price);
             s.push('}');
         }
-        s.push_str("]}");
+        s.push(']');
+        if self.margin == MarginModel::Portfolio {
+            s.push_str(",\"groups\":[");
+            for (i, g) in self.groups.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push_str("{\"underlying\":");
+                string(&mut s, &g.underlying);
+                s.push_str(",\"scanning_risk\":");
+                fixed(&mut s, g.scanning_risk.0);
+                s.push_str(",\"contingency\":");
+                fixed(&mut s, g.contingency.0);
+                s.push_str(",\"initial_margin\":");
+                fixed(&mut s, g.initial_margin.0);
+                s.push_str(",\"maintenance_margin\":");
+                fixed(&mut s, g.maintenance_margin.0);
+                s.push_str(",\"worst\":{\"move\":");
+                fixed(&mut s, g.worst_move.wide());
+                let _ = write!(s, ",\"vol\":\"{}\"}}}}", g.worst_vol.as_str());
+            }
+            s.push(']');
+        }
+        s.push('}');
         s
     }
 }

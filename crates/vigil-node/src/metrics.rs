@@ -151,8 +151,22 @@ fn describe() {
 }
 
 /// The event types, in `Event::type_name` terms, for per-type counters.
-const EVENT_TYPES: [&str; 11] =
-    ["asset", "perp", "future", "option", "price", "funding", "settle", "deposit", "withdraw", "transfer", "trade"];
+const EVENT_TYPES: [&str; 14] = [
+    "asset",
+    "perp",
+    "future",
+    "option",
+    "price",
+    "funding",
+    "settle",
+    "deposit",
+    "withdraw",
+    "transfer",
+    "trade",
+    "clock",
+    "risk",
+    "account_config",
+];
 
 fn type_index(event: &Event) -> usize {
     match event {
@@ -167,12 +181,15 @@ fn type_index(event: &Event) -> usize {
         Event::Withdraw { .. } => 8,
         Event::Transfer { .. } => 9,
         Event::Trade(_) => 10,
+        Event::Clock { .. } => 11,
+        Event::Risk { .. } => 12,
+        Event::AccountConfig { .. } => 13,
     }
 }
 
 /// A shard's handles, created on its thread at start.
 pub struct ShardMetrics {
-    applied: [Counter; 11],
+    applied: [Counter; EVENT_TYPES.len()],
 }
 
 impl ShardMetrics {

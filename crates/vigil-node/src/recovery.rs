@@ -309,7 +309,8 @@ mod tests {
     fn recovery_from_checkpoints_and_journal_equals_a_full_replay() {
         // Proves: journal every event, checkpoint shards at different offsets, recover: the state equals the
         // uninterrupted replay, and the triggers after the oldest watermark are re-emitted with the same identities.
-        let lines = generate(&StreamConfig { seed: 11, events: 2000, accounts: 12, bad_percent: 2 });
+        let lines =
+            generate(&StreamConfig { seed: 11, events: 2000, accounts: 12, bad_percent: 2, portfolio_percent: 0 });
         let config = Config::default();
         let shards = 3;
         let dir = tempfile::tempdir().unwrap();
@@ -450,8 +451,37 @@ mod tests {
         encode_value(&producers, &mut table).unwrap();
         assert_eq!(hex(&table), GOLDEN_PRODUCERS);
         assert_eq!(decode_value::<Producers>(&table).unwrap(), producers);
+        // The market with contract v2's state: an underlying and expiry on a future, the clock, risk parameters.
+        let mut engine = Engine::new(&Config::default());
+        for (i, line) in [
+            r#"{"type":"asset","asset":"ETH"}"#,
+            r#"{"type":"future","symbol":"F","underlying":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}],"expiry":"2024-01-10T08:00:00Z"}"#,
+            r#"{"type":"clock","time":"2023-12-21T08:00:00Z"}"#,
+            r#"{"type":"risk","underlying":"ETH","price_range":"0.15","buckets":2}"#,
+        ]
+        .iter()
+        .enumerate()
+        {
+            engine.apply(Offset(i as u64 + 1), &parse_line(line).unwrap(), &mut Vec::new()).unwrap();
+        }
+        let mut market = Vec::new();
+        encode_value(&engine.take_delta().market, &mut market).unwrap();
+        assert_eq!(hex(&market), GOLDEN_MARKET);
+        // A value of the previous format (its golden bytes kept here) is refused, saying what to do.
+        let old: Vec<u8> = (0..GOLDEN_ACCOUNT_V1.len() / 2)
+            .map(|i| u8::from_str_radix(&GOLDEN_ACCOUNT_V1[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let err = decode_value::<Account>(&old).unwrap_err().to_string();
+        assert!(err.contains("format version 1, this build reads version 2"), "{err}");
     }
 
-    const GOLDEN_ACCOUNT: &str = "0101610100fc00a3e111000000";
-    const GOLDEN_PRODUCERS: &str = "0101026777030506";
+    // Value format 1 (before contract v2): the same account, without a margin model.
+    const GOLDEN_ACCOUNT_V1: &str = "0101610100fc00a3e111000000";
+
+    // Value format 2 (contract v2): an account ends with its margin model (0 = standard).
+    const GOLDEN_ACCOUNT: &str = "0201610100fc00a3e11100000000";
+    const GOLDEN_PRODUCERS: &str = "0201026777030506";
+    const GOLDEN_MARKET: &str = "020304555344430003455448010001460201010100fc002d3101fc809698000000010101fd0000e24503db512f0301\
+                                 fc00c2eb0b000001fd00008a91cc93452f0101fc80c3c90102fc00e1f505fc80f0fa02fc00e1f505fc00879303fc80ba8c01fc80\
+                                 841e00fc80841e00fc00688909";
 }

@@ -3,8 +3,13 @@
 
 use vigil_model::Event;
 
-/// Version of the encoding, the first byte of every encoded payload.
+/// Version of the encoding of events (journal and wire), the first byte of every encoded event. Contract v2 added
+/// event variants at the end of `Event`, which leaves every earlier event's bytes unchanged: still version 1.
 pub const CODEC_VERSION: u8 = 1;
+/// Version of the encoding of checkpoint values (accounts, the market, triggers, the producers table). Version 2:
+/// contract v2's state (an account's margin model; the clock, `risk` parameters, instruments' underlying and
+/// expiry in the market).
+pub const VALUE_VERSION: u8 = 2;
 /// Largest encoded event accepted on decode, in bytes (events are small; this bounds a hostile length).
 pub const EVENT_BYTES_MAX: usize = 64 * 1024;
 
@@ -14,6 +19,11 @@ pub enum CodecError {
     Empty,
     #[error("unknown codec version {0} (this build reads version {CODEC_VERSION})")]
     Version(u8),
+    #[error(
+        "checkpoint value format version {0}, this build reads version {VALUE_VERSION} (written by another build: \
+         replay its journal into a new data directory, or run the build that wrote it)"
+    )]
+    ValueVersion(u8),
     #[error("payload of {0} bytes exceeds {EVENT_BYTES_MAX}")]
     TooLarge(usize),
     #[error("malformed payload: {0}")]
@@ -26,9 +36,9 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<EVENT_BYTES_MAX>()
 }
 
-/// Encodes any serde value (a checkpoint delta, say) the same way: version byte, then bincode (no size limit).
+/// Encodes any serde value (a checkpoint delta, say): the value version byte, then bincode (no size limit).
 pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    out.push(CODEC_VERSION);
+    out.push(VALUE_VERSION);
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
     out.extend_from_slice(&bytes);
@@ -38,8 +48,8 @@ pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result
 /// Decodes a value written by [`encode_value`].
 pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != CODEC_VERSION {
-        return Err(CodecError::Version(version));
+    if version != VALUE_VERSION {
+        return Err(CodecError::ValueVersion(version));
     }
     let (value, used): (T, usize) = bincode::serde::decode_from_slice(body, bincode::config::standard())
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
@@ -169,7 +179,8 @@ mod tests {
         // Proves encode → decode is the identity on every kind of event the generator makes.
         let mut n = 0;
         for seed in 0..20 {
-            for line in generate(&StreamConfig { seed, events: 300, accounts: 5, bad_percent: 0 }) {
+            for line in generate(&StreamConfig { seed, events: 300, accounts: 5, bad_percent: 0, portfolio_percent: 0 })
+            {
                 let Ok(event) = parse_line(&line) else { continue };
                 let mut buf = Vec::new();
                 encode_event(&event, &mut buf).unwrap();

@@ -13,11 +13,15 @@ pub struct StreamConfig {
     pub accounts: usize,
     /// Share of deliberately bad events, in percent.
     pub bad_percent: u64,
+    /// Share of contract v2 events (`clock` steps, `risk` changes, `account_config` switches), in percent; with
+    /// any, the stream starts with a clock and the future follows BTC (a portfolio group with the perp and call).
+    /// 0 leaves the stream exactly what it was before v2.
+    pub portfolio_percent: u64,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        Self { seed: 1, events: 300, accounts: 6, bad_percent: 5 }
+        Self { seed: 1, events: 300, accounts: 6, bad_percent: 5, portfolio_percent: 0 }
     }
 }
 
@@ -72,16 +76,27 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
     let mut settled = [false; 5];
     let accounts: Vec<String> = (0..config.accounts.max(1)).map(|i| format!("acct-{i}")).collect();
 
+    let v2 = config.portfolio_percent > 0;
+    // The venue's clock, in seconds since the epoch (2026-12-01T00:00:00Z; the options expire 2027-03-26).
+    let mut clock: i64 = 1_796_083_200;
     // Reference data, shuffled a little so some events meet undeclared names.
     let mut setup = vec![
         format!(r#"{{"type":"asset","asset":"BTC","haircut":"0.1"}}"#),
         format!(r#"{{"type":"asset","asset":"ETH"}}"#),
     ];
+    if v2 {
+        setup.push(format!(r#"{{"type":"clock","time":"{}"}}"#, rfc3339(clock)));
+    }
     for s in &syms {
         setup.push(match s.kind {
             SymKind::Perp => {
                 format!(r#"{{"type":"perp","symbol":"{}","underlying":"{}","tiers":{}}}"#, s.name, ASSETS[s.base], tiers(&mut rng))
             }
+            SymKind::Future if v2 => format!(
+                r#"{{"type":"future","symbol":"{}","underlying":"BTC","tiers":{},"expiry":"2027-03-26T08:00:00Z"}}"#,
+                s.name,
+                tiers(&mut rng)
+            ),
             SymKind::Future => format!(
                 r#"{{"type":"future","symbol":"{}","tiers":{},"expiry":"2027-03-26T08:00:00Z"}}"#,
                 s.name,
@@ -118,7 +133,9 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
         let account = rng.pick(&accounts).clone();
         let si = rng.below(syms.len() as u64) as usize;
         let s = &syms[si];
-        let line = if roll < config.bad_percent {
+        let line = if v2 && rng.below(100) < config.portfolio_percent {
+            v2_event(&mut rng, &account, &mut clock)
+        } else if roll < config.bad_percent {
             bad_event(&mut rng, &account)
         } else if roll < 35 {
             // Price: an index or a mark; mostly small steps, sometimes a jump.
@@ -215,6 +232,69 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
     }
     let _ = settled;
     out
+}
+
+/// A timestamp (seconds since the epoch) as RFC 3339, sometimes with a fraction or a zone offset.
+fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// A contract v2 event: the clock moves on (now and then past the options' expiry, rarely backwards), an
+/// underlying's `risk` parameters change (sometimes out of bounds), or an account switches margin model.
+fn v2_event(rng: &mut Rng, account: &str, clock: &mut i64) -> String {
+    match rng.below(10) {
+        0..=3 => {
+            let step = if rng.chance(5) { -3_600 } else { rng.range(60, 20 * 86_400) };
+            let t = *clock + step;
+            if step > 0 {
+                *clock = t;
+            }
+            format!(r#"{{"type":"clock","time":"{}"}}"#, rfc3339(t))
+        }
+        4..=5 => {
+            let underlying = if rng.chance(50) { "BTC" } else { "ETH" };
+            let mut fields = String::new();
+            if rng.chance(70) {
+                let range = if rng.chance(5) { 120 } else { rng.range(2, 40) };
+                fields.push_str(&format!(r#","price_range":"0.{range:02}""#));
+            }
+            if rng.chance(50) {
+                fields.push_str(&format!(r#","buckets":{}"#, rng.range(1, 6)));
+            }
+            if rng.chance(40) {
+                fields.push_str(&format!(r#","vol_up":"{}.{}""#, rng.range(0, 2), rng.range(0, 9)));
+            }
+            if rng.chance(30) {
+                fields.push_str(&format!(r#","vol_down":"0.{}""#, rng.range(0, 9)));
+            }
+            if rng.chance(30) {
+                fields.push_str(&format!(r#","option_contingency":"0.0{}""#, rng.range(0, 9)));
+            }
+            if rng.chance(30) {
+                fields.push_str(&format!(r#","future_contingency":"0.0{}""#, rng.range(0, 9)));
+            }
+            if rng.chance(30) {
+                fields.push_str(&format!(r#","mm_factor":"0.{}""#, rng.range(1, 9)));
+            }
+            format!(r#"{{"type":"risk","underlying":"{underlying}"{}}}"#, fields.replace("\"0.120\"", "\"1.20\""))
+        }
+        _ => {
+            let margin = if rng.chance(75) { "portfolio" } else { "standard" };
+            format!(r#"{{"type":"account_config","account":"{account}","margin":"{margin}"}}"#)
+        }
+    }
 }
 
 fn bad_event(rng: &mut Rng, account: &str) -> String {

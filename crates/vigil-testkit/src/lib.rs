@@ -3,6 +3,7 @@
 //!
 //! It depends on `vigil-model` only: an oracle that shared the engine's code would share its bugs.
 
+pub mod compare;
 pub mod generate;
 pub mod reference;
 pub mod rng;

@@ -10,11 +10,12 @@ use vigil_model::margin::{
     apply_fill, bankruptcy_price, collateral_value, credit_from_e16, entry_price, funding_credit, is_liquidatable,
     linear_figures, liquidation_price, option_figures,
 };
+use vigil_model::portfolio::RiskParams;
 use vigil_model::{
     AccountView, Amount, Event, Fill, MarginMode, OptionTerms, PositionFigures, PositionView, Price, Qty, Rate, Reason,
     Rejection, Tiers, Trigger, TriggerKind, UnitFigures, reject,
 };
-use vigil_model::{Offset, OptionMargin, Right};
+use vigil_model::{GroupView, MarginModel, Offset, OptionMargin, Right, Timestamp};
 
 #[derive(Clone, Debug)]
 enum Kind {
@@ -43,6 +44,7 @@ struct Acct {
     balances: BTreeMap<String, Amount>,
     /// Open positions and pre-funded isolated wallets (qty 0).
     positions: BTreeMap<String, Pos>,
+    portfolio: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +63,11 @@ pub struct Reference {
     /// Episodes by (account, None = cross | Some(symbol) = isolated).
     episodes: BTreeMap<(String, Option<String>), Ep>,
     offset: Offset,
+    /// Contract v2: each instrument's underlying (its portfolio group) and expiry, the clock, `risk` parameters.
+    underlyings: BTreeMap<String, String>,
+    expiries: BTreeMap<String, Timestamp>,
+    clock: Option<Timestamp>,
+    risk: BTreeMap<String, RiskParams>,
 }
 
 fn r(reason: Reason, msg: &str) -> Rejection {
@@ -76,6 +83,10 @@ impl Reference {
             accounts: BTreeMap::new(),
             episodes: BTreeMap::new(),
             offset: Offset(0),
+            underlyings: BTreeMap::new(),
+            expiries: BTreeMap::new(),
+            clock: None,
+            risk: BTreeMap::new(),
         }
     }
 
@@ -173,8 +184,22 @@ impl Reference {
                     self.underlying(u)?;
                 }
                 let kind = if matches!(event, Event::Perp { .. }) { Kind::Perp(t) } else { Kind::Future(t) };
-                self.resend(symbol, &kind)?;
+                let resent = self.resend(symbol, &kind)?;
+                if resent
+                    && let Some(u) = underlying
+                    && self.underlyings.get(symbol) != Some(u)
+                {
+                    return Err(r(Reason::InvalidReference, "the underlying is fixed at the first declaration"));
+                }
                 self.names.insert(symbol.clone(), Named::Instrument { kind, settled: false });
+                if let Some(u) = underlying {
+                    self.underlyings.insert(symbol.clone(), u.clone());
+                }
+                if let Event::Future { expiry, .. } = event
+                    && let Some(t) = Timestamp::parse(expiry)
+                {
+                    self.expiries.insert(symbol.clone(), t);
+                }
                 Ok(())
             }
             Event::Option { symbol, underlying, right, strike, margin, .. } => {
@@ -192,6 +217,12 @@ impl Reference {
                     return Err(r(Reason::InvalidReference, "option terms changed"));
                 }
                 self.names.insert(symbol.clone(), Named::Instrument { kind, settled: false });
+                self.underlyings.insert(symbol.clone(), underlying.clone());
+                if let Event::Option { expiry, .. } = event
+                    && let Some(t) = Timestamp::parse(expiry)
+                {
+                    self.expiries.insert(symbol.clone(), t);
+                }
                 Ok(())
             }
             Event::Price { symbol, price } => {
@@ -355,7 +386,57 @@ impl Reference {
                 self.accounts.insert(fill.account.clone(), after);
                 Ok(())
             }
+            Event::Clock { time } => {
+                if self.clock.is_some_and(|now| *time < now) {
+                    return Err(r(Reason::ClockRegression, "earlier than the clock"));
+                }
+                self.clock = Some(*time);
+                Ok(())
+            }
+            Event::Risk { underlying, params } => {
+                self.underlying(underlying)?;
+                params.check().map_err(|e| r(Reason::InvalidReference, &e))?;
+                self.risk.insert(underlying.clone(), *params);
+                Ok(())
+            }
+            Event::AccountConfig { account, margin } => {
+                let Some(acct) = self.accounts.get(account) else {
+                    return Err(r(Reason::UnknownAccount, "unknown account"));
+                };
+                let portfolio = *margin == MarginModel::Portfolio;
+                if acct.portfolio == portfolio {
+                    return Ok(());
+                }
+                let mut trial = acct.clone();
+                trial.portfolio = portfolio;
+                if portfolio {
+                    for (symbol, p) in &trial.positions {
+                        if p.mode == MarginMode::Cross && p.qty.0 != 0 {
+                            self.group_prices(symbol)?;
+                        }
+                    }
+                }
+                let f = self.cross(&trial);
+                if f.equity < f.initial_margin {
+                    return Err(r(Reason::InsufficientMargin, "margin under the new model"));
+                }
+                self.accounts.insert(account.clone(), trial);
+                Ok(())
+            }
         }
+    }
+
+    /// What a position of a portfolio account needs: its underlying's index, and the clock for an option.
+    fn group_prices(&self, symbol: &str) -> Result<(), Rejection> {
+        let Some(u) = self.underlyings.get(symbol) else { return Ok(()) };
+        if !self.prices.contains_key(u) {
+            return Err(r(Reason::NoPrice, "no index for the group"));
+        }
+        let is_option = matches!(self.names.get(symbol), Some(Named::Instrument { kind: Kind::Option { .. }, .. }));
+        if is_option && self.clock.is_none() {
+            return Err(r(Reason::NoPrice, "no clock"));
+        }
+        Ok(())
     }
 
     fn account_entry(&mut self, id: &str) -> &mut Acct {
@@ -384,6 +465,9 @@ impl Reference {
             && !self.prices.contains_key(underlying)
         {
             return Err(r(Reason::NoPrice, "no underlying price"));
+        }
+        if acct.portfolio && fill.margin_mode == MarginMode::Cross {
+            self.group_prices(&fill.symbol)?;
         }
         let existing = acct.positions.get(&fill.symbol).cloned();
         if let Some(p) = &existing
@@ -493,15 +577,130 @@ impl Reference {
             };
             f.equity = f.equity.saturating_add(v);
         }
+        let groups = self.groups(acct);
         for (symbol, p) in &acct.positions {
             if p.mode == MarginMode::Cross {
                 let pf = self.figures(symbol, p);
                 f.equity = f.equity.saturating_add(pf.value);
-                f.initial_margin = f.initial_margin.saturating_add(pf.initial_margin);
-                f.maintenance_margin = f.maintenance_margin.saturating_add(pf.maintenance_margin);
+                if !self.grouped(&groups, symbol, p) {
+                    f.initial_margin = f.initial_margin.saturating_add(pf.initial_margin);
+                    f.maintenance_margin = f.maintenance_margin.saturating_add(pf.maintenance_margin);
+                }
             }
         }
+        for g in &groups {
+            f.initial_margin = f.initial_margin.saturating_add(g.initial_margin);
+            f.maintenance_margin = f.maintenance_margin.saturating_add(g.maintenance_margin);
+        }
         f
+    }
+
+    fn grouped(&self, groups: &[GroupView], symbol: &str, p: &Pos) -> bool {
+        p.mode == MarginMode::Cross
+            && p.qty.0 != 0
+            && self.underlyings.get(symbol).is_some_and(|u| groups.iter().any(|g| g.underlying == *u))
+    }
+
+    /// A portfolio account's groups, revalued naively: every scenario, every position, from the formulas.
+    fn groups(&self, acct: &Acct) -> Vec<GroupView> {
+        if !acct.portfolio {
+            return Vec::new();
+        }
+        let mut by: BTreeMap<&str, Vec<(&str, &Pos)>> = BTreeMap::new();
+        for (symbol, p) in &acct.positions {
+            if p.mode == MarginMode::Cross
+                && p.qty.0 != 0
+                && let Some(u) = self.underlyings.get(symbol)
+            {
+                by.entry(u.as_str()).or_default().push((symbol.as_str(), p));
+            }
+        }
+        by.into_iter().filter_map(|(u, members)| self.group(u, &members)).collect()
+    }
+
+    fn group(&self, u: &str, members: &[(&str, &Pos)]) -> Option<GroupView> {
+        let index = self.prices.get(u).copied()?;
+        let params = self.risk.get(u).copied().unwrap_or_default();
+        let f = |raw: i64| raw as f64 / 1e8;
+        let uf = f(index.0);
+        let b = params.buckets as i32;
+        // Each option's time to expiry and implied vol, computed here with this model's own Black-76.
+        let mut legs = Vec::new();
+        for (symbol, p) in members {
+            let mark = self.prices.get(*symbol).copied()?;
+            let option = match self.names.get(*symbol) {
+                Some(Named::Instrument { kind: Kind::Option { right, strike, .. }, .. }) => {
+                    let t = ((self.expiries.get(*symbol)?.0 - self.clock?.0).max(0) as f64) / (365.0 * 86_400.0 * 1e9);
+                    let k = f(strike.0);
+                    let sigma = ref_implied_vol(*right, uf, k, t, f(mark.0));
+                    Some((*right, k, t, sigma))
+                }
+                _ => None,
+            };
+            legs.push((p.qty, mark, option));
+        }
+        let mut worst: Option<(i128, i32, usize)> = None;
+        for k in -b..=b {
+            for (vi, case) in ["same", "up", "down"].iter().enumerate() {
+                // Linear legs exactly: q × P × price_range × k / buckets, floored at 1e-8.
+                let mut linear: i128 = 0;
+                let mut options = 0.0f64;
+                for (qty, mark, option) in &legs {
+                    match option {
+                        None => linear += qty.wide() * mark.wide(),
+                        Some((right, strike, t, sigma)) => {
+                            let dte = (t * 365.0).max(1.0);
+                            let power = if dte < 30.0 { params.short_vega_power } else { params.long_vega_power };
+                            let shock = (30.0 / dte).powf(f(power.0));
+                            let s2 = match *case {
+                                "up" => (sigma * (1.0 + f(params.vol_up.0) * shock)).max(f(params.min_vol_up.0)),
+                                "down" => (sigma * (1.0 - f(params.vol_down.0) * shock)).max(0.001),
+                                _ => *sigma,
+                            };
+                            let moved = uf * (1.0 + f(params.price_range.0) * f64::from(k) / f64::from(b));
+                            options += f(qty.0) * (ref_black76(*right, moved, *strike, *t, s2) - f(mark.0));
+                        }
+                    }
+                }
+                let num = linear * i128::from(params.price_range.0) * i128::from(k);
+                let den = 10i128.pow(16) * i128::from(b);
+                let linear_e8 = num.div_euclid(den);
+                let pnl = linear_e8 + (options * 1e8).floor() as i128;
+                if worst.is_none_or(|(w, _, _)| pnl < w) {
+                    worst = Some((pnl, k, vi));
+                }
+            }
+        }
+        let (worst_pnl, wk, wv) = worst?;
+        let scanning = (-worst_pnl).max(0);
+        let ceil = |n: i128, d: i128| -(-n).div_euclid(d);
+        let mut short_options = 0i128;
+        let (mut long, mut short) = (0i128, 0i128);
+        for (qty, _, option) in &legs {
+            match option {
+                Some(_) => short_options += (-qty.wide()).max(0),
+                None if qty.0 > 0 => long += qty.wide(),
+                None => short -= qty.wide(),
+            }
+        }
+        let e16 = 10i128.pow(16);
+        let contingency = ceil(params.option_contingency.wide() * index.wide() * short_options, e16)
+            + ceil(params.future_contingency.wide() * index.wide() * long.min(short), e16);
+        let im = scanning + contingency;
+        let mm = ceil(im * params.mm_factor.wide(), 100_000_000);
+        Some(GroupView {
+            underlying: u.to_owned(),
+            scanning_risk: Amount(scanning),
+            contingency: Amount(contingency),
+            initial_margin: Amount(im),
+            maintenance_margin: Amount(mm),
+            worst_move: Rate((i128::from(params.price_range.0) * i128::from(wk) / i128::from(b)) as i64),
+            worst_vol: [
+                vigil_model::portfolio::VolCase::Same,
+                vigil_model::portfolio::VolCase::Up,
+                vigil_model::portfolio::VolCase::Down,
+            ][wv],
+        })
     }
 
     fn isolated(&self, symbol: &str, p: &Pos) -> UnitFigures {
@@ -572,6 +771,7 @@ impl Reference {
 
     fn view(&self, id: &str, acct: &Acct) -> AccountView {
         let cross = self.cross(acct);
+        let groups = self.groups(acct);
         let mut positions = Vec::new();
         for (symbol, p) in &acct.positions {
             if p.qty.0 == 0 {
@@ -579,8 +779,9 @@ impl Reference {
             }
             let pf = self.figures(symbol, p);
             let mark = self.prices.get(symbol).copied();
+            let grouped = self.grouped(&groups, symbol, p);
             let tiers = match self.names.get(symbol) {
-                Some(Named::Instrument { kind: Kind::Perp(t) | Kind::Future(t), .. }) => Some(t),
+                Some(Named::Instrument { kind: Kind::Perp(t) | Kind::Future(t), .. }) if !grouped => Some(t),
                 _ => None,
             };
             let (liq, bank) = match (tiers, mark) {
@@ -600,8 +801,8 @@ impl Reference {
                 entry_price: entry_price(p.qty, p.cost_e16),
                 mark_price: mark,
                 unrealized_pnl: pf.unrealized_pnl,
-                initial_margin: pf.initial_margin,
-                maintenance_margin: pf.maintenance_margin,
+                initial_margin: (!grouped).then_some(pf.initial_margin),
+                maintenance_margin: (!grouped).then_some(pf.maintenance_margin),
                 margin_mode: p.mode,
                 isolated_wallet: (p.mode == MarginMode::Isolated).then_some(p.wallet),
                 liquidation_price: liq,
@@ -622,6 +823,53 @@ impl Reference {
                 .map(|(a, v)| (a.clone(), *v))
                 .collect(),
             positions,
+            margin: if acct.portfolio { MarginModel::Portfolio } else { MarginModel::Standard },
+            groups,
         }
     }
+}
+
+/// The standard normal distribution function, from the complementary error function.
+fn ref_norm(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / 2f64.sqrt())
+}
+
+/// Black-76 without discounting, written out again from `portfolio-margin.md` (independent of the model crate).
+fn ref_black76(right: Right, u: f64, k: f64, t: f64, sigma: f64) -> f64 {
+    let intrinsic = match right {
+        Right::Call => (u - k).max(0.0),
+        Right::Put => (k - u).max(0.0),
+    };
+    if t <= 0.0 || sigma <= 0.0 || u <= 0.0 {
+        return intrinsic;
+    }
+    let v = sigma * t.sqrt();
+    let d1 = ((u / k).ln() + v * v / 2.0) / v;
+    let d2 = d1 - v;
+    let value = match right {
+        Right::Call => u * ref_norm(d1) - k * ref_norm(d2),
+        Right::Put => k * ref_norm(-d2) - u * ref_norm(-d1),
+    };
+    let cap = if right == Right::Call { u } else { k };
+    value.max(intrinsic).min(cap)
+}
+
+/// The implied volatility in [0.001, 10] by plain bisection (100 halvings: far below the contract's 1e-10).
+fn ref_implied_vol(right: Right, u: f64, k: f64, t: f64, mark: f64) -> f64 {
+    if t <= 0.0 || u <= 0.0 || mark <= ref_black76(right, u, k, t, 0.001) {
+        return 0.001;
+    }
+    if mark >= ref_black76(right, u, k, t, 10.0) {
+        return 10.0;
+    }
+    let (mut lo, mut hi) = (0.001f64, 10.0f64);
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if ref_black76(right, u, k, t, mid) < mark {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
 }
