@@ -3,7 +3,7 @@
 use vigil_model::margin::{
     bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, liquidation_price, option_figures,
 };
-use vigil_model::portfolio::{GroupMargin, Leg, OptionVector, group_margin, option_vector, years_to_expiry};
+use vigil_model::portfolio::{GroupMargin, Leg, group_margin};
 use vigil_model::{
     AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, PositionFigures, PositionView, Qty, Trigger,
     TriggerKind, UnitFigures,
@@ -235,31 +235,35 @@ pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginMo
     underlyings.sort_unstable();
     underlyings.dedup();
     let mut out = Vec::with_capacity(underlyings.len());
+    let mut cache = market.vectors.borrow_mut();
+    let mut legs: Vec<(Qty, Option<vigil_model::Price>, Slot)> = Vec::new();
     'groups: for u in underlyings {
         let Some(index) = market.price(u) else { continue };
         let params = market.risk_params(u);
-        let members: Vec<&Position> = positions
-            .iter()
-            .filter(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot) == Some(u))
-            .collect();
-        let mut vectors: Vec<OptionVector> = Vec::new();
-        let mut linear: Vec<(Qty, vigil_model::Price)> = Vec::new();
-        let mut option_qty: Vec<Qty> = Vec::new();
-        for p in members {
+        legs.clear();
+        for p in positions.iter().filter(|p| p.is_open() && p.mode == MarginMode::Cross) {
+            if market.group_of(p.slot) != Some(u) {
+                continue;
+            }
             let (Some(inst), Some(mark)) = (market.instrument(p.slot), market.price(p.slot)) else { continue 'groups };
             match &inst.kind {
-                InstrumentKind::Option { terms, .. } => {
-                    let (Some(now), Some(expiry)) = (market.clock(), inst.expiry) else { continue 'groups };
-                    let t = years_to_expiry(now, expiry);
-                    vectors.push(option_vector(&params, terms.right, terms.strike, t, index, mark));
-                    option_qty.push(p.qty);
+                InstrumentKind::Option { .. } => {
+                    if cache.refresh(market, p.slot).is_none() {
+                        continue 'groups;
+                    }
+                    legs.push((p.qty, None, p.slot));
                 }
-                _ => linear.push((p.qty, mark)),
+                _ => legs.push((p.qty, Some(mark), p.slot)),
             }
         }
-        let mut legs: Vec<Leg<'_>> = linear.iter().map(|(qty, mark)| Leg::Linear { qty: *qty, mark: *mark }).collect();
-        legs.extend(option_qty.iter().zip(&vectors).map(|(qty, vector)| Leg::Option { qty: *qty, vector }));
-        if let Some(g) = group_margin(&params, index, &legs) {
+        let group: Option<Vec<Leg<'_>>> = legs
+            .iter()
+            .map(|(qty, mark, slot)| match mark {
+                Some(mark) => Some(Leg::Linear { qty: *qty, mark: *mark }),
+                None => cache.get(*slot).map(|vector| Leg::Option { qty: *qty, vector }),
+            })
+            .collect();
+        if let Some(g) = group.and_then(|legs| group_margin(&params, index, &legs)) {
             out.push((u, g));
         }
     }

@@ -2,13 +2,14 @@
 //! Every shard holds an identical copy (these events are broadcast), so validation against it is the same
 //! everywhere and a broadcast event is accepted or rejected by all shards alike.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use vigil_model::event::{OptionMargin, Timestamp};
-use vigil_model::portfolio::RiskParams;
+use vigil_model::portfolio::{OptionVector, RiskParams, option_vector, years_to_expiry};
 use vigil_model::{Event, OptionTerms, Price, Rate, Reason, Rejection, Right, TierSpec, Tiers, reject};
 
 /// Index of a named entity (the quote, an asset or an instrument); also its price slot.
@@ -67,6 +68,64 @@ pub struct Market {
     pub(crate) clock: Option<Timestamp>,
     /// Portfolio parameters per underlying asset slot (`risk`); an underlying without an entry has the defaults.
     pub(crate) risk: Vec<(Slot, RiskParams)>,
+    /// Options' scenario vectors (derived: never persisted or printed).
+    #[serde(skip)]
+    pub(crate) vectors: RefCell<VectorCache>,
+}
+
+/// What an option's scenario vector was computed from: it is a pure function of these.
+#[derive(Clone, Copy, PartialEq)]
+struct VectorKey {
+    mark: Price,
+    index: Price,
+    clock: Timestamp,
+    params: RiskParams,
+}
+
+/// Each option instrument's scenario vector (its implied volatility and the grid's repricings), computed once for
+/// its current mark, index, clock and parameters and shared by every account holding it. Recomputed on first use
+/// after any of those changed: a tick of an underlying costs one vector per option held, not one per account.
+#[derive(Clone, Default)]
+pub struct VectorCache {
+    entries: Vec<Option<(VectorKey, OptionVector)>>,
+}
+
+impl std::fmt::Debug for VectorCache {
+    /// Derived state that does not change what the engine computes: left out of the engine's debug form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VectorCache")
+    }
+}
+
+impl VectorCache {
+    /// Brings option `slot`'s vector up to date; `None` when a figure it needs (mark, index, clock, expiry) is
+    /// missing.
+    pub fn refresh(&mut self, market: &Market, slot: Slot) -> Option<()> {
+        let inst = market.instrument(slot)?;
+        let InstrumentKind::Option { underlying, terms } = &inst.kind else { return None };
+        let key = VectorKey {
+            mark: market.price(slot)?,
+            index: market.price(*underlying)?,
+            clock: market.clock?,
+            params: market.risk_params(*underlying),
+        };
+        let i = slot as usize;
+        if self.entries.len() <= i {
+            self.entries.resize(i + 1, None);
+        }
+        if self.entries[i].as_ref().is_some_and(|(k, _)| *k == key) {
+            return Some(());
+        }
+        let t = years_to_expiry(key.clock, inst.expiry?);
+        let vector = option_vector(&key.params, terms.right, terms.strike, t, key.index, key.mark);
+        self.entries[i] = Some((key, vector));
+        Some(())
+    }
+
+    /// Option `slot`'s vector as last refreshed.
+    pub fn get(&self, slot: Slot) -> Option<&OptionVector> {
+        self.entries.get(slot as usize).and_then(Option::as_ref).map(|(_, v)| v)
+    }
 }
 
 /// What a reference-data event changed: the slot whose holders must be re-evaluated.
@@ -85,6 +144,7 @@ impl Market {
             prices: vec![Some(Price::ONE)],
             clock: None,
             risk: Vec::new(),
+            vectors: RefCell::default(),
         }
     }
 
