@@ -43,7 +43,7 @@ pub struct Written {
 /// What the persistence thread is handed: a shard's delta, or the node's own state (the producers table) as of
 /// the sequenced offset of a checkpoint.
 pub enum Persist {
-    Shard(ShardDelta),
+    Shard(Box<ShardDelta>),
     Node { offset: Offset, producers: Producers },
 }
 
@@ -119,7 +119,7 @@ impl Persister {
     /// Handles one message of the persistence thread.
     pub fn handle(&mut self, message: Persist) -> Result<Written, Failed> {
         match message {
-            Persist::Shard(delta) => self.persist(delta),
+            Persist::Shard(delta) => self.persist(*delta),
             Persist::Node { offset, producers } => self.persist_node(offset, producers),
         }
     }

@@ -355,11 +355,11 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     let mut delta = engine.take_delta();
                     // A quiet shard is as current as the sequencer: its watermark must not hold the journal back.
                     delta.offset = delta.offset.max(at);
-                    let _ = tx.send(Persist::Shard(ShardDelta {
+                    let _ = tx.send(Persist::Shard(Box::new(ShardDelta {
                         shard: index,
                         delta,
                         triggers: std::mem::take(&mut since_delta),
-                    }));
+                    })));
                 }
             }
             Input::Event(offset, event) => {
