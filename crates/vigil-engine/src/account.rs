@@ -96,6 +96,9 @@ pub struct Dep {
     pub index: u32,
     /// The safe band this account has in the slot's ordered indexes (indexed detection only).
     pub band: Band,
+    /// In the slot's `always` list instead of its band indexes: a portfolio account with a group, re-evaluated on
+    /// every change of the price (indexed detection only).
+    pub always: bool,
 }
 
 /// One account: its persistent state (id, balances, positions, episodes) and caches rebuilt on restore.

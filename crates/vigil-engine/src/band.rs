@@ -189,23 +189,24 @@ fn unit_bands(
     }
 }
 
+/// Whether the account is re-evaluated on every change of any price it depends on rather than banded: a portfolio
+/// account with a group. A group's figures are not monotone in its prices (a short straddle loses both ways) and
+/// move with the implied volatilities its marks carry: no band as cheap as a re-evaluation is sound. Such an
+/// account sits in its slots' `always` lists, not in their band indexes (keeping it out of the ordered indexes
+/// saves their churn on every tick).
+pub fn always_reevaluated(market: &Market, acc: &Account) -> bool {
+    acc.margin == vigil_model::MarginModel::Portfolio
+        && acc.positions.iter().any(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot).is_some())
+}
+
 /// Computes the band of every slot in `acc.deps` (in that order) into `out`. The account's cached figures must be
 /// fresh (this runs right after its exact evaluation).
 pub fn compute(market: &Market, acc: &Account, out: &mut Vec<Band>) {
     out.clear();
     out.resize(acc.deps.len(), Band::default());
     let n = acc.deps.len();
-    // A portfolio group's figures are not monotone in its prices (a short straddle loses both ways) and move with
-    // the implied volatilities its marks carry: no sound band is cheaper than none. Such an account is
-    // re-evaluated on every change of any price it depends on (a point band), and on every clock and `risk`.
-    if acc.margin == vigil_model::MarginModel::Portfolio
-        && acc.positions.iter().any(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot).is_some())
-    {
-        for (i, d) in acc.deps.iter().enumerate() {
-            if let Some(price) = market.price(d.slot) {
-                out[i] = Band { lo: Some(price.raw()), hi: Some(price.raw()) };
-            }
-        }
+    // A portfolio account with a group gets no band (see `always_reevaluated`).
+    if always_reevaluated(market, acc) {
         return;
     }
     let slot_index = |slot: Slot| acc.deps.iter().position(|d| d.slot == slot);

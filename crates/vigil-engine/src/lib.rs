@@ -60,11 +60,13 @@ impl Default for Config {
     }
 }
 
-/// Per price slot, the accounts' safe bands ordered by lower and by upper edge.
+/// Per price slot, the accounts' safe bands ordered by lower and by upper edge, and the accounts re-evaluated on
+/// every change of the price (`band::always_reevaluated`).
 #[derive(Clone, Debug, Default)]
 struct SlotIndex {
     lo: BTreeSet<(i64, u32)>,
     hi: BTreeSet<(i64, u32)>,
+    always: Vec<u32>,
 }
 
 impl SlotIndex {
@@ -194,7 +196,7 @@ fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
         return;
     }
     let list = &mut dependents[slot as usize];
-    push_exact(&mut acc.deps, Dep { slot, refs: 1, index: list.len() as u32, band: Band::default() });
+    push_exact(&mut acc.deps, Dep { slot, refs: 1, index: list.len() as u32, band: Band::default(), always: false });
     list.push(a);
 }
 
@@ -209,6 +211,12 @@ fn remove_dep(dependents: &mut [Vec<u32>], index: &mut [SlotIndex], accounts: &m
         return;
     }
     index[slot as usize].remove(a, acc.deps[i].band);
+    if acc.deps[i].always {
+        let always = &mut index[slot as usize].always;
+        if let Some(k) = always.iter().position(|x| *x == a) {
+            always.swap_remove(k);
+        }
+    }
     let index = acc.deps[i].index as usize;
     acc.deps.swap_remove(i);
     let list = &mut dependents[slot as usize];
@@ -313,13 +321,22 @@ impl Engine {
     fn reband(&mut self, a: u32) {
         let acc = &mut self.accounts[a as usize];
         if self.detection == Detection::Indexed {
+            let always = band::always_reevaluated(&self.market, acc);
             band::compute(&self.market, acc, &mut self.bands);
             for (d, new) in acc.deps.iter_mut().zip(&self.bands) {
+                let idx = &mut self.index[d.slot as usize];
                 if d.band != *new {
-                    let idx = &mut self.index[d.slot as usize];
                     idx.remove(a, d.band);
                     idx.insert(a, *new);
                     d.band = *new;
+                }
+                if d.always != always {
+                    if always {
+                        idx.always.push(a);
+                    } else if let Some(k) = idx.always.iter().position(|x| *x == a) {
+                        idx.always.swap_remove(k);
+                    }
+                    d.always = always;
                 }
             }
         }
@@ -333,13 +350,15 @@ impl Engine {
         }
     }
 
-    /// Indexed tick: pops the accounts whose band `price` leaves and re-evaluates exactly those.
+    /// Indexed tick: pops the accounts whose band `price` leaves, and the slot's `always` accounts, and
+    /// re-evaluates exactly those.
     fn tick(&mut self, slot: Slot, price: i64, offset: Offset, triggers: &mut Vec<Trigger>) {
         let idx = &self.index[slot as usize];
         let mut popped = std::mem::take(&mut self.popped);
         popped.clear();
         popped.extend(idx.lo.range((price.saturating_add(1), 0)..).map(|(_, a)| *a));
         popped.extend(idx.hi.range(..(price, 0)).map(|(_, a)| *a));
+        popped.extend_from_slice(&idx.always);
         popped.sort_unstable();
         popped.dedup();
         for &a in &popped {
