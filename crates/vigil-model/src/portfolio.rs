@@ -278,45 +278,70 @@ pub enum Leg<'a> {
     Option { qty: Qty, vector: &'a OptionVector },
 }
 
-/// The PnL of each scenario of the grid for a group's legs, at 1e-8, rounded toward the house (down). The linear
-/// part is exact (`Σ q × P × price_range × k / buckets`); the options' part is a float dot product, rounded once.
-/// `None` if a figure does not fit.
-pub fn scenario_pnls(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Vec<i128>> {
+/// The most scenarios a grid has (`buckets` at its maximum).
+const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
+
+/// Calls `each(i, pnl)` for every scenario of the grid in order, with its PnL at 1e-8 rounded toward the house
+/// (down). The linear part is exact (`Σ q × P × price_range × k / buckets`, one division per price step); the
+/// options' part is a float dot product (legs added in their order, for every scenario at once), rounded once.
+/// No allocation. `None` if a figure does not fit.
+fn for_each_scenario(params: &RiskParams, legs: &[Leg<'_>], mut each: impl FnMut(usize, i128)) -> Option<()> {
+    let n = params.scenario_count().min(SCENARIOS_MAX);
     let mut exposure: i128 = 0; // Σ q × P at 1e-16
+    let mut options = [0.0f64; SCENARIOS_MAX];
     let mut any_option = false;
     for leg in legs {
         match leg {
             Leg::Linear { qty, mark } => exposure = exposure.checked_add(qty.wide() * mark.wide())?,
-            Leg::Option { .. } => any_option = true,
-        }
-    }
-    let n = params.scenario_count();
-    let buckets = i128::from(params.buckets.max(1));
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let s = params.scenario(i);
-        // exposure (1e-16) × price_range (1e-8) × k / buckets → 1e-24; / 1e16 → 1e-8.
-        let step = i128::from(params.price_range.0) * i128::from(s.k);
-        let linear = mul_div(exposure, step, buckets * SCALE2, Round::Floor)?;
-        let options = if any_option {
-            let mut sum = 0.0f64;
-            for leg in legs {
-                if let Leg::Option { qty, vector } = leg {
-                    sum += to_f64(qty.0) * vector.deltas.get(i).copied().unwrap_or(0.0);
+            Leg::Option { qty, vector } => {
+                any_option = true;
+                let q = to_f64(qty.0);
+                for (sum, d) in options[..n].iter_mut().zip(&vector.deltas) {
+                    *sum += q * d;
                 }
             }
-            float_to_e8(sum, Round::Floor)?
-        } else {
-            0
-        };
-        out.push(linear.checked_add(options)?);
+        }
     }
+    let b = params.buckets.max(1) as i32;
+    let buckets = i128::from(b);
+    for (step_index, k) in (-b..=b).enumerate() {
+        // exposure (1e-16) × price_range (1e-8) × k / buckets → 1e-24; / 1e16 → 1e-8.
+        let linear = if exposure == 0 {
+            0
+        } else {
+            mul_div(exposure, i128::from(params.price_range.0) * i128::from(k), buckets * SCALE2, Round::Floor)?
+        };
+        for case in 0..3 {
+            let i = step_index * 3 + case;
+            let options = if any_option { float_to_e8(options[i], Round::Floor)? } else { 0 };
+            each(i, linear.checked_add(options)?);
+        }
+    }
+    Some(())
+}
+
+/// The PnL of each scenario of the grid for a group's legs, at 1e-8, rounded toward the house (down): see
+/// [`for_each_scenario`]. `None` if a figure does not fit.
+pub fn scenario_pnls(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Vec<i128>> {
+    let mut out = Vec::with_capacity(params.scenario_count());
+    for_each_scenario(params, legs, |_, pnl| out.push(pnl))?;
     Some(out)
 }
 
-/// A float amount as 1e-8 units, rounded as asked; `None` if not finite or beyond `i128`.
+/// A float amount as 1e-8 units, rounded as asked; `None` if not finite or beyond `i128`. Within `i64` (the
+/// common case) by truncation and one correction, which gives exactly what `floor`/`ceil` would, without their
+/// library call.
 fn float_to_e8(x: f64, round: Round) -> Option<i128> {
     let scaled = x * SCALE as f64;
+    if scaled.abs() < 9.0e18 && round != Round::Nearest {
+        let t = scaled as i64;
+        let t = match round {
+            Round::Floor if (t as f64) > scaled => t - 1,
+            Round::Ceil if (t as f64) < scaled => t + 1,
+            _ => t,
+        };
+        return Some(i128::from(t));
+    }
     let r = match round {
         Round::Floor => scaled.floor(),
         Round::Ceil => scaled.ceil(),
@@ -331,12 +356,13 @@ fn float_to_e8(x: f64, round: Round) -> Option<i128> {
 /// `future_contingency × U × min(total long, total short)`), `IM = scanning risk + contingencies` and
 /// `MM = mm_factor × IM`, each rounded up. `None` if a figure does not fit.
 pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    let pnls = scenario_pnls(params, legs)?;
-    let (worst_i, worst_pnl) = pnls
-        .iter()
-        .copied()
-        .enumerate()
-        .fold((0, i128::MAX), |(bi, bp), (i, p)| if p < bp { (i, p) } else { (bi, bp) });
+    let (mut worst_i, mut worst_pnl) = (0, i128::MAX);
+    for_each_scenario(params, legs, |i, pnl| {
+        // The first of equal losses wins: the contract's tie-break (k ascending, then same, up, down).
+        if pnl < worst_pnl {
+            (worst_i, worst_pnl) = (i, pnl);
+        }
+    })?;
     let scanning = worst_pnl.checked_neg()?.max(0);
     let (mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128);
     for leg in legs {
@@ -545,6 +571,22 @@ mod tests {
         assert_eq!(g.worst.vol, VolCase::Up);
         assert!(g.worst.k.abs() == 4, "{:?}", g.worst);
         assert!(g.maintenance_margin.0 <= g.initial_margin.0);
+    }
+
+    #[test]
+    fn the_fast_rounding_equals_floor_and_ceil() {
+        // Proves the truncate-and-correct path gives exactly what floor/ceil give, at integers, halves, tiny
+        // fractions either side of zero, and at the edge of the fast path.
+        for x in
+            [0.0, -0.0, 1e-9, -1e-9, 0.5e-8, -0.5e-8, 1.0, -1.0, 123.456_789_012_3, -123.456_789_012_3, 8.9e10, -8.9e10]
+        {
+            let scaled = x * 1e8;
+            assert_eq!(float_to_e8(x, Round::Floor), Some(scaled.floor() as i128), "{x}");
+            assert_eq!(float_to_e8(x, Round::Ceil), Some(scaled.ceil() as i128), "{x}");
+        }
+        assert_eq!(float_to_e8(1e12, Round::Floor), Some(100_000_000_000_000_000_000));
+        assert_eq!(float_to_e8(f64::NAN, Round::Floor), None);
+        assert_eq!(float_to_e8(f64::INFINITY, Round::Ceil), None);
     }
 
     #[test]
