@@ -303,14 +303,9 @@ fn for_each_scenario(params: &RiskParams, legs: &[Leg<'_>], mut each: impl FnMut
         }
     }
     let b = params.buckets.max(1) as i32;
-    let buckets = i128::from(b);
+    let steps = LinearSteps::new(exposure, params.price_range, b)?;
     for (step_index, k) in (-b..=b).enumerate() {
-        // exposure (1e-16) × price_range (1e-8) × k / buckets → 1e-24; / 1e16 → 1e-8.
-        let linear = if exposure == 0 {
-            0
-        } else {
-            mul_div(exposure, i128::from(params.price_range.0) * i128::from(k), buckets * SCALE2, Round::Floor)?
-        };
+        let linear = steps.at(k)?;
         for case in 0..3 {
             let i = step_index * 3 + case;
             let options = if any_option { float_to_e8(options[i], Round::Floor)? } else { 0 };
@@ -318,6 +313,41 @@ fn for_each_scenario(params: &RiskParams, legs: &[Leg<'_>], mut each: impl FnMut
         }
     }
     Some(())
+}
+
+/// The linear part of every price step, `floor(exposure × price_range × k / (buckets × 1e16))` at 1e-8, with one
+/// 128-bit division per group instead of one per step: with `exposure × price_range = q × d + r` (`d` the divisor,
+/// `0 ≤ r < d`), step `k` is `k × q + floor(k × r / d)`, and `k × r` fits 64 bits. Exactly `mul_div`'s answer
+/// (a test compares them); `mul_div` itself where the product does not fit.
+struct LinearSteps {
+    exposure: i128,
+    price_range: i128,
+    divisor: i128,
+    split: Option<(i128, i64)>,
+}
+
+impl LinearSteps {
+    fn new(exposure: i128, price_range: Rate, buckets: i32) -> Option<LinearSteps> {
+        let divisor = i128::from(buckets) * SCALE2;
+        let price_range = i128::from(price_range.0);
+        let split =
+            exposure.checked_mul(price_range).map(|base| (base.div_euclid(divisor), base.rem_euclid(divisor) as i64));
+        Some(LinearSteps { exposure, price_range, divisor, split })
+    }
+
+    fn at(&self, k: i32) -> Option<i128> {
+        if self.exposure == 0 {
+            return Some(0);
+        }
+        match self.split {
+            // divisor ≤ 20 × 1e16 and |k| ≤ 20: k × r < 4e18 fits i64.
+            Some((q, r)) => {
+                let small = (i64::from(k) * r).div_euclid(self.divisor as i64);
+                q.checked_mul(i128::from(k))?.checked_add(i128::from(small))
+            }
+            None => mul_div(self.exposure, self.price_range * i128::from(k), self.divisor, Round::Floor),
+        }
+    }
 }
 
 /// The PnL of each scenario of the grid for a group's legs, at 1e-8, rounded toward the house (down): see
@@ -571,6 +601,30 @@ mod tests {
         assert_eq!(g.worst.vol, VolCase::Up);
         assert!(g.worst.k.abs() == 4, "{:?}", g.worst);
         assert!(g.maintenance_margin.0 <= g.initial_margin.0);
+    }
+
+    #[test]
+    fn linear_steps_equal_one_exact_division_per_step() {
+        // Proves the split division gives mul_div's answer for every step, across signs and magnitudes (a
+        // SplitMix-style sequence of exposures; an exposure whose product with the range needs the fallback).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..2_000 {
+            x ^= x >> 31;
+            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let magnitude = 1i128 << (i % 100);
+            let exposure = (x as i64 as i128).wrapping_mul(magnitude) / 7;
+            let range = Rate((x % 100_000_001) as i64);
+            let buckets = 1 + (x % 20) as i32;
+            let steps = LinearSteps::new(exposure, range, buckets).unwrap();
+            for k in -buckets..=buckets {
+                let want =
+                    mul_div(exposure, i128::from(range.0) * i128::from(k), i128::from(buckets) * SCALE2, Round::Floor);
+                assert_eq!(steps.at(k), want, "exposure {exposure} range {range} buckets {buckets} k {k}");
+            }
+        }
+        let huge = LinearSteps::new(i128::MAX / 3, Rate(SCALE), 4).unwrap();
+        assert!(huge.split.is_none());
+        assert_eq!(huge.at(-4), mul_div(i128::MAX / 3, -4 * SCALE_I128, 4 * SCALE2, Round::Floor));
     }
 
     #[test]
