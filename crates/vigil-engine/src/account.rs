@@ -192,13 +192,21 @@ pub fn collateral(market: &Market, balances: &[(Slot, Amount)]) -> Amount {
 /// grouped cross positions are charged their groups' margins instead of their own.
 pub fn evaluate(market: &Market, acc: &mut Account) {
     let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
-    for p in &mut acc.positions {
-        p.figures = position_figures(market, p);
-    }
     let groups = match acc.margin {
         MarginModel::Portfolio => portfolio_groups(market, &acc.positions, acc.margin),
         MarginModel::Standard => Vec::new(),
     };
+    for p in &mut acc.positions {
+        // A grouped position's own margin is never used (its group's is): only its value and PnL are computed.
+        p.figures = match market.price(p.slot) {
+            Some(mark) if !groups.is_empty() && in_group(market, &groups, p) => {
+                let is_option =
+                    matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
+                vigil_model::margin::position_value(p.qty, p.cost_e16, mark, is_option)
+            }
+            _ => position_figures(market, p),
+        };
+    }
     for p in &acc.positions {
         if p.mode == MarginMode::Cross {
             cross.equity = cross.equity.saturating_add(p.figures.value);

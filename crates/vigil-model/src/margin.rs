@@ -149,6 +149,14 @@ pub fn unrealized_pnl(q: Qty, cost_e16: i128, mark: Price) -> Amount {
 }
 
 /// Figures of a perp or future position: `IM = N × imrₜ`, `MM = N × mmrₜ − cumₜ`, tier by notional `N = |q| × p`.
+/// What a position adds to equity and its unrealized PnL, without its margin (a position in a portfolio group is
+/// margined by its group): the `value` and `unrealized_pnl` of [`linear_figures`] or [`option_figures`].
+pub fn position_value(q: Qty, cost_e16: i128, mark: Price, is_option: bool) -> PositionFigures {
+    let upnl = unrealized_pnl(q, cost_e16, mark);
+    let value = if is_option { Amount(e16_to_e8(q.wide() * mark.wide(), Round::Floor)) } else { upnl };
+    PositionFigures { value, unrealized_pnl: upnl, ..Default::default() }
+}
+
 pub fn linear_figures(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
     let upnl = unrealized_pnl(q, cost_e16, mark);
     if q.0 == 0 {
