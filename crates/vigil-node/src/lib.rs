@@ -1,6 +1,7 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
 pub mod config;
+pub mod export;
 pub mod fuzzing;
 pub mod handoff;
 pub mod http;

@@ -124,6 +124,18 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Replays a JSON Lines file and writes the book at its last offset as CSV files (instruments, prices, accounts,
+    /// balances, positions, and a manifest), for analysts and for reconciliation with other tools.
+    Export {
+        /// The input file (`-` for standard input).
+        input: PathBuf,
+        /// The directory the CSV files are written to (created if missing).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// The quote currency.
+        #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
+        quote: String,
+    },
     /// Writes a synthetic, seeded event stream (JSON Lines) for benches and demos.
     Gen {
         /// Output file (`-` for standard output).
@@ -244,6 +256,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = vigil_node::load::run(&options, &stream, setup)?;
             vigil_node::load::print(&report, &mut io::stdout().lock()).context("writing the report")
+        }
+        Command::Export { input, out, quote } => {
+            let config = vigil_engine::Config { quote, ..vigil_engine::Config::default() };
+            let exported = if input.as_os_str() == "-" {
+                vigil_node::export::export(io::stdin().lock(), &out, &config)?
+            } else {
+                let f = std::fs::File::open(&input).with_context(|| format!("opening {}", input.display()))?;
+                vigil_node::export::export(BufReader::with_capacity(1 << 16, f), &out, &config)?
+            };
+            vigil_node::export::print(&exported, &out, &mut io::stdout().lock()).context("writing the summary")
         }
         Command::Inspect { data, verify } => {
             let mut out = io::stdout().lock();
