@@ -191,26 +191,27 @@ pub fn collateral(market: &Market, balances: &[(Slot, Amount)]) -> Amount {
 /// Re-evaluates every position of the account and its cross figures (no episode change). A portfolio account's
 /// grouped cross positions are charged their groups' margins instead of their own.
 pub fn evaluate(market: &Market, acc: &mut Account) {
+    evaluate_groups(market, acc);
+}
+
+/// [`evaluate`], returning the groups it charged (for the view, which prints them).
+fn evaluate_groups(market: &Market, acc: &mut Account) -> Vec<(Slot, GroupMargin)> {
+    let groups = portfolio_groups(market, &acc.positions, acc.margin);
     let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
-    let groups = match acc.margin {
-        MarginModel::Portfolio => portfolio_groups(market, &acc.positions, acc.margin),
-        MarginModel::Standard => Vec::new(),
-    };
     for p in &mut acc.positions {
+        let grouped = in_group(market, &groups, p);
         // A grouped position's own margin is never used (its group's is): only its value and PnL are computed.
         p.figures = match market.price(p.slot) {
-            Some(mark) if !groups.is_empty() && in_group(market, &groups, p) => {
+            Some(mark) if grouped => {
                 let is_option =
                     matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
                 vigil_model::margin::position_value(p.qty, p.cost_e16, mark, is_option)
             }
             _ => position_figures(market, p),
         };
-    }
-    for p in &acc.positions {
         if p.mode == MarginMode::Cross {
             cross.equity = cross.equity.saturating_add(p.figures.value);
-            if !in_group(market, &groups, p) {
+            if !grouped {
                 cross.initial_margin = cross.initial_margin.saturating_add(p.figures.initial_margin);
                 cross.maintenance_margin = cross.maintenance_margin.saturating_add(p.figures.maintenance_margin);
             }
@@ -221,11 +222,13 @@ pub fn evaluate(market: &Market, acc: &mut Account) {
         cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
     }
     acc.cross = cross;
+    groups
 }
 
 /// Whether a position is charged through one of `groups`.
 fn in_group(market: &Market, groups: &[(Slot, GroupMargin)], p: &Position) -> bool {
-    p.mode == MarginMode::Cross
+    !groups.is_empty()
+        && p.mode == MarginMode::Cross
         && p.is_open()
         && market.group_of(p.slot).is_some_and(|u| groups.iter().any(|(g, _)| *g == u))
 }
@@ -318,9 +321,8 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
 /// are those of its last exact evaluation, which a tick inside its bands does not redo).
 pub fn view(market: &Market, acc: &Account) -> AccountView {
     let mut fresh = acc.clone();
-    evaluate(market, &mut fresh);
+    let groups = evaluate_groups(market, &mut fresh);
     let acc = &fresh;
-    let groups = portfolio_groups(market, &acc.positions, acc.margin);
     let mut balances: Vec<(String, Amount)> = acc
         .balances
         .iter()
@@ -395,10 +397,4 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
             views
         },
     }
-}
-
-/// The second slot a position depends on: its instrument's underlying (an option's value and margin follow the
-/// index; any grouped position's portfolio figures do).
-pub fn underlying_of(market: &Market, slot: Slot) -> Option<Slot> {
-    market.group_of(slot)
 }

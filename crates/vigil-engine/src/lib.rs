@@ -21,7 +21,7 @@ use vigil_model::{
     reject,
 };
 
-use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, underlying_of, view};
+use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, view};
 use crate::band::Band;
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
@@ -285,7 +285,7 @@ impl Engine {
             }
             for s in held {
                 add_dep(&mut e.dependents, acc, a, s);
-                if let Some(u) = underlying_of(&e.market, s) {
+                if let Some(u) = e.market.group_of(s) {
                     add_dep(&mut e.dependents, acc, a, u);
                 }
             }
@@ -648,7 +648,7 @@ impl Engine {
         let acc = &mut self.accounts[a as usize];
         push_exact(&mut acc.positions, Position::new(slot, mode));
         add_dep(&mut self.dependents, acc, a, slot);
-        if let Some(u) = underlying_of(&self.market, slot) {
+        if let Some(u) = self.market.group_of(slot) {
             add_dep(&mut self.dependents, acc, a, u);
         }
         acc.positions.len() - 1
@@ -657,7 +657,7 @@ impl Engine {
     fn remove_position(&mut self, a: u32, index: usize) {
         let slot = self.accounts[a as usize].positions.swap_remove(index).slot;
         remove_dep(&mut self.dependents, &mut self.index, &mut self.accounts, a, slot);
-        if let Some(u) = underlying_of(&self.market, slot) {
+        if let Some(u) = self.market.group_of(slot) {
             remove_dep(&mut self.dependents, &mut self.index, &mut self.accounts, a, u);
         }
     }

@@ -411,7 +411,8 @@ impl Market {
         self.risk.iter().find(|(s, _)| *s == underlying).map_or_else(RiskParams::default, |(_, p)| *p)
     }
 
-    /// The portfolio group of an instrument: its underlying, if it has one.
+    /// The portfolio group of an instrument: its underlying, if it has one. Also the second slot a position in it
+    /// depends on (an option's value and margin follow the index; any grouped position's portfolio figures do).
     pub fn group_of(&self, slot: Slot) -> Option<Slot> {
         self.instrument(slot).and_then(|i| i.underlying)
     }

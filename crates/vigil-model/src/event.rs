@@ -71,6 +71,10 @@ pub struct Timestamp(pub i128);
 
 impl Timestamp {
     pub const NANOS_PER_SECOND: i128 = 1_000_000_000;
+    /// The earliest timestamp the contract accepts, `0000-01-01T00:00:00Z`.
+    pub const MIN: Timestamp = Timestamp(-62_167_219_200 * Self::NANOS_PER_SECOND);
+    /// The latest, `9999-12-31T23:59:59.999999999Z`.
+    pub const MAX: Timestamp = Timestamp(253_402_300_800 * Self::NANOS_PER_SECOND - 1);
 
     /// Parses an RFC 3339 timestamp with a zone (`Z` or `±HH:MM`); `None` for anything else, including a day
     /// the month does not have.
@@ -869,10 +873,8 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             amount("fee", fill.fee, Bound::Any)
         }
         Event::Clock { time } => {
-            // The parser's range: years 0000 to 9999 (anything it produced is within).
-            let lo = Timestamp::parse("0000-01-01T00:00:00Z").unwrap_or_default();
-            let hi = Timestamp::parse("9999-12-31T23:59:59.999999999Z").unwrap_or_default();
-            if (lo..=hi).contains(time) {
+            // The parser's range (anything it produced is within).
+            if (Timestamp::MIN..=Timestamp::MAX).contains(time) {
                 Ok(())
             } else {
                 Err(shape_err("`time` must be an RFC 3339 timestamp, got one out of its range".into()))
@@ -883,17 +885,7 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             if !(1..=BUCKETS_MAX).contains(&params.buckets) {
                 return Err(shape_err(format!("`buckets` must be an integer from 1 to {BUCKETS_MAX}")));
             }
-            for (field, r) in [
-                ("price_range", params.price_range),
-                ("vol_up", params.vol_up),
-                ("vol_down", params.vol_down),
-                ("min_vol_up", params.min_vol_up),
-                ("short_vega_power", params.short_vega_power),
-                ("long_vega_power", params.long_vega_power),
-                ("option_contingency", params.option_contingency),
-                ("future_contingency", params.future_contingency),
-                ("mm_factor", params.mm_factor),
-            ] {
+            for (field, r) in params.rates() {
                 num(field, r.0, Bound::Any)?;
             }
             Ok(())
@@ -911,6 +903,14 @@ impl From<NumError> for Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timestamp_range_is_the_parsers() {
+        // Proves the bounds `validate` holds a decoded clock to are what the parser gives at the range's ends.
+        assert_eq!(Timestamp::parse("0000-01-01T00:00:00Z"), Some(Timestamp::MIN));
+        assert_eq!(Timestamp::parse("9999-12-31T23:59:59.999999999Z"), Some(Timestamp::MAX));
+        assert_eq!(Timestamp::parse("1970-01-01T01:00:00+01:00"), Some(Timestamp(0)));
+    }
 
     #[test]
     fn decoded_events_are_held_to_the_parsers_rules() {

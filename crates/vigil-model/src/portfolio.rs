@@ -67,27 +67,32 @@ impl RiskParams {
         if !(1..=BUCKETS_MAX).contains(&self.buckets) {
             return Err(format!("buckets must be 1 to {BUCKETS_MAX}, got {}", self.buckets));
         }
-        let unit = [
+        for (name, r) in self.rates() {
+            let (range, shown) = match name {
+                "vol_up" => (0..=10 * SCALE, "[0, 10]"),
+                "mm_factor" => (1..=SCALE, "(0, 1]"),
+                _ => (0..=SCALE, "[0, 1]"),
+            };
+            if !range.contains(&r.0) {
+                return Err(format!("{name} must be in {shown}, got {r}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rate parameters by the names of their `risk` fields, in the event's order.
+    pub fn rates(&self) -> [(&'static str, Rate); 9] {
+        [
             ("price_range", self.price_range),
+            ("vol_up", self.vol_up),
             ("vol_down", self.vol_down),
             ("min_vol_up", self.min_vol_up),
             ("short_vega_power", self.short_vega_power),
             ("long_vega_power", self.long_vega_power),
             ("option_contingency", self.option_contingency),
             ("future_contingency", self.future_contingency),
-        ];
-        for (name, r) in unit {
-            if !(0..=SCALE).contains(&r.0) {
-                return Err(format!("{name} must be in [0, 1], got {r}"));
-            }
-        }
-        if !(0..=10 * SCALE).contains(&self.vol_up.0) {
-            return Err(format!("vol_up must be in [0, 10], got {}", self.vol_up));
-        }
-        if !(1..=SCALE).contains(&self.mm_factor.0) {
-            return Err(format!("mm_factor must be in (0, 1], got {}", self.mm_factor));
-        }
-        Ok(())
+            ("mm_factor", self.mm_factor),
+        ]
     }
 
     /// Scenarios in the grid: `3 × (2 × buckets + 1)`.
@@ -303,7 +308,7 @@ fn for_each_scenario(params: &RiskParams, legs: &[Leg<'_>], mut each: impl FnMut
         }
     }
     let b = params.buckets.max(1) as i32;
-    let steps = LinearSteps::new(exposure, params.price_range, b)?;
+    let steps = LinearSteps::new(exposure, params.price_range, b);
     for (step_index, k) in (-b..=b).enumerate() {
         let linear = steps.at(k)?;
         for case in 0..3 {
@@ -327,12 +332,12 @@ struct LinearSteps {
 }
 
 impl LinearSteps {
-    fn new(exposure: i128, price_range: Rate, buckets: i32) -> Option<LinearSteps> {
+    fn new(exposure: i128, price_range: Rate, buckets: i32) -> LinearSteps {
         let divisor = i128::from(buckets) * SCALE2;
         let price_range = i128::from(price_range.0);
         let split =
             exposure.checked_mul(price_range).map(|base| (base.div_euclid(divisor), base.rem_euclid(divisor) as i64));
-        Some(LinearSteps { exposure, price_range, divisor, split })
+        LinearSteps { exposure, price_range, divisor, split }
     }
 
     fn at(&self, k: i32) -> Option<i128> {
@@ -615,14 +620,14 @@ mod tests {
             let exposure = (x as i64 as i128).wrapping_mul(magnitude) / 7;
             let range = Rate((x % 100_000_001) as i64);
             let buckets = 1 + (x % 20) as i32;
-            let steps = LinearSteps::new(exposure, range, buckets).unwrap();
+            let steps = LinearSteps::new(exposure, range, buckets);
             for k in -buckets..=buckets {
                 let want =
                     mul_div(exposure, i128::from(range.0) * i128::from(k), i128::from(buckets) * SCALE2, Round::Floor);
                 assert_eq!(steps.at(k), want, "exposure {exposure} range {range} buckets {buckets} k {k}");
             }
         }
-        let huge = LinearSteps::new(i128::MAX / 3, Rate(SCALE), 4).unwrap();
+        let huge = LinearSteps::new(i128::MAX / 3, Rate(SCALE), 4);
         assert!(huge.split.is_none());
         assert_eq!(huge.at(-4), mul_div(i128::MAX / 3, -4 * SCALE_I128, 4 * SCALE2, Round::Floor));
     }

@@ -179,8 +179,9 @@ fn restart_recovers(data: &Path, filler: &Path, stream: &Stream) {
     assert_eq!(journal_end(data), resumed.acked, "every batch once: nothing lost, nothing twice");
 }
 
-#[test]
-fn a_full_disk_while_appending_refuses_the_batch_and_exits_non_zero() {
+/// The journal runs out of space with `keep` bytes left after its first batch: the node refuses a batch within
+/// `max`, exits with status 2 naming `cause` and ENOSPC, and recovers once space is freed.
+fn journal_runs_out(keep: u64, max: usize, cause: &str) {
     let Some(fs) = Tmpfs::mount(16 * SEGMENT) else { return };
     let data = fs.path().join("data");
     // No checkpoint during the test: only the journal needs space.
@@ -188,30 +189,24 @@ fn a_full_disk_while_appending_refuses_the_batch_and_exits_non_zero() {
     wait_prepared(&data);
     let mut stream = Stream::new(&addr, 0, Offset(0));
     assert!(stream.send(), "acknowledged before the disk fills");
-    // The first segment grows as it is written: with 16 KiB left, an append runs out.
-    let filler = fill(fs.path(), 16 << 10);
-    stream.send_until_refused(50);
+    let filler = fill(fs.path(), keep);
+    stream.send_until_refused(max);
     let (code, stderr) = exited(node);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("writing the journal") && stderr.contains("No space left on device"), "{stderr}");
+    assert!(stderr.contains(cause) && stderr.contains("No space left on device"), "{stderr}");
     restart_recovers(&data, &filler, &stream);
 }
 
 #[test]
+fn a_full_disk_while_appending_refuses_the_batch_and_exits_non_zero() {
+    // The first segment grows as it is written: with 16 KiB left, an append runs out.
+    journal_runs_out(16 << 10, 50, "writing the journal");
+}
+
+#[test]
 fn a_full_disk_when_preallocating_a_segment_refuses_the_batch_and_exits_non_zero() {
-    let Some(fs) = Tmpfs::mount(16 * SEGMENT) else { return };
-    let data = fs.path().join("data");
-    let (node, addr) = start(&data, &["--checkpoint-secs", "3600", "--checkpoint-events", "100000000"]);
-    wait_prepared(&data);
-    let mut stream = Stream::new(&addr, 0, Offset(0));
-    assert!(stream.send());
     // Room for the first segment to grow to its end (the second is prepared already), not for a third.
-    let filler = fill(fs.path(), SEGMENT + SEGMENT / 2);
-    stream.send_until_refused(200);
-    let (code, stderr) = exited(node);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("preallocating a segment") && stderr.contains("No space left on device"), "{stderr}");
-    restart_recovers(&data, &filler, &stream);
+    journal_runs_out(SEGMENT + SEGMENT / 2, 200, "preallocating a segment");
 }
 
 #[test]
