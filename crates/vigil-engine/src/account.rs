@@ -1,7 +1,8 @@
 //! One account's state and its evaluation: positions, balances, cached figures, liquidation episodes.
 
 use vigil_model::margin::{
-    bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, liquidation_price, option_figures,
+    bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, linear_value_mm,
+    liquidation_price, option_figures,
 };
 use vigil_model::portfolio::{GroupMargin, Leg, group_margin};
 use vigil_model::{
@@ -155,19 +156,74 @@ impl Account {
 
 /// The figures of one position at current prices.
 pub fn position_figures(market: &Market, p: &Position) -> PositionFigures {
-    let (Some(inst), Some(mark)) = (market.instrument(p.slot), market.price(p.slot)) else {
+    figures_at(market, p.slot, p.qty, p.cost_e16)
+}
+
+/// The figures of `qty` of instrument `slot` opened at `cost_e16`, at `market`'s prices.
+pub fn figures_at(market: &Market, slot: Slot, qty: Qty, cost_e16: i128) -> PositionFigures {
+    figures::<true>(market, slot, qty, cost_e16)
+}
+
+/// [`figures_at`], with the initial margin of a perp or future left out (zero) when `IM` is false.
+fn figures<const IM: bool>(market: &Market, slot: Slot, qty: Qty, cost_e16: i128) -> PositionFigures {
+    let (Some(inst), Some(mark)) = (market.instrument(slot), market.price(slot)) else {
         return PositionFigures::default();
     };
     match &inst.kind {
         InstrumentKind::Perp | InstrumentKind::Future => match &inst.tiers {
-            Some(t) => linear_figures(p.qty, p.cost_e16, mark, t),
+            Some(t) if IM => linear_figures(qty, cost_e16, mark, t),
+            Some(t) => linear_value_mm(qty, cost_e16, mark, t),
             None => PositionFigures::default(),
         },
         InstrumentKind::Option { underlying, terms } => match market.price(*underlying) {
-            Some(u) => option_figures(p.qty, p.cost_e16, mark, u, terms),
+            Some(u) => option_figures(qty, cost_e16, mark, u, terms),
             None => PositionFigures::default(),
         },
     }
+}
+
+/// What a standard-margin evaluation needs of a position (a stress test keeps them in one flat array).
+#[derive(Clone, Copy, Debug)]
+pub struct Holding {
+    pub cost_e16: i128,
+    pub wallet: Amount,
+    pub qty: Qty,
+    pub slot: Slot,
+    pub isolated: bool,
+}
+
+impl From<&Position> for Holding {
+    fn from(p: &Position) -> Self {
+        Self {
+            cost_e16: p.cost_e16,
+            wallet: p.wallet,
+            qty: p.qty,
+            slot: p.slot,
+            isolated: p.mode == MarginMode::Isolated,
+        }
+    }
+}
+
+/// The [`Exposure`] of a standard-margin account with these balances and holdings.
+pub fn standard_exposure(
+    market: &Market,
+    balances: &[(Slot, Amount)],
+    holdings: impl Iterator<Item = Holding>,
+) -> Exposure {
+    let mut out = Exposure::default();
+    let (mut equity, mut mm) = (collateral(market, balances), Amount::ZERO);
+    for h in holdings {
+        // An exposure has no use for initial margin.
+        let f = figures::<false>(market, h.slot, h.qty, h.cost_e16);
+        if h.isolated {
+            out.add_unit(h.wallet.saturating_add(f.value), f.maintenance_margin);
+        } else {
+            equity = equity.saturating_add(f.value);
+            mm = mm.saturating_add(f.maintenance_margin);
+        }
+    }
+    out.add_unit(equity, mm);
+    out
 }
 
 /// Value of the account's collateral: the quote as is, other assets at index price with haircut (an asset with
@@ -200,15 +256,7 @@ fn evaluate_groups(market: &Market, acc: &mut Account) -> Vec<(Slot, GroupMargin
     let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
     for p in &mut acc.positions {
         let grouped = in_group(market, &groups, p);
-        // A grouped position's own margin is never used (its group's is): only its value and PnL are computed.
-        p.figures = match market.price(p.slot) {
-            Some(mark) if grouped => {
-                let is_option =
-                    matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
-                vigil_model::margin::position_value(p.qty, p.cost_e16, mark, is_option)
-            }
-            _ => position_figures(market, p),
-        };
+        p.figures = charged_figures(market, p, grouped);
         if p.mode == MarginMode::Cross {
             cross.equity = cross.equity.saturating_add(p.figures.value);
             if !grouped {
@@ -223,6 +271,73 @@ fn evaluate_groups(market: &Market, acc: &mut Account) -> Vec<(Slot, GroupMargin
     }
     acc.cross = cross;
     groups
+}
+
+/// A position's figures as the account is charged: a grouped position's own margin is never used (its group's
+/// is), so only its value and PnL are computed.
+fn charged_figures(market: &Market, p: &Position, grouped: bool) -> PositionFigures {
+    match market.price(p.slot) {
+        Some(mark) if grouped => {
+            let is_option = matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
+            vigil_model::margin::position_value(p.qty, p.cost_e16, mark, is_option)
+        }
+        _ => position_figures(market, p),
+    }
+}
+
+/// An account's state at `market`'s prices, summed over its units (the cross unit and each isolated position):
+/// what a stress test compares before and after a move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exposure {
+    pub equity: Amount,
+    pub maintenance_margin: Amount,
+    /// A unit has `MM > 0` and equity below it.
+    pub liquidatable: bool,
+    /// A unit's equity is below zero.
+    pub bankrupt: bool,
+    /// Σ over units of `max(0, −equity)`.
+    pub shortfall: Amount,
+}
+
+impl Exposure {
+    fn add_unit(&mut self, equity: Amount, maintenance_margin: Amount) {
+        self.equity = self.equity.saturating_add(equity);
+        self.maintenance_margin = self.maintenance_margin.saturating_add(maintenance_margin);
+        self.liquidatable |= is_liquidatable(equity, maintenance_margin);
+        if equity.is_negative() {
+            self.bankrupt = true;
+            self.shortfall = self.shortfall.saturating_sub(equity);
+        }
+    }
+}
+
+/// The account's [`Exposure`] at `market`'s prices, computed afresh like [`evaluate`] but changing nothing (no
+/// cached figure is read or written).
+pub fn exposure(market: &Market, acc: &Account) -> Exposure {
+    if acc.margin == MarginModel::Standard {
+        return standard_exposure(market, &acc.balances, acc.positions.iter().map(Holding::from));
+    }
+    let groups = portfolio_groups(market, &acc.positions, acc.margin);
+    let mut out = Exposure::default();
+    let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
+    for p in &acc.positions {
+        let grouped = in_group(market, &groups, p);
+        let f = charged_figures(market, p, grouped);
+        match p.mode {
+            MarginMode::Cross => {
+                cross.equity = cross.equity.saturating_add(f.value);
+                if !grouped {
+                    cross.maintenance_margin = cross.maintenance_margin.saturating_add(f.maintenance_margin);
+                }
+            }
+            MarginMode::Isolated => out.add_unit(p.wallet.saturating_add(f.value), f.maintenance_margin),
+        }
+    }
+    for (_, g) in &groups {
+        cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
+    }
+    out.add_unit(cross.equity, cross.maintenance_margin);
+    out
 }
 
 /// Whether a position is charged through one of `groups`.

@@ -158,13 +158,22 @@ pub fn position_value(q: Qty, cost_e16: i128, mark: Price, is_option: bool) -> P
 }
 
 pub fn linear_figures(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
+    linear::<true>(q, cost_e16, mark, tiers)
+}
+
+/// [`linear_figures`] without the initial margin (left at zero): what a stress test needs, one division less.
+pub fn linear_value_mm(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
+    linear::<false>(q, cost_e16, mark, tiers)
+}
+
+fn linear<const IM: bool>(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
     let upnl = unrealized_pnl(q, cost_e16, mark);
     if q.0 == 0 {
         return PositionFigures { value: upnl, unrealized_pnl: upnl, ..Default::default() };
     }
     let notional_e16 = q.wide().abs() * mark.wide();
     let t = tiers.0[tiers.index_for(notional_e16)];
-    let im = mul_div(notional_e16, t.imr.wide(), SCALE2, Round::Ceil).unwrap_or(i128::MAX);
+    let im = if IM { mul_div(notional_e16, t.imr.wide(), SCALE2, Round::Ceil).unwrap_or(i128::MAX) } else { 0 };
     let mm = mul_add_div(notional_e16, t.mmr.wide(), -(t.cum_e16 * SCALE_I128), SCALE2, Round::Ceil);
     PositionFigures { value: upnl, unrealized_pnl: upnl, initial_margin: Amount(im), maintenance_margin: Amount(mm) }
 }

@@ -43,13 +43,45 @@ fn round_step(round: Round, frac_positive: bool, at_least_half: bool) -> i8 {
     }
 }
 
+/// `n / 1e8` and its remainder, by long division in 32-bit digits: every step divides a value below 2^59 by a
+/// 64-bit constant, which compiles to a multiplication (a 128-bit division is a library call several times slower,
+/// and dividing by 1e8 or 1e16 is what every figure does once or twice).
+const fn divrem_e8(n: u128) -> (u128, u128) {
+    const D: u64 = SCALE as u64;
+    let hi = (n >> 64) as u64;
+    let (q_hi, r) = (hi / D, hi % D);
+    // r < 1e8 < 2^27: each partial dividend is below 1e8 × 2^32 < 2^59, each partial quotient below 2^32.
+    let mid = (r << 32) | ((n >> 32) as u64 & 0xffff_ffff);
+    let (q_mid, r) = (mid / D, mid % D);
+    let lo = (r << 32) | (n as u64 & 0xffff_ffff);
+    let (q_lo, r) = (lo / D, lo % D);
+    (((q_hi as u128) << 64) + ((q_mid as u128) << 32) + q_lo as u128, r as u128)
+}
+
+/// `n / 1e16` and its remainder: two divisions by 1e8 (`n = (q × 1e8 + r₂) × 1e8 + r₁`).
+const fn divrem_e16(n: u128) -> (u128, u128) {
+    let (q1, r1) = divrem_e8(n);
+    let (q, r2) = divrem_e8(q1);
+    (q, r2 * SCALE as u128 + r1)
+}
+
 /// `n / d` rounded as asked; `None` if `d == 0` or the quotient overflows.
 fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
+    if d == SCALE_I128 || d == SCALE2 {
+        let (q, r) = if d == SCALE_I128 { divrem_e8(n.unsigned_abs()) } else { divrem_e16(n.unsigned_abs()) };
+        // |n| ≤ 2^127, so q < 2^127 / 1e8 fits; the truncated quotient and remainder take n's sign.
+        let q = if n < 0 { -(q as i128) } else { q as i128 };
+        if r == 0 {
+            return Some(q);
+        }
+        return Some(q + i128::from(round_step(round, n > 0, 2 * r >= d as u128)));
+    }
     if d == 0 {
         return None;
     }
     let q = n.checked_div(d)?;
-    let r = n.checked_rem(d)?;
+    // Exact: |q × d| ≤ |n|. (One division, not a second for the remainder.)
+    let r = n - q * d;
     if r == 0 {
         return Some(q);
     }
@@ -316,6 +348,55 @@ pub fn format_fixed(raw: i128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain division the fast paths replace.
+    fn div_round_reference(n: i128, d: i128, round: Round) -> i128 {
+        let (q, r) = (n / d, n % d);
+        if r == 0 {
+            return q;
+        }
+        q + i128::from(round_step(round, (r > 0) == (d > 0), r.unsigned_abs() * 2 >= d.unsigned_abs()))
+    }
+
+    #[test]
+    fn division_by_the_scales_matches_plain_division() {
+        // Proves the digit-wise fast paths for 1e8 and 1e16 give the quotient and rounding of a plain i128
+        // division: at the extremes, around multiples and halves of the divisor, and over random values of every
+        // magnitude, in the three rounding modes.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut cases = vec![0, 1, -1, i128::MAX, i128::MIN, i128::MAX - 1, i128::MIN + 1];
+        for d in [SCALE_I128, SCALE2] {
+            for k in [1i128, 2, 3, 1 << 40, 1 << 90] {
+                for off in [-1, 0, 1, d / 2 - 1, d / 2, d / 2 + 1] {
+                    if let Some(n) = k.checked_mul(d).and_then(|m| m.checked_add(off)) {
+                        cases.extend([n, -n]);
+                    }
+                }
+            }
+        }
+        for _ in 0..20_000 {
+            let bits = next() % 127;
+            let v = ((u128::from(next()) << 64 | u128::from(next())) >> (127 - bits)) as i128;
+            cases.push(if next() % 2 == 0 { v } else { -v });
+        }
+        for n in cases {
+            for d in [SCALE_I128, SCALE2] {
+                for round in [Round::Floor, Round::Ceil, Round::Nearest] {
+                    assert_eq!(
+                        div_round_i128(n, d, round),
+                        Some(div_round_reference(n, d, round)),
+                        "{n} / {d} {round:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn parse_accepts_exact_forms() {

@@ -4,13 +4,15 @@
 //! where they need it.
 
 use std::fs;
-use std::io::{self, BufRead, BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
 use anyhow::Context;
 use vigil_engine::market::{Entry, InstrumentKind};
-use vigil_engine::{Config, Sharded};
-use vigil_model::{Offset, Right, parse_line};
+use vigil_engine::merged_views;
+use vigil_model::{Offset, Right};
+
+use crate::book::Book;
 
 /// What an export wrote: the offset of the book, and the rows of each file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,29 +47,10 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|x| x.to_string()).unwrap_or_default()
 }
 
-/// Replays `input` (JSON Lines; rejected lines take their offset and change nothing) and writes the book at its
-/// last offset into `dir` (created if missing).
-pub fn export(input: impl BufRead, dir: &Path, config: &Config) -> anyhow::Result<Exported> {
-    // One shard: the state is the same for every shard count, and the export needs no threads.
-    let mut engine = Sharded::new(config, 1);
-    let mut triggers = Vec::new();
-    for line in input.lines() {
-        let line = line.context("reading the input")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        triggers.clear();
-        match parse_line(&line) {
-            Ok(event) => {
-                let _ = engine.apply(&event, &mut triggers);
-            }
-            Err(_) => {
-                engine.next_offset();
-            }
-        }
-    }
+/// Writes `book` into `dir` (created if missing).
+pub fn export(book: &Book, dir: &Path) -> anyhow::Result<Exported> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let shard = engine.shards().first().context("a book has one shard")?;
+    let shard = book.engines.first().context("a book has at least one shard")?;
     let market = shard.market();
     let (mut instruments, mut prices) = (Vec::new(), Vec::new());
     for slot in 0..market.slots() as u32 {
@@ -102,7 +85,7 @@ pub fn export(input: impl BufRead, dir: &Path, config: &Config) -> anyhow::Resul
             ]);
         }
     }
-    let views = engine.views();
+    let views = merged_views(&book.engines);
     let (mut accounts, mut balances, mut positions) = (Vec::new(), Vec::new(), Vec::new());
     for v in &views {
         accounts.push(vec![
@@ -130,7 +113,7 @@ pub fn export(input: impl BufRead, dir: &Path, config: &Config) -> anyhow::Resul
             ]);
         }
     }
-    let offset = engine.offset();
+    let offset = book.offset;
     let mut files = vec![
         write_csv(dir, "instruments.csv", "symbol,kind,underlying,right,strike,expiry_ns,settled", &instruments)?,
         write_csv(dir, "prices.csv", "name,kind,price", &prices)?,
@@ -183,7 +166,9 @@ mod tests {
         ]
         .join("\n");
         let dir = tempfile::tempdir().unwrap();
-        let e = export(input.as_bytes(), dir.path(), &Config::default()).unwrap();
+        // Two shards: the book is the same for every shard count.
+        let book = crate::book::replay(input.as_bytes(), &vigil_engine::Config::default(), 2, false).unwrap();
+        let e = export(&book, dir.path()).unwrap();
         assert_eq!(e.offset, Offset(8));
         let read = |n: &str| fs::read_to_string(dir.path().join(n)).unwrap();
         assert_eq!(

@@ -15,7 +15,7 @@ use vigil_store::layout;
 use crate::recovery::replayable;
 
 /// Copies a directory tree (files and subdirectories).
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;

@@ -1,5 +1,6 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
+pub mod book;
 pub mod config;
 pub mod export;
 pub mod fuzzing;
@@ -14,6 +15,7 @@ pub mod producers;
 pub mod recovery;
 pub mod replay;
 pub mod serve;
+pub mod stress;
 pub mod sync;
 pub mod wire;
 

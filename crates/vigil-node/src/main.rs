@@ -127,14 +127,54 @@ enum Command {
     /// Replays a JSON Lines file and writes the book at its last offset as CSV files (instruments, prices, accounts,
     /// balances, positions, and a manifest), for analysts and for reconciliation with other tools.
     Export {
-        /// The input file (`-` for standard input).
-        input: PathBuf,
+        /// The input file (`-` for standard input); or `--data`.
+        #[arg(required_unless_present = "data")]
+        input: Option<PathBuf>,
+        /// A node's data directory instead of a file: the book at its journal's last record (read-only).
+        #[arg(long, conflicts_with = "input")]
+        data: Option<PathBuf>,
         /// The directory the CSV files are written to (created if missing).
         #[arg(long, short)]
         out: PathBuf,
         /// The quote currency.
         #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
         quote: String,
+    },
+    /// Revalues the whole book under market moves (named scenarios and grids) and reports the damage: accounts
+    /// liquidatable and bankrupt, shortfall, loss by asset, the largest losses, loss curves. Changes nothing.
+    /// The report (JSON) goes to standard output; timings to standard error.
+    Stress {
+        /// The event stream to replay (`-` for standard input); or `--data`.
+        #[arg(required_unless_present = "data")]
+        input: Option<PathBuf>,
+        /// A node's data directory instead of a file: the book at its journal's last record (read-only; the shard
+        /// count is the directory's).
+        #[arg(long, conflicts_with = "input")]
+        data: Option<PathBuf>,
+        /// Shards (threads) a replayed file is split into.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        shards: u16,
+        /// The quote currency.
+        #[arg(long, default_value = vigil_model::QUOTE_DEFAULT)]
+        quote: String,
+        /// A request file: `{"scenarios": [...], "grids": [...], "top": N}` (docs/api.md).
+        #[arg(long, conflicts_with_all = ["scenario", "grid"])]
+        request: Option<PathBuf>,
+        /// A scenario, e.g. '{"name":"crash","moves":{"BTC":"-0.3"},"vol":{"BTC":"0.5"}}' (repeatable).
+        #[arg(long)]
+        scenario: Vec<String>,
+        /// A grid, e.g. '{"underlying":"BTC","from":"-0.5","to":"0.5","steps":21}' (repeatable).
+        #[arg(long)]
+        grid: Vec<String>,
+        /// Accounts listed per scenario, by loss (with --scenario/--grid).
+        #[arg(long, default_value_t = vigil_node::stress::TOP_DEFAULT)]
+        top: usize,
+        /// Draw each grid's loss curve into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Run the request this many times and report the best time (for measurements).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runs: u32,
     },
     /// Writes a synthetic, seeded event stream (JSON Lines) for benches and demos.
     Gen {
@@ -257,15 +297,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = vigil_node::load::run(&options, &stream, setup)?;
             vigil_node::load::print(&report, &mut io::stdout().lock()).context("writing the report")
         }
-        Command::Export { input, out, quote } => {
+        Command::Export { input, data, out, quote } => {
             let config = vigil_engine::Config { quote, ..vigil_engine::Config::default() };
-            let exported = if input.as_os_str() == "-" {
-                vigil_node::export::export(io::stdin().lock(), &out, &config)?
-            } else {
-                let f = std::fs::File::open(&input).with_context(|| format!("opening {}", input.display()))?;
-                vigil_node::export::export(BufReader::with_capacity(1 << 16, f), &out, &config)?
-            };
+            // One shard for a file: the book is the same for every shard count.
+            let book = load_book(input.as_deref(), data.as_deref(), &config, 1)?;
+            let exported = vigil_node::export::export(&book, &out)?;
             vigil_node::export::print(&exported, &out, &mut io::stdout().lock()).context("writing the summary")
+        }
+        Command::Stress { input, data, shards, quote, request, scenario, grid, top, plot, runs } => {
+            let request = match request {
+                Some(path) => {
+                    let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    vigil_node::stress::parse_request(&body).with_context(|| format!("in {}", path.display()))?
+                }
+                None => stress_request(&scenario, &grid, top)?,
+            };
+            let config = vigil_engine::Config { quote, ..vigil_engine::Config::default() };
+            let loaded = std::time::Instant::now();
+            let mut book = load_book(input.as_deref(), data.as_deref(), &config, usize::from(shards))?;
+            let accounts: usize = book.engines.iter().map(vigil_engine::Engine::account_count).sum();
+            eprintln!(
+                "book: {accounts} accounts at offset {} on {} shard(s), loaded in {:.2} s",
+                book.offset.0,
+                book.engines.len(),
+                loaded.elapsed().as_secs_f64()
+            );
+            let progress = vigil_node::stress::stderr_is_terminal();
+            let mut best = None::<std::time::Duration>;
+            let mut report = None;
+            for _ in 0..runs {
+                let started = std::time::Instant::now();
+                let r = vigil_node::stress::run(&mut book.engines, book.offset, &request, progress)?;
+                let took = started.elapsed();
+                best = Some(best.map_or(took, |b| b.min(took)));
+                report = Some(r);
+            }
+            let (Some(report), Some(best)) = (report, best) else { anyhow::bail!("no run") };
+            let n = report.result.scenarios.len();
+            eprintln!(
+                "stress: {n} scenario(s) in {:.1} ms (best of {runs}), {:.1} ms per scenario",
+                best.as_secs_f64() * 1e3,
+                best.as_secs_f64() * 1e3 / n.max(1) as f64
+            );
+            if let Some(path) = &plot {
+                vigil_node::stress::plot(&report, path)?;
+                eprintln!("loss curve drawn in {}", path.display());
+            }
+            let mut out = io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &report.to_json()).context("writing the report")?;
+            writeln!(out).context("writing the report")
         }
         Command::Inspect { data, verify } => {
             let mut out = io::stdout().lock();
@@ -349,4 +429,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The book of a replayed file, or of a data directory.
+fn load_book(
+    input: Option<&std::path::Path>,
+    data: Option<&std::path::Path>,
+    config: &vigil_engine::Config,
+    shards: usize,
+) -> anyhow::Result<vigil_node::book::Book> {
+    match (input, data) {
+        (_, Some(data)) => vigil_node::book::from_data(data, config),
+        (Some(input), None) => vigil_node::book::replay_path(input, config, shards),
+        (None, None) => anyhow::bail!("give an input file or --data DIR"),
+    }
+}
+
+/// A request from `--scenario` and `--grid` flags.
+fn stress_request(scenarios: &[String], grids: &[String], top: usize) -> anyhow::Result<vigil_engine::stress::Request> {
+    let value = |text: &str, what: &str| -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(text).with_context(|| format!("{what} {text:?} is not JSON"))
+    };
+    let mut request = vigil_engine::stress::Request { top, ..Default::default() };
+    for (i, s) in scenarios.iter().enumerate() {
+        request.scenarios.push(vigil_node::stress::parse_scenario(&value(s, "--scenario")?, i)?);
+    }
+    for g in grids {
+        request.grids.push(vigil_node::stress::parse_grid(&value(g, "--grid")?)?);
+    }
+    request.validate()?;
+    Ok(request)
 }

@@ -835,7 +835,7 @@ fn ref_norm(x: f64) -> f64 {
 }
 
 /// Black-76 without discounting, written out again from `portfolio-margin.md` (independent of the model crate).
-fn ref_black76(right: Right, u: f64, k: f64, t: f64, sigma: f64) -> f64 {
+pub fn ref_black76(right: Right, u: f64, k: f64, t: f64, sigma: f64) -> f64 {
     let intrinsic = match right {
         Right::Call => (u - k).max(0.0),
         Right::Put => (k - u).max(0.0),
@@ -855,7 +855,7 @@ fn ref_black76(right: Right, u: f64, k: f64, t: f64, sigma: f64) -> f64 {
 }
 
 /// The implied volatility in [0.001, 10] by plain bisection (100 halvings: far below the contract's 1e-10).
-fn ref_implied_vol(right: Right, u: f64, k: f64, t: f64, mark: f64) -> f64 {
+pub fn ref_implied_vol(right: Right, u: f64, k: f64, t: f64, mark: f64) -> f64 {
     if t <= 0.0 || u <= 0.0 || mark <= ref_black76(right, u, k, t, 0.001) {
         return 0.001;
     }

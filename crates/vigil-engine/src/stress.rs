@@ -1,0 +1,587 @@
+//! Stress tests (`portfolio-margin.md`, "Stress tests"): the book revalued under market moves. Nothing changes:
+//! each scenario is a shocked copy of the market, and every account is evaluated afresh against it under its own
+//! margin model.
+//!
+//! A shard computes its [`Part`] of each scenario ([`Engine::stress`]); the parts of every shard, taken at one
+//! offset, [`merge`] into the book's [`Outcome`]s. Within a shard, the accounts' figures at current prices are
+//! computed once per request and shared by its scenarios.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use vigil_model::margin::collateral_value;
+use vigil_model::num::{Round, SCALE_I128, mul_div};
+use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
+use vigil_model::{Amount, Price, Reason};
+
+use crate::Engine;
+use crate::account::{Account, Exposure, Holding, exposure, standard_exposure};
+use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+
+/// A relative change at 1e-8 (`-0.3` = −30%).
+pub type Relative = i64;
+
+/// One named scenario: relative index moves per asset and relative volatility shifts (`0.5` = σ × 1.5).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: String,
+    /// (asset, move), sorted by asset, each asset once.
+    pub moves: Vec<(String, Relative)>,
+    /// (asset, volatility shift), sorted by asset, each asset once.
+    pub vol: Vec<(String, Relative)>,
+}
+
+/// A loss curve: one scenario per step, moving `underlying` from `from` to `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub underlying: String,
+    pub from: Relative,
+    pub to: Relative,
+    pub steps: u32,
+}
+
+/// The most steps one grid may have.
+pub const GRID_STEPS_MAX: u32 = 1001;
+/// The most scenarios (named and grid steps together) one request may run.
+pub const SCENARIOS_MAX: usize = 4096;
+/// The longest `top` list.
+pub const TOP_MAX: usize = 1000;
+
+impl Grid {
+    /// The move of step `i`: `from + (to − from) × i / (steps − 1)`, rounded to the nearest 1e-8.
+    pub fn step(&self, i: u32) -> Relative {
+        if self.steps <= 1 {
+            return self.from;
+        }
+        let span = i128::from(self.to) - i128::from(self.from);
+        let offset = mul_div(span, i128::from(i), i128::from(self.steps - 1), Round::Nearest)
+            .expect("invariant: a span below 2^65 times a step below 2^32 fits, and steps - 1 > 0");
+        // Between from and to, both i64.
+        (i128::from(self.from) + offset) as Relative
+    }
+
+    /// The grid's scenarios, one per step, named `"{underlying} {move}"`.
+    pub fn scenarios(&self) -> impl Iterator<Item = Scenario> + '_ {
+        (0..self.steps).map(|i| {
+            let m = self.step(i);
+            Scenario {
+                name: format!("{} {}", self.underlying, Price(m)),
+                moves: vec![(self.underlying.clone(), m)],
+                vol: Vec::new(),
+            }
+        })
+    }
+}
+
+/// A stress request: named scenarios, grids, and how many accounts to list per scenario.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub scenarios: Vec<Scenario>,
+    pub grids: Vec<Grid>,
+    pub top: usize,
+}
+
+impl Request {
+    /// Every scenario the request runs: the named ones, then each grid's steps in order.
+    pub fn expand(&self) -> Vec<Scenario> {
+        let mut all = self.scenarios.clone();
+        for g in &self.grids {
+            all.extend(g.scenarios());
+        }
+        all
+    }
+
+    /// Checks the request's shape (not its names: those need the market, [`shock`]).
+    pub fn validate(&self) -> Result<(), StressError> {
+        if self.scenarios.is_empty() && self.grids.is_empty() {
+            return Err(StressError::invalid("a stress request needs at least one scenario or grid"));
+        }
+        if self.top > TOP_MAX {
+            return Err(StressError::invalid(format!("top is {}, at most {TOP_MAX}", self.top)));
+        }
+        let mut count = self.scenarios.len();
+        for g in &self.grids {
+            if g.steps == 0 || g.steps > GRID_STEPS_MAX {
+                return Err(StressError::invalid(format!(
+                    "grid on {}: steps is {}, must be 1 to {GRID_STEPS_MAX}",
+                    g.underlying, g.steps
+                )));
+            }
+            count += g.steps as usize;
+        }
+        if count > SCENARIOS_MAX {
+            return Err(StressError::invalid(format!("{count} scenarios requested, at most {SCENARIOS_MAX}")));
+        }
+        for s in &self.scenarios {
+            if s.moves.is_empty() && s.vol.is_empty() {
+                return Err(StressError::invalid(format!("scenario {:?} moves nothing", s.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a stress request was refused (nothing was computed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StressError {
+    /// `invalid_scenario`, `unknown_symbol` or `no_price`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl StressError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self { code: "invalid_scenario", message: message.into() }
+    }
+    fn reason(reason: Reason, message: String) -> Self {
+        Self { code: reason.as_str(), message }
+    }
+}
+
+impl std::fmt::Display for StressError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for StressError {}
+
+/// `price × (1 + m)`, rounded to the nearest 1e-8.
+fn moved(price: Price, m: Relative) -> Option<Price> {
+    let p = mul_div(price.wide(), SCALE_I128 + i128::from(m), SCALE_I128, Round::Nearest)?;
+    i64::try_from(p).ok().map(Price)
+}
+
+/// The asset slot a scenario names.
+fn asset_slot(market: &Market, scenario: &Scenario, name: &str, what: &str) -> Result<Slot, StressError> {
+    match market.slot(name).map(|s| (s, market.entry(s))) {
+        Some((s, Some(Entry::Asset { .. }))) => Ok(s),
+        Some((_, Some(Entry::Quote))) => Err(StressError::invalid(format!(
+            "scenario {:?} {what} {name:?}, the quote asset: every figure is in it",
+            scenario.name
+        ))),
+        Some(_) => Err(StressError::invalid(format!(
+            "scenario {:?} {what} {name:?}, an instrument: name the asset it follows",
+            scenario.name
+        ))),
+        None => Err(StressError::reason(
+            Reason::UnknownAsset,
+            format!("scenario {:?} {what} {name:?}, which is not a declared asset", scenario.name),
+        )),
+    }
+}
+
+/// The market as `scenario` moves it: each named asset's index × (1 + move); each perp's and future's mark × (1 +
+/// its underlying's move); each option on a moved or vol-shifted underlying repriced by Black-76 at the moved index
+/// with its implied volatility × (1 + shift). Everything else stays put. Refused with `no_price` when an option
+/// must be repriced before any `clock` (its time to expiry is unknown).
+pub fn shock(market: &Market, scenario: &Scenario) -> Result<Market, StressError> {
+    let n = market.slots();
+    let mut moves: Vec<Option<Relative>> = vec![None; n];
+    let mut shifts: Vec<Option<Relative>> = vec![None; n];
+    for (name, m) in &scenario.moves {
+        let slot = asset_slot(market, scenario, name, "moves")?;
+        if *m <= -SCALE_I128 as i64 {
+            return Err(StressError::invalid(format!(
+                "scenario {:?} moves {name:?} by {}: a move must be above -1 (prices stay positive)",
+                scenario.name,
+                Price(*m)
+            )));
+        }
+        moves[slot as usize] = Some(*m);
+    }
+    for (name, v) in &scenario.vol {
+        let slot = asset_slot(market, scenario, name, "shifts the volatility of")?;
+        if *v <= -SCALE_I128 as i64 {
+            return Err(StressError::invalid(format!(
+                "scenario {:?} shifts {name:?}'s volatility by {}: a shift must be above -1",
+                scenario.name,
+                Price(*v)
+            )));
+        }
+        shifts[slot as usize] = Some(*v);
+    }
+    let out_of_range = |symbol: &str| {
+        StressError::invalid(format!("scenario {:?} moves {symbol:?}'s price out of range", scenario.name))
+    };
+    let mut shocked = market.clone();
+    for slot in 0..n as Slot {
+        let Some(price) = market.price(slot) else { continue };
+        let new = match market.entry(slot) {
+            Some(Entry::Asset { .. }) => match moves[slot as usize] {
+                Some(m) => moved(price, m).ok_or_else(|| out_of_range(market.name(slot)))?,
+                None => continue,
+            },
+            Some(Entry::Instrument(inst)) if !inst.settled => {
+                let Some(u) = inst.underlying else { continue };
+                let m = moves[u as usize];
+                match &inst.kind {
+                    InstrumentKind::Perp | InstrumentKind::Future => match m {
+                        Some(m) => moved(price, m).ok_or_else(|| out_of_range(market.name(slot)))?,
+                        None => continue,
+                    },
+                    InstrumentKind::Option { terms, .. } => {
+                        let shift = shifts[u as usize];
+                        if m.is_none() && shift.is_none() {
+                            continue;
+                        }
+                        let Some(index) = market.price(u) else { continue };
+                        let Some(clock) = market.clock() else {
+                            return Err(StressError::reason(
+                                Reason::NoPrice,
+                                format!(
+                                    "scenario {:?} moves {:?}: repricing option {:?} needs its time to expiry, and no \
+                                     clock event has set the time yet",
+                                    scenario.name,
+                                    market.name(u),
+                                    market.name(slot)
+                                ),
+                            ));
+                        };
+                        let t = inst.expiry.map_or(0.0, |e| years_to_expiry(clock, e));
+                        let (u0, k, mark) = (to_f64(index), to_f64(terms.strike), to_f64(price));
+                        let sigma = implied_vol(terms.right, u0, k, t, mark);
+                        let index_after = match m {
+                            Some(m) => moved(index, m).ok_or_else(|| out_of_range(market.name(u)))?,
+                            None => index,
+                        };
+                        let factor = 1.0 + shift.map_or(0.0, |v| v as f64 / SCALE_I128 as f64);
+                        let value = black76(terms.right, to_f64(index_after), k, t, sigma * factor);
+                        // A value is within [intrinsic, bound] (finite, non-negative): it converts.
+                        Price((value * SCALE_I128 as f64).round().clamp(0.0, i64::MAX as f64) as i64)
+                    }
+                }
+            }
+            _ => continue,
+        };
+        shocked.set_price(slot, new);
+    }
+    Ok(shocked)
+}
+
+fn to_f64(p: Price) -> f64 {
+    p.0 as f64 / SCALE_I128 as f64
+}
+
+/// Loss and gain on one moved asset (summed over accounts: positions on it and collateral in it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AssetLoss {
+    pub asset: String,
+    /// Σ over accounts of what they lose on the asset (value before − after, where positive).
+    pub loss: Amount,
+    /// Σ over accounts of what they gain on it.
+    pub gain: Amount,
+}
+
+/// One account among a scenario's largest losses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopAccount {
+    pub account: String,
+    /// Equity before − equity after, summed over the account's units.
+    pub loss: Amount,
+    pub before: Exposure,
+    pub after: Exposure,
+}
+
+/// A scenario's result over some accounts (one shard's, or the book's once merged).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Part {
+    pub accounts: u64,
+    pub liquidatable: u64,
+    /// Liquidatable under the scenario, not at current prices.
+    pub newly_liquidatable: u64,
+    pub bankrupt: u64,
+    pub shortfall: Amount,
+    /// Per asset the scenario moves or shifts, in the scenario's order (moves, then shifts not moved).
+    pub assets: Vec<AssetLoss>,
+    /// Largest losses first; ties by account id.
+    pub top: Vec<TopAccount>,
+}
+
+/// One shard's answer to a stress request: its accounts at current prices, and its part of each scenario.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardStress {
+    pub now: Part,
+    pub scenarios: Vec<Part>,
+}
+
+/// Merges every shard's answer (taken at one offset) into the book's: `now`, then each scenario.
+pub fn merge_shards(shards: Vec<ShardStress>, top: usize) -> ShardStress {
+    let n = shards.first().map_or(0, |s| s.scenarios.len());
+    let mut columns: Vec<Vec<Part>> = (0..n).map(|_| Vec::with_capacity(shards.len())).collect();
+    let mut nows = Vec::with_capacity(shards.len());
+    for s in shards {
+        nows.push(s.now);
+        for (column, part) in columns.iter_mut().zip(s.scenarios) {
+            column.push(part);
+        }
+    }
+    ShardStress { now: merge(nows, 0), scenarios: columns.into_iter().map(|c| merge(c, top)).collect() }
+}
+
+/// The assets whose losses a scenario reports, in order: moved ones, then those only vol-shifted.
+fn reported_assets(s: &Scenario) -> Vec<String> {
+    let mut names: Vec<String> = s.moves.iter().map(|(a, _)| a.clone()).collect();
+    for (a, _) in &s.vol {
+        if !names.contains(a) {
+            names.push(a.clone());
+        }
+    }
+    names
+}
+
+/// A candidate for the top list, ordered so that the heap's smallest is the first to drop: the smallest loss, and
+/// among equal losses the largest account id.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Ranked(Amount, Reverse<Box<str>>, usize);
+
+impl Engine {
+    /// This shard's part of every scenario, at its current state; `progress` is called after each scenario.
+    /// Changes nothing. Refused (before computing anything) if a scenario names an unknown asset or must reprice
+    /// an option before any clock.
+    pub fn stress(
+        &self,
+        scenarios: &[Scenario],
+        top: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<ShardStress, StressError> {
+        let market = &self.market;
+        let shocked: Vec<Market> = scenarios.iter().map(|s| shock(market, s)).collect::<Result<_, _>>()?;
+        let mut scratch = self.stress_scratch.borrow_mut();
+        let Scratch { flat, before } = &mut *scratch;
+        flat.fill(market, &self.accounts, before);
+        let (flat, before) = (&*flat, &before[..]);
+        let mut now = Part::default();
+        for b in before {
+            now.accounts += 1;
+            now.liquidatable += u64::from(b.liquidatable);
+            now.bankrupt += u64::from(b.bankrupt);
+            now.shortfall = now.shortfall.saturating_add(b.shortfall);
+        }
+        let mut parts = Vec::with_capacity(scenarios.len());
+        for (i, (scenario, after_market)) in scenarios.iter().zip(&shocked).enumerate() {
+            parts.push(self.stress_one(scenario, after_market, flat, before, top));
+            progress(i + 1);
+        }
+        Ok(ShardStress { now, scenarios: parts })
+    }
+
+    fn stress_one(
+        &self,
+        scenario: &Scenario,
+        after_market: &Market,
+        flat: &Flat,
+        before: &[Exposure],
+        top: usize,
+    ) -> Part {
+        let market = &self.market;
+        let names = reported_assets(scenario);
+        // Which reported asset (if any) each slot's value follows: an asset itself, or an instrument's underlying.
+        let mut follows: Vec<Option<usize>> = vec![None; market.slots()];
+        for (k, name) in names.iter().enumerate() {
+            if let Some(s) = market.slot(name) {
+                follows[s as usize] = Some(k);
+            }
+        }
+        for slot in 0..market.slots() as Slot {
+            if let Some(u) = market.group_of(slot).filter(|u| *u != slot) {
+                follows[slot as usize] = follows[u as usize];
+            }
+        }
+        let mut part = Part {
+            assets: names.iter().map(|a| AssetLoss { asset: a.clone(), ..AssetLoss::default() }).collect(),
+            ..Part::default()
+        };
+        let mut heap: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(top + 1);
+        let mut deltas = vec![0i128; names.len()];
+        for (i, acc) in self.accounts.iter().enumerate() {
+            let b = before[i];
+            let a = flat.exposure(after_market, &self.accounts, i);
+            part.accounts += 1;
+            part.liquidatable += u64::from(a.liquidatable);
+            part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
+            part.bankrupt += u64::from(a.bankrupt);
+            part.shortfall = part.shortfall.saturating_add(a.shortfall);
+            if !names.is_empty() {
+                deltas.iter_mut().for_each(|d| *d = 0);
+                let (balances, holdings) = flat.of(i);
+                value_deltas(market, after_market, balances, holdings, &follows, &mut deltas);
+                for (loss, d) in part.assets.iter_mut().zip(&deltas) {
+                    if *d < 0 {
+                        loss.loss = loss.loss.saturating_sub(Amount(*d));
+                    } else {
+                        loss.gain = loss.gain.saturating_add(Amount(*d));
+                    }
+                }
+            }
+            if top > 0 {
+                let loss = b.equity.saturating_sub(a.equity);
+                let full = heap.len() >= top;
+                // Cheap test first: only a loss at least the smallest kept can enter.
+                if full && heap.peek().is_some_and(|Reverse(r)| loss < r.0) {
+                    continue;
+                }
+                heap.push(Reverse(Ranked(loss, Reverse(acc.id.clone()), i)));
+                if heap.len() > top {
+                    heap.pop();
+                }
+                // Keep the after-figures of those kept: recomputed below from the index.
+            }
+        }
+        let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
+        ranked.sort_unstable_by(|x, y| y.cmp(x));
+        part.top = ranked
+            .into_iter()
+            .map(|Ranked(loss, Reverse(id), i)| TopAccount {
+                account: id.into(),
+                loss,
+                before: before[i],
+                after: exposure(after_market, &self.accounts[i]),
+            })
+            .collect();
+        part
+    }
+}
+
+/// Adds to `deltas[k]` the change in value of the account's positions on reported asset `k` and of its collateral
+/// in it, between `before` and `after`.
+fn value_deltas(
+    before: &Market,
+    after: &Market,
+    balances: &[(Slot, Amount)],
+    holdings: &[Holding],
+    follows: &[Option<usize>],
+    deltas: &mut [i128],
+) {
+    for (slot, amount) in balances {
+        if *slot == QUOTE {
+            continue;
+        }
+        let Some(k) = follows[*slot as usize] else { continue };
+        if let (Some(p0), Some(p1)) = (before.price(*slot), after.price(*slot)) {
+            let h = before.haircut(*slot);
+            deltas[k] += collateral_value(*amount, p1, h).0 - collateral_value(*amount, p0, h).0;
+        }
+    }
+    for h in holdings {
+        let Some(k) = follows[h.slot as usize] else { continue };
+        if let (Some(m0), Some(m1)) = (before.price(h.slot), after.price(h.slot)) {
+            // Linear and option values both move by q × Δmark (rounded down, like every value).
+            deltas[k] += vigil_model::num::e16_to_e8(h.qty.wide() * (m1.wide() - m0.wide()), Round::Floor);
+        }
+    }
+}
+
+/// Where one account's balances and open positions sit in a [`Flat`] book.
+#[derive(Clone, Copy)]
+struct FlatAccount {
+    balances: (u32, u32),
+    holdings: (u32, u32),
+    standard: bool,
+}
+
+/// A shard's accounts laid out for scanning, rebuilt for each request: every account's balances and positions in
+/// two contiguous arrays, in account order. A scenario's pass then reads memory in order (the prefetcher's case)
+/// instead of chasing each account's own vectors, which is most of what a pass over a large book costs.
+#[derive(Default)]
+struct Flat {
+    accounts: Vec<FlatAccount>,
+    balances: Vec<(Slot, Amount)>,
+    holdings: Vec<Holding>,
+}
+
+/// A stress test's working arrays, kept by the engine between requests: refilled, never shrunk, so a scheduled
+/// stress does not pay the kernel for fresh zeroed pages each time.
+#[derive(Default)]
+pub struct Scratch {
+    flat: Flat,
+    before: Vec<Exposure>,
+}
+
+impl Clone for Scratch {
+    /// Working space, not state: a copy of an engine starts with none.
+    fn clone(&self) -> Self {
+        Scratch::default()
+    }
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
+}
+
+impl Flat {
+    /// Lays `accounts` out, and sets `before` to their exposures at `market` (computed while each account's data
+    /// is in cache: the layout's pass is the one that chases pointers).
+    fn fill(&mut self, market: &Market, accounts: &[Account], before: &mut Vec<Exposure>) {
+        let (balances, holdings) =
+            accounts.iter().fold((0, 0), |(b, h), a| (b + a.balances.len(), h + a.positions.len()));
+        assert!(
+            u32::try_from(balances.max(holdings)).is_ok(),
+            "invariant: a shard holds fewer than 2^32 balances and positions"
+        );
+        self.accounts.clear();
+        self.balances.clear();
+        self.holdings.clear();
+        self.accounts.reserve(accounts.len());
+        self.balances.reserve(balances);
+        self.holdings.reserve(holdings);
+        before.clear();
+        before.reserve(accounts.len());
+        for (i, a) in accounts.iter().enumerate() {
+            let b0 = self.balances.len() as u32;
+            self.balances.extend(a.balances.iter().copied());
+            let h0 = self.holdings.len() as u32;
+            self.holdings.extend(a.positions.iter().map(Holding::from));
+            self.accounts.push(FlatAccount {
+                balances: (b0, self.balances.len() as u32),
+                holdings: (h0, self.holdings.len() as u32),
+                standard: a.margin == vigil_model::MarginModel::Standard,
+            });
+            before.push(self.exposure(market, accounts, i));
+        }
+    }
+
+    fn of(&self, i: usize) -> (&[(Slot, Amount)], &[Holding]) {
+        let a = self.accounts[i];
+        (
+            &self.balances[a.balances.0 as usize..a.balances.1 as usize],
+            &self.holdings[a.holdings.0 as usize..a.holdings.1 as usize],
+        )
+    }
+
+    /// Account `i`'s exposure at `market`: from the flat arrays for a standard account, from the account itself
+    /// for a portfolio one (its groups need the positions as they are).
+    fn exposure(&self, market: &Market, accounts: &[Account], i: usize) -> Exposure {
+        if !self.accounts[i].standard {
+            return exposure(market, &accounts[i]);
+        }
+        let (balances, holdings) = self.of(i);
+        standard_exposure(market, balances, holdings.iter().copied())
+    }
+}
+
+/// Merges the shards' parts of one scenario (in any order) into the book's.
+pub fn merge(parts: impl IntoIterator<Item = Part>, top: usize) -> Part {
+    let mut out = Part::default();
+    for p in parts {
+        out.accounts += p.accounts;
+        out.liquidatable += p.liquidatable;
+        out.newly_liquidatable += p.newly_liquidatable;
+        out.bankrupt += p.bankrupt;
+        out.shortfall = out.shortfall.saturating_add(p.shortfall);
+        if out.assets.is_empty() {
+            out.assets = p.assets;
+        } else {
+            for (o, a) in out.assets.iter_mut().zip(p.assets) {
+                o.loss = o.loss.saturating_add(a.loss);
+                o.gain = o.gain.saturating_add(a.gain);
+            }
+        }
+        out.top.extend(p.top);
+    }
+    out.top.sort_by(|x, y| y.loss.cmp(&x.loss).then_with(|| x.account.cmp(&y.account)));
+    out.top.truncate(top);
+    out
+}

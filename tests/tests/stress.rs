@@ -1,0 +1,370 @@
+//! Stress tests (`portfolio-margin.md`, "Stress tests"): a worked example with every figure by hand, the refusals,
+//! and random books checked two ways: the answer is the same for every shard count, and it equals what the naive
+//! reference model says after the scenario's moved prices are replayed into it as price events.
+
+use vigil_engine::stress::{Grid, Part, Request, Scenario, merge_shards, shock};
+use vigil_engine::{Config, Sharded};
+use vigil_model::{Amount, MarginMode, Offset, Price, parse_line};
+use vigil_node::stress::{parse_request, run};
+use vigil_testkit::{Reference, StreamConfig, generate};
+
+fn book(lines: &[String], shards: usize) -> Sharded {
+    let mut sharded = Sharded::new(&Config::default(), shards);
+    let mut triggers = Vec::new();
+    for line in lines {
+        match parse_line(line) {
+            Ok(event) => {
+                let _ = sharded.apply(&event, &mut triggers);
+            }
+            Err(_) => {
+                sharded.next_offset();
+            }
+        }
+    }
+    sharded
+}
+
+fn stress(lines: &[String], shards: usize, request: &Request) -> vigil_node::stress::Report {
+    let mut sharded = book(lines, shards);
+    let offset = sharded.offset();
+    run(sharded.shards_mut(), offset, request, false).expect("the scenario is valid")
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
+
+fn amount(s: &str) -> Amount {
+    Amount::parse(s).expect("a decimal")
+}
+
+const WORKED: &str = r#"
+    {"type":"asset","asset":"BTC","haircut":"0.1"}
+    {"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}
+    {"type":"price","symbol":"BTC","price":"100"}
+    {"type":"price","symbol":"BTC-PERP","price":"100"}
+    {"type":"deposit","account":"alice","asset":"USDC","amount":"100"}
+    {"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"10","price":"100"}
+    {"type":"deposit","account":"bob","asset":"USDC","amount":"1000"}
+    {"type":"trade","account":"bob","symbol":"BTC-PERP","side":"sell","qty":"10","price":"100"}
+    {"type":"deposit","account":"carol","asset":"BTC","amount":"10"}
+    {"type":"deposit","account":"dave","asset":"USDC","amount":"30"}
+    {"type":"transfer","account":"dave","symbol":"BTC-PERP","amount":"15"}
+    {"type":"trade","account":"dave","symbol":"BTC-PERP","side":"buy","qty":"1","price":"100","margin_mode":"isolated"}
+"#;
+
+#[test]
+fn a_crash_by_hand() {
+    // Proves every figure of a scenario on a book small enough to compute by hand, for 1 and 3 shards:
+    // BTC −20% takes the index and the perp's mark to 80.
+    // - alice (long 10, equity 100): 100 + 10 × (80 − 100) = −100; MM 10 × 80 × 0.05 = 40: liquidatable, bankrupt.
+    // - bob (short 10, 1 000): 1 200, MM 40: fine, gains 200.
+    // - carol (10 BTC collateral, haircut 0.1): 900 → 720, a loss of 180, no position.
+    // - dave: an isolated long of 1 with a wallet of 15: 15 − 20 = −5 (MM 4): liquidatable, bankrupt; his cross
+    //   unit (15 left) is fine.
+    // Shortfall 100 + 5; loss on BTC 200 + 180 + 20, gain 200; top: alice 200, carol 180, dave 20.
+    let request = parse_request(br#"{"scenarios":[{"name":"crash","moves":{"BTC":"-0.2"}}],"top":3}"#).unwrap();
+    for shards in [1, 3] {
+        let report = stress(&lines(WORKED), shards, &request);
+        assert_eq!(report.offset, Offset(12));
+        let now = &report.result.now;
+        assert_eq!((now.accounts, now.liquidatable, now.bankrupt, now.shortfall), (4, 0, 0, Amount::ZERO));
+        let p = &report.result.scenarios[0];
+        assert_eq!((p.liquidatable, p.newly_liquidatable, p.bankrupt), (2, 2, 2), "{shards} shards");
+        assert_eq!(p.shortfall, amount("105"));
+        assert_eq!(p.assets.len(), 1);
+        assert_eq!(
+            (p.assets[0].asset.as_str(), p.assets[0].loss, p.assets[0].gain),
+            ("BTC", amount("400"), amount("200"))
+        );
+        let top: Vec<(&str, Amount)> = p.top.iter().map(|t| (t.account.as_str(), t.loss)).collect();
+        assert_eq!(top, [("alice", amount("200")), ("carol", amount("180")), ("dave", amount("20"))]);
+        assert_eq!(p.top[0].after.equity, amount("-100"));
+        assert_eq!(p.top[0].after.maintenance_margin, amount("40"));
+        assert_eq!(p.top[0].before.maintenance_margin, amount("50"));
+        let json = report.to_json();
+        assert_eq!(json["scenarios"][0]["shortfall"], "105.00000000");
+        assert_eq!(json["scenarios"][0]["moves"]["BTC"], "-0.20000000");
+        assert!(json["insurance_fund"].is_null());
+    }
+}
+
+#[test]
+fn a_grid_gives_the_loss_curve() {
+    // Proves a grid runs one scenario per step (from, to and the steps between, exactly), and that the curve's
+    // shortfall grows as BTC falls: at +0.2 nobody is short, at −0.4 alice and dave are deeper under water.
+    let request =
+        parse_request(br#"{"grids":[{"underlying":"BTC","from":"-0.4","to":"0.2","steps":4}],"top":0}"#).unwrap();
+    let report = stress(&lines(WORKED), 2, &request);
+    let json = report.to_json();
+    let curve = json["grids"][0]["curve"].as_array().unwrap();
+    let moves: Vec<&str> = curve.iter().map(|p| p["move"].as_str().unwrap()).collect();
+    assert_eq!(moves, ["-0.40000000", "-0.20000000", "0.00000000", "0.20000000"]);
+    let shortfall: Vec<&str> = curve.iter().map(|p| p["shortfall"].as_str().unwrap()).collect();
+    // −0.4: alice 100 − 400 = −300, dave 15 − 40 = −25.
+    assert_eq!(shortfall, ["325.00000000", "105.00000000", "0.00000000", "0.00000000"]);
+    // +0.2: bob, short 10, 1 000 − 200 = 800 ≥ MM 60: not liquidatable.
+    assert_eq!(curve[3]["liquidatable"], 0);
+    assert!(json["scenarios"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn refusals_name_the_problem_and_compute_nothing() {
+    // Proves each refusal: an unknown asset, the quote, an instrument, a move of −100% or below, an empty request,
+    // a malformed number, an unknown field, a grid with no steps, and an option repriced before any clock.
+    let book_lines = lines(WORKED);
+    let refused = |body: &str| {
+        let request = match parse_request(body.as_bytes()) {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let mut sharded = book(&book_lines, 2);
+        let offset = sharded.offset();
+        match run(sharded.shards_mut(), offset, &request, false) {
+            Ok(_) => panic!("{body} was not refused"),
+            Err(e) => e,
+        }
+    };
+    let cases = [
+        (r#"{"scenarios":[{"moves":{"DOGE":"-0.1"}}]}"#, "unknown_asset", "DOGE"),
+        (r#"{"scenarios":[{"moves":{"USDC":"-0.1"}}]}"#, "invalid_scenario", "quote"),
+        (r#"{"scenarios":[{"moves":{"BTC-PERP":"-0.1"}}]}"#, "invalid_scenario", "instrument"),
+        (r#"{"scenarios":[{"moves":{"BTC":"-1"}}]}"#, "invalid_scenario", "above -1"),
+        (r#"{"scenarios":[]}"#, "invalid_scenario", "at least one"),
+        (r#"{"scenarios":[{"moves":{"BTC":"-0.1x"}}]}"#, "invalid_scenario", "not a decimal"),
+        (r#"{"scenarios":[{"moves":{"BTC":"-0.1"}}],"extra":1}"#, "invalid_scenario", "unknown field"),
+        (r#"{"grids":[{"underlying":"BTC","from":"-0.1","to":"0.1","steps":0}]}"#, "invalid_scenario", "steps"),
+        (r#"{"scenarios":[{"moves":{"BTC":"0.1"}}],"top":100000}"#, "invalid_scenario", "top"),
+    ];
+    for (body, code, words) in cases {
+        let e = refused(body);
+        assert_eq!(e.code, code, "{body}: {e}");
+        assert!(e.message.contains(words), "{body}: {e}");
+    }
+    // An option on BTC without a clock: moving BTC needs its time to expiry.
+    let mut with_option = book_lines.clone();
+    with_option.push(
+        r#"{"type":"option","symbol":"BTC-C","underlying":"BTC","right":"call","strike":"120","expiry":"2027-03-26T08:00:00Z"}"#
+            .into(),
+    );
+    with_option.push(r#"{"type":"price","symbol":"BTC-C","price":"5"}"#.into());
+    let request = parse_request(br#"{"scenarios":[{"moves":{"BTC":"-0.1"}}]}"#).unwrap();
+    let mut sharded = book(&with_option, 1);
+    let e = run(sharded.shards_mut(), Offset(0), &request, false).err().expect("refused");
+    assert_eq!(e.code, "no_price", "{e}");
+    assert!(e.message.contains("BTC-C") && e.message.contains("clock"), "{e}");
+    // With a clock, the same scenario runs.
+    with_option.push(r#"{"type":"clock","time":"2026-12-02T08:00:00Z"}"#.into());
+    let mut sharded = book(&with_option, 1);
+    assert!(run(sharded.shards_mut(), Offset(0), &request, false).is_ok());
+}
+
+/// Per account, the units' (equity, MM) the reference model shows: the cross unit, and each open isolated
+/// position (wallet + value).
+fn reference_units(lines: &[String]) -> Vec<(String, Vec<(Amount, Amount)>)> {
+    let mut reference = Reference::new(vigil_model::QUOTE_DEFAULT);
+    for line in lines {
+        match parse_line(line) {
+            Ok(event) => {
+                let _ = reference.apply(&event);
+            }
+            Err(_) => {
+                reference.skip();
+            }
+        }
+    }
+    let market = book(lines, 1);
+    let market = market.shards()[0].market();
+    reference
+        .views()
+        .into_iter()
+        .map(|v| {
+            let mut units = vec![(v.equity, v.maintenance_margin)];
+            for p in v.positions.iter().filter(|p| p.margin_mode == MarginMode::Isolated) {
+                let is_option = market
+                    .slot(&p.symbol)
+                    .and_then(|s| market.instrument(s))
+                    .is_some_and(|i| matches!(i.kind, vigil_engine::market::InstrumentKind::Option { .. }));
+                let value = if is_option {
+                    let mark = p.mark_price.unwrap_or(Price::ZERO);
+                    Amount((i128::from(p.qty.0) * i128::from(mark.0)).div_euclid(100_000_000))
+                } else {
+                    p.unrealized_pnl
+                };
+                let wallet = p.isolated_wallet.unwrap_or(Amount::ZERO);
+                units.push((wallet.saturating_add(value), p.maintenance_margin.unwrap_or(Amount::ZERO)));
+            }
+            (v.account, units)
+        })
+        .collect()
+}
+
+/// `p × (1 + m)` to the nearest 1e-8, written out again.
+fn times(p: i64, m: i64) -> i64 {
+    let x = i128::from(p) * (100_000_000 + i128::from(m));
+    ((x + x.signum() * 50_000_000) / 100_000_000) as i64
+}
+
+/// The prices a scenario moves, computed independently of `vigil_engine::stress` (the option repricing with the
+/// reference model's own Black-76 and implied volatility): (slot, (price, is an option)).
+fn moved_prices(market: &vigil_engine::market::Market, scenario: &Scenario) -> Vec<(u32, (Price, bool))> {
+    use vigil_engine::market::{Entry, InstrumentKind};
+    let find = |list: &[(String, i64)], slot: u32| list.iter().find(|(a, _)| a == market.name(slot)).map(|(_, m)| *m);
+    let mut out = Vec::new();
+    for slot in 0..market.slots() as u32 {
+        let Some(price) = market.price(slot) else { continue };
+        match market.entry(slot) {
+            Some(Entry::Asset { .. }) => {
+                if let Some(m) = find(&scenario.moves, slot) {
+                    out.push((slot, (Price(times(price.0, m)), false)));
+                }
+            }
+            Some(Entry::Instrument(inst)) if !inst.settled => {
+                let Some(u) = inst.underlying else { continue };
+                let (m, v) = (find(&scenario.moves, u), find(&scenario.vol, u));
+                match &inst.kind {
+                    InstrumentKind::Option { terms, .. } if m.is_some() || v.is_some() => {
+                        let index = market.price(u).expect("an option's underlying has an index in these streams");
+                        let clock = market.clock().expect("these streams start with a clock");
+                        let expiry = inst.expiry.expect("an option has an expiry");
+                        let t = (expiry.0 - clock.0).max(0) as f64 / (365.0 * 86_400.0 * 1e9);
+                        let f = |raw: i64| raw as f64 / 1e8;
+                        let k = f(terms.strike.0);
+                        let sigma =
+                            vigil_testkit::reference::ref_implied_vol(terms.right, f(index.0), k, t, f(price.0));
+                        let u1 = f(times(index.0, m.unwrap_or(0)));
+                        let sigma = sigma * (1.0 + f(v.unwrap_or(0)));
+                        let value = vigil_testkit::reference::ref_black76(terms.right, u1, k, t, sigma);
+                        out.push((slot, (Price((value * 1e8).round() as i64), true)));
+                    }
+                    InstrumentKind::Perp | InstrumentKind::Future => {
+                        if let Some(m) = m {
+                            out.push((slot, (Price(times(price.0, m)), false)));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The scenario's counts and shortfall from per-account units.
+fn tally(units: &[(String, Vec<(Amount, Amount)>)]) -> (u64, u64, i128) {
+    let (mut liquidatable, mut bankrupt, mut shortfall) = (0, 0, 0i128);
+    for (_, us) in units {
+        liquidatable += u64::from(us.iter().any(|(e, mm)| mm.0 > 0 && e < mm));
+        bankrupt += u64::from(us.iter().any(|(e, _)| e.0 < 0));
+        shortfall += us.iter().map(|(e, _)| (-e.0).max(0)).sum::<i128>();
+    }
+    (liquidatable, bankrupt, shortfall)
+}
+
+#[test]
+fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
+    // Proves, on random books (standard and portfolio accounts, options with expiries, isolated positions,
+    // collateral), for several scenarios each: the answer is identical for 1, 2 and 5 shards; and its counts and
+    // shortfall equal the reference model's after the scenario's moved prices are appended to the stream as price
+    // events (the reference has its own margin code; portfolio figures within the float tolerance).
+    let scenarios = [
+        Scenario { name: "down".into(), moves: vec![("BTC".into(), -25_000_000)], vol: vec![] },
+        Scenario {
+            name: "crash".into(),
+            moves: vec![("BTC".into(), -40_000_000), ("ETH".into(), -50_000_000)],
+            vol: vec![("BTC".into(), 50_000_000)],
+        },
+        Scenario {
+            name: "squeeze".into(),
+            moves: vec![("ETH".into(), 60_000_000)],
+            vol: vec![("ETH".into(), -30_000_000)],
+        },
+    ];
+    let request = Request { scenarios: scenarios.to_vec(), grids: vec![], top: 5 };
+    let mut checked_units = 0;
+    let mut liquidatable_seen = 0;
+    for seed in 1..=12u64 {
+        let config = StreamConfig {
+            seed,
+            events: 1500,
+            accounts: 24,
+            bad_percent: 2,
+            // Any v2 share starts the stream with a clock (options on a moved underlying need one).
+            portfolio_percent: if seed % 2 == 1 { 4 } else { 1 },
+        };
+        let stream = generate(&config);
+        let one = stress(&stream, 1, &request);
+        for shards in [2, 5] {
+            let many = stress(&stream, shards, &request);
+            assert_eq!(many.result, one.result, "seed {seed}: {shards} shards differ from 1");
+        }
+        let sharded = book(&stream, 1);
+        let market = sharded.shards()[0].market();
+        for (scenario, part) in scenarios.iter().zip(&one.result.scenarios) {
+            let shocked = match shock(market, scenario) {
+                Ok(m) => m,
+                Err(e) => panic!("seed {seed}: {e}"),
+            };
+            let mut moved = stream.clone();
+            for (slot, want) in moved_prices(market, scenario) {
+                let got = shocked.price(slot).expect("a moved price");
+                // Linear moves are exact; an option's repricing goes through each side's own Black-76 and bisection.
+                let tolerance = if want.1 { 10 + want.0.0 / 1_000_000 } else { 0 };
+                assert!(
+                    (got.0 - want.0.0).abs() <= tolerance,
+                    "seed {seed} {}: {} moved to {got}, expected {}",
+                    scenario.name,
+                    market.name(slot),
+                    want.0
+                );
+                if want.0.0 > 0 {
+                    moved.push(format!(r#"{{"type":"price","symbol":"{}","price":"{}"}}"#, market.name(slot), want.0));
+                }
+            }
+            let units = reference_units(&moved);
+            checked_units += units.len();
+            let (liquidatable, bankrupt, shortfall) = tally(&units);
+            liquidatable_seen += liquidatable;
+            assert_eq!((part.liquidatable, part.bankrupt), (liquidatable, bankrupt), "seed {seed} {}", scenario.name);
+            let tolerance = vigil_testkit::compare::TOLERANCE * units.len() as i128 * 4;
+            assert!(
+                (part.shortfall.0 - shortfall).abs() <= tolerance,
+                "seed {seed} {}: shortfall {} vs the reference's {}",
+                scenario.name,
+                part.shortfall,
+                Amount(shortfall)
+            );
+        }
+    }
+    assert!(
+        checked_units > 200 && liquidatable_seen > 20,
+        "vacuous: {checked_units} units, {liquidatable_seen} liquidatable"
+    );
+}
+
+#[test]
+fn merging_is_independent_of_how_accounts_are_split() {
+    // Proves the merge: the top list keeps the largest losses across parts, ties broken by account id.
+    let part = |accounts: &[(&str, i64)]| Part {
+        accounts: accounts.len() as u64,
+        top: accounts
+            .iter()
+            .map(|(a, l)| vigil_engine::stress::TopAccount {
+                account: (*a).into(),
+                loss: Amount::units(*l),
+                before: Default::default(),
+                after: Default::default(),
+            })
+            .collect(),
+        ..Part::default()
+    };
+    let shard = |p: Part| vigil_engine::stress::ShardStress { now: Part::default(), scenarios: vec![p] };
+    let merged = merge_shards(vec![shard(part(&[("b", 5), ("d", 1)])), shard(part(&[("a", 5), ("c", 3)]))], 3);
+    let top: Vec<&str> = merged.scenarios[0].top.iter().map(|t| t.account.as_str()).collect();
+    assert_eq!(top, ["a", "b", "c"]);
+    assert_eq!(merged.scenarios[0].accounts, 4);
+    // Grid steps are exact: −0.5 to 0.5 in 21 steps moves by 0.05.
+    let g = Grid { underlying: "BTC".into(), from: -50_000_000, to: 50_000_000, steps: 21 };
+    assert_eq!((g.step(0), g.step(1), g.step(10), g.step(20)), (-50_000_000, -45_000_000, 0, 50_000_000));
+}
