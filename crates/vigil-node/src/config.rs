@@ -75,6 +75,13 @@ pub struct NodeSettings {
     /// How long a read waits for its min_offset, in milliseconds [default: 5000].
     #[arg(long)]
     pub query_timeout_ms: Option<u64>,
+    /// Run the stress request of `stress_request` this often, in seconds; its figures go to the metrics
+    /// (`vigil_stress_*`) [default: 0, off].
+    #[arg(long)]
+    pub stress_every_secs: Option<u64>,
+    /// The scheduled stress test: a request file as `POST /v1/stress` takes (docs/api.md).
+    #[arg(long)]
+    pub stress_request: Option<PathBuf>,
 }
 
 impl NodeSettings {
@@ -144,6 +151,16 @@ impl NodeSettings {
         }
         if let Some(ms) = self.query_timeout_ms.or(file.query_timeout_ms) {
             c.query_timeout = Duration::from_millis(ms.max(1));
+        }
+        let every = self.stress_every_secs.or(file.stress_every_secs).unwrap_or(0);
+        let request = self.stress_request.or(file.stress_request);
+        if every > 0 {
+            let Some(path) = request else {
+                anyhow::bail!("stress_every_secs is set: stress_request must name the request file to run");
+            };
+            let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let request = crate::stress::parse_request(&body).with_context(|| format!("in {}", path.display()))?;
+            c.stress_schedule = Some((Duration::from_secs(every), request));
         }
         Ok(c)
     }

@@ -28,7 +28,7 @@ use vigil_model::{Event, Offset, Reason, Rejection, RejectionRecord, Right, Trig
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
 use crate::metrics as m;
-use crate::pipeline::{Answer, Ask, Checker};
+use crate::pipeline::{Answer, Ask, Checker, StressJob};
 use crate::replay::LINE_BYTES_MAX;
 use crate::serve::{Ack, IngestBatch, Item, Refusal};
 
@@ -47,12 +47,16 @@ pub struct Hub {
     /// Each shard's last checkpoint watermark.
     checkpoints: Mutex<Vec<Offset>>,
     shutdown: watch::Sender<bool>,
+    /// One stress test at a time: each occupies every shard thread while it runs.
+    stressing: tokio::sync::Semaphore,
 }
 
 /// The running node, once recovery has finished.
 pub struct Node {
     pub checker: Checker,
     pub ingest: mpsc::Sender<IngestBatch>,
+    /// Stress jobs, put into every shard's ring by the sequencer (`Pipeline::stress`).
+    pub stress: mpsc::Sender<Arc<StressJob>>,
     pub durable: Arc<AtomicU64>,
 }
 
@@ -76,6 +80,7 @@ impl Hub {
             released: watch::Sender::new(0),
             checkpoints: Mutex::new(Vec::new()),
             shutdown: watch::Sender::new(false),
+            stressing: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -293,6 +298,7 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/instruments", get(get_instruments))
         .route("/v1/triggers", get(get_triggers))
         .route("/v1/triggers/stream", get(stream_triggers))
+        .route("/v1/stress", post(post_stress))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::middleware::from_fn(count_requests))
@@ -558,6 +564,69 @@ async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<
         Ok(Answer::Check(Err(r))) => error(StatusCode::UNPROCESSABLE_ENTITY, r.reason.as_str(), &r.message),
         Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "unexpected answer"),
         Err(r) => r.into_response(),
+    }
+}
+
+/// Runs a stress request (`docs/api.md`, "Stress tests") on every shard at one offset; one at a time.
+async fn post_stress(State(hub): Shared, body: Bytes) -> Response {
+    let request = match crate::stress::parse_request(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.code, &e.message),
+    };
+    let node = match hub.node() {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let Ok(_permit) = hub.stressing.try_acquire() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "stress_running",
+            "a stress test is running (one at a time: each occupies every shard); retry when it is done",
+        );
+    };
+    let started = Instant::now();
+    match crate::stress::on_node(&node.stress, node.checker.shards(), &request).await {
+        Ok(report) => {
+            m::record_stress(&report, started.elapsed());
+            json(StatusCode::OK, report.to_json().to_string())
+        }
+        Err(crate::stress::NodeStressError::Refused(e)) => {
+            let status =
+                if e.code == "invalid_scenario" { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+            error(status, e.code, &e.message)
+        }
+        Err(crate::stress::NodeStressError::Stopping) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping")
+        }
+    }
+}
+
+/// Runs `request` every `every` until the node stops, after any stress test already running; each report goes to
+/// the metrics (`metrics::record_stress`), a refusal to the log.
+pub async fn scheduled_stress(hub: Arc<Hub>, every: Duration, request: vigil_engine::stress::Request) {
+    let mut shutdown = hub.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let Ok(node) = hub.node() else { continue };
+        let Ok(_permit) = hub.stressing.acquire().await else { return };
+        let started = Instant::now();
+        match crate::stress::on_node(&node.stress, node.checker.shards(), &request).await {
+            Ok(report) => {
+                m::record_stress(&report, started.elapsed());
+                tracing::info!(
+                    offset = report.offset.0,
+                    ms = started.elapsed().as_millis() as u64,
+                    "scheduled stress test"
+                );
+            }
+            Err(crate::stress::NodeStressError::Refused(e)) => {
+                tracing::warn!(error = %e, "the scheduled stress test was refused");
+            }
+            Err(crate::stress::NodeStressError::Stopping) => return,
+        }
     }
 }
 

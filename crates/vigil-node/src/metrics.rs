@@ -45,6 +45,12 @@ pub const LIQUIDATING: &str = "vigil_accounts_liquidating";
 pub const MARGIN_BAND: &str = "vigil_accounts_by_margin_ratio";
 pub const HTTP_REQUESTS: &str = "vigil_http_requests_total";
 pub const HTTP_SECONDS: &str = "vigil_http_request_seconds";
+pub const STRESS_RUNS: &str = "vigil_stress_runs_total";
+pub const STRESS_SECONDS: &str = "vigil_stress_seconds";
+pub const STRESS_OFFSET: &str = "vigil_stress_offset";
+pub const STRESS_SHORTFALL: &str = "vigil_stress_shortfall";
+pub const STRESS_LIQUIDATABLE: &str = "vigil_stress_liquidatable_accounts";
+pub const STRESS_BANKRUPT: &str = "vigil_stress_bankrupt_accounts";
 
 /// Latency buckets, in seconds: 10 µs to 10 s.
 const SECONDS: [f64; 19] = [
@@ -123,6 +129,15 @@ fn describe() {
         INGEST_DUPLICATES,
         "Resent batches a producer had already journaled: answered with their original offsets, nothing appended."
     );
+    describe_counter!(STRESS_RUNS, "Stress tests run on the node (POST /v1/stress and the scheduled one).");
+    describe_gauge!(STRESS_SECONDS, Unit::Seconds, "How long the last stress test took, from request to report.");
+    describe_gauge!(STRESS_OFFSET, "The offset (the cut) of the last stress test.");
+    describe_gauge!(
+        STRESS_SHORTFALL,
+        "Last stress test: the book's shortfall (sum over units of max(0, -equity)) under each named scenario."
+    );
+    describe_gauge!(STRESS_LIQUIDATABLE, "Last stress test: accounts liquidatable under each named scenario.");
+    describe_gauge!(STRESS_BANKRUPT, "Last stress test: accounts bankrupt under each named scenario.");
     describe_counter!(REJECTIONS, "Rejected events, by reason code (docs/events.md).");
     describe_counter!(TRIGGERS, "Liquidation triggers released, by kind (liquidate, bankrupt).");
     describe_histogram!(TRIGGER_LATENCY, Unit::Seconds, "From sequencing an event to releasing its trigger.");
@@ -252,5 +267,19 @@ pub fn shard_stats(shard: usize, stats: &ShardStats) {
     gauge!(LIQUIDATING, "shard" => s.clone()).set(stats.liquidating as f64);
     for (band, n) in MARGIN_BANDS.iter().zip(stats.bands) {
         gauge!(MARGIN_BAND, "shard" => s.clone(), "band" => *band).set(n as f64);
+    }
+}
+
+/// Publishes a stress report: run count and duration, its offset, and per named scenario the shortfall and counts
+/// (grid steps are not labelled: a curve would be one series per step).
+pub fn record_stress(report: &crate::stress::Report, took: Duration) {
+    counter!(STRESS_RUNS).increment(1);
+    gauge!(STRESS_SECONDS).set(took.as_secs_f64());
+    gauge!(STRESS_OFFSET).set(report.offset.0 as f64);
+    for (s, p) in report.request.scenarios.iter().zip(&report.result.scenarios) {
+        let name = s.name.clone();
+        gauge!(STRESS_SHORTFALL, "scenario" => name.clone()).set(p.shortfall.0 as f64 / 1e8);
+        gauge!(STRESS_LIQUIDATABLE, "scenario" => name.clone()).set(p.liquidatable as f64);
+        gauge!(STRESS_BANKRUPT, "scenario" => name).set(p.bankrupt as f64);
     }
 }

@@ -13,6 +13,9 @@
 //! if it still has routed events to apply, else the sequenced offset. Outputs of one offset from several shards
 //! (a tick's triggers) are combined and sorted, so the released stream is identical for every shard count and
 //! every thread timing.
+//!
+//! A stress test is a marker in every ring behind the events sequenced before it: each shard computes its part at
+//! exactly that offset (a consistent cut across shards, without stopping the sequencer).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use vigil_engine::market::Market;
+use vigil_engine::stress::{Scenario, ShardStress, StressError};
 use vigil_engine::{CheckOutcome, Config, Engine};
 
 use crate::handoff::Parker;
@@ -89,7 +93,20 @@ enum Input {
     /// Hand a checkpoint delta to the persistence channel, as of the sequenced offset carried: every event up to
     /// it that was routed to this shard comes before this message in its ring.
     Checkpoint(Offset),
+    /// Compute this shard's part of a stress test, as of the sequenced offset carried (`Pipeline::stress`).
+    Stress(Offset, Arc<StressJob>),
     Stop,
+}
+
+/// One shard's answer to a stress job: its index, the offset of the cut, its part.
+pub type StressReply = (usize, Offset, Result<ShardStress, StressError>);
+
+/// A stress test for every shard at one offset.
+pub struct StressJob {
+    pub scenarios: Vec<Scenario>,
+    pub top: usize,
+    /// Each shard sends its part here.
+    pub reply: tokio::sync::mpsc::UnboundedSender<StressReply>,
 }
 
 pub use crate::persist::{Persist, ShardDelta};
@@ -362,6 +379,11 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     })));
                 }
             }
+            Input::Stress(at, job) => {
+                // Everything sequenced up to `at` and routed here came before this message: the state is `at`'s.
+                let part = engine.stress(&job.scenarios, job.top, &mut |_| {});
+                let _ = job.reply.send((index, at, part));
+            }
             Input::Event(offset, event) => {
                 // The sequencer numbers events in order; an engine silently skips an offset it has already
                 // applied (a replayed prefix), so a repeated or reordered offset here would lose an event.
@@ -593,6 +615,16 @@ impl Pipeline {
             self.publish();
         }
         offset
+    }
+
+    /// Puts a stress job into every shard's ring behind everything sequenced so far, and wakes the shards: each
+    /// answers with its part at the current offset (returned), however far it had got when asked.
+    pub fn stress(&mut self, job: Arc<StressJob>) -> Offset {
+        for shard in 0..self.inputs.len() {
+            self.push(shard, Input::Stress(self.offset, Arc::clone(&job)));
+        }
+        self.publish();
+        self.offset
     }
 
     /// Sequences an input that is not an event (an unreadable line): it takes the next offset as a rejection.

@@ -30,7 +30,7 @@ use crate::http::{Hub, HubConfig, Node, token_matches};
 use crate::metrics as m;
 use crate::persist::Persist;
 use crate::persist::Persister;
-use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, Wait};
+use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, StressJob, Wait};
 use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
 use crate::recovery::recover;
 use crate::wire::{
@@ -68,6 +68,8 @@ pub struct ServeConfig {
     /// Checkpoint writes that may fail in a row before the node stops (a failed delta is kept and retried).
     pub checkpoint_failures_max: u32,
     pub journal: JournalConfig,
+    /// A stress test run on a schedule (`stress_every_secs`, `stress_request`): its figures go to the metrics.
+    pub stress_schedule: Option<(Duration, vigil_engine::stress::Request)>,
 }
 
 impl ServeConfig {
@@ -90,6 +92,7 @@ impl ServeConfig {
             checkpoint_interval: Duration::from_secs(30),
             checkpoint_failures_max: 3,
             journal: JournalConfig::default(),
+            stress_schedule: None,
         }
     }
 }
@@ -406,15 +409,22 @@ impl Durability {
     }
 }
 
+/// What the sequencer takes in: batches to sequence, and stress jobs to put into the shards' rings between them.
+struct Intake {
+    ingest: mpsc::Receiver<IngestBatch>,
+    stress: mpsc::Receiver<Arc<StressJob>>,
+}
+
 fn sequencer_thread(
     runtime: tokio::runtime::Handle,
     mut pipeline: Pipeline,
-    mut ingest: mpsc::Receiver<IngestBatch>,
+    intake: Intake,
     mut durability: Durability,
     mut gate: Gate,
     stop: Arc<AtomicBool>,
     config: ServeConfig,
 ) {
+    let Intake { mut ingest, mut stress } = intake;
     let committed = Arc::clone(&gate.committed);
     let sequenced_gauge = metrics::gauge!(m::SEQUENCED);
     let ring_gauges: Vec<metrics::Gauge> =
@@ -428,6 +438,10 @@ fn sequencer_thread(
             // No new batches; the queued ones are still taken (their senders were told nothing yet).
             stopping = true;
             ingest.close();
+        }
+        // A stress job goes in between two batches: its cut is the offset sequenced so far.
+        while let Ok(job) = stress.try_recv() {
+            pipeline.stress(job);
         }
         let batch = match ingest.try_recv() {
             Ok(b) => Some(b),
@@ -455,6 +469,10 @@ fn sequencer_thread(
                 let woken = runtime.block_on(async {
                     tokio::select! {
                         batch = ingest.recv() => Some(batch),
+                        Some(job) = stress.recv() => {
+                            pipeline.stress(job);
+                            None
+                        }
                         _ = committed.notified() => None,
                         _ = tokio::time::sleep(IDLE_TICK) => None,
                     }
@@ -836,6 +854,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
     let checker = pipeline.checker();
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
+    let (stress_tx, stress_rx) = mpsc::channel::<Arc<StressJob>>(4);
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Gate {
         items: VecDeque::new(),
@@ -850,17 +869,21 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let sequencer_handle = {
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
         crate::spawn_vital("vigil-sequencer", move || {
-            sequencer_thread(handle, pipeline, ingest_rx, durability, gate, stop, config)
+            let intake = Intake { ingest: ingest_rx, stress: stress_rx };
+            sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
         })?
     };
     hub.start(
         recovery.history,
         durable_offset,
         recovery.watermarks,
-        Node { checker, ingest: ingest_tx.clone(), durable: Arc::clone(&durable) },
+        Node { checker, ingest: ingest_tx.clone(), stress: stress_tx, durable: Arc::clone(&durable) },
     );
     metrics::gauge!(m::READY).set(1.0);
     runtime.spawn(sample_shards(Arc::clone(&hub)));
+    if let Some((every, request)) = config.stress_schedule.clone() {
+        runtime.spawn(crate::http::scheduled_stress(Arc::clone(&hub), every, request));
+    }
     tracing::info!(ms = started.elapsed().as_millis() as u64, "ready");
 
     let listener = Listener {

@@ -6,6 +6,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use vigil_engine::account::Exposure;
 use vigil_engine::stress::{Grid, Part, Relative, Request, Scenario, ShardStress, StressError, merge_shards};
 use vigil_model::num::parse_fixed;
 use vigil_model::{Offset, Price};
+
+use crate::pipeline::StressJob;
 
 /// How many accounts a scenario lists when the request does not say.
 pub const TOP_DEFAULT: usize = 10;
@@ -331,4 +334,47 @@ pub fn plot(report: &Report, path: &Path) -> anyhow::Result<()> {
 /// Whether standard error is a terminal (progress is shown only there).
 pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
+}
+
+/// Why a running node gave no report.
+#[derive(Debug)]
+pub enum NodeStressError {
+    /// The request names something the book does not have, or needs a price it lacks.
+    Refused(StressError),
+    /// The node is stopping.
+    Stopping,
+}
+
+/// Runs `request` on a running node: a job through the sequencer (`jobs`), so every one of its `shards` computes
+/// its part at the same offset, merged here. Waits as long as the computing takes (a dead shard ends the process;
+/// a stopping node drops the job, and this returns `Stopping`).
+pub async fn on_node(
+    jobs: &tokio::sync::mpsc::Sender<Arc<StressJob>>,
+    shards: usize,
+    request: &Request,
+) -> Result<Report, NodeStressError> {
+    let (reply, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    let job = Arc::new(StressJob { scenarios: request.expand(), top: request.top, reply });
+    jobs.send(job).await.map_err(|_| NodeStressError::Stopping)?;
+    let mut parts = Vec::with_capacity(shards);
+    let mut cut = None;
+    let mut refused = None;
+    while parts.len() + usize::from(refused.is_some()) < shards {
+        let Some((_, at, part)) = replies.recv().await else { return Err(NodeStressError::Stopping) };
+        // One job, one marker per ring: every shard answers at the same offset.
+        debug_assert!(cut.is_none_or(|c| c == at), "invariant: the shards answer a stress job at one offset");
+        cut = Some(at);
+        match part {
+            Ok(p) => parts.push(p),
+            // Every shard refuses alike (same market): the first refusal is the answer; the rest are not awaited.
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = refused {
+        return Err(NodeStressError::Refused(e));
+    }
+    Ok(Report { offset: cut.unwrap_or(Offset(0)), request: request.clone(), result: merge_shards(parts, request.top) })
 }

@@ -384,3 +384,77 @@ fn vigil_load_drives_a_running_node() {
     assert!(streamed > 0, "the workload breaches: {report}");
     assert_eq!(streamed, after_setup as u64, "the stream saw every trigger of the measured run");
 }
+
+#[test]
+fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
+    // Proves POST /v1/stress end to end while events stream in: every report is the book at exactly its offset
+    // (each equals `vigil_node::stress::run` over the first `offset` lines replayed offline, for 2 shards whose
+    // threads were busy applying events when asked); the refusals; and, once the node has stopped,
+    // `vigil stress --data` on its data directory gives the report at the last offset.
+    let config =
+        vigil_testkit::StreamConfig { seed: 11, events: 4000, accounts: 40, bad_percent: 2, portfolio_percent: 3 };
+    let lines = vigil_testkit::generate(&config);
+    let (mut node, dir) = start(&[]);
+    let request = r#"{"scenarios":[{"name":"crash","moves":{"BTC":"-0.3","ETH":"-0.4"},"vol":{"BTC":"0.5"}},{"name":"rally","moves":{"ETH":"0.25"}}],"grids":[{"underlying":"BTC","from":"-0.2","to":"0.2","steps":5}],"top":4}"#;
+    let (s, e) = node.post("/v1/stress", "{\"scenarios\":[]}", None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scenario")));
+    let (s, e) = node.post("/v1/stress", "not json", None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scenario")));
+    // Nothing declared yet: BTC is unknown.
+    let (s, e) = node.post("/v1/stress", request, None);
+    assert_eq!((s, e["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("unknown_asset")), "{e}");
+
+    let base = node.base.clone();
+    let body_lines = lines.clone();
+    let producer = std::thread::spawn(move || {
+        let http = Http::builder().timeout(Duration::from_secs(30)).build().expect("client");
+        for chunk in body_lines.chunks(50) {
+            let r = http.post(format!("{base}/v1/events")).body(chunk.join("\n")).send().expect("posted");
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    });
+    let mut reports: Vec<Value> = Vec::new();
+    while !producer.is_finished() || reports.len() < 3 {
+        let (s, v) = node.post("/v1/stress", request, None);
+        match s {
+            StatusCode::OK => reports.push(v),
+            // Before the assets are declared.
+            StatusCode::UNPROCESSABLE_ENTITY => assert_eq!(v["code"], "unknown_asset", "{v}"),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    producer.join().expect("the producer");
+    let total = lines.len() as u64;
+    let mid_stream = reports.iter().filter(|r| r["offset"].as_u64().is_some_and(|o| o < total)).count();
+    assert!(mid_stream >= 1, "no report was cut mid-stream ({} reports)", reports.len());
+    let parsed = vigil_node::stress::parse_request(request.as_bytes()).expect("valid");
+    let offline = |upto: usize| {
+        let mut book =
+            vigil_node::book::replay(lines[..upto].join("\n").as_bytes(), &vigil_engine::Config::default(), 2, false)
+                .expect("replays");
+        let report = vigil_node::stress::run(&mut book.engines, book.offset, &parsed, false).expect("runs");
+        report.to_json()
+    };
+    for r in &reports {
+        let at = r["offset"].as_u64().expect("an offset") as usize;
+        assert_eq!(r, &offline(at), "the report at offset {at} is not the book at {at}");
+    }
+    let metrics = node.get("/metrics").expect("metrics").text().expect("text");
+    assert!(metrics.contains("vigil_stress_shortfall{scenario=\"crash\"}"), "{metrics}");
+
+    // Stop the node (SIGTERM: drain, checkpoint), then read its data directory offline.
+    let status = Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().expect("kill -TERM");
+    assert!(status.success());
+    assert!(node.child.wait().expect("exit").success());
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["stress", "--data"])
+        .arg(dir.path())
+        .args(["--scenario", r#"{"name":"crash","moves":{"BTC":"-0.3","ETH":"-0.4"},"vol":{"BTC":"0.5"}}"#])
+        .args(["--scenario", r#"{"name":"rally","moves":{"ETH":"0.25"}}"#])
+        .args(["--grid", r#"{"underlying":"BTC","from":"-0.2","to":"0.2","steps":5}"#, "--top", "4"])
+        .output()
+        .expect("vigil stress runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let from_data: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(from_data, offline(lines.len()));
+}

@@ -73,14 +73,18 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         assert!(out.status.success(), "promtool check {what} {file}: {}", String::from_utf8_lossy(&out.stdout));
     }
 
-    // The node, checkpointing every second so checkpoint metrics have data.
+    // The node, checkpointing every second so checkpoint metrics have data, and stress-testing the book every
+    // second (the workload's first underlying is U0) so the stress panels have data.
     let dir = tempfile::tempdir().expect("temp dir");
+    let stress = dir.path().join("stress.json");
+    std::fs::write(&stress, r#"{"scenarios":[{"name":"crash","moves":{"U0":"-0.3"}}],"top":0}"#).expect("request");
     let mut node = Killed(
         Command::new(env!("CARGO_BIN_EXE_vigil"))
             .args(["serve", "--data"])
             .arg(dir.path().join("data"))
             .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--checkpoint-secs", "1"])
-            .args(["--checkpoint-events", "20000"])
+            .args(["--checkpoint-events", "20000", "--stress-every-secs", "1", "--stress-request"])
+            .arg(&stress)
             .env_remove("VIGIL_TOKEN")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
