@@ -210,11 +210,35 @@ pub fn standard_exposure(
     balances: &[(Slot, Amount)],
     holdings: impl Iterator<Item = Holding>,
 ) -> Exposure {
+    standard_exposure_visit(market, balances, holdings, |_, _| {})
+}
+
+/// What a value [`standard_exposure_visit`] reports belongs to: the `i`-th balance or the `i`-th holding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Valued {
+    Balance(usize),
+    Holding(usize),
+}
+
+/// [`standard_exposure`], reporting each balance's collateral value and each holding's value to `visit` as it goes.
+pub fn standard_exposure_visit(
+    market: &Market,
+    balances: &[(Slot, Amount)],
+    holdings: impl Iterator<Item = Holding>,
+    mut visit: impl FnMut(Valued, Amount),
+) -> Exposure {
     let mut out = Exposure::default();
-    let (mut equity, mut mm) = (collateral(market, balances), Amount::ZERO);
-    for h in holdings {
+    let mut equity = Amount::ZERO;
+    for (i, (slot, amount)) in balances.iter().enumerate() {
+        let v = balance_value(market, *slot, *amount);
+        visit(Valued::Balance(i), v);
+        equity = equity.saturating_add(v);
+    }
+    let mut mm = Amount::ZERO;
+    for (i, h) in holdings.enumerate() {
         // An exposure has no use for initial margin.
         let f = figures::<false>(market, h.slot, h.qty, h.cost_e16);
+        visit(Valued::Holding(i), f.value);
         if h.isolated {
             out.add_unit(h.wallet.saturating_add(f.value), f.maintenance_margin);
         } else {
@@ -229,19 +253,21 @@ pub fn standard_exposure(
 /// Value of the account's collateral: the quote as is, other assets at index price with haircut (an asset with
 /// no price yet counts nothing).
 pub fn collateral(market: &Market, balances: &[(Slot, Amount)]) -> Amount {
-    let mut total = Amount::ZERO;
-    for (slot, amount) in balances {
-        let v = if *slot == QUOTE {
-            *amount
-        } else {
-            match market.price(*slot) {
-                Some(p) => collateral_value(*amount, p, market.haircut(*slot)),
-                None => Amount::ZERO,
-            }
-        };
-        total = total.saturating_add(v);
+    balances
+        .iter()
+        .fold(Amount::ZERO, |total, (slot, amount)| total.saturating_add(balance_value(market, *slot, *amount)))
+}
+
+/// What one balance counts as collateral: the quote as is, another asset at its index with its haircut (nothing
+/// without an index).
+fn balance_value(market: &Market, slot: Slot, amount: Amount) -> Amount {
+    if slot == QUOTE {
+        return amount;
     }
-    total
+    match market.price(slot) {
+        Some(p) => collateral_value(amount, p, market.haircut(slot)),
+        None => Amount::ZERO,
+    }
 }
 
 /// Re-evaluates every position of the account and its cross figures (no episode change). A portfolio account's

@@ -15,7 +15,7 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::Engine;
-use crate::account::{Account, Exposure, Holding, exposure, standard_exposure};
+use crate::account::{Account, Exposure, Holding, Valued, exposure, standard_exposure_visit};
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
@@ -396,16 +396,30 @@ impl Engine {
         let mut deltas = vec![0i128; names.len()];
         for (i, acc) in self.accounts.iter().enumerate() {
             let b = before[i];
-            let a = flat.exposure(after_market, &self.accounts, i);
+            deltas.iter_mut().for_each(|d| *d = 0);
+            let (balances, holdings) = flat.of(i);
+            let a = if flat.accounts[i].standard {
+                // Each value's change from the one stored at current prices, by the asset it follows.
+                let f = flat.accounts[i];
+                standard_exposure_visit(after_market, balances, holdings.iter().copied(), |item, value| {
+                    let (slot, was) = match item {
+                        Valued::Balance(j) => (balances[j].0, flat.balance_values[f.balances.0 as usize + j]),
+                        Valued::Holding(j) => (holdings[j].slot, flat.holding_values[f.holdings.0 as usize + j]),
+                    };
+                    if let Some(k) = follows[slot as usize] {
+                        deltas[k] += value.0 - was.0;
+                    }
+                })
+            } else {
+                value_deltas(market, after_market, balances, holdings, &follows, &mut deltas);
+                exposure(after_market, acc)
+            };
             part.accounts += 1;
             part.liquidatable += u64::from(a.liquidatable);
             part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
             part.bankrupt += u64::from(a.bankrupt);
             part.shortfall = part.shortfall.saturating_add(a.shortfall);
             if !names.is_empty() {
-                deltas.iter_mut().for_each(|d| *d = 0);
-                let (balances, holdings) = flat.of(i);
-                value_deltas(market, after_market, balances, holdings, &follows, &mut deltas);
                 for (loss, d) in part.assets.iter_mut().zip(&deltas) {
                     if *d < 0 {
                         loss.loss = loss.loss.saturating_sub(Amount(*d));
@@ -488,6 +502,10 @@ struct Flat {
     accounts: Vec<FlatAccount>,
     balances: Vec<(Slot, Amount)>,
     holdings: Vec<Holding>,
+    /// Each balance's collateral value and each holding's value at current prices (standard accounts), for the
+    /// loss by asset: a scenario's change is its value there minus this.
+    balance_values: Vec<Amount>,
+    holding_values: Vec<Amount>,
 }
 
 /// A stress test's working arrays, kept by the engine between requests: refilled, never shrunk, so a scheduled
@@ -524,6 +542,10 @@ impl Flat {
         self.accounts.clear();
         self.balances.clear();
         self.holdings.clear();
+        self.balance_values.clear();
+        self.holding_values.clear();
+        self.balance_values.resize(balances, Amount::ZERO);
+        self.holding_values.resize(holdings, Amount::ZERO);
         self.accounts.reserve(accounts.len());
         self.balances.reserve(balances);
         self.holdings.reserve(holdings);
@@ -539,7 +561,7 @@ impl Flat {
                 holdings: (h0, self.holdings.len() as u32),
                 standard: a.margin == vigil_model::MarginModel::Standard,
             });
-            before.push(self.exposure(market, accounts, i));
+            before.push(self.exposure_now(market, accounts, i));
         }
     }
 
@@ -551,14 +573,20 @@ impl Flat {
         )
     }
 
-    /// Account `i`'s exposure at `market`: from the flat arrays for a standard account, from the account itself
-    /// for a portfolio one (its groups need the positions as they are).
-    fn exposure(&self, market: &Market, accounts: &[Account], i: usize) -> Exposure {
-        if !self.accounts[i].standard {
+    /// Account `i`'s exposure at current prices, storing a standard account's values for the loss by asset.
+    fn exposure_now(&mut self, market: &Market, accounts: &[Account], i: usize) -> Exposure {
+        let a = self.accounts[i];
+        if !a.standard {
             return exposure(market, &accounts[i]);
         }
-        let (balances, holdings) = self.of(i);
-        standard_exposure(market, balances, holdings.iter().copied())
+        let (b0, h0) = (a.balances.0 as usize, a.holdings.0 as usize);
+        let balances = &self.balances[b0..a.balances.1 as usize];
+        let holdings = &self.holdings[h0..a.holdings.1 as usize];
+        let (bv, hv) = (&mut self.balance_values, &mut self.holding_values);
+        standard_exposure_visit(market, balances, holdings.iter().copied(), |item, value| match item {
+            Valued::Balance(j) => bv[b0 + j] = value,
+            Valued::Holding(j) => hv[h0 + j] = value,
+        })
     }
 }
 

@@ -588,7 +588,7 @@ async fn post_stress(State(hub): Shared, body: Bytes) -> Response {
     match crate::stress::on_node(&node.stress, node.checker.shards(), &request).await {
         Ok(report) => {
             m::record_stress(&report, started.elapsed());
-            json(StatusCode::OK, report.to_json().to_string())
+            json(StatusCode::OK, report.to_text())
         }
         Err(crate::stress::NodeStressError::Refused(e)) => {
             let status =

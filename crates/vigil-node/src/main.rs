@@ -344,7 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("loss curve drawn in {}", path.display());
             }
             let mut out = io::stdout().lock();
-            serde_json::to_writer_pretty(&mut out, &report.to_json()).context("writing the report")?;
+            out.write_all(report.to_string_pretty().as_bytes()).context("writing the report")?;
             writeln!(out).context("writing the report")
         }
         Command::Inspect { data, verify } => {

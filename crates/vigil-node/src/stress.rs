@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use vigil_engine::Engine;
 use vigil_engine::account::Exposure;
 use vigil_engine::stress::{Grid, Part, Relative, Request, Scenario, ShardStress, StressError, merge_shards};
@@ -133,87 +133,180 @@ impl Report {
         out
     }
 
+    /// The report as JSON, keys in the documented order (`docs/api.md`).
+    pub fn to_string_pretty(&self) -> String {
+        serde_json::to_string_pretty(&self.document()).expect("invariant: the report serializes (strings and numbers)")
+    }
+
+    /// The report as compact JSON text, keys in the documented order.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(&self.document()).expect("invariant: the report serializes (strings and numbers)")
+    }
+
+    /// The report as a JSON value (keys sorted: for comparisons).
     pub fn to_json(&self) -> Value {
-        let rel = |pairs: &[(String, Relative)]| -> Value {
-            Value::Object(pairs.iter().map(|(a, m)| (a.clone(), Value::from(Price(*m).to_string()))).collect())
+        serde_json::to_value(self.document()).expect("invariant: the report serializes (strings and numbers)")
+    }
+
+    fn document(&self) -> doc::Report<'_> {
+        use doc::*;
+        fn rel(pairs: &[(String, Relative)]) -> Vec<(&str, String)> {
+            pairs.iter().map(|(a, m)| (a.as_str(), Price(*m).to_string())).collect()
+        }
+        let exposure = |e: &Exposure| Figures {
+            equity: e.equity.to_string(),
+            maintenance_margin: e.maintenance_margin.to_string(),
         };
-        let exposure = |e: &Exposure| json!({"equity": e.equity.to_string(), "maintenance_margin": e.maintenance_margin.to_string()});
-        let counts = |p: &Part| {
-            json!({
-                "liquidatable": p.liquidatable,
-                "newly_liquidatable": p.newly_liquidatable,
-                "bankrupt": p.bankrupt,
-                "shortfall": p.shortfall.to_string(),
-            })
+        let counts = |p: &Part| Counts {
+            liquidatable: p.liquidatable,
+            newly_liquidatable: p.newly_liquidatable,
+            bankrupt: p.bankrupt,
+            shortfall: p.shortfall.to_string(),
         };
-        let scenarios: Vec<Value> = self
+        let scenarios = self
             .request
             .scenarios
             .iter()
             .zip(&self.result.scenarios)
-            .map(|(s, p)| {
-                let mut v = json!({"name": s.name, "moves": rel(&s.moves), "vol": rel(&s.vol)});
-                if let (Value::Object(o), Value::Object(c)) = (&mut v, counts(p)) {
-                    o.extend(c);
-                    o.insert(
-                        "loss_by_asset".into(),
-                        p.assets
-                            .iter()
-                            .map(|a| json!({"asset": a.asset, "loss": a.loss.to_string(), "gain": a.gain.to_string()}))
-                            .collect(),
-                    );
-                    o.insert(
-                        "top".into(),
-                        p.top
-                            .iter()
-                            .map(|t| {
-                                json!({
-                                    "account": t.account,
-                                    "loss": t.loss.to_string(),
-                                    "before": exposure(&t.before),
-                                    "after": exposure(&t.after),
-                                })
-                            })
-                            .collect(),
-                    );
-                }
-                v
+            .map(|(s, p)| Named {
+                name: &s.name,
+                moves: Pairs(rel(&s.moves)),
+                vol: Pairs(rel(&s.vol)),
+                counts: counts(p),
+                loss_by_asset: p
+                    .assets
+                    .iter()
+                    .map(|a| AssetDoc { asset: &a.asset, loss: a.loss.to_string(), gain: a.gain.to_string() })
+                    .collect(),
+                top: p
+                    .top
+                    .iter()
+                    .map(|t| TopDoc {
+                        account: &t.account,
+                        loss: t.loss.to_string(),
+                        before: exposure(&t.before),
+                        after: exposure(&t.after),
+                    })
+                    .collect(),
             })
             .collect();
-        let grids: Vec<Value> = self
+        let grids = self
             .curves()
             .into_iter()
-            .map(|(g, parts)| {
-                let curve: Vec<Value> = parts
+            .map(|(g, parts)| GridDoc {
+                underlying: &g.underlying,
+                from: Price(g.from).to_string(),
+                to: Price(g.to).to_string(),
+                steps: g.steps,
+                curve: parts
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| {
-                        let mut point = json!({"move": Price(g.step(i as u32)).to_string()});
-                        if let (Value::Object(o), Value::Object(c)) = (&mut point, counts(p)) {
-                            o.extend(c);
-                        }
-                        point
-                    })
-                    .collect();
-                json!({
-                    "underlying": g.underlying,
-                    "from": Price(g.from).to_string(),
-                    "to": Price(g.to).to_string(),
-                    "steps": g.steps,
-                    "curve": curve,
-                })
+                    .map(|(i, p)| Point { r#move: Price(g.step(i as u32)).to_string(), counts: counts(p) })
+                    .collect(),
             })
             .collect();
         let now = &self.result.now;
-        json!({
-            "offset": self.offset.0,
-            "accounts": now.accounts,
-            "now": {"liquidatable": now.liquidatable, "bankrupt": now.bankrupt, "shortfall": now.shortfall.to_string()},
-            // The insurance fund arrives with liquidation accounting (issue 13): until then the node holds none.
-            "insurance_fund": Value::Null,
-            "scenarios": scenarios,
-            "grids": grids,
-        })
+        Report {
+            offset: self.offset.0,
+            accounts: now.accounts,
+            now: Now { liquidatable: now.liquidatable, bankrupt: now.bankrupt, shortfall: now.shortfall.to_string() },
+            insurance_fund: None,
+            scenarios,
+            grids,
+        }
+    }
+}
+
+/// The report's JSON shape: fields serialize in declaration order, which is the documented order.
+mod doc {
+    use serde::Serialize;
+    use serde::ser::{SerializeMap, Serializer};
+
+    #[derive(Serialize)]
+    pub struct Report<'a> {
+        pub offset: u64,
+        pub accounts: u64,
+        pub now: Now,
+        /// The insurance fund arrives with liquidation accounting (issue 13): until then the node holds none.
+        pub insurance_fund: Option<String>,
+        pub scenarios: Vec<Named<'a>>,
+        pub grids: Vec<GridDoc<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Now {
+        pub liquidatable: u64,
+        pub bankrupt: u64,
+        pub shortfall: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct Counts {
+        pub liquidatable: u64,
+        pub newly_liquidatable: u64,
+        pub bankrupt: u64,
+        pub shortfall: String,
+    }
+
+    /// `{"ASSET": "decimal", …}` in the given order.
+    pub struct Pairs<'a>(pub Vec<(&'a str, String)>);
+
+    impl Serialize for Pairs<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut map = serializer.serialize_map(Some(self.0.len()))?;
+            for (k, v) in &self.0 {
+                map.serialize_entry(k, v)?;
+            }
+            map.end()
+        }
+    }
+
+    #[derive(Serialize)]
+    pub struct Named<'a> {
+        pub name: &'a str,
+        pub moves: Pairs<'a>,
+        pub vol: Pairs<'a>,
+        #[serde(flatten)]
+        pub counts: Counts,
+        pub loss_by_asset: Vec<AssetDoc<'a>>,
+        pub top: Vec<TopDoc<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct AssetDoc<'a> {
+        pub asset: &'a str,
+        pub loss: String,
+        pub gain: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct Figures {
+        pub equity: String,
+        pub maintenance_margin: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct TopDoc<'a> {
+        pub account: &'a str,
+        pub loss: String,
+        pub before: Figures,
+        pub after: Figures,
+    }
+
+    #[derive(Serialize)]
+    pub struct GridDoc<'a> {
+        pub underlying: &'a str,
+        pub from: String,
+        pub to: String,
+        pub steps: u32,
+        pub curve: Vec<Point>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Point {
+        pub r#move: String,
+        #[serde(flatten)]
+        pub counts: Counts,
     }
 }
 
