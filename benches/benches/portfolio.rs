@@ -1,6 +1,10 @@
 //! Portfolio margin (issue 12): what an option's scenario vector costs, what a group costs once its vectors are
 //! current, and what a tick of an underlying costs per portfolio account holding it.
 
+// The allocator the binary uses: figures comparable with the node's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use vigil_benches::Fixture;

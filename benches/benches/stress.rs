@@ -4,6 +4,10 @@
 //! (laying the shard's book out and evaluating it at current prices) plus a pass per scenario: `one_scenario`
 //! and `21_steps` measure both, so the fixed part is their difference over 20.
 
+// The allocator the binary uses: figures comparable with the node's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use vigil_engine::stress::{Grid, Request, Scenario};

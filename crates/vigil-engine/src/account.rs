@@ -382,48 +382,83 @@ pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginMo
     if model != MarginModel::Portfolio {
         return Vec::new();
     }
-    let mut underlyings: Vec<Slot> = positions
-        .iter()
-        .filter(|p| p.is_open() && p.mode == MarginMode::Cross)
-        .filter_map(|p| market.group_of(p.slot))
-        .collect();
+    let grouped = |p: &&Position| p.is_open() && p.mode == MarginMode::Cross;
+    // The groups' underlyings in slot order, without allocating for the usual handful.
+    let mut inline = [0 as Slot; GROUPS_INLINE];
+    let mut count = 0;
+    let mut spilled: Vec<Slot> = Vec::new();
+    for u in positions.iter().filter(grouped).filter_map(|p| market.group_of(p.slot)) {
+        if inline[..count].contains(&u) || spilled.contains(&u) {
+            continue;
+        }
+        if count < GROUPS_INLINE {
+            inline[count] = u;
+            count += 1;
+        } else {
+            spilled.push(u);
+        }
+    }
+    let mut underlyings: Vec<Slot>;
+    let underlyings: &mut [Slot] = if spilled.is_empty() {
+        &mut inline[..count]
+    } else {
+        underlyings = inline[..count].to_vec();
+        underlyings.append(&mut spilled);
+        &mut underlyings
+    };
     underlyings.sort_unstable();
-    underlyings.dedup();
-    let mut out = Vec::with_capacity(underlyings.len());
+    let mut out = Vec::new();
     let mut cache = market.vectors.borrow_mut();
-    let mut legs: Vec<(Qty, Option<vigil_model::Price>, Slot)> = Vec::new();
-    'groups: for u in underlyings {
+    const NO_LEG: Leg<'static> = Leg::Linear { qty: Qty::ZERO, mark: vigil_model::Price::ZERO };
+    'groups: for &u in underlyings.iter() {
         let Some(index) = market.price(u) else { continue };
         let params = market.risk_params(u);
-        legs.clear();
-        for p in positions.iter().filter(|p| p.is_open() && p.mode == MarginMode::Cross) {
-            if market.group_of(p.slot) != Some(u) {
-                continue;
+        let members = || positions.iter().filter(grouped).filter(move |p| market.group_of(p.slot) == Some(u));
+        // First bring the options' vectors up to date (a mutable use of the cache), then borrow them as legs.
+        let mut n = 0;
+        for p in members() {
+            let Some(inst) = market.instrument(p.slot) else { continue 'groups };
+            if market.price(p.slot).is_none() {
+                continue 'groups;
             }
-            let (Some(inst), Some(mark)) = (market.instrument(p.slot), market.price(p.slot)) else { continue 'groups };
-            match &inst.kind {
-                InstrumentKind::Option { .. } => {
-                    if cache.refresh(market, p.slot).is_none() {
-                        continue 'groups;
-                    }
-                    legs.push((p.qty, None, p.slot));
-                }
-                _ => legs.push((p.qty, Some(mark), p.slot)),
+            if matches!(inst.kind, InstrumentKind::Option { .. }) && cache.refresh(market, p.slot).is_none() {
+                continue 'groups;
             }
+            n += 1;
         }
-        let group: Option<Vec<Leg<'_>>> = legs
-            .iter()
-            .map(|(qty, mark, slot)| match mark {
-                Some(mark) => Some(Leg::Linear { qty: *qty, mark: *mark }),
-                None => cache.get(*slot).map(|vector| Leg::Option { qty: *qty, vector }),
-            })
-            .collect();
-        if let Some(g) = group.and_then(|legs| group_margin(&params, index, &legs)) {
+        let cache = &*cache;
+        let leg = |p: &Position| -> Option<Leg<'_>> {
+            match market.instrument(p.slot)?.kind {
+                InstrumentKind::Option { .. } => cache.get(p.slot).map(|vector| Leg::Option { qty: p.qty, vector }),
+                _ => market.price(p.slot).map(|mark| Leg::Linear { qty: p.qty, mark }),
+            }
+        };
+        let mut inline_legs = [NO_LEG; LEGS_INLINE];
+        let mut heap_legs: Vec<Leg<'_>>;
+        let legs: &[Leg<'_>] = if n <= LEGS_INLINE {
+            for (slot, p) in inline_legs.iter_mut().zip(members()) {
+                let Some(l) = leg(p) else { continue 'groups };
+                *slot = l;
+            }
+            &inline_legs[..n]
+        } else {
+            heap_legs = Vec::with_capacity(n);
+            for p in members() {
+                let Some(l) = leg(p) else { continue 'groups };
+                heap_legs.push(l);
+            }
+            &heap_legs
+        };
+        if let Some(g) = group_margin(&params, index, legs) {
             out.push((u, g));
         }
     }
     out
 }
+
+/// Groups and legs kept on the stack by [`portfolio_groups`]; more spill to the heap.
+const GROUPS_INLINE: usize = 8;
+const LEGS_INLINE: usize = 16;
 
 /// Re-evaluates the account and advances the episodes of its units, appending any triggers.
 pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, triggers: &mut Vec<Trigger>) {
