@@ -154,8 +154,6 @@ pub struct Engine {
     evaluations: u64,
     /// Accounts changed since the last `take_delta`.
     dirty: Vec<u32>,
-    /// A stress test's working arrays, kept between requests (their pages stay mapped).
-    stress_scratch: std::cell::RefCell<stress::Scratch>,
 }
 
 /// A checkpoint delta of one shard: the market (small, whole) and the accounts changed since the previous delta,
@@ -245,7 +243,6 @@ impl Engine {
             popped: Vec::new(),
             evaluations: 0,
             dirty: Vec::new(),
-            stress_scratch: Default::default(),
         }
     }
 

@@ -2,9 +2,9 @@
 //! each scenario is a shocked copy of the market, and every account is evaluated afresh against it under its own
 //! margin model.
 //!
-//! A shard computes its [`Part`] of each scenario ([`Engine::stress`]); the parts of every shard, taken at one
-//! offset, [`merge`] into the book's [`Outcome`]s. Within a shard, the accounts' figures at current prices are
-//! computed once per request and shared by its scenarios.
+//! A shard computes its [`Part`] of each scenario ([`Engine::stress`]) in one pass over its accounts, every
+//! scenario for each account while its data is in cache; the parts of every shard, taken at one offset,
+//! [`merge`] into the book's.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -15,7 +15,7 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::Engine;
-use crate::account::{Account, Exposure, Holding, Valued, exposure, standard_exposure_visit};
+use crate::account::{Exposure, Holding, Valued, exposure, standard_exposure_visit};
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
@@ -335,48 +335,16 @@ fn reported_assets(s: &Scenario) -> Vec<String> {
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Ranked(Amount, Reverse<Box<str>>, usize);
 
-impl Engine {
-    /// This shard's part of every scenario, at its current state; `progress` is called after each scenario.
-    /// Changes nothing. Refused (before computing anything) if a scenario names an unknown asset or must reprice
-    /// an option before any clock.
-    pub fn stress(
-        &self,
-        scenarios: &[Scenario],
-        top: usize,
-        progress: &mut dyn FnMut(usize),
-    ) -> Result<ShardStress, StressError> {
-        let market = &self.market;
-        let shocked: Vec<Market> = scenarios.iter().map(|s| shock(market, s)).collect::<Result<_, _>>()?;
-        let mut scratch = self.stress_scratch.borrow_mut();
-        let Scratch { flat, before } = &mut *scratch;
-        flat.fill(market, &self.accounts, before);
-        let (flat, before) = (&*flat, &before[..]);
-        let mut now = Part::default();
-        for b in before {
-            now.accounts += 1;
-            now.liquidatable += u64::from(b.liquidatable);
-            now.bankrupt += u64::from(b.bankrupt);
-            now.shortfall = now.shortfall.saturating_add(b.shortfall);
-        }
-        let mut parts = Vec::with_capacity(scenarios.len());
-        for (i, (scenario, after_market)) in scenarios.iter().zip(&shocked).enumerate() {
-            parts.push(self.stress_one(scenario, after_market, flat, before, top));
-            progress(i + 1);
-        }
-        Ok(ShardStress { now, scenarios: parts })
-    }
+/// What a scenario's pass needs beyond its moved market: the assets it reports and which of them each slot's value
+/// follows (an asset itself, or an instrument's underlying).
+struct Plan {
+    names: Vec<String>,
+    follows: Vec<Option<usize>>,
+}
 
-    fn stress_one(
-        &self,
-        scenario: &Scenario,
-        after_market: &Market,
-        flat: &Flat,
-        before: &[Exposure],
-        top: usize,
-    ) -> Part {
-        let market = &self.market;
+impl Plan {
+    fn new(market: &Market, scenario: &Scenario) -> Plan {
         let names = reported_assets(scenario);
-        // Which reported asset (if any) each slot's value follows: an asset itself, or an instrument's underlying.
         let mut follows: Vec<Option<usize>> = vec![None; market.slots()];
         for (k, name) in names.iter().enumerate() {
             if let Some(s) = market.slot(name) {
@@ -388,38 +356,88 @@ impl Engine {
                 follows[slot as usize] = follows[u as usize];
             }
         }
-        let mut part = Part {
-            assets: names.iter().map(|a| AssetLoss { asset: a.clone(), ..AssetLoss::default() }).collect(),
-            ..Part::default()
-        };
-        let mut heap: BinaryHeap<Reverse<Ranked>> = BinaryHeap::with_capacity(top + 1);
-        let mut deltas = vec![0i128; names.len()];
+        Plan { names, follows }
+    }
+}
+
+/// Accounts between two progress reports of [`Engine::stress`].
+const PROGRESS_EVERY: usize = 1 << 14;
+
+impl Engine {
+    /// This shard's part of every scenario, at its current state; `progress` is told how many accounts are done
+    /// as it goes. Changes nothing. Refused (before computing anything) if a scenario names an unknown asset or
+    /// must reprice an option before any clock.
+    ///
+    /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once (the
+    /// fetching, not the arithmetic, is most of what a pass over a large book costs), evaluated at current prices,
+    /// then at each scenario's prices while it is in cache.
+    pub fn stress(
+        &self,
+        scenarios: &[Scenario],
+        top: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<ShardStress, StressError> {
+        let market = &self.market;
+        let shocked: Vec<Market> = scenarios.iter().map(|s| shock(market, s)).collect::<Result<_, _>>()?;
+        let plans: Vec<Plan> = scenarios.iter().map(|s| Plan::new(market, s)).collect();
+        let mut parts: Vec<Part> = plans
+            .iter()
+            .map(|p| Part {
+                assets: p.names.iter().map(|a| AssetLoss { asset: a.clone(), ..AssetLoss::default() }).collect(),
+                ..Part::default()
+            })
+            .collect();
+        let mut heaps: Vec<BinaryHeap<Reverse<Ranked>>> =
+            (0..scenarios.len()).map(|_| BinaryHeap::with_capacity(top + 1)).collect();
+        let mut now = Part::default();
+        // Per account: each value at current prices (by slot, in the order evaluations visit them), its holdings,
+        // and a scenario's changes by reported asset.
+        let mut values: Vec<(Slot, Amount)> = Vec::new();
+        let mut holdings: Vec<Holding> = Vec::new();
+        let mut deltas: Vec<i128> = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
-            let b = before[i];
-            deltas.iter_mut().for_each(|d| *d = 0);
-            let (balances, holdings) = flat.of(i);
-            let a = if flat.accounts[i].standard {
-                // Each value's change from the one stored at current prices, by the asset it follows.
-                let f = flat.accounts[i];
-                standard_exposure_visit(after_market, balances, holdings.iter().copied(), |item, value| {
-                    let (slot, was) = match item {
-                        Valued::Balance(j) => (balances[j].0, flat.balance_values[f.balances.0 as usize + j]),
-                        Valued::Holding(j) => (holdings[j].slot, flat.holding_values[f.holdings.0 as usize + j]),
+            let standard = acc.margin == vigil_model::MarginModel::Standard;
+            values.clear();
+            holdings.clear();
+            holdings.extend(acc.positions.iter().map(Holding::from));
+            let b = if standard {
+                standard_exposure_visit(market, &acc.balances, holdings.iter().copied(), |item, v| {
+                    let slot = match item {
+                        Valued::Balance(j) => acc.balances[j].0,
+                        Valued::Holding(j) => holdings[j].slot,
                     };
-                    if let Some(k) = follows[slot as usize] {
-                        deltas[k] += value.0 - was.0;
-                    }
+                    values.push((slot, v));
                 })
             } else {
-                value_deltas(market, after_market, balances, holdings, &follows, &mut deltas);
-                exposure(after_market, acc)
+                exposure(market, acc)
             };
-            part.accounts += 1;
-            part.liquidatable += u64::from(a.liquidatable);
-            part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
-            part.bankrupt += u64::from(a.bankrupt);
-            part.shortfall = part.shortfall.saturating_add(a.shortfall);
-            if !names.is_empty() {
+            now.accounts += 1;
+            now.liquidatable += u64::from(b.liquidatable);
+            now.bankrupt += u64::from(b.bankrupt);
+            now.shortfall = now.shortfall.saturating_add(b.shortfall);
+            for (k, (plan, after_market)) in plans.iter().zip(&shocked).enumerate() {
+                deltas.clear();
+                deltas.resize(plan.names.len(), 0);
+                let a = if standard {
+                    let mut j = 0;
+                    standard_exposure_visit(after_market, &acc.balances, holdings.iter().copied(), |_, v| {
+                        // Same account, same order: the j-th value now and under the scenario.
+                        let (slot, was) = values[j];
+                        j += 1;
+                        if let Some(x) = plan.follows[slot as usize] {
+                            deltas[x] += v.0 - was.0;
+                        }
+                    })
+                } else {
+                    value_deltas(market, after_market, &acc.balances, &holdings, &plan.follows, &mut deltas);
+                    exposure(after_market, acc)
+                };
+                let part = &mut parts[k];
+                part.accounts += 1;
+                part.liquidatable += u64::from(a.liquidatable);
+                part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
+                part.bankrupt += u64::from(a.bankrupt);
+                part.shortfall = part.shortfall.saturating_add(a.shortfall);
                 for (loss, d) in part.assets.iter_mut().zip(&deltas) {
                     if *d < 0 {
                         loss.loss = loss.loss.saturating_sub(Amount(*d));
@@ -427,38 +445,43 @@ impl Engine {
                         loss.gain = loss.gain.saturating_add(Amount(*d));
                     }
                 }
+                if top > 0 {
+                    let loss = b.equity.saturating_sub(a.equity);
+                    let heap = &mut heaps[k];
+                    // Cheap test first: only a loss at least the smallest kept can enter.
+                    if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.0) {
+                        continue;
+                    }
+                    heap.push(Reverse(Ranked(loss, Reverse(acc.id.clone()), i)));
+                    if heap.len() > top {
+                        heap.pop();
+                    }
+                }
             }
-            if top > 0 {
-                let loss = b.equity.saturating_sub(a.equity);
-                let full = heap.len() >= top;
-                // Cheap test first: only a loss at least the smallest kept can enter.
-                if full && heap.peek().is_some_and(|Reverse(r)| loss < r.0) {
-                    continue;
-                }
-                heap.push(Reverse(Ranked(loss, Reverse(acc.id.clone()), i)));
-                if heap.len() > top {
-                    heap.pop();
-                }
-                // Keep the after-figures of those kept: recomputed below from the index.
+            if (i + 1) % PROGRESS_EVERY == 0 {
+                progress(i + 1);
             }
         }
-        let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
-        ranked.sort_unstable_by(|x, y| y.cmp(x));
-        part.top = ranked
-            .into_iter()
-            .map(|Ranked(loss, Reverse(id), i)| TopAccount {
-                account: id.into(),
-                loss,
-                before: before[i],
-                after: exposure(after_market, &self.accounts[i]),
-            })
-            .collect();
-        part
+        progress(self.accounts.len());
+        for ((part, heap), after_market) in parts.iter_mut().zip(heaps).zip(&shocked) {
+            let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
+            ranked.sort_unstable_by(|x, y| y.cmp(x));
+            part.top = ranked
+                .into_iter()
+                .map(|Ranked(loss, Reverse(id), i)| TopAccount {
+                    account: id.into(),
+                    loss,
+                    before: exposure(market, &self.accounts[i]),
+                    after: exposure(after_market, &self.accounts[i]),
+                })
+                .collect();
+        }
+        Ok(ShardStress { now, scenarios: parts })
     }
 }
 
 /// Adds to `deltas[k]` the change in value of the account's positions on reported asset `k` and of its collateral
-/// in it, between `before` and `after`.
+/// in it, between `before` and `after` (for portfolio accounts, whose values come from their groups' evaluation).
 fn value_deltas(
     before: &Market,
     after: &Market,
@@ -483,110 +506,6 @@ fn value_deltas(
             // Linear and option values both move by q × Δmark (rounded down, like every value).
             deltas[k] += vigil_model::num::e16_to_e8(h.qty.wide() * (m1.wide() - m0.wide()), Round::Floor);
         }
-    }
-}
-
-/// Where one account's balances and open positions sit in a [`Flat`] book.
-#[derive(Clone, Copy)]
-struct FlatAccount {
-    balances: (u32, u32),
-    holdings: (u32, u32),
-    standard: bool,
-}
-
-/// A shard's accounts laid out for scanning, rebuilt for each request: every account's balances and positions in
-/// two contiguous arrays, in account order. A scenario's pass then reads memory in order (the prefetcher's case)
-/// instead of chasing each account's own vectors, which is most of what a pass over a large book costs.
-#[derive(Default)]
-struct Flat {
-    accounts: Vec<FlatAccount>,
-    balances: Vec<(Slot, Amount)>,
-    holdings: Vec<Holding>,
-    /// Each balance's collateral value and each holding's value at current prices (standard accounts), for the
-    /// loss by asset: a scenario's change is its value there minus this.
-    balance_values: Vec<Amount>,
-    holding_values: Vec<Amount>,
-}
-
-/// A stress test's working arrays, kept by the engine between requests: refilled, never shrunk, so a scheduled
-/// stress does not pay the kernel for fresh zeroed pages each time.
-#[derive(Default)]
-pub struct Scratch {
-    flat: Flat,
-    before: Vec<Exposure>,
-}
-
-impl Clone for Scratch {
-    /// Working space, not state: a copy of an engine starts with none.
-    fn clone(&self) -> Self {
-        Scratch::default()
-    }
-}
-
-impl std::fmt::Debug for Scratch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Scratch")
-    }
-}
-
-impl Flat {
-    /// Lays `accounts` out, and sets `before` to their exposures at `market` (computed while each account's data
-    /// is in cache: the layout's pass is the one that chases pointers).
-    fn fill(&mut self, market: &Market, accounts: &[Account], before: &mut Vec<Exposure>) {
-        let (balances, holdings) =
-            accounts.iter().fold((0, 0), |(b, h), a| (b + a.balances.len(), h + a.positions.len()));
-        assert!(
-            u32::try_from(balances.max(holdings)).is_ok(),
-            "invariant: a shard holds fewer than 2^32 balances and positions"
-        );
-        self.accounts.clear();
-        self.balances.clear();
-        self.holdings.clear();
-        self.balance_values.clear();
-        self.holding_values.clear();
-        self.balance_values.resize(balances, Amount::ZERO);
-        self.holding_values.resize(holdings, Amount::ZERO);
-        self.accounts.reserve(accounts.len());
-        self.balances.reserve(balances);
-        self.holdings.reserve(holdings);
-        before.clear();
-        before.reserve(accounts.len());
-        for (i, a) in accounts.iter().enumerate() {
-            let b0 = self.balances.len() as u32;
-            self.balances.extend(a.balances.iter().copied());
-            let h0 = self.holdings.len() as u32;
-            self.holdings.extend(a.positions.iter().map(Holding::from));
-            self.accounts.push(FlatAccount {
-                balances: (b0, self.balances.len() as u32),
-                holdings: (h0, self.holdings.len() as u32),
-                standard: a.margin == vigil_model::MarginModel::Standard,
-            });
-            before.push(self.exposure_now(market, accounts, i));
-        }
-    }
-
-    fn of(&self, i: usize) -> (&[(Slot, Amount)], &[Holding]) {
-        let a = self.accounts[i];
-        (
-            &self.balances[a.balances.0 as usize..a.balances.1 as usize],
-            &self.holdings[a.holdings.0 as usize..a.holdings.1 as usize],
-        )
-    }
-
-    /// Account `i`'s exposure at current prices, storing a standard account's values for the loss by asset.
-    fn exposure_now(&mut self, market: &Market, accounts: &[Account], i: usize) -> Exposure {
-        let a = self.accounts[i];
-        if !a.standard {
-            return exposure(market, &accounts[i]);
-        }
-        let (b0, h0) = (a.balances.0 as usize, a.holdings.0 as usize);
-        let balances = &self.balances[b0..a.balances.1 as usize];
-        let holdings = &self.holdings[h0..a.holdings.1 as usize];
-        let (bv, hv) = (&mut self.balance_values, &mut self.holding_values);
-        standard_exposure_visit(market, balances, holdings.iter().copied(), |item, value| match item {
-            Valued::Balance(j) => bv[b0 + j] = value,
-            Valued::Holding(j) => hv[h0 + j] = value,
-        })
     }
 }
 

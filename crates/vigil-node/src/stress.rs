@@ -311,23 +311,22 @@ mod doc {
 }
 
 /// Runs `request` over `engines` (the shards of one book, all at `offset`), one thread per shard. With
-/// `progress`, scenarios done are shown on standard error while it runs.
+/// `progress`, the accounts done are shown on standard error while it runs.
 pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: bool) -> Result<Report, StressError> {
     request.validate()?;
     let scenarios = request.expand();
-    let done = AtomicUsize::new(0);
-    let total = scenarios.len() * engines.len();
+    let done: Vec<AtomicUsize> = engines.iter().map(|_| AtomicUsize::new(0)).collect();
+    let total: usize = engines.iter().map(|e| e.account_count()).sum();
     let started = Instant::now();
     let results: Vec<Result<ShardStress, StressError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = engines
             .iter_mut()
-            .map(|engine| {
-                let (scenarios, done) = (&scenarios, &done);
+            .zip(&done)
+            .map(|(engine, done)| {
+                let scenarios = &scenarios;
                 scope.spawn(move || {
                     let engine: &Engine = engine;
-                    engine.stress(scenarios, request.top, &mut |_| {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    })
+                    engine.stress(scenarios, request.top, &mut |n| done.store(n, Ordering::Relaxed))
                 })
             })
             .collect();
@@ -335,9 +334,9 @@ pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: 
             while !handles.iter().all(|h| h.is_finished()) {
                 std::thread::sleep(Duration::from_millis(200));
                 eprint!(
-                    "\rstress: {}/{} scenario parts ({} shards), {:.1} s   ",
-                    done.load(Ordering::Relaxed),
-                    total,
+                    "\rstress: {} scenario(s), {}/{total} accounts ({} shards), {:.1} s   ",
+                    scenarios.len(),
+                    done.iter().map(|d| d.load(Ordering::Relaxed)).sum::<usize>(),
                     handles.len(),
                     started.elapsed().as_secs_f64()
                 );
