@@ -171,36 +171,38 @@ fn asset_slot(market: &Market, scenario: &Scenario, name: &str, what: &str) -> R
     }
 }
 
+/// A scenario's relative figures (moves or shifts) by asset slot; refused for a name that is not an asset, or a
+/// figure of −1 or below (`refusal` says why, after the scenario's name).
+fn by_slot(
+    market: &Market,
+    scenario: &Scenario,
+    pairs: &[(String, Relative)],
+    what: &str,
+    refusal: impl Fn(&str, Relative) -> String,
+) -> Result<Vec<Option<Relative>>, StressError> {
+    let mut out = vec![None; market.slots()];
+    for (name, x) in pairs {
+        let slot = asset_slot(market, scenario, name, what)?;
+        if *x <= -SCALE_I128 as i64 {
+            return Err(StressError::invalid(format!("scenario {:?} {}", scenario.name, refusal(name, *x))));
+        }
+        out[slot as usize] = Some(*x);
+    }
+    Ok(out)
+}
+
 /// The market as `scenario` moves it: each named asset's index × (1 + move); each perp's and future's mark × (1 +
 /// its underlying's move); each option on a moved or vol-shifted underlying repriced by Black-76 at the moved index
 /// with its implied volatility × (1 + shift). Everything else stays put. Refused with `no_price` when an option
 /// must be repriced before any `clock` (its time to expiry is unknown).
 pub fn shock(market: &Market, scenario: &Scenario) -> Result<Market, StressError> {
+    let moves = by_slot(market, scenario, &scenario.moves, "moves", |name, m| {
+        format!("moves {name:?} by {}: a move must be above -1 (prices stay positive)", Price(m))
+    })?;
+    let shifts = by_slot(market, scenario, &scenario.vol, "shifts the volatility of", |name, v| {
+        format!("shifts {name:?}'s volatility by {}: a shift must be above -1", Price(v))
+    })?;
     let n = market.slots();
-    let mut moves: Vec<Option<Relative>> = vec![None; n];
-    let mut shifts: Vec<Option<Relative>> = vec![None; n];
-    for (name, m) in &scenario.moves {
-        let slot = asset_slot(market, scenario, name, "moves")?;
-        if *m <= -SCALE_I128 as i64 {
-            return Err(StressError::invalid(format!(
-                "scenario {:?} moves {name:?} by {}: a move must be above -1 (prices stay positive)",
-                scenario.name,
-                Price(*m)
-            )));
-        }
-        moves[slot as usize] = Some(*m);
-    }
-    for (name, v) in &scenario.vol {
-        let slot = asset_slot(market, scenario, name, "shifts the volatility of")?;
-        if *v <= -SCALE_I128 as i64 {
-            return Err(StressError::invalid(format!(
-                "scenario {:?} shifts {name:?}'s volatility by {}: a shift must be above -1",
-                scenario.name,
-                Price(*v)
-            )));
-        }
-        shifts[slot as usize] = Some(*v);
-    }
     let out_of_range = |symbol: &str| {
         StressError::invalid(format!("scenario {:?} moves {symbol:?}'s price out of range", scenario.name))
     };
