@@ -161,7 +161,7 @@ fn refusals_name_the_problem_and_compute_nothing() {
 
 /// Per account, the units' (equity, MM) the reference model shows: the cross unit, and each open isolated
 /// position (wallet + value).
-fn reference_units(lines: &[String]) -> Vec<(String, Vec<(Amount, Amount)>)> {
+fn reference_units(lines: &[String]) -> Vec<Units> {
     let mut reference = Reference::new(vigil_model::QUOTE_DEFAULT);
     for line in lines {
         match parse_line(line) {
@@ -194,9 +194,16 @@ fn reference_units(lines: &[String]) -> Vec<(String, Vec<(Amount, Amount)>)> {
                 let wallet = p.isolated_wallet.unwrap_or(Amount::ZERO);
                 units.push((wallet.saturating_add(value), p.maintenance_margin.unwrap_or(Amount::ZERO)));
             }
-            (v.account, units)
+            Units { account: v.account, grouped: !v.groups.is_empty(), units }
         })
         .collect()
+}
+
+/// One account's units in the reference model, and whether a portfolio group's figures (floating point) are in them.
+struct Units {
+    account: String,
+    grouped: bool,
+    units: Vec<(Amount, Amount)>,
 }
 
 /// `p × (1 + m)` to the nearest 1e-8, written out again.
@@ -252,9 +259,9 @@ fn moved_prices(market: &vigil_engine::market::Market, scenario: &Scenario) -> V
 }
 
 /// The scenario's counts and shortfall from per-account units.
-fn tally(units: &[(String, Vec<(Amount, Amount)>)]) -> (u64, u64, i128) {
+fn tally(units: &[Units]) -> (u64, u64, i128) {
     let (mut liquidatable, mut bankrupt, mut shortfall) = (0, 0, 0i128);
-    for (_, us) in units {
+    for Units { units: us, .. } in units {
         liquidatable += u64::from(us.iter().any(|(e, mm)| mm.0 > 0 && e < mm));
         bankrupt += u64::from(us.iter().any(|(e, _)| e.0 < 0));
         shortfall += us.iter().map(|(e, _)| (-e.0).max(0)).sum::<i128>();
@@ -265,9 +272,13 @@ fn tally(units: &[(String, Vec<(Amount, Amount)>)]) -> (u64, u64, i128) {
 #[test]
 fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
     // Proves, on random books (standard and portfolio accounts, options with expiries, isolated positions,
-    // collateral), for several scenarios each: the answer is identical for 1, 2 and 5 shards; and its counts and
-    // shortfall equal the reference model's after the scenario's moved prices are appended to the stream as price
-    // events (the reference has its own margin code; portfolio figures within the float tolerance).
+    // collateral), for several scenarios each: the answer is identical for 1, 2 and 5 shards; and its counts,
+    // shortfall and every account's equity and MM under the scenario (the top list holds them all) equal the
+    // reference model's after the scenario's moved prices are appended to the stream as price events (the
+    // reference has its own margin code; portfolio figures within the float tolerance). The moved prices are
+    // checked against an independent computation first. A tremor of 1e-8 leaves most option marks as they were
+    // (the repricing rounds back to them) while their underlying moves: a short option's margin must follow the
+    // underlying even then.
     let scenarios = [
         Scenario { name: "down".into(), moves: vec![("BTC".into(), -25_000_000)], vol: vec![] },
         Scenario {
@@ -280,8 +291,9 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
             moves: vec![("ETH".into(), 60_000_000)],
             vol: vec![("ETH".into(), -30_000_000)],
         },
+        Scenario { name: "tremor".into(), moves: vec![("BTC".into(), -1), ("ETH".into(), 1)], vol: vec![] },
     ];
-    let request = Request { scenarios: scenarios.to_vec(), grids: vec![], top: 5 };
+    let request = Request { scenarios: scenarios.to_vec(), grids: vec![], top: 1000 };
     let mut checked_units = 0;
     let mut liquidatable_seen = 0;
     for seed in 1..=12u64 {
@@ -301,6 +313,7 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
         }
         let sharded = book(&stream, 1);
         let market = sharded.shards()[0].market();
+        let before = reference_units(&stream);
         for (scenario, part) in scenarios.iter().zip(&one.result.scenarios) {
             let shocked = match shock(market, scenario) {
                 Ok(m) => m,
@@ -318,11 +331,33 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
                     market.name(slot),
                     want.0
                 );
-                if want.0.0 > 0 {
-                    moved.push(format!(r#"{{"type":"price","symbol":"{}","price":"{}"}}"#, market.name(slot), want.0));
+                if got.0 > 0 {
+                    moved.push(format!(r#"{{"type":"price","symbol":"{}","price":"{}"}}"#, market.name(slot), got));
                 }
             }
             let units = reference_units(&moved);
+            assert_eq!(part.top.len(), units.len(), "seed {seed}: every account is in the top list");
+            for u in &units {
+                let Some(t) = part.top.iter().find(|t| t.account == u.account) else {
+                    panic!("seed {seed}: {} is missing from the top list", u.account)
+                };
+                // The loss (equity now − under the scenario) and the MM under it, over the account's units.
+                let equity = |units: &[(Amount, Amount)]| units.iter().map(|(e, _)| e.0).sum::<i128>();
+                let now = before.iter().find(|b| b.account == u.account).map_or(0, |b| equity(&b.units));
+                let loss = now - equity(&u.units);
+                let mm: i128 = u.units.iter().map(|(_, m)| m.0).sum();
+                let tolerance = if u.grouped { 2 * vigil_testkit::compare::TOLERANCE } else { 0 };
+                assert!(
+                    (t.loss.0 - loss).abs() <= tolerance && (t.after.maintenance_margin.0 - mm).abs() <= tolerance,
+                    "seed {seed} {} {}: loss {} and MM {} under the scenario, the reference says {} and {}",
+                    scenario.name,
+                    u.account,
+                    t.loss,
+                    t.after.maintenance_margin,
+                    Amount(loss),
+                    Amount(mm)
+                );
+            }
             checked_units += units.len();
             let (liquidatable, bankrupt, shortfall) = tally(&units);
             liquidatable_seen += liquidatable;
@@ -341,6 +376,35 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
         checked_units > 200 && liquidatable_seen > 20,
         "vacuous: {checked_units} units, {liquidatable_seen} liquidatable"
     );
+}
+
+#[test]
+fn a_short_option_margin_follows_its_underlying_when_the_mark_rounds_back() {
+    // Proves a scenario recomputes a position whose own price does not change when its underlying's does: a
+    // deep out-of-the-money put reprices to the same mark under a move of 1e-8, but its margin,
+    // |q| × (0.075 × U + mark), follows the index (10 × 0.075 × 60 000 × 1e-8 = 0.00045 less).
+    let book_lines = lines(
+        r#"
+        {"type":"asset","asset":"BTC","haircut":"0.1"}
+        {"type":"option","symbol":"BTC-P-1000","underlying":"BTC","right":"put","strike":"1000","expiry":"2027-03-26T08:00:00Z"}
+        {"type":"clock","time":"2026-12-02T08:00:00Z"}
+        {"type":"price","symbol":"BTC","price":"60000"}
+        {"type":"price","symbol":"BTC-P-1000","price":"0.01"}
+        {"type":"deposit","account":"erin","asset":"USDC","amount":"50000"}
+        {"type":"trade","account":"erin","symbol":"BTC-P-1000","side":"sell","qty":"10","price":"0.01"}
+    "#,
+    );
+    let request = parse_request(br#"{"scenarios":[{"name":"tremor","moves":{"BTC":"-0.00000001"}}],"top":1}"#).unwrap();
+    let sharded = book(&book_lines, 1);
+    let market = sharded.shards()[0].market();
+    let shocked = shock(market, &request.scenarios[0]).expect("a valid scenario");
+    let put = market.slot("BTC-P-1000").expect("listed");
+    assert_eq!(shocked.price(put), market.price(put), "the put's mark rounds back (else this test proves nothing)");
+    assert_eq!(shocked.price(market.slot("BTC").expect("listed")), Some(Price(5_999_999_940_000)));
+    let report = stress(&book_lines, 1, &request);
+    let erin = &report.result.scenarios[0].top[0];
+    assert_eq!(erin.before.maintenance_margin, amount("45000.1"));
+    assert_eq!(erin.after.maintenance_margin, amount("45000.09955"));
 }
 
 #[test]

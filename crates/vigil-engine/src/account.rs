@@ -182,68 +182,84 @@ fn figures<const IM: bool>(market: &Market, slot: Slot, qty: Qty, cost_e16: i128
     }
 }
 
-/// What a standard-margin evaluation needs of a position (a stress test keeps them in one flat array).
-#[derive(Clone, Copy, Debug)]
-pub struct Holding {
-    pub cost_e16: i128,
-    pub wallet: Amount,
-    pub qty: Qty,
+/// One term of a standard-margin account's [`Exposure`] at some prices: a balance's collateral value, or a
+/// position's value and maintenance margin. A stress test keeps an account's terms at current prices and, under a
+/// scenario, recomputes only the terms whose prices it moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Term {
+    pub value: Amount,
+    pub maintenance_margin: Amount,
+    /// A balance's amount, or a position's cost (Σ qty × price over its fills, at 1e-16).
+    amount: i128,
+    /// An isolated position's wallet (zero otherwise).
+    wallet: Amount,
+    qty: Qty,
     pub slot: Slot,
-    pub isolated: bool,
+    unit: Unit,
 }
 
-impl From<&Position> for Holding {
-    fn from(p: &Position) -> Self {
-        Self {
-            cost_e16: p.cost_e16,
-            wallet: p.wallet,
-            qty: p.qty,
-            slot: p.slot,
-            isolated: p.mode == MarginMode::Isolated,
+/// Where a term counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    /// A balance: the cross unit's collateral.
+    Balance,
+    Cross,
+    /// An isolated position: its own unit, with its wallet.
+    Isolated,
+}
+
+impl Term {
+    fn balance(market: &Market, slot: Slot, amount: Amount) -> Term {
+        Term {
+            value: balance_value(market, slot, amount),
+            maintenance_margin: Amount::ZERO,
+            amount: amount.0,
+            wallet: Amount::ZERO,
+            qty: Qty::ZERO,
+            slot,
+            unit: Unit::Balance,
+        }
+    }
+
+    fn position(market: &Market, slot: Slot, qty: Qty, cost_e16: i128, wallet: Amount, unit: Unit) -> Term {
+        // An exposure has no use for initial margin.
+        let f = figures::<false>(market, slot, qty, cost_e16);
+        Term { value: f.value, maintenance_margin: f.maintenance_margin, amount: cost_e16, wallet, qty, slot, unit }
+    }
+
+    /// The same term at `market`'s prices.
+    pub fn at(&self, market: &Market) -> Term {
+        match self.unit {
+            Unit::Balance => Term::balance(market, self.slot, Amount(self.amount)),
+            unit => Term::position(market, self.slot, self.qty, self.amount, self.wallet, unit),
         }
     }
 }
 
-/// The [`Exposure`] of a standard-margin account with these balances and holdings.
-pub fn standard_exposure(
-    market: &Market,
-    balances: &[(Slot, Amount)],
-    holdings: impl Iterator<Item = Holding>,
-) -> Exposure {
-    standard_exposure_visit(market, balances, holdings, |_, _| {})
+/// A standard-margin account's terms at `market`'s prices: its balances, then its positions, in their order.
+pub fn standard_terms<'a>(
+    market: &'a Market,
+    balances: &'a [(Slot, Amount)],
+    positions: &'a [Position],
+) -> impl Iterator<Item = Term> + 'a {
+    let balances = balances.iter().map(|(slot, amount)| Term::balance(market, *slot, *amount));
+    balances.chain(positions.iter().map(|p| match p.mode {
+        MarginMode::Cross => Term::position(market, p.slot, p.qty, p.cost_e16, Amount::ZERO, Unit::Cross),
+        MarginMode::Isolated => Term::position(market, p.slot, p.qty, p.cost_e16, p.wallet, Unit::Isolated),
+    }))
 }
 
-/// What a value [`standard_exposure_visit`] reports belongs to: the `i`-th balance or the `i`-th holding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Valued {
-    Balance(usize),
-    Holding(usize),
-}
-
-/// [`standard_exposure`], reporting each balance's collateral value and each holding's value to `visit` as it goes.
-pub fn standard_exposure_visit(
-    market: &Market,
-    balances: &[(Slot, Amount)],
-    holdings: impl Iterator<Item = Holding>,
-    mut visit: impl FnMut(Valued, Amount),
-) -> Exposure {
+/// The [`Exposure`] the terms of a standard-margin account add up to: the cross unit (balances and cross
+/// positions) and each isolated position's unit.
+pub fn terms_exposure(terms: impl IntoIterator<Item = Term>) -> Exposure {
     let mut out = Exposure::default();
-    let mut equity = Amount::ZERO;
-    for (i, (slot, amount)) in balances.iter().enumerate() {
-        let v = balance_value(market, *slot, *amount);
-        visit(Valued::Balance(i), v);
-        equity = equity.saturating_add(v);
-    }
-    let mut mm = Amount::ZERO;
-    for (i, h) in holdings.enumerate() {
-        // An exposure has no use for initial margin.
-        let f = figures::<false>(market, h.slot, h.qty, h.cost_e16);
-        visit(Valued::Holding(i), f.value);
-        if h.isolated {
-            out.add_unit(h.wallet.saturating_add(f.value), f.maintenance_margin);
+    let (mut equity, mut mm) = (Amount::ZERO, Amount::ZERO);
+    for t in terms {
+        if t.unit == Unit::Isolated {
+            out.add_unit(t.wallet.saturating_add(t.value), t.maintenance_margin);
         } else {
-            equity = equity.saturating_add(f.value);
-            mm = mm.saturating_add(f.maintenance_margin);
+            equity = equity.saturating_add(t.value);
+            mm = mm.saturating_add(t.maintenance_margin);
         }
     }
     out.add_unit(equity, mm);
@@ -341,7 +357,7 @@ impl Exposure {
 /// cached figure is read or written).
 pub fn exposure(market: &Market, acc: &Account) -> Exposure {
     if acc.margin == MarginModel::Standard {
-        return standard_exposure(market, &acc.balances, acc.positions.iter().map(Holding::from));
+        return terms_exposure(standard_terms(market, &acc.balances, &acc.positions));
     }
     let groups = portfolio_groups(market, &acc.positions, acc.margin);
     let mut out = Exposure::default();

@@ -15,7 +15,7 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::Engine;
-use crate::account::{Exposure, Holding, Valued, exposure, standard_exposure_visit};
+use crate::account::{Exposure, Position, Term, exposure, standard_terms, terms_exposure};
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
@@ -333,19 +333,52 @@ fn reported_assets(s: &Scenario) -> Vec<String> {
 }
 
 /// A candidate for the top list, ordered so that the heap's smallest is the first to drop: the smallest loss, and
-/// among equal losses the largest account id.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct Ranked(Amount, Reverse<Box<str>>, usize);
+/// among equal losses the largest account id (ids are unique: the exposures never decide).
+struct Ranked {
+    loss: Amount,
+    id: Reverse<Box<str>>,
+    before: Exposure,
+    after: Exposure,
+}
 
-/// What a scenario's pass needs beyond its moved market: the assets it reports and which of them each slot's value
-/// follows (an asset itself, or an instrument's underlying).
+impl Ranked {
+    fn key(&self) -> (Amount, &Reverse<Box<str>>) {
+        (self.loss, &self.id)
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// What a scenario's pass needs beyond its moved market: the assets it reports, which of them each slot's value
+/// follows (an asset itself, or an instrument's underlying), and which slots' figures it can change.
 struct Plan {
     names: Vec<String>,
     follows: Vec<Option<usize>>,
+    /// The slot's price or, for an instrument, its underlying's is not the same under the scenario: a figure of
+    /// the slot (a balance's value; a position's value or margin) is recomputed only then.
+    moves: Vec<bool>,
 }
 
 impl Plan {
-    fn new(market: &Market, scenario: &Scenario) -> Plan {
+    fn new(market: &Market, after: &Market, scenario: &Scenario) -> Plan {
         let names = reported_assets(scenario);
         let mut follows: Vec<Option<usize>> = vec![None; market.slots()];
         for (k, name) in names.iter().enumerate() {
@@ -358,7 +391,11 @@ impl Plan {
                 follows[slot as usize] = follows[u as usize];
             }
         }
-        Plan { names, follows }
+        let differs = |slot: Slot| market.price(slot) != after.price(slot);
+        let moves = (0..market.slots() as Slot)
+            .map(|slot| differs(slot) || market.group_of(slot).is_some_and(differs))
+            .collect();
+        Plan { names, follows, moves }
     }
 }
 
@@ -381,7 +418,7 @@ impl Engine {
     ) -> Result<ShardStress, StressError> {
         let market = &self.market;
         let shocked: Vec<Market> = scenarios.iter().map(|s| shock(market, s)).collect::<Result<_, _>>()?;
-        let plans: Vec<Plan> = scenarios.iter().map(|s| Plan::new(market, s)).collect();
+        let plans: Vec<Plan> = scenarios.iter().zip(&shocked).map(|(s, after)| Plan::new(market, after, s)).collect();
         let mut parts: Vec<Part> = plans
             .iter()
             .map(|p| Part {
@@ -392,24 +429,15 @@ impl Engine {
         let mut heaps: Vec<BinaryHeap<Reverse<Ranked>>> =
             (0..scenarios.len()).map(|_| BinaryHeap::with_capacity(top + 1)).collect();
         let mut now = Part::default();
-        // Per account: each value at current prices (by slot, in the order evaluations visit them), its holdings,
-        // and a scenario's changes by reported asset.
-        let mut values: Vec<(Slot, Amount)> = Vec::new();
-        let mut holdings: Vec<Holding> = Vec::new();
+        // Per account: its terms at current prices (standard margin), and a scenario's changes by reported asset.
+        let mut terms: Vec<Term> = Vec::new();
         let mut deltas: Vec<i128> = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
             let standard = acc.margin == vigil_model::MarginModel::Standard;
-            values.clear();
-            holdings.clear();
-            holdings.extend(acc.positions.iter().map(Holding::from));
             let b = if standard {
-                standard_exposure_visit(market, &acc.balances, holdings.iter().copied(), |item, v| {
-                    let slot = match item {
-                        Valued::Balance(j) => acc.balances[j].0,
-                        Valued::Holding(j) => holdings[j].slot,
-                    };
-                    values.push((slot, v));
-                })
+                terms.clear();
+                terms.extend(standard_terms(market, &acc.balances, &acc.positions));
+                terms_exposure(terms.iter().copied())
             } else {
                 exposure(market, acc)
             };
@@ -421,17 +449,19 @@ impl Engine {
                 deltas.clear();
                 deltas.resize(plan.names.len(), 0);
                 let a = if standard {
-                    let mut j = 0;
-                    standard_exposure_visit(after_market, &acc.balances, holdings.iter().copied(), |_, v| {
-                        // Same account, same order: the j-th value now and under the scenario.
-                        let (slot, was) = values[j];
-                        j += 1;
-                        if let Some(x) = plan.follows[slot as usize] {
-                            deltas[x] += v.0 - was.0;
+                    // Only the terms whose prices the scenario moves are recomputed; the rest are as they are now.
+                    terms_exposure(terms.iter().map(|t| {
+                        if !plan.moves[t.slot as usize] {
+                            return *t;
                         }
-                    })
+                        let m = t.at(after_market);
+                        if let Some(x) = plan.follows[t.slot as usize] {
+                            deltas[x] += m.value.0 - t.value.0;
+                        }
+                        m
+                    }))
                 } else {
-                    value_deltas(market, after_market, &acc.balances, &holdings, &plan.follows, &mut deltas);
+                    value_deltas(market, after_market, &acc.balances, &acc.positions, &plan.follows, &mut deltas);
                     exposure(after_market, acc)
                 };
                 let part = &mut parts[k];
@@ -451,10 +481,10 @@ impl Engine {
                     let loss = b.equity.saturating_sub(a.equity);
                     let heap = &mut heaps[k];
                     // Cheap test first: only a loss at least the smallest kept can enter.
-                    if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.0) {
+                    if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.loss) {
                         continue;
                     }
-                    heap.push(Reverse(Ranked(loss, Reverse(acc.id.clone()), i)));
+                    heap.push(Reverse(Ranked { loss, id: Reverse(acc.id.clone()), before: b, after: a }));
                     if heap.len() > top {
                         heap.pop();
                     }
@@ -465,17 +495,12 @@ impl Engine {
             }
         }
         progress(self.accounts.len());
-        for ((part, heap), after_market) in parts.iter_mut().zip(heaps).zip(&shocked) {
+        for (part, heap) in parts.iter_mut().zip(heaps) {
             let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
             ranked.sort_unstable_by(|x, y| y.cmp(x));
             part.top = ranked
                 .into_iter()
-                .map(|Ranked(loss, Reverse(id), i)| TopAccount {
-                    account: id.into(),
-                    loss,
-                    before: exposure(market, &self.accounts[i]),
-                    after: exposure(after_market, &self.accounts[i]),
-                })
+                .map(|r| TopAccount { account: r.id.0.into(), loss: r.loss, before: r.before, after: r.after })
                 .collect();
         }
         Ok(ShardStress { now, scenarios: parts })
@@ -488,7 +513,7 @@ fn value_deltas(
     before: &Market,
     after: &Market,
     balances: &[(Slot, Amount)],
-    holdings: &[Holding],
+    positions: &[Position],
     follows: &[Option<usize>],
     deltas: &mut [i128],
 ) {
@@ -502,7 +527,7 @@ fn value_deltas(
             deltas[k] += collateral_value(*amount, p1, h).0 - collateral_value(*amount, p0, h).0;
         }
     }
-    for h in holdings {
+    for h in positions {
         let Some(k) = follows[h.slot as usize] else { continue };
         if let (Some(m0), Some(m1)) = (before.price(h.slot), after.price(h.slot)) {
             // Linear and option values both move by q × Δmark (rounded down, like every value).
