@@ -460,9 +460,18 @@ impl Engine {
                         }
                         m
                     }))
-                } else {
+                } else if acc
+                    .balances
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .chain(acc.positions.iter().map(|p| p.slot))
+                    .any(|s| plan.moves[s as usize])
+                {
                     value_deltas(market, after_market, &acc.balances, &acc.positions, &plan.follows, &mut deltas);
                     exposure(after_market, acc)
+                } else {
+                    // Nothing the account holds moves: its groups, margin and values are as they are now.
+                    b
                 };
                 let part = &mut parts[k];
                 part.accounts += 1;
