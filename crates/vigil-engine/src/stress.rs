@@ -407,9 +407,9 @@ impl Engine {
     /// as it goes. Changes nothing. Refused (before computing anything) if a scenario names an unknown asset or
     /// must reprice an option before any clock.
     ///
-    /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once (the
-    /// fetching, not the arithmetic, is most of what a pass over a large book costs), evaluated at current prices,
-    /// then at each scenario's prices while it is in cache.
+    /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
+    /// evaluated at current prices, then at each scenario's prices while it is in cache. A standard account is
+    /// evaluated as terms (balances, positions); a scenario recomputes only the terms whose prices it moves.
     pub fn stress(
         &self,
         scenarios: &[Scenario],
