@@ -359,11 +359,15 @@ pub fn exposure(market: &Market, acc: &Account) -> Exposure {
     if acc.margin == MarginModel::Standard {
         return terms_exposure(standard_terms(market, &acc.balances, &acc.positions));
     }
-    let groups = portfolio_groups(market, &acc.positions, acc.margin);
+    portfolio_exposure(market, acc, &portfolio_groups(market, &acc.positions, acc.margin))
+}
+
+/// A portfolio account's [`Exposure`] at `market`'s prices, given its groups' margins at those prices.
+pub fn portfolio_exposure(market: &Market, acc: &Account, groups: &[(Slot, GroupMargin)]) -> Exposure {
     let mut out = Exposure::default();
     let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
     for p in &acc.positions {
-        let grouped = in_group(market, &groups, p);
+        let grouped = in_group(market, groups, p);
         let f = charged_figures(market, p, grouped);
         match p.mode {
             MarginMode::Cross => {
@@ -375,7 +379,7 @@ pub fn exposure(market: &Market, acc: &Account) -> Exposure {
             MarginMode::Isolated => out.add_unit(p.wallet.saturating_add(f.value), f.maintenance_margin),
         }
     }
-    for (_, g) in &groups {
+    for (_, g) in groups {
         cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
     }
     out.add_unit(cross.equity, cross.maintenance_margin);
@@ -395,6 +399,18 @@ fn in_group(market: &Market, groups: &[(Slot, GroupMargin)], p: &Position) -> bo
 /// figure it needs is missing (an index, a mark, or the clock for an option), which the events that open
 /// positions and switch models refuse to let happen.
 pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginModel) -> Vec<(Slot, GroupMargin)> {
+    portfolio_groups_reusing(market, positions, model, |_| None)
+}
+
+/// [`portfolio_groups`], taking the group of underlying `u` as `reuse(u)` says when it says `Some` (the margin of
+/// the same group computed at prices that agree with `market`'s on everything the group depends on; `Some(None)`
+/// for a group that could not be formed there) instead of revaluing it.
+pub fn portfolio_groups_reusing(
+    market: &Market,
+    positions: &[Position],
+    model: MarginModel,
+    reuse: impl Fn(Slot) -> Option<Option<GroupMargin>>,
+) -> Vec<(Slot, GroupMargin)> {
     if model != MarginModel::Portfolio {
         return Vec::new();
     }
@@ -427,6 +443,10 @@ pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginMo
     let mut cache = market.vectors.borrow_mut();
     const NO_LEG: Leg<'static> = Leg::Linear { qty: Qty::ZERO, mark: vigil_model::Price::ZERO };
     'groups: for &u in underlyings.iter() {
+        if let Some(kept) = reuse(u) {
+            out.extend(kept.map(|g| (u, g)));
+            continue;
+        }
         let Some(index) = market.price(u) else { continue };
         let params = market.risk_params(u);
         let members = || positions.iter().filter(grouped).filter(move |p| market.group_of(p.slot) == Some(u));

@@ -15,7 +15,10 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::Engine;
-use crate::account::{Exposure, Position, Term, exposure, standard_terms, terms_exposure};
+use crate::account::{
+    Exposure, Position, Term, portfolio_exposure, portfolio_groups, portfolio_groups_reusing, standard_terms,
+    terms_exposure,
+};
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
@@ -432,6 +435,7 @@ impl Engine {
         // Per account: its terms at current prices (standard margin), and a scenario's changes by reported asset.
         let mut terms: Vec<Term> = Vec::new();
         let mut deltas: Vec<i128> = Vec::new();
+        let mut groups = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
             let standard = acc.margin == vigil_model::MarginModel::Standard;
             let b = if standard {
@@ -439,7 +443,8 @@ impl Engine {
                 terms.extend(standard_terms(market, &acc.balances, &acc.positions));
                 terms_exposure(terms.iter().copied())
             } else {
-                exposure(market, acc)
+                groups = portfolio_groups(market, &acc.positions, acc.margin);
+                portfolio_exposure(market, acc, &groups)
             };
             now.accounts += 1;
             now.liquidatable += u64::from(b.liquidatable);
@@ -468,7 +473,18 @@ impl Engine {
                     .any(|s| plan.moves[s as usize])
                 {
                     value_deltas(market, after_market, &acc.balances, &acc.positions, &plan.follows, &mut deltas);
-                    exposure(after_market, acc)
+                    // A group the scenario moves nothing of (its index, a member's price) keeps its margin.
+                    let moved = |u: Slot| {
+                        plan.moves[u as usize]
+                            || acc
+                                .positions
+                                .iter()
+                                .any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
+                    };
+                    let after_groups = portfolio_groups_reusing(after_market, &acc.positions, acc.margin, |u| {
+                        (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m))
+                    });
+                    portfolio_exposure(after_market, acc, &after_groups)
                 } else {
                     // Nothing the account holds moves: its groups, margin and values are as they are now.
                     b
