@@ -473,13 +473,10 @@ impl Engine {
                     .any(|s| plan.moves[s as usize])
                 {
                     value_deltas(market, after_market, &acc.balances, &acc.positions, &plan.follows, &mut deltas);
-                    // A group the scenario moves nothing of (its index, a member's price) keeps its margin.
+                    // A group none of whose members the scenario moves (a member's `moves` covers its underlying's
+                    // index too) keeps its margin.
                     let moved = |u: Slot| {
-                        plan.moves[u as usize]
-                            || acc
-                                .positions
-                                .iter()
-                                .any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
+                        acc.positions.iter().any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
                     };
                     let after_groups = portfolio_groups_reusing(after_market, &acc.positions, acc.margin, |u| {
                         (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m))
