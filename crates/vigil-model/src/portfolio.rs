@@ -286,38 +286,139 @@ pub enum Leg<'a> {
 /// The most scenarios a grid has (`buckets` at its maximum).
 const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
 
-/// Calls `each(i, pnl)` for every scenario of the grid in order, with its PnL at 1e-8 rounded toward the house
-/// (down). The linear part is exact (`Σ q × P × price_range × k / buckets`, one division per price step); the
-/// options' part is a float dot product (legs added in their order, for every scenario at once), rounded once.
-/// No allocation. `None` if a figure does not fit.
-fn for_each_scenario(params: &RiskParams, legs: &[Leg<'_>], mut each: impl FnMut(usize, i128)) -> Option<()> {
-    let n = params.scenario_count().min(SCENARIOS_MAX);
-    let mut exposure: i128 = 0; // Σ q × P at 1e-16
-    let mut options = [0.0f64; SCENARIOS_MAX];
-    let mut any_option = false;
-    for leg in legs {
-        match leg {
-            Leg::Linear { qty, mark } => exposure = exposure.checked_add(qty.wide() * mark.wide())?,
-            Leg::Option { qty, vector } => {
-                any_option = true;
-                let q = to_f64(qty.0);
-                for (sum, d) in options[..n].iter_mut().zip(&vector.deltas) {
-                    *sum += q * d;
+/// A group's legs summed for the grid: `Σ q × P` over its linear legs (exact, at 1e-16) and, for every scenario,
+/// `Σ q × Δ` over its options (a float dot product, legs added in their order).
+struct Sums {
+    n: usize,
+    exposure: i128,
+    options: [f64; SCENARIOS_MAX],
+    any_option: bool,
+}
+
+impl Sums {
+    /// `None` if the linear exposure does not fit.
+    fn new(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Sums> {
+        let n = params.scenario_count().min(SCENARIOS_MAX);
+        let mut sums = Sums { n, exposure: 0, options: [0.0; SCENARIOS_MAX], any_option: false };
+        for leg in legs {
+            match leg {
+                Leg::Linear { qty, mark } => sums.exposure = sums.exposure.checked_add(qty.wide() * mark.wide())?,
+                Leg::Option { qty, vector } => {
+                    sums.any_option = true;
+                    let q = to_f64(qty.0);
+                    for (sum, d) in sums.options[..n].iter_mut().zip(&vector.deltas) {
+                        *sum += q * d;
+                    }
                 }
             }
         }
+        Some(sums)
     }
-    let b = params.buckets.max(1) as i32;
-    let steps = LinearSteps::new(exposure, params.price_range, b);
-    for (step_index, k) in (-b..=b).enumerate() {
-        let linear = steps.at(k)?;
-        for case in 0..3 {
-            let i = step_index * 3 + case;
-            let options = if any_option { float_to_e8(options[i], Round::Floor)? } else { 0 };
-            each(i, linear.checked_add(options)?);
+
+    /// Scenario `i`'s options part at 1e-8, rounded toward the house (down).
+    fn options_e8(&self, i: usize) -> Option<i128> {
+        if self.any_option { float_to_e8(self.options[i], Round::Floor) } else { Some(0) }
+    }
+
+    /// Calls `each(i, pnl)` for every scenario of the grid in order, with its exact PnL at 1e-8 (the linear part
+    /// exact, `Σ q × P × price_range × k / buckets` floored with one division per price step, plus the options'
+    /// part floored once). `None` if a figure does not fit.
+    fn for_each_exact(&self, params: &RiskParams, mut each: impl FnMut(usize, i128)) -> Option<()> {
+        let b = params.buckets.max(1) as i32;
+        let steps = LinearSteps::new(self.exposure, params.price_range, b);
+        for (step_index, k) in (-b..=b).enumerate() {
+            let linear = steps.at(k)?;
+            for case in 0..3 {
+                let i = step_index * 3 + case;
+                each(i, linear.checked_add(self.options_e8(i)?)?);
+            }
         }
+        Some(())
     }
-    Some(())
+
+    /// The first scenario with the lowest exact PnL, and that PnL: what a scan of [`Sums::for_each_exact`] finds,
+    /// without the exact arithmetic for every scenario. A float pass bounds each scenario's PnL; only the
+    /// scenarios that could be the worst are computed exactly, in the grid's order.
+    ///
+    /// Why it is exact: scenario `i` at step `k` is exactly `L + floor(s)`, with `L = floor(x)`, `x` the real
+    /// linear part and `s = options × 1e8` (the float the exact path floors). `f = k × x₁ + s` in floats, with
+    /// `x₁ = E × R / D` (`E` the exposure, `R` the range, `D = buckets × 1e16`, exact in a double), is within
+    /// `8u(|k x₁| + |s|)` of `x + s` (`u = 2⁻⁵³`: five roundings), and `x + s − 2 < L + floor(s) ≤ x + s`. So
+    /// if `m` is the lowest `f`, the worst scenario has `f ≤ m + 2 + 2 × 8u × M` (`M` the largest `|k x₁| + |s|`):
+    /// every scenario within `3 + 2⁻⁴⁸ × M` of `m` is a candidate. `None` (use the full scan) when a figure
+    /// is not finite or large enough for the bound to matter.
+    fn worst_by_bound(&self, params: &RiskParams) -> Option<(usize, i128)> {
+        let b = params.buckets.max(1) as i32;
+        let divisor = f64::from(b) * 1e16;
+        // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
+        let step = self.exposure as f64 * params.price_range.0 as f64 / divisor;
+        let mut approx = [0.0f64; SCENARIOS_MAX];
+        let (mut lowest, mut largest) = (f64::INFINITY, 0.0f64);
+        for (i, a) in approx[..self.n].iter_mut().enumerate() {
+            let k = (i / 3) as i32 - b;
+            let linear = f64::from(k) * step;
+            let s = if self.any_option { self.options[i] * SCALE as f64 } else { 0.0 };
+            *a = linear + s;
+            let size = linear.abs() + s.abs();
+            // Below 4e18 every s takes float_to_e8's exact i64 path and no exact sum overflows (NaN is refused).
+            if size.is_nan() || size >= 4.0e18 {
+                return None;
+            }
+            lowest = lowest.min(*a);
+            largest = largest.max(size);
+        }
+        let bound = lowest + 3.0 + largest * f64::powi(2.0, -48);
+        let mut worst: Option<(usize, i128)> = None;
+        let mut linear_at: Option<(i32, i128)> = None;
+        for (i, a) in approx[..self.n].iter().enumerate() {
+            if *a > bound {
+                continue;
+            }
+            let k = (i / 3) as i32 - b;
+            let linear = match linear_at {
+                Some((at, l)) if at == k => l,
+                _ => {
+                    let l = if self.exposure == 0 {
+                        0
+                    } else {
+                        mul_div(
+                            self.exposure,
+                            i128::from(params.price_range.0) * i128::from(k),
+                            i128::from(b) * SCALE2,
+                            Round::Floor,
+                        )?
+                    };
+                    linear_at = Some((k, l));
+                    l
+                }
+            };
+            let pnl = linear.checked_add(self.options_e8(i)?)?;
+            if worst.is_none_or(|(_, w)| pnl < w) {
+                worst = Some((i, pnl));
+            }
+        }
+        worst
+    }
+
+    /// [`Sums::worst_by_bound`], or the full exact scan where the bound does not apply. `None` if a figure does
+    /// not fit.
+    fn worst(&self, params: &RiskParams) -> Option<(usize, i128)> {
+        if let Some(w) = self.worst_by_bound(params) {
+            return Some(w);
+        }
+        self.worst_by_scan(params)
+    }
+
+    fn worst_by_scan(&self, params: &RiskParams) -> Option<(usize, i128)> {
+        let (mut worst_i, mut worst_pnl) = (0, i128::MAX);
+        self.for_each_exact(params, |i, pnl| {
+            // The first of equal losses wins: the contract's tie-break (k ascending, then same, up, down).
+            if pnl < worst_pnl {
+                (worst_i, worst_pnl) = (i, pnl);
+            }
+        })?;
+        Some((worst_i, worst_pnl))
+    }
 }
 
 /// The linear part of every price step, `floor(exposure × price_range × k / (buckets × 1e16))` at 1e-8, with one
@@ -356,10 +457,10 @@ impl LinearSteps {
 }
 
 /// The PnL of each scenario of the grid for a group's legs, at 1e-8, rounded toward the house (down): see
-/// [`for_each_scenario`]. `None` if a figure does not fit.
+/// [`Sums::for_each_exact`]. `None` if a figure does not fit.
 pub fn scenario_pnls(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Vec<i128>> {
     let mut out = Vec::with_capacity(params.scenario_count());
-    for_each_scenario(params, legs, |_, pnl| out.push(pnl))?;
+    Sums::new(params, legs)?.for_each_exact(params, |_, pnl| out.push(pnl))?;
     Some(out)
 }
 
@@ -391,13 +492,7 @@ fn float_to_e8(x: f64, round: Round) -> Option<i128> {
 /// `future_contingency × U × min(total long, total short)`), `IM = scanning risk + contingencies` and
 /// `MM = mm_factor × IM`, each rounded up. `None` if a figure does not fit.
 pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    let (mut worst_i, mut worst_pnl) = (0, i128::MAX);
-    for_each_scenario(params, legs, |i, pnl| {
-        // The first of equal losses wins: the contract's tie-break (k ascending, then same, up, down).
-        if pnl < worst_pnl {
-            (worst_i, worst_pnl) = (i, pnl);
-        }
-    })?;
+    let (worst_i, worst_pnl) = Sums::new(params, legs)?.worst(params)?;
     let scanning = worst_pnl.checked_neg()?.max(0);
     let (mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128);
     for leg in legs {
@@ -630,6 +725,70 @@ mod tests {
         let huge = LinearSteps::new(i128::MAX / 3, Rate(SCALE), 4);
         assert!(huge.split.is_none());
         assert_eq!(huge.at(-4), mul_div(i128::MAX / 3, -4 * SCALE_I128, 4 * SCALE2, Round::Floor));
+    }
+
+    #[test]
+    fn the_bounded_search_finds_the_scans_worst_scenario() {
+        // Proves the float-bounded search returns exactly the full scan's first worst scenario: random groups of
+        // perps and options (quantities and marks across magnitudes, deltas that tie, cancel, or sit a rounding
+        // step apart, a non-finite delta), every bucket count, and groups of equal scenarios (only perps, or
+        // nothing at all), where every scenario is a candidate.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut bounded = 0;
+        for round in 0..4_000 {
+            let buckets = 1 + (next() % 20) as u32;
+            let params =
+                RiskParams { buckets, price_range: Rate((next() % 100_000_001) as i64), ..RiskParams::default() };
+            let n = params.scenario_count();
+            let scale = [1e-9, 1e-3, 1.0, 1e3, 1e6, 1e9][(next() % 6) as usize];
+            let vectors: Vec<OptionVector> = (0..(next() % 4))
+                .map(|v| {
+                    let base = (next() % 1000) as f64 * scale;
+                    let deltas = (0..n)
+                        .map(|i| match (round + v as usize) % 5 {
+                            // Ties: the same value in every scenario, or in pairs.
+                            0 => base,
+                            1 => base * ((i / 2) as f64),
+                            // A rounding step apart: values that floor to neighbours at 1e-8.
+                            2 => base + (i % 3) as f64 * 0.4e-8,
+                            _ => (next() % 2_000_001) as f64 * scale / 1e3 - scale,
+                        })
+                        .collect();
+                    OptionVector { sigma: 0.5, deltas }
+                })
+                .collect();
+            let mut legs: Vec<Leg<'_>> = vectors
+                .iter()
+                .map(|vector| Leg::Option { qty: Qty((next() % 2_000_000_001) as i64 - 1_000_000_000), vector })
+                .collect();
+            for _ in 0..(next() % 3) {
+                let magnitude = [1, 1_000, 1_000_000, 1_000_000_000_000][(next() % 4) as usize];
+                legs.push(Leg::Linear {
+                    qty: Qty((next() % 2_000_001) as i64 * magnitude / 1000 - magnitude * 1000),
+                    mark: Price((next() % 10_000_000_000_000) as i64),
+                });
+            }
+            let sums = Sums::new(&params, &legs).unwrap();
+            let scan = sums.worst_by_scan(&params);
+            if let Some(found) = sums.worst_by_bound(&params) {
+                bounded += 1;
+                assert_eq!(Some(found), scan, "round {round}: {legs:?} {params:?}");
+            }
+            assert_eq!(sums.worst(&params), scan, "round {round}");
+        }
+        assert!(bounded > 2_000, "the bound applied to only {bounded} groups");
+        // A non-finite delta: the bound steps aside and the group cannot be formed, as before.
+        let nan = OptionVector { sigma: 0.5, deltas: vec![f64::NAN; 27] };
+        let legs = [Leg::Option { qty: Qty::units(1), vector: &nan }];
+        let sums = Sums::new(&RiskParams::default(), &legs).unwrap();
+        assert_eq!(sums.worst_by_bound(&RiskParams::default()), None);
+        assert_eq!(group_margin(&RiskParams::default(), p("100"), &legs), None);
     }
 
     #[test]
