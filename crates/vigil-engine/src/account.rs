@@ -121,6 +121,35 @@ pub struct Account {
     /// Changed since the last checkpoint delta.
     #[serde(skip)]
     pub dirty: bool,
+    /// A portfolio account's groups at its last evaluation (a cache for [`revalue_on_index_tick`]).
+    #[serde(skip)]
+    pub groups: GroupCache,
+}
+
+/// What a portfolio account's last exact evaluation charged for its groups, kept so that a tick of an
+/// underlying's index revalues that one group instead of the whole account ([`revalue_on_index_tick`]). Rebuilt by
+/// every evaluation ([`evaluate`]); valid only at the market epoch it was built at.
+#[derive(Clone, Debug, Default)]
+pub struct GroupCache {
+    /// The market epoch of the evaluation that built it; `None` without groups.
+    epoch: Option<u64>,
+    /// The cross unit's positions charged on their own: their IM and MM summed in position order.
+    ungrouped_im: Amount,
+    ungrouped_mm: Amount,
+    groups: Vec<CachedGroup>,
+    /// Every group's legs, group after group: slot, quantity, whether it is an option.
+    legs: Vec<(Slot, Qty, bool)>,
+}
+
+#[derive(Clone, Debug)]
+struct CachedGroup {
+    underlying: Slot,
+    margin: GroupMargin,
+    /// A tick of the underlying's index moves this group's margin and no other figure of the account (no
+    /// balance in the asset, no position charged on its own that depends on it).
+    index_moves_only_this: bool,
+    /// Its legs in [`GroupCache::legs`].
+    legs: std::ops::Range<u32>,
 }
 
 impl Account {
@@ -134,6 +163,7 @@ impl Account {
             episode: Episode::default(),
             margin: MarginModel::Standard,
             dirty: false,
+            groups: GroupCache::default(),
         }
     }
 
@@ -307,12 +337,123 @@ fn evaluate_groups(market: &Market, acc: &mut Account) -> Vec<(Slot, GroupMargin
             }
         }
     }
+    let (ungrouped_im, ungrouped_mm) = (cross.initial_margin, cross.maintenance_margin);
     for (_, g) in &groups {
         cross.initial_margin = cross.initial_margin.saturating_add(g.initial_margin);
         cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
     }
     acc.cross = cross;
+    cache_groups(market, acc, &groups, ungrouped_im, ungrouped_mm);
     groups
+}
+
+/// Rebuilds the account's [`GroupCache`] from the evaluation that just charged `groups`.
+fn cache_groups(
+    market: &Market,
+    acc: &mut Account,
+    groups: &[(Slot, GroupMargin)],
+    ungrouped_im: Amount,
+    ungrouped_mm: Amount,
+) {
+    let cache = &mut acc.groups;
+    cache.groups.clear();
+    cache.legs.clear();
+    if groups.is_empty() {
+        cache.epoch = None;
+        return;
+    }
+    cache.epoch = Some(market.epoch());
+    (cache.ungrouped_im, cache.ungrouped_mm) = (ungrouped_im, ungrouped_mm);
+    for &(u, margin) in groups {
+        let start = cache.legs.len() as u32;
+        // The members in position order: the legs `portfolio_groups` formed the group from.
+        for p in acc.positions.iter().filter(|p| p.is_open() && p.mode == MarginMode::Cross) {
+            if market.group_of(p.slot) == Some(u) {
+                let option = matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
+                cache.legs.push((p.slot, p.qty, option));
+            }
+        }
+        let index_moves_only_this = acc.balances.iter().all(|(asset, _)| *asset != u)
+            && acc
+                .positions
+                .iter()
+                .all(|p| p.slot != u && (in_group(market, groups, p) || market.group_of(p.slot) != Some(u)));
+        cache.groups.push(CachedGroup {
+            underlying: u,
+            margin,
+            index_moves_only_this,
+            legs: start..cache.legs.len() as u32,
+        });
+    }
+}
+
+/// Indexed detection's fast path for a tick of `slot`'s price, for a portfolio account: when `slot` is the index
+/// of one of its groups and moves no other figure of the account, revalues that group from the cached legs, sums
+/// the cross unit's margins as [`evaluate`] does and advances the cross episode. That is exactly what a full
+/// evaluation computes: the account's other figures were computed at its last evaluation, at the same market
+/// epoch (no reference data, clock or parameter changed since), and every tick of a price it depends on since has
+/// re-evaluated it (a portfolio account with a group is re-evaluated on every tick of its prices). Returns false,
+/// changing nothing, when it does not apply (or the group cannot be formed at the new price: the full evaluation
+/// then charges its positions on their own).
+pub fn revalue_on_index_tick(
+    market: &Market,
+    acc: &mut Account,
+    slot: Slot,
+    offset: Offset,
+    triggers: &mut Vec<Trigger>,
+) -> bool {
+    let cache = &acc.groups;
+    if cache.epoch != Some(market.epoch()) {
+        return false;
+    }
+    let Some(gi) = cache.groups.iter().position(|g| g.underlying == slot) else { return false };
+    let group = &cache.groups[gi];
+    if !group.index_moves_only_this {
+        return false;
+    }
+    let Some(index) = market.price(slot) else { return false };
+    let members = &cache.legs[group.legs.start as usize..group.legs.end as usize];
+    let mut vectors = market.vectors.borrow_mut();
+    for &(s, _, option) in members {
+        if option && vectors.refresh(market, s).is_none() {
+            return false;
+        }
+    }
+    let vectors = &*vectors;
+    let leg = |&(s, qty, option): &(Slot, Qty, bool)| -> Option<Leg<'_>> {
+        if option {
+            vectors.get(s).map(|vector| Leg::Option { qty, vector })
+        } else {
+            market.price(s).map(|mark| Leg::Linear { qty, mark })
+        }
+    };
+    let mut inline_legs = [NO_LEG; LEGS_INLINE];
+    let heap_legs: Vec<Leg<'_>>;
+    let legs: &[Leg<'_>] = if members.len() <= LEGS_INLINE {
+        for (l, m) in inline_legs.iter_mut().zip(members) {
+            let Some(x) = leg(m) else { return false };
+            *l = x;
+        }
+        &inline_legs[..members.len()]
+    } else {
+        let Some(all) = members.iter().map(leg).collect::<Option<Vec<_>>>() else { return false };
+        heap_legs = all;
+        &heap_legs
+    };
+    let Some(margin) = group_margin(&market.risk_params(slot), index, legs) else { return false };
+    let cache = &mut acc.groups;
+    cache.groups[gi].margin = margin;
+    let (mut im, mut mm) = (cache.ungrouped_im, cache.ungrouped_mm);
+    for g in &cache.groups {
+        im = im.saturating_add(g.margin.initial_margin);
+        mm = mm.saturating_add(g.margin.maintenance_margin);
+    }
+    acc.cross.initial_margin = im;
+    acc.cross.maintenance_margin = mm;
+    // A group has an open cross position; the isolated units' figures did not move (stepping them again on the
+    // same figures changes nothing).
+    step_cross(acc, true, offset, triggers);
+    true
 }
 
 /// A position's figures as the account is charged: a grouped position's own margin is never used (its group's
@@ -441,7 +582,6 @@ pub fn portfolio_groups_reusing(
     underlyings.sort_unstable();
     let mut out = Vec::new();
     let mut cache = market.vectors.borrow_mut();
-    const NO_LEG: Leg<'static> = Leg::Linear { qty: Qty::ZERO, mark: vigil_model::Price::ZERO };
     'groups: for &u in underlyings.iter() {
         if let Some(kept) = reuse(u) {
             out.extend(kept.map(|g| (u, g)));
@@ -492,16 +632,17 @@ pub fn portfolio_groups_reusing(
     out
 }
 
+/// A placeholder for the stack's legs.
+const NO_LEG: Leg<'static> = Leg::Linear { qty: Qty::ZERO, mark: vigil_model::Price::ZERO };
+
 /// Groups and legs kept on the stack by [`portfolio_groups`]; more spill to the heap.
 const GROUPS_INLINE: usize = 8;
 const LEGS_INLINE: usize = 16;
 
-/// Re-evaluates the account and advances the episodes of its units, appending any triggers.
-pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, triggers: &mut Vec<Trigger>) {
-    evaluate(market, acc);
+/// Advances the cross unit's episode on its cached figures, appending any triggers.
+fn step_cross(acc: &mut Account, has_positions: bool, offset: Offset, triggers: &mut Vec<Trigger>) {
     let cross = acc.cross;
-    let has = acc.has_cross_positions();
-    for kind in acc.episode.step(&cross, has).into_iter().flatten() {
+    for kind in acc.episode.step(&cross, has_positions).into_iter().flatten() {
         triggers.push(Trigger {
             offset,
             account: acc.id.to_string(),
@@ -511,6 +652,13 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
             maintenance_margin: cross.maintenance_margin,
         });
     }
+}
+
+/// Re-evaluates the account and advances the episodes of its units, appending any triggers.
+pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, triggers: &mut Vec<Trigger>) {
+    evaluate(market, acc);
+    let has = acc.has_cross_positions();
+    step_cross(acc, has, offset, triggers);
     for p in &mut acc.positions {
         if p.mode != MarginMode::Isolated || !p.is_open() {
             continue;

@@ -363,7 +363,17 @@ impl Engine {
         popped.sort_unstable();
         popped.dedup();
         for &a in &popped {
-            self.touch(a, offset, triggers);
+            // A portfolio account whose group this index moves (and nothing else of it): that group only.
+            let acc = &mut self.accounts[a as usize];
+            if account::revalue_on_index_tick(&self.market, acc, slot, offset, triggers) {
+                self.evaluations += 1;
+                if !acc.dirty {
+                    acc.dirty = true;
+                    self.dirty.push(a);
+                }
+            } else {
+                self.touch(a, offset, triggers);
+            }
         }
         self.popped = popped;
     }
@@ -989,5 +999,91 @@ mod stats_tests {
         e.apply(Offset(6), &parse_line(r#"{"type":"price","symbol":"ETH","price":"2800"}"#).unwrap(), &mut t).unwrap();
         let s = e.stats();
         assert_eq!((s.liquidating, s.bands), (1, [0, 0, 0, 0, 1]));
+    }
+}
+
+#[cfg(test)]
+mod group_tick_tests {
+    use super::*;
+    use vigil_model::{TriggerKind, parse_line};
+
+    fn engine(detection: Detection) -> (Engine, Vec<Trigger>) {
+        let mut e = Engine::new(&Config { detection, ..Config::default() });
+        let mut t = Vec::new();
+        let lines = [
+            r#"{"type":"clock","time":"2026-12-01T00:00:00Z"}"#,
+            r#"{"type":"asset","asset":"BTC","haircut":"0.1"}"#,
+            r#"{"type":"asset","asset":"ETH"}"#,
+            r#"{"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+            r#"{"type":"perp","symbol":"ETH-PERP","underlying":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+            r#"{"type":"option","symbol":"C","underlying":"BTC","right":"call","strike":"62000","expiry":"2026-12-25T08:00:00Z"}"#,
+            r#"{"type":"option","symbol":"P","underlying":"BTC","right":"put","strike":"58000","expiry":"2027-03-26T08:00:00Z"}"#,
+            r#"{"type":"price","symbol":"BTC","price":"60000"}"#,
+            r#"{"type":"price","symbol":"ETH","price":"3000"}"#,
+            r#"{"type":"price","symbol":"BTC-PERP","price":"60000"}"#,
+            r#"{"type":"price","symbol":"ETH-PERP","price":"3000"}"#,
+            r#"{"type":"price","symbol":"C","price":"1500"}"#,
+            r#"{"type":"price","symbol":"P","price":"2500"}"#,
+            // Only groups move with BTC's index: a BTC group and an ETH group.
+            r#"{"type":"deposit","account":"groups","asset":"USDC","amount":"9000"}"#,
+            r#"{"type":"account_config","account":"groups","margin":"portfolio"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"C","side":"sell","qty":"2","price":"1500"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"P","side":"sell","qty":"1","price":"2500"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"BTC-PERP","side":"buy","qty":"0.1","price":"60000"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"ETH-PERP","side":"sell","qty":"1","price":"3000"}"#,
+            // Its collateral moves with BTC's index too: the group's fast path must not apply.
+            r#"{"type":"deposit","account":"collateral","asset":"USDC","amount":"1000"}"#,
+            r#"{"type":"deposit","account":"collateral","asset":"BTC","amount":"0.1"}"#,
+            r#"{"type":"account_config","account":"collateral","margin":"portfolio"}"#,
+            r#"{"type":"trade","account":"collateral","symbol":"P","side":"sell","qty":"2","price":"2500"}"#,
+            // An isolated perp on BTC: its own margin does not move with the index, but the rule is conservative.
+            r#"{"type":"deposit","account":"isolated","asset":"USDC","amount":"10000"}"#,
+            r#"{"type":"account_config","account":"isolated","margin":"portfolio"}"#,
+            r#"{"type":"trade","account":"isolated","symbol":"C","side":"sell","qty":"1","price":"1500"}"#,
+            r#"{"type":"transfer","account":"isolated","symbol":"BTC-PERP","amount":"1000"}"#,
+            r#"{"type":"trade","account":"isolated","symbol":"BTC-PERP","side":"buy","qty":"0.1","price":"60000","margin_mode":"isolated"}"#,
+        ];
+        for (i, l) in lines.iter().enumerate() {
+            e.apply(Offset(i as u64 + 1), &parse_line(l).unwrap(), &mut t).unwrap_or_else(|r| panic!("{l}: {r:?}"));
+        }
+        (e, t)
+    }
+
+    #[test]
+    fn an_index_tick_revalues_only_the_groups_it_moves_and_equals_a_full_evaluation() {
+        // Proves the fast path of an index tick (one group revalued from the cached legs) gives exactly the figures
+        // and triggers of a full evaluation: after every tick of a falling then recovering BTC index, each
+        // account's cached cross figures equal a fresh evaluation's, and the triggers equal those of rescan
+        // detection (which always evaluates in full). The fast path applies to an account whose only BTC
+        // dependence is its group, not to one holding BTC as collateral or an isolated BTC position.
+        let (mut fast, mut t_fast) = engine(Detection::Indexed);
+        let (mut full, mut t_full) = engine(Detection::Rescan);
+        let btc = fast.market.slot("BTC").unwrap();
+        let applies = |e: &Engine, id: &str| {
+            let mut copy = e.accounts[e.ids[id] as usize].clone();
+            account::revalue_on_index_tick(&e.market, &mut copy, btc, Offset(0), &mut Vec::new())
+        };
+        assert!(applies(&fast, "groups"));
+        assert!(!applies(&fast, "collateral"));
+        assert!(!applies(&fast, "isolated"));
+        let prices = ["59000", "57000", "52000", "45000", "40000", "47000", "61000", "64000", "30000", "60000"];
+        let evaluations = fast.evaluations();
+        for (i, price) in prices.iter().enumerate() {
+            let line = format!(r#"{{"type":"price","symbol":"BTC","price":"{price}"}}"#);
+            let event = parse_line(&line).unwrap();
+            let offset = Offset(100 + i as u64);
+            fast.apply(offset, &event, &mut t_fast).unwrap();
+            full.apply(offset, &event, &mut t_full).unwrap();
+            for acc in &fast.accounts {
+                let mut fresh = acc.clone();
+                evaluate(&fast.market, &mut fresh);
+                assert_eq!(acc.cross, fresh.cross, "{} at {price}", acc.id);
+                let other = &full.accounts[full.ids[&*acc.id] as usize];
+                assert_eq!((acc.cross, acc.episode), (other.cross, other.episode), "{} at {price}", acc.id);
+            }
+        }
+        assert_eq!(t_fast, t_full);
+        assert!(t_fast.iter().any(|t| t.kind == TriggerKind::Liquidate), "the ticks must breach someone: {t_fast:?}");
+        assert_eq!(fast.evaluations() - evaluations, 3 * prices.len() as u64);
     }
 }

@@ -71,6 +71,10 @@ pub struct Market {
     /// Options' scenario vectors (derived: never persisted or printed).
     #[serde(skip)]
     pub(crate) vectors: RefCell<VectorCache>,
+    /// Counts the changes to anything but prices (reference data, settlements, the clock, risk parameters): a
+    /// figure cached at one epoch depends on nothing else that can have changed since but prices (derived).
+    #[serde(skip)]
+    epoch: u64,
 }
 
 /// What an option's scenario vector was computed from: it is a pure function of these.
@@ -145,11 +149,18 @@ impl Market {
             clock: None,
             risk: Vec::new(),
             vectors: RefCell::default(),
+            epoch: 0,
         }
+    }
+
+    /// The number of changes to anything but prices so far (see the field).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Rebuilds the derived name index after deserialisation.
     pub fn reindex(&mut self) {
+        self.epoch += 1;
         self.names = self.entries.iter().enumerate().map(|(i, (n, _))| (n.clone(), i as Slot)).collect();
     }
 
@@ -212,6 +223,15 @@ impl Market {
 
     /// Applies a reference-data event (`asset`, `perp`, `future`, `option`), validated in the contract's order.
     pub fn declare(&mut self, event: &Event) -> Result<Declared, Rejection> {
+        let declared = self.declare_inner(event);
+        // A refused declaration changes nothing, not even the epoch.
+        if declared.is_ok() {
+            self.epoch += 1;
+        }
+        declared
+    }
+
+    fn declare_inner(&mut self, event: &Event) -> Result<Declared, Rejection> {
         match event {
             Event::Asset { asset, haircut } => self.declare_asset(asset, *haircut),
             Event::Perp { symbol, underlying, tiers } => {
@@ -367,6 +387,7 @@ impl Market {
     }
 
     pub fn mark_settled(&mut self, slot: Slot, price: Price) {
+        self.epoch += 1;
         self.set_price(slot, price);
         if let Some((_, Entry::Instrument(i))) = self.entries.get_mut(slot as usize) {
             i.settled = true;
@@ -389,6 +410,7 @@ impl Market {
     }
 
     pub fn set_clock(&mut self, time: Timestamp) {
+        self.epoch += 1;
         self.clock = Some(time);
     }
 
@@ -400,6 +422,7 @@ impl Market {
     }
 
     pub fn set_risk(&mut self, slot: Slot, params: RiskParams) {
+        self.epoch += 1;
         match self.risk.iter_mut().find(|(s, _)| *s == slot) {
             Some((_, p)) => *p = params,
             None => self.risk.push((slot, params)),
