@@ -38,8 +38,13 @@ fn model(c: &mut Criterion) {
         .enumerate()
         .map(|(i, vector)| Leg::Option { qty: Qty::units(if i % 3 == 0 { -2 } else { 1 }), vector })
         .collect();
-    c.bench_function("portfolio/group/20_option_legs", |b| {
-        b.iter(|| group_margin(&params, p("60000"), black_box(&legs)))
+    let index = p("60000");
+    c.bench_function("portfolio/group/20_option_legs", |b| b.iter(|| group_margin(&params, index, black_box(&legs))));
+    // The tick bench's group: a short perp and five options.
+    let mut six = vec![Leg::Linear { qty: Qty(-50_000_000), mark: index }];
+    six.extend(legs[..5].iter().copied());
+    c.bench_function("portfolio/group/a_perp_and_5_options", |b| {
+        b.iter(|| group_margin(&params, index, black_box(&six)))
     });
 }
 
