@@ -2,6 +2,7 @@
 //! model. No state machine lives here: the engine and the reference model both build on these pieces.
 
 pub mod event;
+pub mod liquidation;
 pub mod margin;
 pub mod num;
 pub mod portfolio;

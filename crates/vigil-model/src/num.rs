@@ -112,6 +112,11 @@ pub fn mul_div(a: i128, b: i128, d: i128, round: Round) -> Option<i128> {
     i128::try_from(q).ok()
 }
 
+/// `n / d` for 256-bit operands, rounded once; `None` if `d == 0` or the quotient does not fit `i128`.
+pub fn div_wide(n: I256, d: I256, round: Round) -> Option<i128> {
+    div_round_i256(n, d, round).and_then(|q| i128::try_from(q).ok())
+}
+
 /// `n / d` rounded once; `None` if `d == 0`.
 pub fn div(n: i128, d: i128, round: Round) -> Option<i128> {
     div_round_i128(n, d, round)
