@@ -148,6 +148,44 @@ impl InsuranceFund {
     }
 }
 
+/// A position's auto-deleveraging score (`liquidation.md`, "Deleveraging"; Binance's ranking):
+/// `pnl_ratio = unrealized_pnl / (|q| × entry)` and `leverage = |q| × mark / unit equity`; the score is
+/// `pnl_ratio × leverage` when `pnl_ratio ≥ 0`, else `pnl_ratio / leverage`. `None` (left out of the queue) when the
+/// unit's equity is not positive, or the position has no quantity, cost or mark.
+///
+/// With `|q| × entry = |cost|`, the score is `upnl × |q| × mark / (|cost| × E)` or `upnl × E / (|cost| × |q| ×
+/// mark)`. A ranking, not money: computed in doubles (the same operations, hence the same bits, on every shard and
+/// machine), each input converted once; equal scores are ordered by account id ([`adl_order`]).
+pub fn adl_score(unrealized_pnl: Amount, qty: Qty, cost_e16: i128, mark: Price, unit_equity: Amount) -> Option<f64> {
+    if unit_equity.raw() <= 0 || qty.0 == 0 || cost_e16 == 0 || mark.0 <= 0 {
+        return None;
+    }
+    // Units cancel in the ranking: amounts at 1e-8, the cost at 1e-16, quantities and prices at 1e-8.
+    let upnl = unrealized_pnl.raw() as f64 / 1e8;
+    let notional = (cost_e16 as f64 / 1e16).abs();
+    let q = (qty.0 as f64 / 1e8).abs();
+    let mark = mark.0 as f64 / 1e8;
+    let equity = unit_equity.raw() as f64 / 1e8;
+    let pnl_ratio = upnl / notional;
+    let leverage = q * mark / equity;
+    let score = if pnl_ratio >= 0.0 { pnl_ratio * leverage } else { pnl_ratio / leverage };
+    score.is_finite().then_some(score)
+}
+
+/// The ADL queue's order: highest score first, equal scores by account id.
+pub fn adl_order(a: (f64, &str), b: (f64, &str)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1))
+}
+
+/// The rank bucket venues show as lights, 1 to 5: 5 for the first fifth of a queue of `len` (deleveraged first),
+/// 1 for the last. `rank` counts from 0.
+pub fn adl_bucket(rank: usize, len: usize) -> u8 {
+    if len == 0 || rank >= len {
+        return 1;
+    }
+    5 - (5 * rank / len) as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,5 +351,29 @@ mod tests {
         // A deficit larger than the balance: the part beyond it is uncovered.
         assert_eq!(fund.settle(&LiquidationOutcome { bankruptcy_price: None, fee: a("0"), deficit: a("3") }), a("2"));
         assert_eq!((fund.paid, fund.uncovered), (a("7"), a("6")));
+    }
+
+    #[test]
+    fn the_adl_queue_ranks_profit_times_leverage_and_losses_last() {
+        // Long 1 at entry 100, mark 150 (upnl 50): pnl_ratio 0.5. With equity 75, leverage 2: score 1.0; with
+        // equity 150, leverage 1: score 0.5. A loser (mark 80, upnl −20, equity 40, leverage 2): −0.2 / 2 = −0.1.
+        let score = |upnl: &str, mark: &str, equity: &str| {
+            adl_score(a(upnl), q("1"), 100 * 100_000_000 * 100_000_000, p(mark), a(equity))
+        };
+        assert_eq!(score("50", "150", "75"), Some(1.0));
+        assert_eq!(score("50", "150", "150"), Some(0.5));
+        assert_eq!(score("-20", "80", "40"), Some(-0.1));
+        // A short's cost is negative: the ratio uses its magnitude.
+        assert_eq!(adl_score(a("50"), q("-1"), -100 * 100_000_000 * 100_000_000, p("50"), a("50")), Some(0.5));
+        // Left out: no positive equity.
+        assert_eq!(score("50", "150", "0"), None);
+        assert_eq!(score("50", "150", "-1"), None);
+        let mut queue = [(0.5, "b"), (1.0, "z"), (-0.1, "a"), (0.5, "a")];
+        queue.sort_by(|x, y| adl_order(*x, *y));
+        assert_eq!(queue, [(1.0, "z"), (0.5, "a"), (0.5, "b"), (-0.1, "a")]);
+        // Lights: five buckets, the first fifth is 5.
+        let lights: Vec<u8> = (0..10).map(|r| adl_bucket(r, 10)).collect();
+        assert_eq!(lights, [5, 5, 4, 4, 3, 3, 2, 2, 1, 1]);
+        assert_eq!((adl_bucket(0, 1), adl_bucket(2, 3)), (5, 2));
     }
 }
