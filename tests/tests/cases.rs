@@ -59,7 +59,7 @@ fn check_object(path: &str, expected: &Value, actual: &Value, tol: f64, errors: 
     }
 }
 
-fn check_list(name: &str, expected: &Value, actual: &Value, errors: &mut Vec<String>) {
+fn check_list(name: &str, expected: &Value, actual: &Value, tol: f64, errors: &mut Vec<String>) {
     let (Some(exp), Some(act)) = (expected.as_array(), actual.as_array()) else { return };
     if exp.len() != act.len() {
         errors.push(format!("{name}: expected {} elements, got {}: {actual}", exp.len(), act.len()));
@@ -71,7 +71,7 @@ fn check_list(name: &str, expected: &Value, actual: &Value, errors: &mut Vec<Str
                 (Value::String(_) | Value::Number(_), x)
                     if !x.is_null() && k != "kind" && k != "reason" && k != "symbol" && k != "account" =>
                 {
-                    (dec(v) - dec(x)).abs() < 1e-9
+                    (dec(v) - dec(x)).abs() <= tol
                 }
                 (x, y) => x == y,
             };
@@ -99,10 +99,16 @@ fn check_case(name: &str, shards: usize) -> Vec<String> {
             None => errors.push(format!("{name}: account {id} missing")),
         }
     }
+    if let Some(fund) = expected.get("insurance_fund") {
+        check_object(&format!("{name}/insurance_fund"), fund, &doc["insurance_fund"], tol, &mut errors);
+    }
     for list in ["triggers", "rejections"] {
         if let Some(e) = expected.get(list) {
-            check_list(&format!("{name}/{list}"), e, &doc[list], &mut errors);
+            check_list(&format!("{name}/{list}"), e, &doc[list], 1e-9, &mut errors);
         }
+    }
+    if let Some(e) = expected.get("liquidations") {
+        check_list(&format!("{name}/liquidations"), e, &doc["liquidations"], tol, &mut errors);
     }
     errors
 }

@@ -2,7 +2,9 @@
 //! and 8 shards, rescan and indexed detection, must print exactly the document the reference model produces.
 
 use vigil_engine::{Config, Detection};
-use vigil_model::{Offset, RejectionRecord, Trigger, parse_line, view::write_document};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::view::{Document, fund_json, write_document};
+use vigil_model::{Offset, RejectionRecord, Trigger, parse_line};
 use vigil_node::pipeline::Wait;
 use vigil_node::replay::{ReplayOptions, replay};
 use vigil_testkit::{Reference, Rng, StreamConfig, generate};
@@ -28,13 +30,21 @@ fn reference_document(lines: &[String]) -> String {
         }
     }
     let mut out = Vec::new();
+    let fund = reference.fund();
+    let fund = InsuranceFund { balance: fund.balance, fees: fund.fees, paid: fund.paid, uncovered: fund.uncovered };
     write_document(
         &mut out,
-        Offset(reference.offset().0),
-        reference.views().iter().map(|v| Ok(v.to_json())),
-        triggers.iter().map(|t| Ok(t.to_json())),
-        // Messages are the engine's prose; the reference only names reasons, so compare without them.
-        rejections.iter().map(|r| Ok(RejectionRecord { message: String::new(), ..r.clone() }.to_json())),
+        Document {
+            offset: Offset(reference.offset().0),
+            accounts: reference.views().iter().map(|v| Ok(v.to_json())),
+            triggers: triggers.iter().map(|t| Ok(t.to_json())),
+            // Messages are the engine's prose; the reference only names reasons, so compare without them.
+            rejections: rejections
+                .iter()
+                .map(|r| Ok(RejectionRecord { message: String::new(), ..r.clone() }.to_json())),
+            insurance_fund: fund_json(&fund),
+            liquidations: reference.liquidations().iter().map(|l| Ok(l.to_json())),
+        },
     )
     .expect("writing to memory");
     String::from_utf8(out).expect("UTF-8")
@@ -144,4 +154,27 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
         }
     }
     assert!(triggers as u64 >= streams, "the streams fired only {triggers} triggers");
+}
+
+#[test]
+fn liquidation_cases_equal_the_reference_for_every_shard_count_and_detection() {
+    // Proves the liquidation cases (fills at, above and below the bankruptcy price, a fund paying, running dry and
+    // refusing a withdrawal) print, with 1/3 shards × rescan/indexed, the reference model's document (which states
+    // the rule without simplifying it).
+    for case in ["liq_dydx_fund_pays", "liq_dydx_empty_fund", "liq_eth_partial_close"] {
+        let input = std::fs::read_to_string(vigil_tests::data_dir().join("cases").join(format!("{case}.jsonl")))
+            .expect("case stream");
+        let lines: Vec<String> = input.lines().map(str::to_owned).collect();
+        let expected: serde_json::Value = serde_json::from_str(&reference_document(&lines)).expect("reference JSON");
+        assert!(!expected["liquidations"].as_array().expect("liquidations").is_empty(), "{case}");
+        for detection in [Detection::Rescan, Detection::Indexed] {
+            for shards in [1, 3] {
+                let doc = replay_threaded(&input, shards, detection);
+                let got: serde_json::Value = serde_json::from_str(&without_messages(&doc)).expect("JSON");
+                if let Err(e) = matches("", &got, &expected) {
+                    panic!("{case}: {shards} shards {detection:?} differs from the reference: {e}");
+                }
+            }
+        }
+    }
 }

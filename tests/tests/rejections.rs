@@ -134,6 +134,60 @@ fn contract_v2_refusals() {
 }
 
 #[test]
+fn liquidation_refusals() {
+    // Proves each refusal of the liquidation events (`liquidation.md`): a liquidation fill must reduce an open perp
+    // or future position without flipping it (`invalid_reference`, options too), names and modes as any fill; the
+    // fund's events' numbers; each leaving the state as it was.
+    for not_reducing in [
+        r#"{"type":"trade","account":"alice","symbol":"BTC-C","side":"sell","qty":"1","price":"600","liquidation":true}"#,
+        r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"1","price":"60000","liquidation":true}"#,
+        r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"sell","qty":"1.5","price":"60000","liquidation":true}"#,
+        r#"{"type":"trade","account":"dave","symbol":"BTC-PERP","side":"sell","qty":"1","price":"60000","liquidation":true}"#,
+        r#"{"type":"trade","account":"nobody","symbol":"BTC-PERP","side":"sell","qty":"1","price":"60000","liquidation":true}"#,
+    ] {
+        check(not_reducing, Reason::InvalidReference);
+    }
+    check(
+        r#"{"type":"trade","account":"alice","symbol":"DOGE-PERP","side":"sell","qty":"1","price":"1","liquidation":true}"#,
+        Reason::UnknownSymbol,
+    );
+    check(
+        r#"{"type":"trade","account":"bob","symbol":"ETH-PERP","side":"buy","qty":"1","price":"3000","liquidation":true}"#,
+        Reason::ModeMismatch,
+    );
+    for shape in [
+        r#"{"type":"trade","account":"alice","symbol":"BTC-PERP","side":"sell","qty":"1","price":"60000","liquidation":"yes"}"#,
+        r#"{"type":"insurance"}"#,
+        r#"{"type":"insurance","amount":"1","account":"alice"}"#,
+        r#"{"type":"liquidation_params","max_fee":"0.01"}"#,
+    ] {
+        check(shape, Reason::InvalidEvent);
+    }
+    for number in [
+        r#"{"type":"insurance","amount":"0"}"#,
+        r#"{"type":"liquidation_params","max_liquidation_fee":"1.5"}"#,
+        r#"{"type":"liquidation_params","max_liquidation_fee":"-0.01"}"#,
+    ] {
+        check(number, Reason::InvalidNumber);
+    }
+    // The fund is the merge's: a withdrawal beyond its positive balance is refused at its offset, in any shard
+    // count, and changes nothing.
+    let lines = [
+        r#"{"type":"insurance","amount":"10"}"#,
+        r#"{"type":"insurance","amount":"-10.00000001"}"#,
+        r#"{"type":"insurance","amount":"-10"}"#,
+        r#"{"type":"insurance","amount":"-0.00000001"}"#,
+    ];
+    for shards in [1, 3] {
+        let doc: serde_json::Value = serde_json::from_str(&replay_text(&lines.join("\n"), shards)).unwrap();
+        let offsets: Vec<_> = doc["rejections"].as_array().unwrap().iter().map(|r| r["offset"].clone()).collect();
+        assert_eq!(offsets, [2, 4], "{doc}");
+        assert!(doc["rejections"].as_array().unwrap().iter().all(|r| r["reason"] == "insufficient_balance"));
+        assert_eq!(doc["insurance_fund"]["balance"], "0.00000000");
+    }
+}
+
+#[test]
 fn a_portfolio_option_needs_the_clock() {
     // Proves an option in a portfolio account needs a `clock` (its time to expiry), as `no_price`.
     let lines = [

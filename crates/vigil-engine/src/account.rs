@@ -650,6 +650,7 @@ fn step_cross(acc: &mut Account, has_positions: bool, offset: Offset, triggers: 
             kind,
             equity: cross.equity,
             maintenance_margin: cross.maintenance_margin,
+            uncovered: None,
         });
     }
 }
@@ -672,6 +673,7 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
                 kind,
                 equity: f.equity,
                 maintenance_margin: f.maintenance_margin,
+                uncovered: None,
             });
         }
     }

@@ -16,10 +16,11 @@ pub use sharded::{Sharded, merged_views};
 
 use std::collections::{BTreeSet, HashMap};
 
+use vigil_model::liquidation::{LiquidationFill, liquidation_outcome};
 use vigil_model::margin::{apply_fill, credit_from_e16, funding_credit, pretrade_allowed};
 use vigil_model::{
-    AccountView, Amount, Event, Fill, MarginMode, MarginModel, Offset, Qty, Reason, Rejection, Trigger, UnitFigures,
-    reject,
+    AccountView, Amount, Event, Fill, LiquidationRecord, MarginMode, MarginModel, Offset, Qty, Reason, Rejection,
+    Trigger, UnitFigures, reject,
 };
 
 use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, view};
@@ -154,6 +155,8 @@ pub struct Engine {
     evaluations: u64,
     /// Accounts changed since the last `take_delta`.
     dirty: Vec<u32>,
+    /// The last liquidation fill applied, until taken ([`Engine::take_liquidation`]).
+    liquidation: Option<LiquidationRecord>,
 }
 
 /// A checkpoint delta of one shard: the market (small, whole) and the accounts changed since the previous delta,
@@ -243,7 +246,15 @@ impl Engine {
             popped: Vec::new(),
             evaluations: 0,
             dirty: Vec::new(),
+            liquidation: None,
         }
+    }
+
+    /// The record of the liquidation fill the last `apply` applied, if it was one (taken: the next call gives
+    /// `None`). Its `uncovered` is zero: that part depends on the insurance fund, folded where every shard's
+    /// records meet in offset order.
+    pub fn take_liquidation(&mut self) -> Option<LiquidationRecord> {
+        self.liquidation.take()
     }
 
     /// The accounts changed since the last call, with the market, as of the current offset.
@@ -581,7 +592,100 @@ impl Engine {
                 self.touch(a, offset, triggers);
                 Ok(())
             }
+            Event::Liquidation(fill) => self.liquidate(offset, fill, triggers),
+            // The fund is not a shard's state: its movements are folded in offset order where the shards' outputs
+            // meet (`Sharded`, the node's merge), which never route this event to an engine.
+            Event::Insurance { .. } => Ok(()),
+            Event::LiquidationParams { max_liquidation_fee } => {
+                self.market.set_max_liquidation_fee(*max_liquidation_fee);
+                Ok(())
+            }
         }
+    }
+
+    /// A liquidation fill (`liquidation.md`): validated like any fill, and it must reduce an open perp or future
+    /// position without flipping it. The fill is applied as a trade; then the fee moves from the position's unit
+    /// to the fund, or the fund's payment of the deficit to the unit (the quote balance, or the isolated wallet
+    /// while the position stays open), both at this offset. The weights are the unit's standard figures before
+    /// the fill.
+    fn liquidate(&mut self, offset: Offset, fill: &Fill, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
+        let not_reducing = |why: &str| reject(Reason::InvalidReference, format!("a liquidation fill {why}"));
+        let (slot, inst) = self.market.instrument_slot(&fill.symbol)?;
+        if matches!(inst.kind, InstrumentKind::Option { .. }) {
+            return Err(not_reducing("must close a perp or future, not an option"));
+        }
+        let Some(&a) = self.ids.get(fill.account.as_str()) else {
+            return Err(not_reducing(&format!("needs an open position: {:?} has none", fill.account)));
+        };
+        let Some(p) = self.accounts[a as usize].position(slot).filter(|p| p.is_open()) else {
+            return Err(not_reducing(&format!("needs an open position in {:?}", fill.symbol)));
+        };
+        let closed = Qty(-fill.signed_qty().0);
+        if (closed.0 > 0) != (p.qty.0 > 0) || closed.0.unsigned_abs() > p.qty.0.unsigned_abs() {
+            return Err(not_reducing(&format!("must reduce the position ({}) without flipping it", p.qty)));
+        }
+        // The unit's figures at current prices (indexed detection may hold older ones).
+        self.refresh(a);
+        let acc = &self.accounts[a as usize];
+        let Some(p) = acc.position(slot) else {
+            return Err(not_reducing(&format!("needs an open position in {:?}", fill.symbol)));
+        };
+        let mut plan = self.plan_fill(Some(acc), fill)?;
+        let mark = self.market.price(slot).ok_or_else(|| no_price(&fill.symbol))?;
+        let position_mm = account::position_figures(&self.market, p).maintenance_margin;
+        let (equity, unit_mm) = match p.mode {
+            MarginMode::Isolated => (p.isolated_figures().equity, position_mm),
+            MarginMode::Cross => {
+                let mm = acc
+                    .positions
+                    .iter()
+                    .filter(|q| q.is_open() && q.mode == MarginMode::Cross)
+                    .fold(Amount::ZERO, |sum, q| {
+                        sum.saturating_add(account::position_figures(&self.market, q).maintenance_margin)
+                    });
+                (acc.cross.equity, mm)
+            }
+        };
+        let outcome = liquidation_outcome(&LiquidationFill {
+            equity,
+            unit_mm,
+            position_mm,
+            qty: p.qty,
+            mark,
+            closed,
+            price: fill.price,
+            max_fee: self.market.max_liquidation_fee(),
+        })
+        .map_err(|_| out_of_range("the liquidation's figures"))?;
+        // The unit's side of the fund transfer, where its money is after the fill.
+        let credit = outcome.deficit.checked_sub(outcome.fee).ok_or_else(|| out_of_range("the fund transfer"))?;
+        let isolated_open = plan.mode == MarginMode::Isolated && plan.qty.0 != 0;
+        if isolated_open {
+            plan.wallet = plan.wallet.checked_add(credit).ok_or_else(|| out_of_range("the isolated wallet"))?;
+        } else {
+            plan.quote = plan.quote.checked_add(credit).ok_or_else(|| out_of_range("the balance"))?;
+        }
+        self.commit_fill(a, &plan);
+        self.touch(a, offset, triggers);
+        let acc = &self.accounts[a as usize];
+        let after = match acc.position(slot) {
+            Some(p) if isolated_open => p.isolated_figures(),
+            _ => acc.cross,
+        };
+        self.liquidation = Some(LiquidationRecord {
+            offset,
+            account: fill.account.clone(),
+            symbol: fill.symbol.clone(),
+            qty: closed,
+            price: fill.price,
+            bankruptcy_price: outcome.bankruptcy_price,
+            fee: outcome.fee,
+            fund_paid: outcome.deficit,
+            uncovered: Amount::ZERO,
+            equity: after.equity,
+            maintenance_margin: after.maintenance_margin,
+        });
+        Ok(())
     }
 
     /// `no_price` unless every figure a portfolio account's groups need is there: each grouped position's

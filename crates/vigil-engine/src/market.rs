@@ -68,6 +68,8 @@ pub struct Market {
     pub(crate) clock: Option<Timestamp>,
     /// Portfolio parameters per underlying asset slot (`risk`); an underlying without an entry has the defaults.
     pub(crate) risk: Vec<(Slot, RiskParams)>,
+    /// `max_liquidation_fee` (`liquidation_params`).
+    max_liquidation_fee: Rate,
     /// Options' scenario vectors (derived: never persisted or printed).
     #[serde(skip)]
     pub(crate) vectors: RefCell<VectorCache>,
@@ -148,6 +150,7 @@ impl Market {
             prices: vec![Some(Price::ONE)],
             clock: None,
             risk: Vec::new(),
+            max_liquidation_fee: vigil_model::liquidation::MAX_LIQUIDATION_FEE,
             vectors: RefCell::default(),
             epoch: 0,
         }
@@ -427,6 +430,16 @@ impl Market {
             Some((_, p)) => *p = params,
             None => self.risk.push((slot, params)),
         }
+    }
+
+    /// The liquidation fee's cap, as a fraction of the closed notional.
+    pub fn max_liquidation_fee(&self) -> Rate {
+        self.max_liquidation_fee
+    }
+
+    pub fn set_max_liquidation_fee(&mut self, fee: Rate) {
+        self.epoch += 1;
+        self.max_liquidation_fee = fee;
     }
 
     /// The portfolio parameters of an underlying (the defaults until a `risk` event sets them).

@@ -2,7 +2,10 @@
 //! Account events go to the owning shard; reference and market data go to every shard. The merged output is the
 //! same for every shard count, which is what `vigil replay --shards N` relies on.
 
-use vigil_model::{AccountView, Event, Offset, Rejection, Trigger, shard_of};
+use vigil_model::liquidation::{FundError, InsuranceFund};
+use vigil_model::{
+    AccountView, Amount, Event, LiquidationRecord, Offset, Reason, Rejection, Trigger, TriggerKind, reject, shard_of,
+};
 
 use crate::{Config, Engine};
 
@@ -10,18 +13,27 @@ use crate::{Config, Engine};
 pub struct Sharded {
     shards: Vec<Engine>,
     offset: Offset,
+    /// The insurance fund, folded over `insurance` events and the shards' liquidation records in offset order.
+    fund: InsuranceFund,
+    /// Every liquidation fill, in offset order, with its uncovered part.
+    liquidations: Vec<LiquidationRecord>,
 }
 
 impl Sharded {
     pub fn new(config: &Config, shards: usize) -> Self {
         let n = shards.max(1);
-        Self { shards: (0..n).map(|_| Engine::new(config)).collect(), offset: Offset(0) }
+        Self {
+            shards: (0..n).map(|_| Engine::new(config)).collect(),
+            offset: Offset(0),
+            fund: InsuranceFund::default(),
+            liquidations: Vec::new(),
+        }
     }
 
     /// Shards built elsewhere (restored from checkpoints), continuing after the highest offset any has applied.
     pub fn from_engines(shards: Vec<Engine>) -> Self {
         let offset = shards.iter().map(Engine::offset).max().unwrap_or_default();
-        Self { shards, offset }
+        Self { shards, offset, fund: InsuranceFund::default(), liquidations: Vec::new() }
     }
 
     pub fn into_engines(self) -> Vec<Engine> {
@@ -60,10 +72,20 @@ impl Sharded {
     /// Applies an event at an offset assigned elsewhere (a journal's): a shard ignores offsets it already has.
     pub fn apply_at(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
         self.offset = self.offset.max(offset);
+        if let Event::Insurance { amount } = event {
+            return self.fund.transfer(*amount).map_err(fund_rejection);
+        }
         match event.account() {
             Some(account) => {
                 let shard = shard_of(account, self.shards.len());
-                self.shards[shard].apply(offset, event, triggers)
+                let start = triggers.len();
+                let result = self.shards[shard].apply(offset, event, triggers);
+                if let Some(record) = self.shards[shard].take_liquidation() {
+                    let record = settle_liquidation(&mut self.fund, record, triggers);
+                    triggers[start..].sort_unstable();
+                    self.liquidations.push(record);
+                }
+                result
             }
             None => {
                 // Broadcast: every shard validates against identical reference and market data, so all agree on
@@ -91,6 +113,16 @@ impl Sharded {
         }
     }
 
+    /// The insurance fund as of the last offset applied.
+    pub fn fund(&self) -> &InsuranceFund {
+        &self.fund
+    }
+
+    /// Every liquidation fill so far, in offset order.
+    pub fn liquidations(&self) -> &[LiquidationRecord] {
+        &self.liquidations
+    }
+
     /// Every account's view across shards, sorted by account id.
     pub fn views(&self) -> Vec<AccountView> {
         merged_views(&self.shards)
@@ -100,6 +132,39 @@ impl Sharded {
     pub fn shard_for(&self, account: &str) -> &Engine {
         &self.shards[shard_of(account, self.shards.len())]
     }
+}
+
+/// An `insurance` event the fund refuses, as the contract's rejection.
+pub fn fund_rejection(e: FundError) -> Rejection {
+    match e {
+        FundError::InsufficientBalance => {
+            reject(Reason::InsufficientBalance, "a withdrawal beyond the insurance fund's positive balance")
+        }
+        FundError::OutOfRange => reject(Reason::InvalidNumber, "the insurance fund's balance would leave the range"),
+    }
+}
+
+/// Folds one liquidation record into the fund (in offset order: the caller's job) and appends the `deleverage`
+/// trigger when the fund did not hold all of the deficit. Returns the record with its uncovered part.
+pub fn settle_liquidation(
+    fund: &mut InsuranceFund,
+    mut record: LiquidationRecord,
+    triggers: &mut Vec<Trigger>,
+) -> LiquidationRecord {
+    let uncovered = fund.settle(record.fee, record.fund_paid);
+    record.uncovered = uncovered;
+    if uncovered > Amount::ZERO {
+        triggers.push(Trigger {
+            offset: record.offset,
+            account: record.account.clone(),
+            symbol: Some(record.symbol.clone()),
+            kind: TriggerKind::Deleverage,
+            equity: record.equity,
+            maintenance_margin: record.maintenance_margin,
+            uncovered: Some(uncovered),
+        });
+    }
+    record
 }
 
 /// Every account's view across a set of shard engines, sorted by account id.

@@ -248,6 +248,17 @@ pub enum Event {
         account: Name,
         margin: MarginModel,
     },
+    /// A liquidation fill (`trade` with `liquidation: true`): the venue's liquidation engine closing (part of) the
+    /// account's position (contract v2, `liquidation.md`).
+    Liquidation(Fill),
+    /// Money into (positive) or out of (negative) the insurance fund.
+    Insurance {
+        amount: Amount,
+    },
+    /// The liquidation parameters from this offset on.
+    LiquidationParams {
+        max_liquidation_fee: Rate,
+    },
 }
 
 impl Event {
@@ -258,6 +269,7 @@ impl Event {
             | Event::Withdraw { account, .. }
             | Event::Transfer { account, .. }
             | Event::Trade(Fill { account, .. })
+            | Event::Liquidation(Fill { account, .. })
             | Event::AccountConfig { account, .. } => Some(account),
             _ => None,
         }
@@ -280,6 +292,9 @@ impl Event {
             Event::Clock { .. } => "clock",
             Event::Risk { .. } => "risk",
             Event::AccountConfig { .. } => "account_config",
+            Event::Liquidation(_) => "trade",
+            Event::Insurance { .. } => "insurance",
+            Event::LiquidationParams { .. } => "liquidation_params",
         }
     }
 }
@@ -298,6 +313,8 @@ enum Kind {
     Integer,
     /// `standard` or `portfolio`.
     Model,
+    /// A JSON boolean: `trade.liquidation`.
+    Bool,
 }
 
 struct FieldSpec {
@@ -370,8 +387,11 @@ const TYPES: &[(&str, &[FieldSpec])] = &[
             req("price", Kind::Number),
             opt("fee", Kind::Number),
             opt("margin_mode", Kind::Mode),
+            opt("liquidation", Kind::Bool),
         ],
     ),
+    ("insurance", &[req("amount", Kind::Number)]),
+    ("liquidation_params", &[opt("max_liquidation_fee", Kind::Number)]),
 ];
 
 fn shape_err(msg: String) -> Rejection {
@@ -487,6 +507,10 @@ fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
         Kind::Right => check_enum(name, v, &["call", "put"]),
         Kind::Mode => check_enum(name, v, &["cross", "isolated"]),
         Kind::Model => check_enum(name, v, &["standard", "portfolio"]),
+        Kind::Bool => match v {
+            Value::Bool(_) => Ok(()),
+            other => Err(shape_err(format!("`{name}` must be true or false, got {}", json_type(other)))),
+        },
         Kind::Integer => match v {
             Value::Number(n) if n.as_u64().is_some_and(|b| (1..=u64::from(BUCKETS_MAX)).contains(&b)) => Ok(()),
             Value::Number(n) => {
@@ -555,6 +579,8 @@ enum Bound {
     NonZero,
     /// Within [-1, 1]: a funding rate (100% of notional per payment at most).
     Unit,
+    /// Within [0, 1]: a fraction (`max_liquidation_fee`).
+    Fraction,
 }
 
 fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
@@ -568,6 +594,9 @@ fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
         Bound::NonZero if raw.0 == 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must not be 0"))),
         Bound::Unit if raw.0.abs() > Rate::ONE.0 => {
             Err(reject(Reason::InvalidNumber, format!("`{field}` must be between -1 and 1")))
+        }
+        Bound::Fraction if !(0..=Rate::ONE.0).contains(&raw.0) => {
+            Err(reject(Reason::InvalidNumber, format!("`{field}` must be between 0 and 1")))
         }
         _ => Ok(raw.0),
     }
@@ -734,6 +763,13 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
                 },
             }
         }
+        "insurance" => Event::Insurance { amount: Amount(i128::from(f.num("amount", Bound::NonZero)?)) },
+        "liquidation_params" => Event::LiquidationParams {
+            max_liquidation_fee: match f.get("max_liquidation_fee") {
+                Some(v) => Rate(number("max_liquidation_fee", v, Bound::Fraction)?),
+                None => crate::liquidation::MAX_LIQUIDATION_FEE,
+            },
+        },
         "account_config" => Event::AccountConfig {
             account: f.name("account"),
             margin: if f.text("margin") == "portfolio" { MarginModel::Portfolio } else { MarginModel::Standard },
@@ -743,7 +779,7 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
             let qty = Qty(f.num("qty", Bound::Positive)?);
             let price = Price(f.num("price", Bound::Positive)?);
             let fee = Amount(i128::from(f.num("fee", Bound::Any)?));
-            Event::Trade(Fill {
+            let fill = Fill {
                 account: f.name("account"),
                 symbol: f.name("symbol"),
                 side: side(f.text("side")),
@@ -751,7 +787,12 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
                 price,
                 fee,
                 margin_mode: if f.text("margin_mode") == "isolated" { MarginMode::Isolated } else { MarginMode::Cross },
-            })
+            };
+            if f.get("liquidation").and_then(Value::as_bool) == Some(true) {
+                Event::Liquidation(fill)
+            } else {
+                Event::Trade(fill)
+            }
         }
     })
 }
@@ -797,6 +838,9 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             Bound::NonZero if raw == 0 => Err(reject(Reason::InvalidNumber, format!("`{field}` must not be 0"))),
             Bound::Unit if raw.abs() > Rate::ONE.0 => {
                 Err(reject(Reason::InvalidNumber, format!("`{field}` must be between -1 and 1")))
+            }
+            Bound::Fraction if !(0..=Rate::ONE.0).contains(&raw) => {
+                Err(reject(Reason::InvalidNumber, format!("`{field}` must be between 0 and 1")))
             }
             _ => Ok(()),
         }
@@ -865,7 +909,7 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             name("symbol", symbol)?;
             amount("amount", *a, Bound::NonZero)
         }
-        Event::Trade(fill) => {
+        Event::Trade(fill) | Event::Liquidation(fill) => {
             name("account", &fill.account)?;
             name("symbol", &fill.symbol)?;
             num("qty", fill.qty.0, Bound::Positive)?;
@@ -891,6 +935,10 @@ pub fn validate(event: &Event) -> Result<(), Rejection> {
             Ok(())
         }
         Event::AccountConfig { account, .. } => name("account", account),
+        Event::Insurance { amount: a } => amount("amount", *a, Bound::NonZero),
+        Event::LiquidationParams { max_liquidation_fee } => {
+            num("max_liquidation_fee", max_liquidation_fee.0, Bound::Fraction)
+        }
     }
 }
 

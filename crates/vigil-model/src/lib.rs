@@ -16,7 +16,9 @@ pub use event::{
 pub use margin::{OptionTerms, PositionFigures, Tier, Tiers, UnitFigures};
 pub use num::{Amount, Price, Qty, Rate, Round};
 pub use reject::{Reason, Rejection, reject};
-pub use view::{AccountView, GroupView, Offset, PositionView, RejectionRecord, Trigger, TriggerKind};
+pub use view::{
+    AccountView, GroupView, LiquidationRecord, Offset, PositionView, RejectionRecord, Trigger, TriggerKind,
+};
 
 /// The quote currency's name by default (config `quote`).
 pub const QUOTE_DEFAULT: &str = "USDC";

@@ -136,13 +136,13 @@ impl InsuranceFund {
     /// did not hold (`|D| − min(|D|, max(0, balance before))`): positive means deleveraging. The balance may go
     /// negative (later `insurance` deposits refill it); it saturates at the model's range rather than refuse, so
     /// that a fill applied on a shard is never refused here.
-    pub fn settle(&mut self, outcome: &LiquidationOutcome) -> Amount {
+    pub fn settle(&mut self, fee: Amount, deficit: Amount) -> Amount {
         let before = self.balance;
-        self.fees = self.fees.saturating_add(outcome.fee);
-        self.paid = self.paid.saturating_add(outcome.deficit);
-        self.balance = self.balance.saturating_add(outcome.fee).saturating_sub(outcome.deficit);
-        let covered = outcome.deficit.raw().min(before.raw().max(0));
-        let uncovered = Amount(outcome.deficit.raw() - covered);
+        self.fees = self.fees.saturating_add(fee);
+        self.paid = self.paid.saturating_add(deficit);
+        self.balance = self.balance.saturating_add(fee).saturating_sub(deficit);
+        let covered = deficit.raw().min(before.raw().max(0));
+        let uncovered = Amount(deficit.raw() - covered);
         self.uncovered = self.uncovered.saturating_add(uncovered);
         uncovered
     }
@@ -255,10 +255,10 @@ mod tests {
         // With 1 000 in the fund: 985 left, nothing uncovered. With an empty fund: 15 uncovered.
         let mut fund = InsuranceFund::default();
         fund.transfer(a("1000")).unwrap();
-        assert_eq!(fund.settle(&outcome), a("0"));
+        assert_eq!(fund.settle(outcome.fee, outcome.deficit), a("0"));
         assert_eq!(fund, InsuranceFund { balance: a("985"), fees: a("0"), paid: a("15"), uncovered: a("0") });
         let mut empty = InsuranceFund::default();
-        assert_eq!(empty.settle(&outcome), a("15"));
+        assert_eq!(empty.settle(outcome.fee, outcome.deficit), a("15"));
         assert_eq!(empty, InsuranceFund { balance: a("-15"), fees: a("0"), paid: a("15"), uncovered: a("15") });
     }
 
@@ -344,12 +344,12 @@ mod tests {
         fund.transfer(a("-10")).unwrap();
         assert_eq!(fund.balance, a("0"));
         // A fund below zero after a deficit takes deposits, and no withdrawal.
-        fund.settle(&LiquidationOutcome { bankruptcy_price: None, fee: a("0"), deficit: a("4") });
+        fund.settle(a("0"), a("4"));
         assert_eq!(fund.transfer(a("-1")), Err(FundError::InsufficientBalance));
         fund.transfer(a("5")).unwrap();
         assert_eq!(fund.balance, a("1"));
         // A deficit larger than the balance: the part beyond it is uncovered.
-        assert_eq!(fund.settle(&LiquidationOutcome { bankruptcy_price: None, fee: a("0"), deficit: a("3") }), a("2"));
+        assert_eq!(fund.settle(a("0"), a("3")), a("2"));
         assert_eq!((fund.paid, fund.uncovered), (a("7"), a("6")));
     }
 

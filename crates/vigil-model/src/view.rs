@@ -72,6 +72,8 @@ pub struct GroupView {
 pub enum TriggerKind {
     Liquidate,
     Bankrupt,
+    /// A liquidation's deficit the insurance fund did not hold (contract v2, `liquidation.md`).
+    Deleverage,
 }
 
 impl TriggerKind {
@@ -79,6 +81,7 @@ impl TriggerKind {
         match self {
             TriggerKind::Liquidate => "liquidate",
             TriggerKind::Bankrupt => "bankrupt",
+            TriggerKind::Deleverage => "deleverage",
         }
     }
 }
@@ -93,9 +96,30 @@ pub struct Trigger {
     pub kind: TriggerKind,
     pub equity: Amount,
     pub maintenance_margin: Amount,
+    /// A `deleverage` trigger's uncovered loss; `None` for the other kinds.
+    pub uncovered: Option<Amount>,
 }
 
-/// A rejected event as reported.
+/// A liquidation fill as the document reports it (`liquidation.md`, "What the document shows").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiquidationRecord {
+    pub offset: Offset,
+    pub account: String,
+    pub symbol: String,
+    /// The part closed, signed like the position.
+    pub qty: Qty,
+    pub price: Price,
+    pub bankruptcy_price: Option<Price>,
+    pub fee: Amount,
+    /// The deficit the fund paid (`|D|` rounded up; the fund may go below zero).
+    pub fund_paid: Amount,
+    /// The part of the deficit the fund did not hold (decided where fund movements are folded in offset order).
+    pub uncovered: Amount,
+    /// The unit's figures after the fill and the fund transfer (for an isolated position closed whole, the cross
+    /// account's): what a `deleverage` trigger reports.
+    pub equity: Amount,
+    pub maintenance_margin: Amount,
+}
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RejectionRecord {
     pub offset: Offset,
@@ -226,9 +250,55 @@ impl Trigger {
         fixed(&mut s, self.equity.0);
         s.push_str(",\"maintenance_margin\":");
         fixed(&mut s, self.maintenance_margin.0);
+        if let Some(u) = self.uncovered {
+            s.push_str(",\"uncovered\":");
+            fixed(&mut s, u.0);
+        }
         s.push('}');
         s
     }
+}
+
+impl LiquidationRecord {
+    pub fn to_json(&self) -> String {
+        let mut s = String::with_capacity(256);
+        let _ = write!(s, "{{\"offset\":{},\"account\":", self.offset.0);
+        string(&mut s, &self.account);
+        s.push_str(",\"symbol\":");
+        string(&mut s, &self.symbol);
+        s.push_str(",\"qty\":");
+        fixed(&mut s, self.qty.wide());
+        s.push_str(",\"price\":");
+        fixed(&mut s, self.price.wide());
+        s.push_str(",\"bankruptcy_price\":");
+        match self.bankruptcy_price {
+            Some(b) => fixed(&mut s, b.wide()),
+            None => s.push_str("null"),
+        }
+        s.push_str(",\"fee\":");
+        fixed(&mut s, self.fee.0);
+        s.push_str(",\"fund_paid\":");
+        fixed(&mut s, self.fund_paid.0);
+        s.push_str(",\"uncovered\":");
+        fixed(&mut s, self.uncovered.0);
+        s.push('}');
+        s
+    }
+}
+
+/// The insurance fund's line in the document: `{"balance", "fees", "paid", "uncovered"}`.
+pub fn fund_json(fund: &crate::liquidation::InsuranceFund) -> String {
+    let mut s = String::with_capacity(128);
+    s.push_str("{\"balance\":");
+    fixed(&mut s, fund.balance.0);
+    s.push_str(",\"fees\":");
+    fixed(&mut s, fund.fees.0);
+    s.push_str(",\"paid\":");
+    fixed(&mut s, fund.paid.0);
+    s.push_str(",\"uncovered\":");
+    fixed(&mut s, fund.uncovered.0);
+    s.push('}');
+    s
 }
 
 impl RejectionRecord {
@@ -241,22 +311,37 @@ impl RejectionRecord {
     }
 }
 
-/// Writes a replay document: `offset`, then `accounts`, `triggers` and `rejections`, one element per line.
-/// The three lists are given as iterators of already-rendered JSON objects, so a caller can stream them (from a
-/// spool file, say, hence the `io::Result` items).
-pub fn write_document<W: Write>(
-    out: &mut W,
-    offset: Offset,
-    accounts: impl IntoIterator<Item = io::Result<String>>,
-    triggers: impl IntoIterator<Item = io::Result<String>>,
-    rejections: impl IntoIterator<Item = io::Result<String>>,
-) -> io::Result<()> {
-    writeln!(out, "{{\n\"offset\": {},", offset.0)?;
-    write_list(out, "accounts", accounts)?;
+/// The parts of a replay document: the lists as iterators of already-rendered JSON objects, so a caller can
+/// stream them (from a spool file, say, hence the `io::Result` items).
+pub struct Document<A, T, R, L> {
+    pub offset: Offset,
+    pub accounts: A,
+    pub triggers: T,
+    pub rejections: R,
+    /// The insurance fund, rendered ([`fund_json`]).
+    pub insurance_fund: String,
+    pub liquidations: L,
+}
+
+/// Writes a replay document: `offset`, then `accounts`, `triggers`, `rejections`, `insurance_fund` and
+/// `liquidations`, one element per line.
+pub fn write_document<W, A, T, R, L>(out: &mut W, doc: Document<A, T, R, L>) -> io::Result<()>
+where
+    W: Write,
+    A: IntoIterator<Item = io::Result<String>>,
+    T: IntoIterator<Item = io::Result<String>>,
+    R: IntoIterator<Item = io::Result<String>>,
+    L: IntoIterator<Item = io::Result<String>>,
+{
+    writeln!(out, "{{\n\"offset\": {},", doc.offset.0)?;
+    write_list(out, "accounts", doc.accounts)?;
     out.write_all(b",\n")?;
-    write_list(out, "triggers", triggers)?;
+    write_list(out, "triggers", doc.triggers)?;
     out.write_all(b",\n")?;
-    write_list(out, "rejections", rejections)?;
+    write_list(out, "rejections", doc.rejections)?;
+    write!(out, ",\n\"insurance_fund\": {}", doc.insurance_fund)?;
+    out.write_all(b",\n")?;
+    write_list(out, "liquidations", doc.liquidations)?;
     out.write_all(b"\n}\n")
 }
 

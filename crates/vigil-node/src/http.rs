@@ -644,6 +644,10 @@ pub fn check_fill(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejec
     object.insert("account".into(), account.into());
     match parse_line(&serde_json::Value::Object(object).to_string())? {
         Event::Trade(fill) => Ok(fill),
+        Event::Liquidation(_) => Err(vigil_model::reject(
+            Reason::InvalidEvent,
+            "a pre-trade check is not a liquidation fill: drop `liquidation`",
+        )),
         _ => Err(vigil_model::reject(Reason::InvalidEvent, "not a trade")),
     }
 }
@@ -830,6 +834,7 @@ mod tests {
             kind: TriggerKind::Liquidate,
             equity: Amount::ZERO,
             maintenance_margin: Amount::ZERO,
+            uncovered: None,
         }
     }
 

@@ -165,8 +165,9 @@ fn describe() {
     describe_histogram!(HTTP_SECONDS, Unit::Seconds, "HTTP request duration, by route.");
 }
 
-/// The event types, in `Event::type_name` terms, for per-type counters.
-const EVENT_TYPES: [&str; 14] = [
+/// The event types, in `Event::type_name` terms (a liquidation fill counted apart from trades), for per-type
+/// counters.
+const EVENT_TYPES: [&str; 17] = [
     "asset",
     "perp",
     "future",
@@ -181,6 +182,9 @@ const EVENT_TYPES: [&str; 14] = [
     "clock",
     "risk",
     "account_config",
+    "liquidation",
+    "insurance",
+    "liquidation_params",
 ];
 
 fn type_index(event: &Event) -> usize {
@@ -199,6 +203,9 @@ fn type_index(event: &Event) -> usize {
         Event::Clock { .. } => 11,
         Event::Risk { .. } => 12,
         Event::AccountConfig { .. } => 13,
+        Event::Liquidation(_) => 14,
+        Event::Insurance { .. } => 15,
+        Event::LiquidationParams { .. } => 16,
     }
 }
 
@@ -224,6 +231,7 @@ pub struct GateMetrics {
     rejections: Vec<Counter>,
     liquidate: Counter,
     bankrupt: Counter,
+    deleverage: Counter,
     pub latency: Histogram,
     pub released: Gauge,
 }
@@ -234,6 +242,7 @@ impl GateMetrics {
             rejections: Reason::ALL.iter().map(|r| counter!(REJECTIONS, "reason" => r.as_str())).collect(),
             liquidate: counter!(TRIGGERS, "kind" => TriggerKind::Liquidate.as_str()),
             bankrupt: counter!(TRIGGERS, "kind" => TriggerKind::Bankrupt.as_str()),
+            deleverage: counter!(TRIGGERS, "kind" => TriggerKind::Deleverage.as_str()),
             latency: histogram!(TRIGGER_LATENCY),
             released: gauge!(RELEASED),
         }
@@ -249,6 +258,7 @@ impl GateMetrics {
         match kind {
             TriggerKind::Liquidate => self.liquidate.increment(1),
             TriggerKind::Bankrupt => self.bankrupt.increment(1),
+            TriggerKind::Deleverage => self.deleverage.increment(1),
         }
     }
 }

@@ -26,11 +26,15 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use vigil_engine::market::Market;
+use vigil_engine::sharded::{fund_rejection, settle_liquidation};
 use vigil_engine::stress::{Scenario, ShardStress, StressError};
 use vigil_engine::{CheckOutcome, Config, Engine};
 
 use crate::handoff::Parker;
-use vigil_model::{AccountView, Event, Fill, Offset, Rejection, RejectionRecord, Trigger, shard_of};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{
+    AccountView, Amount, Event, Fill, LiquidationRecord, Offset, Rejection, RejectionRecord, Trigger, shard_of,
+};
 
 /// How an idle thread waits for work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +122,10 @@ struct Output {
     triggers: Vec<Trigger>,
     /// The event went to every shard: each reports its rejection, and the merge checks they agree.
     broadcast: bool,
+    /// A liquidation fill's record (its uncovered part decided by the merge's fund).
+    liquidation: Option<LiquidationRecord>,
+    /// An `insurance` event, which no shard sees: the merge applies it to the fund at its offset.
+    insurance: Option<Amount>,
 }
 
 /// State a shard shares with the sequencer.
@@ -289,6 +297,8 @@ fn wake(wait: Wait, shared: &Shared, thread: &Thread) {
 pub enum Released {
     Rejection(RejectionRecord),
     Trigger(Trigger),
+    /// A liquidation fill, with the fund's verdict on its deficit.
+    Liquidation(LiquidationRecord),
 }
 
 impl Released {
@@ -296,6 +306,7 @@ impl Released {
         match self {
             Released::Rejection(r) => r.offset,
             Released::Trigger(t) => t.offset,
+            Released::Liquidation(l) => l.offset,
         }
     }
 }
@@ -319,6 +330,8 @@ pub struct Pipeline {
     since_publish: u32,
     /// Every output at or below this offset has been released.
     drained: Offset,
+    /// The insurance fund, folded at release in offset order (`insurance` events and liquidation records).
+    fund: InsuranceFund,
 }
 
 /// Events between two wake-ups of the shards by `submit`.
@@ -401,11 +414,19 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                 // Every shard reports its rejection of a broadcast event: the merge checks they agree (they see the
                 // same reference and market data; a disagreement is a bug that would fork the shards' states).
                 let rejection = result.err();
+                let liquidation = engine.take_liquidation();
                 if deltas.is_some() {
                     since_delta.extend(triggers.iter().cloned());
                 }
-                if rejection.is_some() || !triggers.is_empty() {
-                    let mut out = Output { offset, rejection, triggers: std::mem::take(&mut triggers), broadcast };
+                if rejection.is_some() || !triggers.is_empty() || liquidation.is_some() {
+                    let mut out = Output {
+                        offset,
+                        rejection,
+                        triggers: std::mem::take(&mut triggers),
+                        broadcast,
+                        liquidation,
+                        insurance: None,
+                    };
                     let mut full_spins = 0;
                     loop {
                         match output.push(out) {
@@ -492,6 +513,7 @@ impl Pipeline {
             unwoken_count: 0,
             since_publish: 0,
             drained: offset,
+            fund: InsuranceFund::default(),
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
@@ -597,6 +619,20 @@ impl Pipeline {
         self.offset = Offset(self.offset.0 + 1);
         let offset = self.offset;
         let n = self.inputs.len();
+        if let Event::Insurance { amount } = event {
+            // The fund is the merge's: the event is decided at its offset, after every earlier liquidation.
+            let out = Output {
+                offset,
+                rejection: None,
+                triggers: vec![],
+                broadcast: false,
+                liquidation: None,
+                insurance: Some(amount),
+            };
+            self.pending.entry(offset).or_default().push(out);
+            self.checker.sequenced.store(offset.0, Ordering::Release);
+            return offset;
+        }
         match event.account() {
             Some(account) => {
                 let shard = shard_of(account, n);
@@ -632,7 +668,14 @@ impl Pipeline {
         self.offset = Offset(self.offset.0 + 1);
         let offset = self.offset;
         self.checker.sequenced.store(offset.0, Ordering::Release);
-        let out = Output { offset, rejection: Some(rejection), triggers: vec![], broadcast: false };
+        let out = Output {
+            offset,
+            rejection: Some(rejection),
+            triggers: vec![],
+            broadcast: false,
+            liquidation: None,
+            insurance: None,
+        };
         self.pending.entry(offset).or_default().push(out);
         offset
     }
@@ -671,6 +714,11 @@ impl Pipeline {
         (self.inputs.iter().map(|p| capacity.saturating_sub(p.slots())).collect(), capacity)
     }
 
+    /// The insurance fund as of the last released offset.
+    pub fn fund(&self) -> InsuranceFund {
+        self.fund
+    }
+
     /// The offset through which every output has been released (by `drain`, `flush` or `finish`).
     pub fn drained(&self) -> Offset {
         self.drained
@@ -686,9 +734,18 @@ impl Pipeline {
             check_broadcast_verdicts(offset, &outs, self.inputs.len());
             let mut triggers: Vec<Trigger> = Vec::new();
             let mut rejection = None;
+            let mut liquidation = None;
             for o in outs {
                 rejection = rejection.or(o.rejection);
                 triggers.extend(o.triggers);
+                if let Some(amount) = o.insurance
+                    && let Err(e) = self.fund.transfer(amount)
+                {
+                    rejection = Some(fund_rejection(e));
+                }
+                if let Some(record) = o.liquidation {
+                    liquidation = Some(settle_liquidation(&mut self.fund, record, &mut triggers));
+                }
             }
             if let Some(r) = rejection {
                 sink(Released::Rejection(RejectionRecord { offset, reason: r.reason, message: r.message }));
@@ -696,6 +753,9 @@ impl Pipeline {
             triggers.sort_unstable();
             for t in triggers {
                 sink(Released::Trigger(t));
+            }
+            if let Some(record) = liquidation {
+                sink(Released::Liquidation(record));
             }
         }
     }
@@ -737,7 +797,12 @@ impl Pipeline {
     }
 
     /// Stops the shards after they applied everything, releases the remaining outputs, and returns the engines.
-    pub fn finish(mut self, sink: &mut impl FnMut(Released)) -> Vec<Engine> {
+    pub fn finish(self, sink: &mut impl FnMut(Released)) -> Vec<Engine> {
+        self.finish_with_fund(sink).0
+    }
+
+    /// [`Pipeline::finish`], with the insurance fund as of the last offset.
+    pub fn finish_with_fund(mut self, sink: &mut impl FnMut(Released)) -> (Vec<Engine>, InsuranceFund) {
         self.publish();
         for shard in 0..self.inputs.len() {
             self.push(shard, Input::Stop);
@@ -759,7 +824,7 @@ impl Pipeline {
         self.collect();
         let end = self.offset;
         self.release(end, sink);
-        engines
+        (engines, self.fund)
     }
 }
 

@@ -467,21 +467,26 @@ mod tests {
         let mut market = Vec::new();
         encode_value(&engine.take_delta().market, &mut market).unwrap();
         assert_eq!(hex(&market), GOLDEN_MARKET);
-        // A value of the previous format (its golden bytes kept here) is refused, saying what to do.
-        let old: Vec<u8> = (0..GOLDEN_ACCOUNT_V1.len() / 2)
-            .map(|i| u8::from_str_radix(&GOLDEN_ACCOUNT_V1[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
-        let err = decode_value::<Account>(&old).unwrap_err().to_string();
-        assert!(err.contains("format version 1, this build reads version 2"), "{err}");
+        // A value of an earlier format (its golden bytes kept here) is refused, saying what to do.
+        for (old, version) in [(GOLDEN_ACCOUNT_V1, 1), (GOLDEN_ACCOUNT_V2, 2)] {
+            let old: Vec<u8> =
+                (0..old.len() / 2).map(|i| u8::from_str_radix(&old[2 * i..2 * i + 2], 16).unwrap()).collect();
+            let err = decode_value::<Account>(&old).unwrap_err().to_string();
+            assert!(err.contains(&format!("format version {version}, this build reads version 3")), "{err}");
+        }
     }
 
     // Value format 1 (before contract v2): the same account, without a margin model.
     const GOLDEN_ACCOUNT_V1: &str = "0101610100fc00a3e111000000";
 
     // Value format 2 (contract v2): an account ends with its margin model (0 = standard).
-    const GOLDEN_ACCOUNT: &str = "0201610100fc00a3e11100000000";
-    const GOLDEN_PRODUCERS: &str = "0201026777030506";
-    const GOLDEN_MARKET: &str = "020304555344430003455448010001460201010100fc002d3101fc809698000000010101fd0000e24503db512f0301\
+    const GOLDEN_ACCOUNT_V2: &str = "0201610100fc00a3e11100000000";
+
+    // Value format 3 (liquidations): the market gains `max_liquidation_fee`, a trigger `uncovered`; an account's
+    // bytes are format 2's.
+    const GOLDEN_ACCOUNT: &str = "0301610100fc00a3e11100000000";
+    const GOLDEN_PRODUCERS: &str = "0301026777030506";
+    const GOLDEN_MARKET: &str = "030304555344430003455448010001460201010100fc002d3101fc809698000000010101fd0000e24503db512f0301\
                                  fc00c2eb0b000001fd00008a91cc93452f0101fc80c3c90102fc00e1f505fc80f0fa02fc00e1f505fc00879303fc80ba8c01fc80\
-                                 841e00fc80841e00fc00688909";
+                                 841e00fc80841e00fc00688909fcc0c62d00";
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use vigil_engine::{Config, merged_views};
-use vigil_model::{Offset, Reason, parse_line, view::write_document};
+use vigil_model::view::{Document, fund_json, write_document};
+use vigil_model::{Offset, Reason, parse_line};
 
 use crate::pipeline::{Pipeline, PipelineConfig, Released, Wait};
 
@@ -111,6 +112,7 @@ fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<
 struct Sink {
     triggers: Spool,
     rejections: Spool,
+    liquidations: Spool,
     error: Option<io::Error>,
 }
 
@@ -119,6 +121,7 @@ impl Sink {
         let r = match released {
             Released::Trigger(t) => self.triggers.push(&t.to_json()),
             Released::Rejection(r) => self.rejections.push(&r.to_json()),
+            Released::Liquidation(l) => self.liquidations.push(&l.to_json()),
         };
         if let Err(e) = r {
             self.error.get_or_insert(e);
@@ -140,7 +143,8 @@ pub fn replay<R: BufRead, W: Write>(
         ..PipelineConfig::default()
     };
     let mut pipeline = Pipeline::start(&config).context("starting the shard threads")?;
-    let mut sink = Sink { triggers: Spool::new()?, rejections: Spool::new()?, error: None };
+    let mut sink =
+        Sink { triggers: Spool::new()?, rejections: Spool::new()?, liquidations: Spool::new()?, error: None };
     let mut accept = |r: Released| sink.accept(r);
     let mut buf = Vec::with_capacity(1024);
     let started = Instant::now();
@@ -176,7 +180,7 @@ pub fn replay<R: BufRead, W: Write>(
         }
     }
     let offset = pipeline.offset();
-    let engines = pipeline.finish(&mut accept);
+    let (engines, fund) = pipeline.finish_with_fund(&mut accept);
     if let Some(e) = sink.error.take() {
         return Err(e).context("spooling replay output");
     }
@@ -189,10 +193,14 @@ pub fn replay<R: BufRead, W: Write>(
     };
     write_document(
         out,
-        offset,
-        views.iter().map(|v| Ok(v.to_json())),
-        sink.triggers.into_lines()?,
-        sink.rejections.into_lines()?,
+        Document {
+            offset,
+            accounts: views.iter().map(|v| Ok(v.to_json())),
+            triggers: sink.triggers.into_lines()?,
+            rejections: sink.rejections.into_lines()?,
+            insurance_fund: fund_json(&fund),
+            liquidations: sink.liquidations.into_lines()?,
+        },
     )
     .context("writing the replay document")?;
     out.flush().context("flushing the replay document")?;

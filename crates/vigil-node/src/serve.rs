@@ -365,6 +365,11 @@ impl Gate {
                         symbol = t.symbol.as_deref().unwrap_or(""), "trigger");
                     triggers.push(t);
                 }
+                Released::Liquidation(l) => {
+                    // The record's money already moved in its account; the node's fund and liquidation history
+                    // (`GET /v1/insurance`, checkpointed with the shards) are issue 13's next step.
+                    tracing::debug!(offset = l.offset.0, account = %l.account, symbol = %l.symbol, "liquidation");
+                }
                 Released::Rejection(rec) => {
                     self.metrics.rejection(rec.reason);
                     if let Some(report) =

@@ -4,12 +4,13 @@
 use vigil_model::Event;
 
 /// Version of the encoding of events (journal and wire), the first byte of every encoded event. Contract v2 added
-/// event variants at the end of `Event`, which leaves every earlier event's bytes unchanged: still version 1.
+/// event variants at the end of `Event` (a liquidation fill is a variant of its own for that reason), which leaves
+/// every earlier event's bytes unchanged: still version 1.
 pub const CODEC_VERSION: u8 = 1;
 /// Version of the encoding of checkpoint values (accounts, the market, triggers, the producers table). Version 2:
 /// contract v2's state (an account's margin model; the clock, `risk` parameters, instruments' underlying and
-/// expiry in the market).
-pub const VALUE_VERSION: u8 = 2;
+/// expiry in the market). Version 3: `max_liquidation_fee` in the market, a trigger's `uncovered`.
+pub const VALUE_VERSION: u8 = 3;
 /// Largest encoded event accepted on decode, in bytes (events are small; this bounds a hostile length).
 pub const EVENT_BYTES_MAX: usize = 64 * 1024;
 

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use ethnum::I256;
 use vigil_model::margin::{
     apply_fill, bankruptcy_price, collateral_value, credit_from_e16, entry_price, funding_credit, is_liquidatable,
     linear_figures, liquidation_price, option_figures,
@@ -15,7 +16,7 @@ use vigil_model::{
     AccountView, Amount, Event, Fill, MarginMode, OptionTerms, PositionFigures, PositionView, Price, Qty, Rate, Reason,
     Rejection, Tiers, Trigger, TriggerKind, UnitFigures, reject,
 };
-use vigil_model::{GroupView, MarginModel, Offset, OptionMargin, Right, Timestamp};
+use vigil_model::{GroupView, LiquidationRecord, MarginModel, Offset, OptionMargin, Right, Timestamp};
 
 #[derive(Clone, Debug)]
 enum Kind {
@@ -68,6 +69,21 @@ pub struct Reference {
     expiries: BTreeMap<String, Timestamp>,
     clock: Option<Timestamp>,
     risk: BTreeMap<String, RiskParams>,
+    /// Contract v2 (`liquidation.md`): the insurance fund, the liquidation fills, `max_liquidation_fee`, and the
+    /// `deleverage` triggers of the event being applied.
+    fund: RefFund,
+    liquidations: Vec<LiquidationRecord>,
+    max_fee: Rate,
+    deleverage: Vec<Trigger>,
+}
+
+/// The insurance fund's figures, kept here on their own (not the model's type).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefFund {
+    pub balance: Amount,
+    pub fees: Amount,
+    pub paid: Amount,
+    pub uncovered: Amount,
 }
 
 fn r(reason: Reason, msg: &str) -> Rejection {
@@ -87,7 +103,21 @@ impl Reference {
             expiries: BTreeMap::new(),
             clock: None,
             risk: BTreeMap::new(),
+            fund: RefFund::default(),
+            liquidations: Vec::new(),
+            max_fee: Rate(1_500_000),
+            deleverage: Vec::new(),
         }
+    }
+
+    /// The insurance fund after the last event.
+    pub fn fund(&self) -> RefFund {
+        self.fund
+    }
+
+    /// Every liquidation fill so far, in offset order.
+    pub fn liquidations(&self) -> &[LiquidationRecord] {
+        &self.liquidations
     }
 
     pub fn offset(&self) -> Offset {
@@ -97,8 +127,13 @@ impl Reference {
     /// Applies the event at the next offset; returns the offset, the outcome and the triggers (sorted).
     pub fn apply(&mut self, event: &Event) -> (Offset, Result<(), Rejection>, Vec<Trigger>) {
         self.offset = Offset(self.offset.0 + 1);
+        self.deleverage.clear();
         let result = self.apply_inner(event);
-        let triggers = if result.is_ok() { self.detect() } else { Vec::new() };
+        let mut triggers = if result.is_ok() { self.detect() } else { Vec::new() };
+        if !self.deleverage.is_empty() {
+            triggers.append(&mut self.deleverage);
+            triggers.sort();
+        }
         (self.offset, result, triggers)
     }
 
@@ -386,6 +421,20 @@ impl Reference {
                 self.accounts.insert(fill.account.clone(), after);
                 Ok(())
             }
+            Event::Liquidation(fill) => self.liquidate(fill),
+            Event::Insurance { amount } => {
+                // A withdrawal takes at most the positive balance.
+                if amount.0 < 0 && -amount.0 > self.fund.balance.0.max(0) {
+                    return Err(r(Reason::InsufficientBalance, "beyond the fund's balance"));
+                }
+                self.fund.balance =
+                    self.fund.balance.checked_add(*amount).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?;
+                Ok(())
+            }
+            Event::LiquidationParams { max_liquidation_fee } => {
+                self.max_fee = *max_liquidation_fee;
+                Ok(())
+            }
             Event::Clock { time } => {
                 if self.clock.is_some_and(|now| *time < now) {
                     return Err(r(Reason::ClockRegression, "earlier than the clock"));
@@ -427,6 +476,120 @@ impl Reference {
     }
 
     /// What a position of a portfolio account needs: its underlying's index, and the clock for an option.
+    /// A liquidation fill, as `liquidation.md` states it (no simplification): `MM_Δ = MM_p × |Δ| / |q|`,
+    /// `b = p − (E × MM_Δ / MM_u) / Δ` (or `p − E / Δ` without MM), `D = (f − b) × Δ`, each an exact fraction.
+    fn liquidate(&mut self, fill: &Fill) -> Result<(), Rejection> {
+        let (kind, _) = self.instrument(&fill.symbol)?;
+        if matches!(kind, Kind::Option { .. }) {
+            return Err(r(Reason::InvalidReference, "liquidation of an option"));
+        }
+        let acct = self.accounts.get(&fill.account).ok_or_else(|| r(Reason::InvalidReference, "no position"))?;
+        let p = acct
+            .positions
+            .get(&fill.symbol)
+            .filter(|p| p.qty.0 != 0)
+            .cloned()
+            .ok_or_else(|| r(Reason::InvalidReference, "no position"))?;
+        let delta = -fill.signed_qty().wide();
+        let q = p.qty.wide();
+        if delta.signum() != q.signum() || delta.abs() > q.abs() {
+            return Err(r(Reason::InvalidReference, "does not reduce"));
+        }
+        let mm_p = self.figures(&fill.symbol, &p).maintenance_margin.0;
+        let (e, mm_u) = match p.mode {
+            MarginMode::Isolated => (self.isolated(&fill.symbol, &p).equity.0, mm_p),
+            MarginMode::Cross => {
+                let mm = acct
+                    .positions
+                    .iter()
+                    .filter(|(_, x)| x.mode == MarginMode::Cross && x.qty.0 != 0)
+                    .map(|(sym, x)| self.figures(sym, x).maintenance_margin.0)
+                    .sum::<i128>();
+                (self.cross(acct).equity.0, mm)
+            }
+        };
+        let mark = self.prices.get(&fill.symbol).copied().ok_or_else(|| r(Reason::NoPrice, "no mark"))?;
+        let mut after = self.fill_into(acct.clone(), fill)?;
+        let w = I256::from;
+        let s8 = w(100_000_000);
+        // b as a fraction at 1e-8: share = E × MM_p × |Δ| / (|q| × MM_u) (1e-8); b = p − share × 1e8 / Δ.
+        let (b_num, b_den) = if mm_u == 0 {
+            (w(mark.wide()) * w(delta) - w(e) * s8, w(delta))
+        } else {
+            let share_num = w(e) * w(mm_p) * w(delta.abs());
+            let share_den = w(q.abs()) * w(mm_u);
+            (w(mark.wide()) * share_den * w(delta) - share_num * s8, share_den * w(delta))
+        };
+        // D = (f − b) × Δ / 1e8 at 1e-8.
+        let d_num = (w(fill.price.wide()) * b_den - b_num) * w(delta);
+        let d_den = b_den * s8;
+        let (d_num, d_den) = if d_den < I256::ZERO { (-d_num, -d_den) } else { (d_num, d_den) };
+        let floor = |n: I256, d: I256| -> I256 { n.div_euclid(d) };
+        let (fee, paid) = if d_num >= I256::ZERO {
+            // The fee: min(D, max_fee × |Δ| × f), down.
+            let cap_num = w(i128::from(self.max_fee.0)) * w(delta.abs()) * w(fill.price.wide());
+            let cap = floor(cap_num, s8 * s8);
+            (floor(d_num, d_den).min(cap), I256::ZERO)
+        } else {
+            // The deficit, up.
+            (I256::ZERO, -floor(d_num, d_den))
+        };
+        let to_amount = |x: I256| i128::try_from(x).map(Amount).map_err(|_| r(Reason::InvalidNumber, "overflow"));
+        let (fee, paid) = (to_amount(fee)?, to_amount(paid)?);
+        let credit = paid.0 - fee.0;
+        let isolated_open = p.mode == MarginMode::Isolated && after.positions.contains_key(&fill.symbol);
+        if isolated_open {
+            let x = after.positions.get_mut(&fill.symbol).ok_or_else(|| r(Reason::InvalidReference, "gone"))?;
+            x.wallet = Amount(x.wallet.0.checked_add(credit).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?);
+        } else {
+            let quote = after.balances.entry(self.quote.clone()).or_default();
+            *quote = Amount(quote.0.checked_add(credit).ok_or_else(|| r(Reason::InvalidNumber, "overflow"))?);
+        }
+        let bankruptcy = {
+            let (n, d) = if b_den < I256::ZERO { (-b_num, -b_den) } else { (b_num, b_den) };
+            let nearest = (n * 2 + d).div_euclid(d * 2);
+            i64::try_from(nearest).ok().filter(|b| *b > 0).map(Price)
+        };
+        let unit = match after.positions.get(&fill.symbol) {
+            Some(x) if isolated_open => self.isolated(&fill.symbol, x),
+            _ => self.cross(&after),
+        };
+        self.accounts.insert(fill.account.clone(), after);
+        // The fund, in offset order.
+        let before = self.fund.balance.0;
+        self.fund.balance = Amount(self.fund.balance.0 + fee.0 - paid.0);
+        self.fund.fees = Amount(self.fund.fees.0 + fee.0);
+        self.fund.paid = Amount(self.fund.paid.0 + paid.0);
+        let uncovered = Amount(paid.0 - paid.0.min(before.max(0)));
+        self.fund.uncovered = Amount(self.fund.uncovered.0 + uncovered.0);
+        let offset = Offset(self.offset.0);
+        if uncovered.0 > 0 {
+            self.deleverage.push(Trigger {
+                offset,
+                account: fill.account.clone(),
+                symbol: Some(fill.symbol.clone()),
+                kind: TriggerKind::Deleverage,
+                equity: unit.equity,
+                maintenance_margin: unit.maintenance_margin,
+                uncovered: Some(uncovered),
+            });
+        }
+        self.liquidations.push(LiquidationRecord {
+            offset,
+            account: fill.account.clone(),
+            symbol: fill.symbol.clone(),
+            qty: Qty(delta as i64),
+            price: fill.price,
+            bankruptcy_price: bankruptcy,
+            fee,
+            fund_paid: paid,
+            uncovered,
+            equity: unit.equity,
+            maintenance_margin: unit.maintenance_margin,
+        });
+        Ok(())
+    }
+
     fn group_prices(&self, symbol: &str) -> Result<(), Rejection> {
         let Some(u) = self.underlyings.get(symbol) else { return Ok(()) };
         if !self.prices.contains_key(u) {
@@ -757,6 +920,7 @@ impl Reference {
                     kind,
                     equity: f.equity,
                     maintenance_margin: f.maintenance_margin,
+                    uncovered: None,
                 });
             }
         }
