@@ -18,6 +18,7 @@ fn check(seed: u64, detection: Detection) -> Result<(), String> {
         accounts: 2 + rng.below(8) as usize,
         bad_percent: 3,
         portfolio_percent: 0,
+        liquidation_percent: 0,
     });
     let config = Config { detection, ..Config::default() };
     let mut live = Engine::new(&config);

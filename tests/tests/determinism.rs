@@ -121,6 +121,7 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
     // Proves byte-identical output for 1/2/4/8 shards × rescan/indexed, equal to the reference model's document.
     let streams: u64 = std::env::var("VIGIL_DETERMINISM_STREAMS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let mut triggers = 0usize;
+    let mut liquidations = 0usize;
     for seed in 0..streams {
         let mut rng = Rng::new(seed ^ 0xdead_beef);
         let config = StreamConfig {
@@ -130,12 +131,15 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
             bad_percent: 1 + rng.below(4),
             // Half the streams carry contract v2 events (portfolio accounts, clocks, risk changes).
             portfolio_percent: if seed % 2 == 1 { 2 + rng.below(4) } else { 0 },
+            // A third carry liquidation fills (at, above and below bankruptcy) and fund events.
+            liquidation_percent: if seed % 3 == 2 { 1 + rng.below(4) } else { 0 },
         };
         let lines = generate(&config);
         let input = lines.join("\n");
         let expected = reference_document(&lines);
         let expected_json: serde_json::Value = serde_json::from_str(&expected).expect("reference JSON");
         triggers += expected_json["triggers"].as_array().map_or(0, Vec::len);
+        liquidations += expected_json["liquidations"].as_array().map_or(0, Vec::len);
         let mut first: Option<String> = None;
         for detection in [Detection::Rescan, Detection::Indexed] {
             for shards in [1, 2, 4, 8] {
@@ -154,6 +158,7 @@ fn threaded_replay_equals_reference_for_every_shard_count_and_detection() {
         }
     }
     assert!(triggers as u64 >= streams, "the streams fired only {triggers} triggers");
+    assert!(liquidations as u64 >= streams / 10, "the streams held only {liquidations} liquidation fills");
 }
 
 #[test]

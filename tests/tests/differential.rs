@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use vigil_engine::{Config, Detection, Sharded};
 use vigil_model::{MarginModel, Trigger, parse_line};
-use vigil_testkit::compare::{first_difference, same_figures, same_triggers};
+use vigil_testkit::compare::{first_difference, same_figures, same_liquidations, same_triggers};
 use vigil_testkit::{Reference, StreamConfig, generate};
 use vigil_tests::replay_text;
 
@@ -18,6 +18,10 @@ struct Seen {
     checked: u64,
     grouped: u64,
     portfolio_triggers: u64,
+    /// Liquidation fills applied, those the fund paid for, and those it could not cover.
+    liquidations: u64,
+    deficits: u64,
+    uncovered: u64,
 }
 
 fn differential(lines: &[String], shards: usize, detection: Detection) -> Result<Seen, String> {
@@ -73,6 +77,12 @@ fn differential(lines: &[String], shards: usize, detection: Detection) -> Result
                     ));
                 }
                 seen.fired += triggers.len() as u64;
+                let (fund, want_fund) = (engine.fund(), reference.fund());
+                if (fund.balance, fund.fees, fund.paid, fund.uncovered)
+                    != (want_fund.balance, want_fund.fees, want_fund.paid, want_fund.uncovered)
+                {
+                    return Err(format!("offset {}: {line}\n fund {fund:?}\n reference {want_fund:?}", offset.0));
+                }
                 let (ev, rv) = (engine.views(), reference.views());
                 if let Some(diff) = first_difference(&ev, &rv) {
                     return Err(format!("offset {}: {line}\n state differs: {diff:#?}", offset.0));
@@ -85,6 +95,16 @@ fn differential(lines: &[String], shards: usize, detection: Detection) -> Result
             }
         }
     }
+    if !same_liquidations(engine.liquidations(), reference.liquidations()) {
+        return Err(format!(
+            "liquidation records differ:\n engine {:#?}\n reference {:#?}",
+            engine.liquidations(),
+            reference.liquidations()
+        ));
+    }
+    seen.liquidations = engine.liquidations().len() as u64;
+    seen.deficits = engine.liquidations().iter().filter(|l| l.fund_paid.0 > 0).count() as u64;
+    seen.uncovered = engine.liquidations().iter().filter(|l| l.uncovered.0 > 0).count() as u64;
     Ok(seen)
 }
 
@@ -97,6 +117,8 @@ fn stream(seed: u64) -> Vec<String> {
         bad_percent: rng.below(8),
         // Half the streams carry contract v2 events (portfolio accounts, clocks, risk changes).
         portfolio_percent: if seed % 2 == 1 { 2 + rng.below(6) } else { 0 },
+        // A third of the streams carry liquidation fills and fund events.
+        liquidation_percent: if seed % 3 == 2 { 5 + rng.below(10) } else { 0 },
     };
     generate(&config)
 }
@@ -132,7 +154,8 @@ proptest! {
 #[test]
 fn random_streams_do_exercise_liquidations_and_rejections() {
     // Proves the generator is not vacuous: across 50 seeds, triggers fire, events are rejected, checks are compared,
-    // and portfolio accounts with groups are compared (and fire triggers) after many events.
+    // portfolio accounts with groups are compared (and fire triggers) after many events, and liquidation fills land
+    // above and below bankruptcy prices, some beyond what the fund holds.
     let mut all = Seen::default();
     for seed in 0..50 {
         let s = differential(&stream(seed), 1, Detection::Indexed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -141,12 +164,18 @@ fn random_streams_do_exercise_liquidations_and_rejections() {
         all.checked += s.checked;
         all.grouped += s.grouped;
         all.portfolio_triggers += s.portfolio_triggers;
+        all.liquidations += s.liquidations;
+        all.deficits += s.deficits;
+        all.uncovered += s.uncovered;
     }
-    let Seen { fired, rejected, checked, grouped, portfolio_triggers } = all;
+    let Seen { fired, rejected, checked, grouped, portfolio_triggers, liquidations, deficits, uncovered } = all;
     assert!(fired >= 20, "only {fired} triggers in 50 streams");
     assert!(rejected >= 50, "only {rejected} rejections in 50 streams");
     assert!(checked >= 500, "only {checked} pre-trade checks compared in 50 streams");
     // The v2 half of the streams: portfolio groups are evaluated after many events, and some fire triggers.
     assert!(grouped >= 500, "portfolio groups existed after only {grouped} events in 50 streams");
     assert!(portfolio_triggers >= 1, "no portfolio account fired a trigger in 50 streams");
+    // The liquidation third: fills applied, some below their bankruptcy price, some beyond what the fund held.
+    assert!(liquidations >= 10, "only {liquidations} liquidation fills in 50 streams");
+    assert!(deficits >= 3 && uncovered >= 1, "{deficits} deficits and {uncovered} uncovered in 50 streams");
 }

@@ -304,6 +304,7 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
             bad_percent: 2,
             // Any v2 share starts the stream with a clock (options on a moved underlying need one).
             portfolio_percent: if seed % 2 == 1 { 4 } else { 1 },
+            liquidation_percent: 0,
         };
         let stream = generate(&config);
         let one = stress(&stream, 1, &request);

@@ -391,8 +391,14 @@ fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
     // (each equals `vigil_node::stress::run` over the first `offset` lines replayed offline, for 2 shards whose
     // threads were busy applying events when asked); the refusals; and, once the node has stopped,
     // `vigil stress --data` on its data directory gives the report at the last offset.
-    let config =
-        vigil_testkit::StreamConfig { seed: 11, events: 4000, accounts: 40, bad_percent: 2, portfolio_percent: 3 };
+    let config = vigil_testkit::StreamConfig {
+        seed: 11,
+        events: 4000,
+        accounts: 40,
+        bad_percent: 2,
+        portfolio_percent: 3,
+        liquidation_percent: 0,
+    };
     let lines = vigil_testkit::generate(&config);
     let (mut node, dir) = start(&[]);
     let request = r#"{"scenarios":[{"name":"crash","moves":{"BTC":"-0.3","ETH":"-0.4"},"vol":{"BTC":"0.5"}},{"name":"rally","moves":{"ETH":"0.25"}}],"grids":[{"underlying":"BTC","from":"-0.2","to":"0.2","steps":5}],"top":4}"#;

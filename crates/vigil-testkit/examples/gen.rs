@@ -11,6 +11,7 @@ fn main() -> std::io::Result<()> {
         accounts: arg(3, 6) as usize,
         bad_percent: 2,
         portfolio_percent: 0,
+        liquidation_percent: 0,
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     for line in vigil_testkit::generate(&config) {

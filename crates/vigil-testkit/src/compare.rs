@@ -7,7 +7,9 @@
 //! above the float differences seen (a few units at most). Every other figure, and every figure of a standard
 //! account, is compared exactly.
 
-use vigil_model::{AccountView, Amount, GroupView, MarginModel, PositionView, Price, Trigger, UnitFigures};
+use vigil_model::{
+    AccountView, Amount, GroupView, LiquidationRecord, MarginModel, PositionView, Price, Trigger, UnitFigures,
+};
 
 /// The tolerance for figures out of a portfolio group, in raw 1e-8 units.
 pub const TOLERANCE: i128 = 100;
@@ -91,6 +93,17 @@ pub fn same_triggers(a: &[Trigger], b: &[Trigger]) -> bool {
                 && x.symbol == y.symbol
                 && x.kind == y.kind
                 && x.equity == y.equity
+                && close(x.maintenance_margin, y.maintenance_margin)
+                && x.uncovered == y.uncovered
+        })
+}
+
+/// Whether two lists of liquidation records agree: every figure exactly (the rule's arithmetic is exact), but the
+/// unit's maintenance margin after the fill within [`TOLERANCE`] (a portfolio group's, floating point inside).
+pub fn same_liquidations(a: &[LiquidationRecord], b: &[LiquidationRecord]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            LiquidationRecord { maintenance_margin: y.maintenance_margin, ..x.clone() } == *y
                 && close(x.maintenance_margin, y.maintenance_margin)
         })
 }

@@ -17,11 +17,15 @@ pub struct StreamConfig {
     /// any, the stream starts with a clock and the future follows BTC (a portfolio group with the perp and call).
     /// 0 leaves the stream exactly what it was before v2.
     pub portfolio_percent: u64,
+    /// Share of liquidation events (contract v2, `liquidation.md`: `trade` with `liquidation: true` at prices around
+    /// the mark, often through the bankruptcy price; `insurance` in and out; `liquidation_params`), in percent. 0
+    /// leaves the stream exactly what it was before.
+    pub liquidation_percent: u64,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        Self { seed: 1, events: 300, accounts: 6, bad_percent: 5, portfolio_percent: 0 }
+        Self { seed: 1, events: 300, accounts: 6, bad_percent: 5, portfolio_percent: 0, liquidation_percent: 0 }
     }
 }
 
@@ -133,7 +137,11 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
         let account = rng.pick(&accounts).clone();
         let si = rng.below(syms.len() as u64) as usize;
         let s = &syms[si];
-        let line = if v2 && rng.below(100) < config.portfolio_percent {
+        let liquidation = config.liquidation_percent > 0 && rng.below(100) < config.liquidation_percent;
+        let line = if liquidation {
+            let m = mark_of(s, &index, &mut rng);
+            liquidation_event(&mut rng, &account, s, m)
+        } else if v2 && rng.below(100) < config.portfolio_percent {
             v2_event(&mut rng, &account, &mut clock)
         } else if roll < config.bad_percent {
             bad_event(&mut rng, &account)
@@ -232,6 +240,44 @@ pub fn generate(config: &StreamConfig) -> Vec<String> {
     }
     let _ = settled;
     out
+}
+
+/// A liquidation-side event: mostly a liquidation fill of `s` near its mark `m` (the side and mode at random, so
+/// some do not reduce a position and are refused; the price up to 8% against the closing side, so fills land
+/// above and below bankruptcy prices), else the fund's events, now and then out of bounds.
+fn liquidation_event(rng: &mut Rng, account: &str, s: &Sym, m: i64) -> String {
+    let roll = rng.below(100);
+    if roll < 70 {
+        let sell = rng.chance(50);
+        // Closing a long sells: worse is lower; closing a short buys: worse is higher.
+        let adverse = m / 1000 * rng.range(-30, 80);
+        let price = if sell { m - adverse } else { m + adverse }.max(1);
+        let qty = rng.range(1, 60) * 1_000_000 * if s.base == 1 { 10 } else { 1 };
+        let mode = if matches!(s.kind, SymKind::Perp | SymKind::Future) && rng.chance(25) {
+            r#","margin_mode":"isolated""#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"type":"trade","account":"{account}","symbol":"{}","side":"{}","qty":{},"price":{},"liquidation":true{mode}}}"#,
+            s.name,
+            if sell { "sell" } else { "buy" },
+            dec(rng, qty),
+            dec(rng, price)
+        )
+    } else if roll < 88 {
+        // In more often than out; a withdrawal beyond the balance is refused.
+        let amount = rng.range(-40, 60) * 100_000_000;
+        let amount = if amount == 0 { 100_000_000 } else { amount };
+        format!(r#"{{"type":"insurance","amount":{}}}"#, dec(rng, amount))
+    } else if roll < 97 {
+        let fee = rng.range(0, 50) * 100_000; // 0 to 5%
+        format!(r#"{{"type":"liquidation_params","max_liquidation_fee":{}}}"#, dec(rng, fee))
+    } else if rng.chance(50) {
+        r#"{"type":"insurance","amount":"0"}"#.to_owned()
+    } else {
+        r#"{"type":"liquidation_params","max_liquidation_fee":"1.5"}"#.to_owned()
+    }
 }
 
 /// A timestamp (seconds since the epoch) as RFC 3339, sometimes with a fraction or a zone offset.
