@@ -17,8 +17,7 @@ fn check(seed: u64, detection: Detection) -> Result<(), String> {
         events: 200 + rng.below(300) as usize,
         accounts: 2 + rng.below(8) as usize,
         bad_percent: 3,
-        portfolio_percent: 0,
-        liquidation_percent: 0,
+        ..StreamConfig::default()
     });
     let config = Config { detection, ..Config::default() };
     let mut live = Engine::new(&config);

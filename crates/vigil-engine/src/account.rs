@@ -13,7 +13,7 @@ use vigil_model::{
 use serde::{Deserialize, Serialize};
 
 use crate::band::Band;
-use crate::market::{InstrumentKind, Market, QUOTE, Slot};
+use crate::market::{InstrumentKind, Market, QUOTE, Slot, VectorCache};
 
 /// A liquidation episode of one margin unit (`margin-model.md`, "Liquidation episodes and triggers").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,8 +369,7 @@ fn cache_groups(
         // The members in position order: the legs `portfolio_groups` formed the group from.
         for p in acc.positions.iter().filter(|p| p.is_open() && p.mode == MarginMode::Cross) {
             if market.group_of(p.slot) == Some(u) {
-                let option = matches!(market.instrument(p.slot).map(|i| &i.kind), Some(InstrumentKind::Option { .. }));
-                cache.legs.push((p.slot, p.qty, option));
+                cache.legs.extend(group_member(market, p));
             }
         }
         let index_moves_only_this = acc.balances.iter().all(|(asset, _)| *asset != u)
@@ -411,36 +410,9 @@ pub fn revalue_on_index_tick(
     if !group.index_moves_only_this {
         return false;
     }
-    let Some(index) = market.price(slot) else { return false };
     let members = &cache.legs[group.legs.start as usize..group.legs.end as usize];
-    let mut vectors = market.vectors.borrow_mut();
-    for &(s, _, option) in members {
-        if option && vectors.refresh(market, s).is_none() {
-            return false;
-        }
-    }
-    let vectors = &*vectors;
-    let leg = |&(s, qty, option): &(Slot, Qty, bool)| -> Option<Leg<'_>> {
-        if option {
-            vectors.get(s).map(|vector| Leg::Option { qty, vector })
-        } else {
-            market.price(s).map(|mark| Leg::Linear { qty, mark })
-        }
-    };
-    let mut inline_legs = [NO_LEG; LEGS_INLINE];
-    let heap_legs: Vec<Leg<'_>>;
-    let legs: &[Leg<'_>] = if members.len() <= LEGS_INLINE {
-        for (l, m) in inline_legs.iter_mut().zip(members) {
-            let Some(x) = leg(m) else { return false };
-            *l = x;
-        }
-        &inline_legs[..members.len()]
-    } else {
-        let Some(all) = members.iter().map(leg).collect::<Option<Vec<_>>>() else { return false };
-        heap_legs = all;
-        &heap_legs
-    };
-    let Some(margin) = group_margin(&market.risk_params(slot), index, legs) else { return false };
+    let margin = member_group_margin(market, &mut market.vectors.borrow_mut(), slot, members.iter().map(|m| Some(*m)));
+    let Some(margin) = margin else { return false };
     let cache = &mut acc.groups;
     cache.groups[gi].margin = margin;
     let (mut im, mut mm) = (cache.ungrouped_im, cache.ungrouped_mm);
@@ -582,54 +554,71 @@ pub fn portfolio_groups_reusing(
     underlyings.sort_unstable();
     let mut out = Vec::new();
     let mut cache = market.vectors.borrow_mut();
-    'groups: for &u in underlyings.iter() {
+    for &u in underlyings.iter() {
         if let Some(kept) = reuse(u) {
             out.extend(kept.map(|g| (u, g)));
             continue;
         }
-        let Some(index) = market.price(u) else { continue };
-        let params = market.risk_params(u);
-        let members = || positions.iter().filter(grouped).filter(move |p| market.group_of(p.slot) == Some(u));
-        // First bring the options' vectors up to date (a mutable use of the cache), then borrow them as legs.
-        let mut n = 0;
-        for p in members() {
-            let Some(inst) = market.instrument(p.slot) else { continue 'groups };
-            if market.price(p.slot).is_none() {
-                continue 'groups;
-            }
-            if matches!(inst.kind, InstrumentKind::Option { .. }) && cache.refresh(market, p.slot).is_none() {
-                continue 'groups;
-            }
-            n += 1;
-        }
-        let cache = &*cache;
-        let leg = |p: &Position| -> Option<Leg<'_>> {
-            match market.instrument(p.slot)?.kind {
-                InstrumentKind::Option { .. } => cache.get(p.slot).map(|vector| Leg::Option { qty: p.qty, vector }),
-                _ => market.price(p.slot).map(|mark| Leg::Linear { qty: p.qty, mark }),
-            }
-        };
-        let mut inline_legs = [NO_LEG; LEGS_INLINE];
-        let mut heap_legs: Vec<Leg<'_>>;
-        let legs: &[Leg<'_>] = if n <= LEGS_INLINE {
-            for (slot, p) in inline_legs.iter_mut().zip(members()) {
-                let Some(l) = leg(p) else { continue 'groups };
-                *slot = l;
-            }
-            &inline_legs[..n]
-        } else {
-            heap_legs = Vec::with_capacity(n);
-            for p in members() {
-                let Some(l) = leg(p) else { continue 'groups };
-                heap_legs.push(l);
-            }
-            &heap_legs
-        };
-        if let Some(g) = group_margin(&params, index, legs) {
+        let members = positions
+            .iter()
+            .filter(grouped)
+            .filter(|p| market.group_of(p.slot) == Some(u))
+            .map(|p| group_member(market, p));
+        if let Some(g) = member_group_margin(market, &mut cache, u, members) {
             out.push((u, g));
         }
     }
     out
+}
+
+/// A grouped position as its group's leg needs it: slot, quantity, whether it is an option; `None` without an
+/// instrument.
+fn group_member(market: &Market, p: &Position) -> Option<(Slot, Qty, bool)> {
+    let option = matches!(market.instrument(p.slot)?.kind, InstrumentKind::Option { .. });
+    Some((p.slot, p.qty, option))
+}
+
+/// The margin of underlying `u`'s group of `members` (in position order, `None` for one without an instrument):
+/// the options' vectors brought up to date in `cache`, then the legs (on the stack for the usual handful) revalued
+/// under `u`'s grid. `None`, the group not formed, when a figure it needs is missing or a figure does not fit.
+fn member_group_margin(
+    market: &Market,
+    cache: &mut VectorCache,
+    u: Slot,
+    members: impl Iterator<Item = Option<(Slot, Qty, bool)>> + Clone,
+) -> Option<GroupMargin> {
+    let index = market.price(u)?;
+    // First bring the options' vectors up to date (a mutable use of the cache), then borrow them as legs.
+    let mut n = 0;
+    for member in members.clone() {
+        let (s, _, option) = member?;
+        market.price(s)?;
+        if option {
+            cache.refresh(market, s)?;
+        }
+        n += 1;
+    }
+    let cache = &*cache;
+    let leg = |member: Option<(Slot, Qty, bool)>| -> Option<Leg<'_>> {
+        let (s, qty, option) = member?;
+        if option {
+            cache.get(s).map(|vector| Leg::Option { qty, vector })
+        } else {
+            market.price(s).map(|mark| Leg::Linear { qty, mark })
+        }
+    };
+    let mut inline_legs = [NO_LEG; LEGS_INLINE];
+    let heap_legs: Vec<Leg<'_>>;
+    let legs: &[Leg<'_>] = if n <= LEGS_INLINE {
+        for (slot, member) in inline_legs.iter_mut().zip(members) {
+            *slot = leg(member)?;
+        }
+        &inline_legs[..n]
+    } else {
+        heap_legs = members.map(leg).collect::<Option<Vec<_>>>()?;
+        &heap_legs
+    };
+    group_margin(&market.risk_params(u), index, legs)
 }
 
 /// A placeholder for the stack's legs.

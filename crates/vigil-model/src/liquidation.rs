@@ -284,19 +284,24 @@ mod tests {
         assert_eq!(liquidation_outcome(&LiquidationFill { price: p("105"), ..fill }).unwrap().deficit, a("5"));
     }
 
-    #[test]
-    fn rounding_favours_the_house_and_no_maintenance_margin_uses_the_equity() {
-        // E × MM_p / (|q| × MM_u) = 1 × 1 / (3 × 1) per unit: b = 10 − 1/3, D = (f − b) × Δ.
-        let fill = LiquidationFill {
+    /// One of a long 3 at mark 10 closed at `price`, in a unit of equity 1 whose MM (1) is all the position's.
+    fn one_of_three(price: &str) -> LiquidationFill {
+        LiquidationFill {
             equity: a("1"),
             unit_mm: a("1"),
             position_mm: a("1"),
             qty: q("3"),
             mark: p("10"),
             closed: q("1"),
-            price: p("9.5"),
+            price: p(price),
             max_fee: MAX_LIQUIDATION_FEE,
-        };
+        }
+    }
+
+    #[test]
+    fn rounding_favours_the_house_and_no_maintenance_margin_uses_the_equity() {
+        // E × MM_p / (|q| × MM_u) = 1 × 1 / (3 × 1) per unit: b = 10 − 1/3, D = (f − b) × Δ.
+        let fill = one_of_three("9.5");
         let below = liquidation_outcome(&fill).unwrap();
         // D = (9.5 − 9.6666…) = −0.1666…: the deficit rounds up.
         assert_eq!((below.bankruptcy_price, below.deficit), (Some(p("9.66666667")), a("0.16666667")));
@@ -312,16 +317,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_does_not_reduce_the_position_is_refused() {
-        let base = LiquidationFill {
-            equity: a("1"),
-            unit_mm: a("1"),
-            position_mm: a("1"),
-            qty: q("3"),
-            mark: p("10"),
-            closed: q("1"),
-            price: p("9"),
-            max_fee: MAX_LIQUIDATION_FEE,
-        };
+        let base = one_of_three("9");
         for closed in ["-1", "4", "0"] {
             assert_eq!(
                 liquidation_outcome(&LiquidationFill { closed: q(closed), ..base }),

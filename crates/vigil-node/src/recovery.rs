@@ -309,14 +309,8 @@ mod tests {
     fn recovery_from_checkpoints_and_journal_equals_a_full_replay() {
         // Proves: journal every event, checkpoint shards at different offsets, recover: the state equals the
         // uninterrupted replay, and the triggers after the oldest watermark are re-emitted with the same identities.
-        let lines = generate(&StreamConfig {
-            seed: 11,
-            events: 2000,
-            accounts: 12,
-            bad_percent: 2,
-            portfolio_percent: 0,
-            liquidation_percent: 0,
-        });
+        let lines =
+            generate(&StreamConfig { seed: 11, events: 2000, accounts: 12, bad_percent: 2, ..StreamConfig::default() });
         let config = Config::default();
         let shards = 3;
         let dir = tempfile::tempdir().unwrap();

@@ -155,8 +155,7 @@ fn kill_9_loses_nothing_acknowledged() {
         events: (cycles as usize * 6000).max(60_000),
         accounts: 10,
         bad_percent: 0,
-        portfolio_percent: 0,
-        liquidation_percent: 0,
+        ..StreamConfig::default()
     })
     .iter()
     .filter_map(|l| parse_line(l).ok())
@@ -342,14 +341,8 @@ fn vigil_load_resends_across_a_kill_and_every_batch_is_applied_once() {
     // then holds every event of the workload exactly once.
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let lines = generate(&StreamConfig {
-        seed: 5,
-        events: 20_000,
-        accounts: 40,
-        bad_percent: 0,
-        portfolio_percent: 0,
-        liquidation_percent: 0,
-    });
+    let lines =
+        generate(&StreamConfig { seed: 5, events: 20_000, accounts: 40, bad_percent: 0, ..StreamConfig::default() });
     let file = dir.path().join("workload.jsonl");
     std::fs::write(&file, lines.join("\n")).expect("workload written");
     let (ingest, http) = (free_port(), free_port());

@@ -63,17 +63,11 @@ enum Damage {
 /// Runs one seed; `Err` describes the first violated promise.
 fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
     let mut rng = Rng::new(seed);
-    let events: Vec<Event> = generate(&StreamConfig {
-        seed,
-        events: 240,
-        accounts: 6,
-        bad_percent: 0,
-        portfolio_percent: 0,
-        liquidation_percent: 0,
-    })
-    .iter()
-    .filter_map(|l| parse_line(l).ok())
-    .collect();
+    let events: Vec<Event> =
+        generate(&StreamConfig { seed, events: 240, accounts: 6, bad_percent: 0, ..StreamConfig::default() })
+            .iter()
+            .filter_map(|l| parse_line(l).ok())
+            .collect();
     let store = SimCheckpointStore::new();
     let config = Config::default();
     let journal_config = JournalConfig {

@@ -180,14 +180,9 @@ mod tests {
         // Proves encode → decode is the identity on every kind of event the generator makes.
         let mut n = 0;
         for seed in 0..20 {
-            for line in generate(&StreamConfig {
-                seed,
-                events: 300,
-                accounts: 5,
-                bad_percent: 0,
-                portfolio_percent: 0,
-                liquidation_percent: 0,
-            }) {
+            for line in
+                generate(&StreamConfig { seed, events: 300, accounts: 5, bad_percent: 0, ..StreamConfig::default() })
+            {
                 let Ok(event) = parse_line(&line) else { continue };
                 let mut buf = Vec::new();
                 encode_event(&event, &mut buf).unwrap();

@@ -10,8 +10,7 @@ fn main() -> std::io::Result<()> {
         events: arg(2, 300) as usize,
         accounts: arg(3, 6) as usize,
         bad_percent: 2,
-        portfolio_percent: 0,
-        liquidation_percent: 0,
+        ..vigil_testkit::StreamConfig::default()
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     for line in vigil_testkit::generate(&config) {
