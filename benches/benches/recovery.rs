@@ -95,7 +95,7 @@ fn main() {
     let mut store = r.store;
     let t = Instant::now();
     for (shard, engine) in engines.iter_mut().enumerate() {
-        write_delta(&mut *store, shard, &engine.take_delta(), &[]).expect("checkpoint");
+        write_delta(&mut *store, shard, &engine.take_delta(), &[], &[]).expect("checkpoint");
     }
     drop(store);
     println!("recovery/checkpoint_write: {:.1} s for all accounts", t.elapsed().as_secs_f64());

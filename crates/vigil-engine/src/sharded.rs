@@ -17,6 +17,13 @@ pub struct Sharded {
     fund: InsuranceFund,
     /// Every liquidation fill, in offset order, with its uncovered part.
     liquidations: Vec<LiquidationRecord>,
+    /// Recovery: the offset the fund was restored at (its `insurance` events and fills are in it already).
+    fund_at: Offset,
+    /// Recovery: fills beyond `fund_at` that a shard applied before its checkpoint (so the replay skips them),
+    /// unsettled, in offset order: each is settled when the replay reaches its offset.
+    stored: std::collections::VecDeque<LiquidationRecord>,
+    /// Recovery: the offset of the last stored fill settled (a shard that re-applies that offset emits it again).
+    stored_through: Offset,
 }
 
 impl Sharded {
@@ -27,13 +34,46 @@ impl Sharded {
             offset: Offset(0),
             fund: InsuranceFund::default(),
             liquidations: Vec::new(),
+            fund_at: Offset(0),
+            stored: Default::default(),
+            stored_through: Offset(0),
         }
     }
 
     /// Shards built elsewhere (restored from checkpoints), continuing after the highest offset any has applied.
     pub fn from_engines(shards: Vec<Engine>) -> Self {
         let offset = shards.iter().map(Engine::offset).max().unwrap_or_default();
-        Self { shards, offset, fund: InsuranceFund::default(), liquidations: Vec::new() }
+        Self {
+            shards,
+            offset,
+            fund: InsuranceFund::default(),
+            liquidations: Vec::new(),
+            fund_at: Offset(0),
+            stored: Default::default(),
+            stored_through: Offset(0),
+        }
+    }
+
+    /// Recovery: continues the fund stored as of `at` while the journal is replayed over restored shards. Replayed
+    /// `insurance` events and fills at or below `at` are already in it and are not folded again; `stored` are the
+    /// fills stored beside checkpoints (any order, settled or not): those beyond `at` are settled in offset order
+    /// as the replay reaches them, once each (a shard that re-applies one of those offsets emits the same fill).
+    pub fn restore_fund(&mut self, fund: InsuranceFund, at: Offset, mut stored: Vec<LiquidationRecord>) {
+        stored.retain(|r| r.offset > at);
+        stored.sort_by_key(|r| r.offset);
+        stored.dedup_by_key(|r| r.offset);
+        self.fund = fund;
+        self.fund_at = at;
+        self.stored = stored.into();
+    }
+
+    /// Settles the stored fills at or below `through` (recovery; see [`Sharded::restore_fund`]).
+    pub fn settle_stored(&mut self, through: Offset, triggers: &mut Vec<Trigger>) {
+        while let Some(record) = self.stored.pop_front_if(|r| r.offset <= through) {
+            self.stored_through = record.offset;
+            let record = settle_liquidation(&mut self.fund, record, triggers);
+            self.liquidations.push(record);
+        }
     }
 
     pub fn into_engines(self) -> Vec<Engine> {
@@ -72,7 +112,13 @@ impl Sharded {
     /// Applies an event at an offset assigned elsewhere (a journal's): a shard ignores offsets it already has.
     pub fn apply_at(&mut self, offset: Offset, event: &Event, triggers: &mut Vec<Trigger>) -> Result<(), Rejection> {
         self.offset = self.offset.max(offset);
+        if !self.stored.is_empty() {
+            self.settle_stored(offset, triggers);
+        }
         if let Event::Insurance { amount } = event {
+            if offset <= self.fund_at {
+                return Ok(()); // in the restored fund already
+            }
             return self.fund.transfer(*amount).map_err(fund_rejection);
         }
         match event.account() {
@@ -80,7 +126,10 @@ impl Sharded {
                 let shard = shard_of(account, self.shards.len());
                 let start = triggers.len();
                 let result = self.shards[shard].apply(offset, event, triggers);
-                if let Some(record) = self.shards[shard].take_liquidation() {
+                if let Some(record) = self.shards[shard].take_liquidation()
+                    && record.offset > self.fund_at
+                    && record.offset != self.stored_through
+                {
                     let record = settle_liquidation(&mut self.fund, record, triggers);
                     triggers[start..].sort_unstable();
                     self.liquidations.push(record);

@@ -24,7 +24,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use vigil_engine::market::{Entry, InstrumentKind, Market};
-use vigil_model::{Event, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{Event, LiquidationRecord, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
 use crate::metrics as m;
@@ -49,6 +50,16 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     /// One stress test at a time: each occupies every shard thread while it runs.
     stressing: tokio::sync::Semaphore,
+    /// The insurance fund and every liquidation fill, as released by the output gate.
+    insurance: RwLock<Insurance>,
+}
+
+/// The fund as of `through` (the released offset when it was last published), and every fill up to it.
+#[derive(Default)]
+struct Insurance {
+    fund: InsuranceFund,
+    through: u64,
+    liquidations: Vec<LiquidationRecord>,
 }
 
 /// The running node, once recovery has finished.
@@ -81,7 +92,39 @@ impl Hub {
             checkpoints: Mutex::new(Vec::new()),
             shutdown: watch::Sender::new(false),
             stressing: tokio::sync::Semaphore::new(1),
+            insurance: RwLock::new(Insurance::default()),
         }
+    }
+
+    /// Recovery finished: the fund and every liquidation fill so far.
+    pub fn start_fund(&self, fund: InsuranceFund, liquidations: Vec<LiquidationRecord>) {
+        let mut i = crate::write(&self.insurance, "the insurance fund");
+        i.fund = fund;
+        i.liquidations = liquidations;
+    }
+
+    /// Appends released fills and the fund after the last movement among them (`None`: unchanged), as of
+    /// `through`.
+    pub fn publish_fund(&self, liquidations: Vec<LiquidationRecord>, fund: Option<InsuranceFund>, through: Offset) {
+        let mut i = crate::write(&self.insurance, "the insurance fund");
+        i.liquidations.extend(liquidations);
+        if let Some(f) = fund {
+            i.fund = f;
+        }
+        i.through = i.through.max(through.0);
+    }
+
+    /// The fund and its offset, and the fills after `after` (or the last `limit` without it), with whether the page
+    /// was cut short.
+    fn insurance(&self, after: Option<u64>, limit: usize) -> (InsuranceFund, u64, Vec<LiquidationRecord>, bool) {
+        let i = crate::read(&self.insurance, "the insurance fund");
+        let all = &i.liquidations;
+        let start = match after {
+            Some(after) => all.partition_point(|l| l.offset.0 <= after),
+            None => all.len().saturating_sub(limit),
+        };
+        let end = all.len().min(start + limit);
+        (i.fund, i.through, all[start..end].to_vec(), end < all.len())
     }
 
     /// Recovery finished: the history so far, the watermarks, and the handles of the running node.
@@ -298,6 +341,7 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/instruments", get(get_instruments))
         .route("/v1/triggers", get(get_triggers))
         .route("/v1/triggers/stream", get(stream_triggers))
+        .route("/v1/insurance", get(get_insurance))
         .route("/v1/stress", post(post_stress))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
@@ -748,6 +792,27 @@ async fn get_triggers(State(hub): Shared, Query(p): Query<PageParams>) -> Respon
     let mut s = String::from("{\"triggers\":[");
     push_list(&mut s, page.iter().map(Trigger::to_json));
     let _ = write!(s, "],\"next_after\":{next_after},\"released\":{through}}}");
+    json(StatusCode::OK, s)
+}
+
+/// The insurance fund and the liquidation fills (docs/api.md): the last `limit` fills, or with `after` the fills
+/// after that offset, paged like triggers.
+async fn get_insurance(State(hub): Shared, Query(p): Query<PageParams>) -> Response {
+    if let Err(r) = hub.node() {
+        return r.into_response();
+    }
+    let limit = p.limit.unwrap_or(100).clamp(1, PAGE_MAX);
+    let (fund, through, page, truncated) = hub.insurance(p.after, limit);
+    let next_after = match page.last() {
+        Some(l) if truncated => l.offset.0,
+        Some(l) => l.offset.0.max(through),
+        None => p.after.unwrap_or(0).max(through),
+    };
+    let mut s = String::from("{\"insurance_fund\":");
+    s.push_str(&vigil_model::view::fund_json(&fund));
+    s.push_str(",\"liquidations\":[");
+    push_list(&mut s, page.iter().map(LiquidationRecord::to_json));
+    let _ = write!(s, "],\"next_after\":{next_after},\"offset\":{through}}}");
     json(StatusCode::OK, s)
 }
 

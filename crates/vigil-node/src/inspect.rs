@@ -156,7 +156,7 @@ mod tests {
         drop(j);
         {
             let mut s = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-            s.write(0, Offset(10), b"m", &[("a", b"x".to_vec())], &[]).unwrap();
+            s.write(0, Offset(10), b"m", &[("a", b"x".to_vec())], &Default::default()).unwrap();
         }
         let before = snapshot(&layout::checkpoints(dir.path()));
         let mut out = Vec::new();
@@ -180,7 +180,7 @@ mod tests {
         // A watermark beyond the journal's end.
         {
             let mut s = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-            s.write(0, Offset(99), b"m", &[], &[]).unwrap();
+            s.write(0, Offset(99), b"m", &[], &Default::default()).unwrap();
         }
         let err = format!("{:#}", inspect(dir.path(), true, &mut Vec::new()).unwrap_err());
         assert!(err.contains("checkpoint is at offset 99, beyond the journal's end at 50"), "{err}");

@@ -12,7 +12,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use vigil_engine::{MARGIN_BANDS, ShardStats};
-use vigil_model::{Event, Reason, TriggerKind};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{Amount, Event, LiquidationRecord, Reason, TriggerKind};
 
 pub const BUILD_INFO: &str = "vigil_build_info";
 pub const READY: &str = "vigil_ready";
@@ -45,6 +46,11 @@ pub const LIQUIDATING: &str = "vigil_accounts_liquidating";
 pub const MARGIN_BAND: &str = "vigil_accounts_by_margin_ratio";
 pub const HTTP_REQUESTS: &str = "vigil_http_requests_total";
 pub const HTTP_SECONDS: &str = "vigil_http_request_seconds";
+pub const FUND_BALANCE: &str = "vigil_insurance_fund_balance";
+pub const FUND_FEES: &str = "vigil_insurance_fund_fees";
+pub const FUND_PAID: &str = "vigil_insurance_fund_paid";
+pub const FUND_UNCOVERED: &str = "vigil_insurance_fund_uncovered";
+pub const LIQUIDATION_FILLS: &str = "vigil_liquidation_fills_total";
 pub const STRESS_RUNS: &str = "vigil_stress_runs_total";
 pub const STRESS_SECONDS: &str = "vigil_stress_seconds";
 pub const STRESS_OFFSET: &str = "vigil_stress_offset";
@@ -234,6 +240,9 @@ pub struct GateMetrics {
     deleverage: Counter,
     pub latency: Histogram,
     pub released: Gauge,
+    fund: [Gauge; 4],
+    /// Liquidation fills by outcome: a fee to the fund, a deficit it paid (whole or in part), neither.
+    fills: [Counter; 3],
 }
 
 impl GateMetrics {
@@ -245,7 +254,32 @@ impl GateMetrics {
             deleverage: counter!(TRIGGERS, "kind" => TriggerKind::Deleverage.as_str()),
             latency: histogram!(TRIGGER_LATENCY),
             released: gauge!(RELEASED),
+            fund: [gauge!(FUND_BALANCE), gauge!(FUND_FEES), gauge!(FUND_PAID), gauge!(FUND_UNCOVERED)],
+            fills: [
+                counter!(LIQUIDATION_FILLS, "outcome" => "fee"),
+                counter!(LIQUIDATION_FILLS, "outcome" => "deficit"),
+                counter!(LIQUIDATION_FILLS, "outcome" => "even"),
+            ],
         }
+    }
+
+    /// The fund's figures, in quote units (gauges: they are state, restored with the node).
+    pub fn fund(&self, fund: &InsuranceFund) {
+        let figures = [fund.balance, fund.fees, fund.paid, fund.uncovered];
+        for (g, a) in self.fund.iter().zip(figures) {
+            g.set(a.0 as f64 / 1e8);
+        }
+    }
+
+    pub fn fill(&self, record: &LiquidationRecord) {
+        let i = if record.fee > Amount::ZERO {
+            0
+        } else if record.fund_paid > Amount::ZERO {
+            1
+        } else {
+            2
+        };
+        self.fills[i].increment(1);
     }
 
     pub fn rejection(&self, reason: Reason) {

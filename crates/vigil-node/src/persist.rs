@@ -14,11 +14,12 @@
 use std::collections::BTreeMap;
 
 use vigil_engine::account::Account;
-use vigil_model::{Offset, Trigger};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{LiquidationRecord, Offset, Trigger};
 use vigil_store::checkpoint::CheckpointStore;
 
 use crate::producers::Producers;
-use crate::recovery::write_delta;
+use crate::recovery::{records, write_delta};
 
 /// A shard's checkpoint delta, sent off the shard thread for persistence.
 pub struct ShardDelta {
@@ -27,6 +28,28 @@ pub struct ShardDelta {
     /// The triggers the shard emitted since its previous delta (all at or below the delta's offset): persisted
     /// with it, so the trigger history survives restarts (the replay beyond the watermark re-emits the rest).
     pub triggers: Vec<Trigger>,
+    /// The liquidation fills the shard applied since its previous delta, unsettled (the fund settles them where
+    /// outputs merge): recovery settles those beyond the node state's offset again, since the replay skips them.
+    pub liquidations: Vec<LiquidationRecord>,
+}
+
+/// The node's own value, stored in the node tree: what no shard owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeValue {
+    /// Every producer's last batch (resends are recognised across restarts).
+    pub producers: Producers,
+    /// The insurance fund.
+    pub fund: InsuranceFund,
+}
+
+/// The node's state as of a checkpoint's offset, with the records decided where outputs merge since the previous
+/// one: the `deleverage` triggers and the settled liquidation fills at or below `offset`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    pub offset: Offset,
+    pub value: NodeValue,
+    pub triggers: Vec<Trigger>,
+    pub liquidations: Vec<LiquidationRecord>,
 }
 
 /// What a successful write did.
@@ -40,11 +63,11 @@ pub struct Written {
     pub trim: Offset,
 }
 
-/// What the persistence thread is handed: a shard's delta, or the node's own state (the producers table) as of
-/// the sequenced offset of a checkpoint.
+/// What the persistence thread is handed: a shard's delta, or the node's own state as of the sequenced offset of a
+/// checkpoint.
 pub enum Persist {
     Shard(Box<ShardDelta>),
-    Node { offset: Offset, producers: Producers },
+    Node(Box<NodeState>),
 }
 
 /// A failed write: the delta is kept for the next attempt.
@@ -65,8 +88,8 @@ pub struct Persister {
     kept: Vec<Option<ShardDelta>>,
     /// The offset of the node state in the store (the journal after it holds every producer stamp since).
     node_offset: Offset,
-    /// A node state whose write failed (a later one replaces it: each is whole).
-    kept_node: Option<(Offset, Producers)>,
+    /// A node state whose write failed (a later one replaces its value; the records accumulate).
+    kept_node: Option<NodeState>,
     in_a_row: u32,
     failures_max: u32,
 }
@@ -82,6 +105,8 @@ pub fn merge(older: ShardDelta, newer: ShardDelta) -> ShardDelta {
     }
     let mut triggers = older.triggers;
     triggers.extend(newer.triggers);
+    let mut liquidations = older.liquidations;
+    liquidations.extend(newer.liquidations);
     ShardDelta {
         shard: newer.shard,
         delta: vigil_engine::Delta {
@@ -90,7 +115,18 @@ pub fn merge(older: ShardDelta, newer: ShardDelta) -> ShardDelta {
             accounts: accounts.into_values().collect(),
         },
         triggers,
+        liquidations,
     }
+}
+
+/// `newer` written over `older`: the newer value, the records of both.
+pub fn merge_node(older: NodeState, newer: NodeState) -> NodeState {
+    debug_assert!(older.offset <= newer.offset, "invariant: node states come in offset order");
+    let mut triggers = older.triggers;
+    triggers.extend(newer.triggers);
+    let mut liquidations = older.liquidations;
+    liquidations.extend(newer.liquidations);
+    NodeState { offset: newer.offset, value: newer.value, triggers, liquidations }
 }
 
 impl Persister {
@@ -120,28 +156,32 @@ impl Persister {
     pub fn handle(&mut self, message: Persist) -> Result<Written, Failed> {
         match message {
             Persist::Shard(delta) => self.persist(*delta),
-            Persist::Node { offset, producers } => self.persist_node(offset, producers),
+            Persist::Node(state) => self.persist_node(*state),
         }
     }
 
-    /// Writes the node state (the producers table as of `offset`), then a barrier. `shard` in the result is the
-    /// shard count (no shard's).
-    pub fn persist_node(&mut self, offset: Offset, producers: Producers) -> Result<Written, Failed> {
+    /// Writes the node state (merged into any kept failure) with its records, then a barrier. `shard` in the
+    /// result is the shard count (no shard's).
+    pub fn persist_node(&mut self, state: NodeState) -> Result<Written, Failed> {
+        let state = match self.kept_node.take() {
+            Some(older) => merge_node(older, state),
+            None => state,
+        };
         let mut value = Vec::new();
-        let written = vigil_store::codec::encode_value(&producers, &mut value)
+        let written = vigil_store::codec::encode_value(&state.value, &mut value)
             .map_err(anyhow::Error::from)
-            .and_then(|()| self.store.write_node(offset, &value).map_err(anyhow::Error::from))
+            .and_then(|()| records(&state.triggers, &state.liquidations))
+            .and_then(|records| self.store.write_node(state.offset, &value, &records).map_err(anyhow::Error::from))
             .and_then(|()| self.store.barrier().map_err(anyhow::Error::from));
         let shard = self.watermarks.len();
         match written {
             Ok(()) => {
                 self.in_a_row = 0;
-                self.kept_node = None;
-                self.node_offset = self.node_offset.max(offset);
-                Ok(Written { shard, offset, bytes: value.len() as u64, accounts: 0, trim: self.trim() })
+                self.node_offset = self.node_offset.max(state.offset);
+                Ok(Written { shard, offset: state.offset, bytes: value.len() as u64, accounts: 0, trim: self.trim() })
             }
             Err(error) => {
-                self.kept_node = Some((offset, producers));
+                self.kept_node = Some(state);
                 Err(self.failed(shard, error))
             }
         }
@@ -169,7 +209,7 @@ impl Persister {
             Some(older) => merge(older, delta),
             None => delta,
         };
-        let written = write_delta(&mut *self.store, shard, &delta.delta, &delta.triggers)
+        let written = write_delta(&mut *self.store, shard, &delta.delta, &delta.triggers, &delta.liquidations)
             .and_then(|bytes| self.store.barrier().map(|()| bytes).map_err(anyhow::Error::from));
         match written {
             Ok(bytes) => {
@@ -193,8 +233,8 @@ impl Persister {
                 out.push(self.persist(delta)?);
             }
         }
-        if let Some((offset, producers)) = self.kept_node.take() {
-            out.push(self.persist_node(offset, producers)?);
+        if let Some(state) = self.kept_node.take() {
+            out.push(self.persist_node(state)?);
         }
         Ok(out)
     }
@@ -226,14 +266,18 @@ mod tests {
             r#"{"type":"deposit","account":"b","asset":"USDC","amount":"7"}"#,
         ]);
         store.fail_next_writes(1);
-        let failed = p.persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new() }).unwrap_err();
+        let failed = p
+            .persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new(), liquidations: Vec::new() })
+            .unwrap_err();
         assert_eq!((failed.in_a_row, failed.fatal), (1, false));
         assert_eq!(p.watermarks(), &[Offset(0)], "a failed write moves no watermark");
         assert!(p.has_kept());
         // Only "c" changes next: without the merge, "a" and "b" would never reach the store.
         let c = parse_line(r#"{"type":"deposit","account":"c","asset":"USDC","amount":"1"}"#).unwrap();
         e.apply(Offset(3), &c, &mut Vec::new()).unwrap();
-        let w = p.persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new() }).unwrap();
+        let w = p
+            .persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new(), liquidations: Vec::new() })
+            .unwrap();
         assert_eq!((w.offset, w.accounts, w.trim), (Offset(3), 3, Offset(3)));
         assert!(!p.has_kept());
         let restored = crate::recovery::load_shard(&store, 0, &Config::default()).unwrap();
@@ -248,11 +292,15 @@ mod tests {
         let mut p = Persister::new(Box::new(store.clone()), vec![Offset(0), Offset(0)], Offset(u64::MAX), 2);
         let mut e = engine_with(&[r#"{"type":"deposit","account":"a","asset":"USDC","amount":"5"}"#]);
         store.fail_next_barriers(1);
-        let first = p.persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new() }).unwrap_err();
+        let first = p
+            .persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new(), liquidations: Vec::new() })
+            .unwrap_err();
         assert!(!first.fatal);
         assert!(format!("{:#}", first.error).contains("barrier failed"), "{:#}", first.error);
         store.fail_next_writes(1);
-        let second = p.persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new() }).unwrap_err();
+        let second = p
+            .persist(ShardDelta { shard: 0, delta: e.take_delta(), triggers: Vec::new(), liquidations: Vec::new() })
+            .unwrap_err();
         assert!(second.fatal && second.in_a_row == 2, "{second:?}");
         assert_eq!(p.watermarks(), &[Offset(0), Offset(0)]);
         let written = p.retry_kept().unwrap();

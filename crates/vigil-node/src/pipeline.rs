@@ -17,7 +17,7 @@
 //! A stress test is a marker in every ring behind the events sequenced before it: each shard computes its part at
 //! exactly that offset (a consistent cut across shards, without stopping the sequencer).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -299,6 +299,8 @@ pub enum Released {
     Trigger(Trigger),
     /// A liquidation fill, with the fund's verdict on its deficit.
     Liquidation(LiquidationRecord),
+    /// The insurance fund after a movement at this offset.
+    Fund(Offset, InsuranceFund),
 }
 
 impl Released {
@@ -307,6 +309,7 @@ impl Released {
             Released::Rejection(r) => r.offset,
             Released::Trigger(t) => t.offset,
             Released::Liquidation(l) => l.offset,
+            Released::Fund(offset, _) => *offset,
         }
     }
 }
@@ -332,6 +335,21 @@ pub struct Pipeline {
     drained: Offset,
     /// The insurance fund, folded at release in offset order (`insurance` events and liquidation records).
     fund: InsuranceFund,
+    /// Offsets of checkpoints asked for whose node state is not yet cut (release has not passed them).
+    cuts_wanted: VecDeque<Offset>,
+    /// Node states cut at those offsets, for the caller to persist.
+    cuts: Vec<FundCut>,
+    /// Records decided at release since the last cut: `deleverage` triggers and settled liquidation fills.
+    since_cut: (Vec<Trigger>, Vec<LiquidationRecord>),
+}
+
+/// What the merge owns as of a checkpoint's offset: the fund, and the records it decided since the previous cut.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FundCut {
+    pub offset: Offset,
+    pub fund: InsuranceFund,
+    pub deleverage: Vec<Trigger>,
+    pub liquidations: Vec<LiquidationRecord>,
 }
 
 /// Events between two wake-ups of the shards by `submit`.
@@ -353,6 +371,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
     let metrics = crate::metrics::ShardMetrics::new(index);
     let mut triggers: Vec<Trigger> = Vec::new();
     let mut since_delta: Vec<Trigger> = Vec::new();
+    let mut fills_since_delta: Vec<LiquidationRecord> = Vec::new();
     let mut waiting: Vec<Query> = Vec::new();
     let mut spins = 0;
     let mut since_queries = 0u32;
@@ -389,6 +408,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                         shard: index,
                         delta,
                         triggers: std::mem::take(&mut since_delta),
+                        liquidations: std::mem::take(&mut fills_since_delta),
                     })));
                 }
             }
@@ -417,6 +437,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                 let liquidation = engine.take_liquidation();
                 if deltas.is_some() {
                     since_delta.extend(triggers.iter().cloned());
+                    fills_since_delta.extend(liquidation.iter().cloned());
                 }
                 if rejection.is_some() || !triggers.is_empty() || liquidation.is_some() {
                     let mut out = Output {
@@ -514,6 +535,9 @@ impl Pipeline {
             since_publish: 0,
             drained: offset,
             fund: InsuranceFund::default(),
+            cuts_wanted: VecDeque::new(),
+            cuts: Vec::new(),
+            since_cut: (Vec::new(), Vec::new()),
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
@@ -719,6 +743,24 @@ impl Pipeline {
         self.fund
     }
 
+    /// Continues a recovered fund (as of the offset the pipeline starts after).
+    pub fn set_fund(&mut self, fund: InsuranceFund) {
+        self.fund = fund;
+    }
+
+    /// The node states cut since the last call (see [`Pipeline::checkpoint`]), in offset order.
+    pub fn take_cuts(&mut self) -> Vec<FundCut> {
+        std::mem::take(&mut self.cuts)
+    }
+
+    /// Cuts the merge's state at every wanted offset below `next` (everything at or below it is folded).
+    fn cut_before(&mut self, next: Offset) {
+        while let Some(at) = self.cuts_wanted.pop_front_if(|at| *at < next) {
+            let (deleverage, liquidations) = std::mem::take(&mut self.since_cut);
+            self.cuts.push(FundCut { offset: at, fund: self.fund, deleverage, liquidations });
+        }
+    }
+
     /// The offset through which every output has been released (by `drain`, `flush` or `finish`).
     pub fn drained(&self) -> Offset {
         self.drained
@@ -731,20 +773,30 @@ impl Pipeline {
                 break;
             }
             let (offset, outs) = entry.remove_entry();
+            if self.cuts_wanted.front().is_some_and(|at| *at < offset) {
+                self.cut_before(offset);
+            }
             check_broadcast_verdicts(offset, &outs, self.inputs.len());
             let mut triggers: Vec<Trigger> = Vec::new();
             let mut rejection = None;
             let mut liquidation = None;
+            let mut moved = false;
             for o in outs {
                 rejection = rejection.or(o.rejection);
                 triggers.extend(o.triggers);
-                if let Some(amount) = o.insurance
-                    && let Err(e) = self.fund.transfer(amount)
-                {
-                    rejection = Some(fund_rejection(e));
+                if let Some(amount) = o.insurance {
+                    match self.fund.transfer(amount) {
+                        Ok(()) => moved = true,
+                        Err(e) => rejection = Some(fund_rejection(e)),
+                    }
                 }
                 if let Some(record) = o.liquidation {
-                    liquidation = Some(settle_liquidation(&mut self.fund, record, &mut triggers));
+                    let start = triggers.len();
+                    let record = settle_liquidation(&mut self.fund, record, &mut triggers);
+                    self.since_cut.0.extend(triggers[start..].iter().cloned());
+                    self.since_cut.1.push(record.clone());
+                    liquidation = Some(record);
+                    moved = true;
                 }
             }
             if let Some(r) = rejection {
@@ -757,17 +809,24 @@ impl Pipeline {
             if let Some(record) = liquidation {
                 sink(Released::Liquidation(record));
             }
+            if moved {
+                sink(Released::Fund(offset, self.fund));
+            }
         }
+        self.cut_before(watermark.next());
     }
 
     /// Asks every shard for a checkpoint delta as of the last sequenced offset (a sequenced command: each shard
-    /// takes it after applying everything before it).
-    pub fn checkpoint(&mut self) {
+    /// takes it after applying everything before it), and the merge for its state at that offset: a [`FundCut`],
+    /// ready from [`Pipeline::take_cuts`] once release has passed it. Returns the offset.
+    pub fn checkpoint(&mut self) -> Offset {
         let at = self.offset;
+        self.cuts_wanted.push_back(at);
         for shard in 0..self.inputs.len() {
             self.push(shard, Input::Checkpoint(at));
         }
         self.publish();
+        at
     }
 
     /// If a shard thread has ended (only a panic ends one before `finish`), continues its panic here rather than

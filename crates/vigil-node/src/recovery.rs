@@ -11,13 +11,15 @@ use anyhow::Context;
 use vigil_engine::account::Account;
 use vigil_engine::market::Market;
 use vigil_engine::{Config, Delta, Engine, Sharded};
-use vigil_model::{Offset, Trigger, shard_of};
-use vigil_store::checkpoint::{CheckpointStore, SledStore};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{LiquidationRecord, Offset, Trigger, TriggerKind, shard_of};
+use vigil_store::checkpoint::{CheckpointStore, RecordKind, Records, SledStore, Tree};
 use vigil_store::codec::{REJECTED_INPUT, Stamp, decode_event, decode_value, encode_value, split_stamp};
 use vigil_store::journal::{Journal, JournalConfig, Recovered};
 use vigil_store::layout;
 use vigil_store::storage::{OsStorage, Storage};
 
+use crate::persist::NodeValue;
 use crate::producers::{LastBatch, Producers};
 
 /// A trigger's identity `(offset, account, symbol-or-cross, kind)` as a store key: writing it twice keeps one.
@@ -38,36 +40,62 @@ pub fn trigger_key(t: &Trigger) -> Vec<u8> {
     k
 }
 
-fn encode_triggers(triggers: &[Trigger]) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    triggers
+/// Records to store: triggers by identity, liquidation fills by offset (one per offset).
+pub fn records(triggers: &[Trigger], liquidations: &[LiquidationRecord]) -> anyhow::Result<Records> {
+    let triggers = triggers
         .iter()
         .map(|t| {
             let mut v = Vec::new();
             encode_value(t, &mut v).context("encoding a trigger")?;
             Ok((trigger_key(t), v))
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    let liquidations = liquidations
+        .iter()
+        .map(|l| {
+            let mut v = Vec::new();
+            encode_value(l, &mut v).context("encoding a liquidation fill")?;
+            Ok((l.offset.0.to_be_bytes().to_vec(), v))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Records { triggers, liquidations })
 }
 
-/// Every trigger stored for `shards` shards, in the contract's order.
+fn trees(shards: usize) -> impl Iterator<Item = Tree> {
+    (0..shards).map(Tree::Shard).chain([Tree::Node])
+}
+
+/// Every trigger stored for `shards` shards and by the node (`deleverage`), in the contract's order.
 pub fn load_triggers(store: &dyn CheckpointStore, shards: usize) -> anyhow::Result<Vec<Trigger>> {
     let mut out = Vec::new();
-    for shard in 0..shards {
-        for bytes in store.triggers(shard)? {
-            out.push(decode_value::<Trigger>(&bytes).with_context(|| format!("decoding a trigger of shard {shard}"))?);
+    for tree in trees(shards) {
+        for bytes in store.records(tree, RecordKind::Triggers)? {
+            out.push(decode_value::<Trigger>(&bytes).with_context(|| format!("decoding a trigger of {tree:?}"))?);
         }
     }
     out.sort_unstable();
     Ok(out)
 }
 
-/// Writes one shard's delta: every changed account, the market, the watermark and the triggers emitted up to it,
+/// The liquidation fills stored in one tree, in offset order: settled in the node's tree, unsettled in a shard's.
+pub fn load_liquidations(store: &dyn CheckpointStore, tree: Tree) -> anyhow::Result<Vec<LiquidationRecord>> {
+    store
+        .records(tree, RecordKind::Liquidations)?
+        .iter()
+        .map(|bytes| {
+            decode_value::<LiquidationRecord>(bytes).with_context(|| format!("decoding a liquidation fill of {tree:?}"))
+        })
+        .collect()
+}
+
+/// Writes one shard's delta: every changed account, the market, the watermark and the records emitted up to it,
 /// atomically.
 pub fn write_delta(
     store: &mut dyn CheckpointStore,
     shard: usize,
     delta: &Delta,
     triggers: &[Trigger],
+    liquidations: &[LiquidationRecord],
 ) -> anyhow::Result<u64> {
     let mut market = Vec::new();
     encode_value(&delta.market, &mut market).context("encoding the market")?;
@@ -77,7 +105,7 @@ pub fn write_delta(
         encode_value(acc, &mut bytes).context("encoding an account")?;
         accounts.push((&*acc.id, bytes));
     }
-    Ok(store.write(shard, delta.offset, &market, &accounts, &encode_triggers(triggers)?)?)
+    Ok(store.write(shard, delta.offset, &market, &accounts, &records(triggers, liquidations)?)?)
 }
 
 /// Restores one shard from its checkpoint (an empty shard if it has none).
@@ -109,6 +137,10 @@ pub struct Recovery {
     pub history: Vec<Trigger>,
     /// Every producer's last journaled batch: the stored table plus the stamps in the journal after it.
     pub producers: Producers,
+    /// The insurance fund at the journal's end: the stored one, then the fund movements after its offset.
+    pub fund: InsuranceFund,
+    /// Every liquidation fill, settled, in offset order: those stored with the node state and those settled again.
+    pub liquidations: Vec<LiquidationRecord>,
     /// The offset of the stored producers table (the journal is kept after it).
     pub node_offset: Offset,
     /// The open checkpoint store, for the node to keep writing to. (Reopening it would race sled's background
@@ -202,22 +234,21 @@ pub fn recover_with(
     // someone removed segments): the events between are nowhere. Refuse rather than start with a hole.
     let (oldest_shard, oldest) =
         watermarks.iter().copied().enumerate().min_by_key(|(_, w)| *w).unwrap_or((0, Offset(0)));
-    // The producers table as of its offset. With none stored, the journal was never trimmed by this version
-    // (trims wait for the table), so every stamp is in it: scan it whole. (A store from before producers existed
-    // has no stamps in what was trimmed.)
-    let (stored_at, mut producers) = match store.node()? {
+    // The node's state (producers table, insurance fund) as of its offset. With none stored, the journal was never
+    // trimmed (trims wait for it), so it must hold every event from offset 1: both are folded over all of it.
+    let (stored_at, NodeValue { mut producers, fund }) = match store.node()? {
         Some((offset, bytes)) => {
-            (Some(offset), decode_value::<Producers>(&bytes).context("decoding the stored producers table")?)
+            (Some(offset), decode_value::<NodeValue>(&bytes).context("decoding the stored node state")?)
         }
-        None => (None, Producers::default()),
+        None => (None, NodeValue::default()),
     };
-    // Until a table is stored, the persister must not trim: its offset counts as 0.
     let node_offset = stored_at.unwrap_or(Offset(0));
-    let scan_from = stored_at.unwrap_or(Offset(journal_recovered.first.0.saturating_sub(1)));
+    let scan_from = node_offset;
     if journal_recovered.first.0 > scan_from.0 + 1 {
         anyhow::bail!(
-            "the journal starts at offset {}, but the producers table is stored at offset {}: the stamps between \
-             are lost; refusing to start rather than accept a resend twice",
+            "the journal starts at offset {}, but the node state (producers table, insurance fund) is stored at \
+             offset {}: the producer stamps and fund movements between are lost; refusing to start rather than \
+             accept a resend twice or misstate the fund",
             journal_recovered.first.0,
             node_offset.0
         );
@@ -234,6 +265,14 @@ pub fn recover_with(
         );
     }
     let mut engines = Sharded::from_engines(restored);
+    // The fund continues from its stored offset: fills a shard applied beyond it before its checkpoint are in that
+    // shard's tree (the replay skips them), or in the node's tree if an earlier recovery re-emitted them; the rest
+    // are re-emitted now; all are settled once, in offset order.
+    let mut applied_fills = load_liquidations(&*store, Tree::Node)?;
+    for shard in 0..shards {
+        applied_fills.extend(load_liquidations(&*store, Tree::Shard(shard))?);
+    }
+    engines.restore_fund(fund, node_offset, applied_fills);
     let from = oldest.min(scan_from).next();
     let end = journal_recovered.durable;
     let mut triggers = Vec::new();
@@ -264,6 +303,7 @@ pub fn recover_with(
             Ok(())
         })
         .context("replaying the journal")?;
+    engines.settle_stored(end, &mut triggers);
     if let Some(first) = incomplete {
         if let Some((shard, w)) = watermarks.iter().enumerate().find(|(_, w)| **w >= first) {
             anyhow::bail!(
@@ -276,13 +316,22 @@ pub fn recover_with(
         let cut = journal.truncate_after(Offset(first.0 - 1)).context("dropping an incomplete batch")?;
         tracing::warn!(from = first.0, records = cut, "dropped a producer's batch whose tail was never written");
     }
-    // The re-emitted triggers are durable (their events are journaled): store them, so the history no longer
-    // depends on replaying beyond watermarks that later checkpoints move past.
+    // The re-emitted triggers and the fills settled again are durable (their events are journaled): store them, so
+    // the history no longer depends on replaying beyond watermarks that later checkpoints move past.
     for shard in 0..shards {
-        let mine: Vec<Trigger> = triggers.iter().filter(|t| shard_of(&t.account, shards) == shard).cloned().collect();
-        store.put_triggers(shard, &encode_triggers(&mine)?).context("storing recovered triggers")?;
+        let mine: Vec<Trigger> = triggers
+            .iter()
+            .filter(|t| t.kind != TriggerKind::Deleverage && shard_of(&t.account, shards) == shard)
+            .cloned()
+            .collect();
+        store.put_records(Tree::Shard(shard), &records(&mine, &[])?).context("storing recovered triggers")?;
     }
+    let deleverage: Vec<Trigger> = triggers.iter().filter(|t| t.kind == TriggerKind::Deleverage).cloned().collect();
+    let settled = engines.liquidations().to_vec();
+    store.put_records(Tree::Node, &records(&deleverage, &settled)?).context("storing recovered liquidation fills")?;
     let history = load_triggers(&*store, shards)?;
+    let liquidations = load_liquidations(&*store, Tree::Node)?;
+    let fund = *engines.fund();
     Ok(Recovery {
         engines: engines.into_engines(),
         journal,
@@ -292,6 +341,8 @@ pub fn recover_with(
         triggers,
         history,
         producers,
+        fund,
+        liquidations,
         node_offset,
         store,
     })
@@ -309,8 +360,14 @@ mod tests {
     fn recovery_from_checkpoints_and_journal_equals_a_full_replay() {
         // Proves: journal every event, checkpoint shards at different offsets, recover: the state equals the
         // uninterrupted replay, and the triggers after the oldest watermark are re-emitted with the same identities.
-        let lines =
-            generate(&StreamConfig { seed: 11, events: 2000, accounts: 12, bad_percent: 2, ..StreamConfig::default() });
+        let lines = generate(&StreamConfig {
+            seed: 11,
+            events: 2000,
+            accounts: 12,
+            bad_percent: 2,
+            liquidation_percent: 6,
+            ..StreamConfig::default()
+        });
         let config = Config::default();
         let shards = 3;
         let dir = tempfile::tempdir().unwrap();
@@ -338,9 +395,17 @@ mod tests {
                         let emitted: Vec<Trigger> = all_triggers
                             .iter()
                             .filter(|t| shard_of(&t.account, shards) == s && t.offset <= delta.offset)
+                            // As the node does: a `deleverage` trigger is the merge's, stored with the node state.
+                            .filter(|t| t.kind != TriggerKind::Deleverage)
                             .cloned()
                             .collect();
-                        write_delta(&mut store, s, &delta, &emitted).unwrap();
+                        let fills: Vec<LiquidationRecord> = reference
+                            .liquidations()
+                            .iter()
+                            .filter(|l| shard_of(&l.account, shards) == s && l.offset <= delta.offset)
+                            .cloned()
+                            .collect();
+                        write_delta(&mut store, s, &delta, &emitted, &fills).unwrap();
                     }
                 }
             }
@@ -350,9 +415,20 @@ mod tests {
         assert!(r.watermarks.iter().all(|w| w.0 > 0), "every shard checkpointed: {:?}", r.watermarks);
         assert!(r.replayed > 0 && r.replayed < lines.len() as u64);
         assert_eq!(merged_views(&r.engines), reference.views());
-        // Each shard re-emits exactly the triggers beyond its own watermark, with the same identities.
-        let mut expected: Vec<_> =
-            all_triggers.iter().filter(|t| t.offset > r.watermarks[shard_of(&t.account, shards)]).cloned().collect();
+        // The fund (no node state was stored: it folds from zero) and every fill are the uninterrupted replay's,
+        // though the shards' checkpoints hold fills the replay skipped.
+        assert_eq!(r.fund, *reference.fund());
+        assert_eq!(r.liquidations, reference.liquidations());
+        let skipped =
+            reference.liquidations().iter().filter(|l| l.offset <= r.watermarks[shard_of(&l.account, shards)]);
+        assert!(skipped.count() > 0, "some fills are only in the checkpoints");
+        // Each shard re-emits exactly the triggers beyond its own watermark, with the same identities; the
+        // `deleverage` triggers beyond the node state's offset (none stored: all of them).
+        let mut expected: Vec<_> = all_triggers
+            .iter()
+            .filter(|t| t.kind == TriggerKind::Deleverage || t.offset > r.watermarks[shard_of(&t.account, shards)])
+            .cloned()
+            .collect();
         let mut got = r.triggers.clone();
         expected.sort();
         got.sort();
@@ -380,7 +456,7 @@ mod tests {
         let deposit = parse_line(r#"{"type":"deposit","account":"a","asset":"USDC","amount":"5"}"#).unwrap();
         engine.apply(Offset(7), &deposit, &mut Vec::new()).unwrap();
         let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-        write_delta(&mut store, 0, &engine.take_delta(), &[]).unwrap();
+        write_delta(&mut store, 0, &engine.take_delta(), &[], &[]).unwrap();
         drop(store);
         let err = recover(dir.path(), &config, 1, JournalConfig::default()).err().unwrap();
         let msg = format!("{err:#}");
@@ -410,13 +486,22 @@ mod tests {
         let first_segment = j.segments()[0].clone();
         drop(j);
         let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
-        write_delta(&mut store, 0, &engine.take_delta(), &[]).unwrap();
+        write_delta(&mut store, 0, &engine.take_delta(), &[], &[]).unwrap();
         drop(store);
         assert!(recover(dir.path(), &config, 1, small.clone()).is_ok());
         let saved = std::fs::read(&first_segment.path).unwrap();
         std::fs::remove_file(&first_segment.path).unwrap();
-        let msg = format!("{:#}", recover(dir.path(), &config, 1, small.clone()).err().unwrap());
         let next = first_segment.last.0 + 1;
+        // No node state stored: the journal must hold everything from offset 1 (the fund folds over all of it).
+        let msg = format!("{:#}", recover(dir.path(), &config, 1, small.clone()).err().unwrap());
+        assert!(msg.contains(&format!("the journal starts at offset {next}, but the node state")), "{msg}");
+        assert!(msg.contains("is stored at offset 0"), "{msg}");
+        let mut store = SledStore::open(&layout::checkpoints(dir.path())).unwrap();
+        let mut value = Vec::new();
+        encode_value(&NodeValue::default(), &mut value).unwrap();
+        store.write_node(Offset(next - 1), &value, &Records::default()).unwrap();
+        drop(store);
+        let msg = format!("{:#}", recover(dir.path(), &config, 1, small.clone()).err().unwrap());
         assert!(msg.contains(&format!("the journal starts at offset {next}, but shard 0's checkpoint is at offset 5")));
         assert!(msg.contains(&format!("events 6 to {}", next - 1)), "{msg}");
         std::fs::write(&first_segment.path, saved).unwrap();
@@ -447,10 +532,15 @@ mod tests {
         assert_eq!(again, account, "what is decoded re-encodes to the same bytes");
         let mut producers = Producers::default();
         producers.record("gw", LastBatch { sequence: 3, first: Offset(5), last: Offset(6) });
+        let mut fund = InsuranceFund::default();
+        fund.transfer(vigil_model::Amount(150_000_000)).unwrap();
+        let uncovered = fund.settle(vigil_model::Amount::ZERO, vigil_model::Amount(200_000_000));
+        assert_eq!(uncovered, vigil_model::Amount(50_000_000));
+        let node = NodeValue { producers, fund };
         let mut table = Vec::new();
-        encode_value(&producers, &mut table).unwrap();
-        assert_eq!(hex(&table), GOLDEN_PRODUCERS);
-        assert_eq!(decode_value::<Producers>(&table).unwrap(), producers);
+        encode_value(&node, &mut table).unwrap();
+        assert_eq!(hex(&table), GOLDEN_NODE);
+        assert_eq!(decode_value::<NodeValue>(&table).unwrap(), node);
         // The market with contract v2's state: an underlying and expiry on a future, the clock, risk parameters.
         let mut engine = Engine::new(&Config::default());
         for (i, line) in [
@@ -468,11 +558,11 @@ mod tests {
         encode_value(&engine.take_delta().market, &mut market).unwrap();
         assert_eq!(hex(&market), GOLDEN_MARKET);
         // A value of an earlier format (its golden bytes kept here) is refused, saying what to do.
-        for (old, version) in [(GOLDEN_ACCOUNT_V1, 1), (GOLDEN_ACCOUNT_V2, 2)] {
+        for (old, version) in [(GOLDEN_ACCOUNT_V1, 1), (GOLDEN_ACCOUNT_V2, 2), (GOLDEN_ACCOUNT_V3, 3)] {
             let old: Vec<u8> =
                 (0..old.len() / 2).map(|i| u8::from_str_radix(&old[2 * i..2 * i + 2], 16).unwrap()).collect();
             let err = decode_value::<Account>(&old).unwrap_err().to_string();
-            assert!(err.contains(&format!("format version {version}, this build reads version 3")), "{err}");
+            assert!(err.contains(&format!("format version {version}, this build reads version 4")), "{err}");
         }
     }
 
@@ -484,9 +574,12 @@ mod tests {
 
     // Value format 3 (liquidations): the market gains `max_liquidation_fee`, a trigger `uncovered`; an account's
     // bytes are format 2's.
-    const GOLDEN_ACCOUNT: &str = "0301610100fc00a3e11100000000";
-    const GOLDEN_PRODUCERS: &str = "0301026777030506";
-    const GOLDEN_MARKET: &str = "030304555344430003455448010001460201010100fc002d3101fc809698000000010101fd0000e24503db512f0301\
+    const GOLDEN_ACCOUNT_V3: &str = "0301610100fc00a3e11100000000";
+
+    // Value format 4 (the node's value holds the insurance fund); accounts and markets are format 3's.
+    const GOLDEN_ACCOUNT: &str = "0401610100fc00a3e11100000000";
+    const GOLDEN_NODE: &str = "0401026777030506fcffe0f50500fc0084d717fc00e1f505";
+    const GOLDEN_MARKET: &str = "040304555344430003455448010001460201010100fc002d3101fc809698000000010101fd0000e24503db512f0301\
                                  fc00c2eb0b000001fd00008a91cc93452f0101fc80c3c90102fc00e1f505fc80f0fa02fc00e1f505fc00879303fc80ba8c01fc80\
                                  841e00fc80841e00fc00688909fcc0c62d00";
 }

@@ -122,6 +122,7 @@ impl Sink {
             Released::Trigger(t) => self.triggers.push(&t.to_json()),
             Released::Rejection(r) => self.rejections.push(&r.to_json()),
             Released::Liquidation(l) => self.liquidations.push(&l.to_json()),
+            Released::Fund(..) => Ok(()), // the document shows the fund at the end
         };
         if let Err(e) = r {
             self.error.get_or_insert(e);

@@ -28,8 +28,8 @@ use vigil_store::journal::{Journal, JournalConfig};
 
 use crate::http::{Hub, HubConfig, Node, token_matches};
 use crate::metrics as m;
-use crate::persist::Persist;
 use crate::persist::Persister;
+use crate::persist::{NodeState, NodeValue, Persist};
 use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, StressJob, Wait};
 use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
 use crate::recovery::recover;
@@ -250,7 +250,7 @@ fn persistence_thread(
         let started = Instant::now();
         let offset = match &message {
             Persist::Shard(delta) => delta.delta.offset,
-            Persist::Node { offset, .. } => *offset,
+            Persist::Node(state) => state.offset,
         };
         // Shards apply before the journal syncs: a checkpoint must never get ahead of the journal, or a crash
         // would recover state from events the journal lost (and reuse their offsets). If the journal is
@@ -260,7 +260,7 @@ fn persistence_thread(
         }
         match persister.handle(message) {
             Ok(w) if w.shard >= shards => {
-                tracing::debug!(offset = w.offset.0, bytes = w.bytes, "producers table written");
+                tracing::debug!(offset = w.offset.0, bytes = w.bytes, "node state written");
                 let _ = journal.try_send(JournalMsg::Trim(w.trim));
             }
             Ok(w) => {
@@ -340,6 +340,8 @@ struct Gate {
     /// When each batch was sequenced: `(last offset, instant)`, oldest first (for trigger latency).
     sequenced_at: VecDeque<(Offset, Instant)>,
     metrics: m::GateMetrics,
+    /// The offset the hub's fund was last published as of.
+    fund_through: u64,
 }
 
 impl Gate {
@@ -347,6 +349,8 @@ impl Gate {
     fn release(&mut self, drained: Offset) {
         let durable = Offset(self.durable.load(Ordering::Acquire));
         let mut triggers = Vec::new();
+        let mut liquidations = Vec::new();
+        let mut fund = None;
         while let Some(r) = self.items.front()
             && r.offset() <= durable
         {
@@ -366,9 +370,13 @@ impl Gate {
                     triggers.push(t);
                 }
                 Released::Liquidation(l) => {
-                    // The record's money already moved in its account; the node's fund and liquidation history
-                    // (`GET /v1/insurance`, checkpointed with the shards) are issue 13's next step.
                     tracing::debug!(offset = l.offset.0, account = %l.account, symbol = %l.symbol, "liquidation");
+                    self.metrics.fill(&l);
+                    liquidations.push(l);
+                }
+                Released::Fund(offset, f) => {
+                    self.metrics.fund(&f);
+                    fund = Some((offset, f));
                 }
                 Released::Rejection(rec) => {
                     self.metrics.rejection(rec.reason);
@@ -381,6 +389,10 @@ impl Gate {
             }
         }
         let through = durable.min(drained);
+        if !liquidations.is_empty() || fund.is_some() || through.0 > self.fund_through {
+            self.fund_through = through.0;
+            self.hub.publish_fund(liquidations, fund.map(|(_, f)| f), through);
+        }
         self.hub.publish(triggers, through);
         self.metrics.released.set(through.0 as f64);
         // No trigger can come any more at or below `through`.
@@ -402,15 +414,33 @@ struct Durability {
     journal: std_mpsc::SyncSender<JournalMsg>,
     persist: std_mpsc::Sender<Persist>,
     producers: Producers,
+    /// The producers table as of each checkpoint whose node state the merge has not cut yet.
+    producers_at: VecDeque<(Offset, Producers)>,
     duplicates: metrics::Counter,
 }
 
 impl Durability {
-    /// Asks every shard for a checkpoint delta at the sequenced offset, and the persistence thread to store the
-    /// producers table as of the same offset.
-    fn checkpoint(&self, pipeline: &mut Pipeline) {
-        pipeline.checkpoint();
-        let _ = self.persist.send(Persist::Node { offset: pipeline.offset(), producers: self.producers.clone() });
+    /// Asks every shard for a checkpoint delta at the sequenced offset, and the merge for its state there; the
+    /// node state (producers table and fund) goes to the persistence thread once release passes that offset
+    /// ([`Durability::persist_cuts`]).
+    fn checkpoint(&mut self, pipeline: &mut Pipeline) {
+        let at = pipeline.checkpoint();
+        self.producers_at.push_back((at, self.producers.clone()));
+    }
+
+    /// Sends the node states whose fund the merge has cut.
+    fn persist_cuts(&mut self, pipeline: &mut Pipeline) {
+        for cut in pipeline.take_cuts() {
+            let Some((at, producers)) = self.producers_at.pop_front() else { break };
+            debug_assert_eq!(at, cut.offset, "invariant: cuts come in the order checkpoints were asked for");
+            let state = NodeState {
+                offset: at,
+                value: NodeValue { producers, fund: cut.fund },
+                triggers: cut.deleverage,
+                liquidations: cut.liquidations,
+            };
+            let _ = self.persist.send(Persist::Node(Box::new(state)));
+        }
     }
 }
 
@@ -452,6 +482,7 @@ fn sequencer_thread(
             Ok(b) => Some(b),
             Err(mpsc::error::TryRecvError::Empty) => {
                 pipeline.drain(&mut |r| gate.items.push_back(r));
+                durability.persist_cuts(&mut pipeline);
                 gate.release(pipeline.drained());
                 if last_sample.elapsed() >= SAMPLE_EVERY {
                     last_sample = Instant::now();
@@ -548,9 +579,12 @@ fn sequencer_thread(
             last_checkpoint = Instant::now();
         }
     }
-    // Shutdown: apply everything, checkpoint, release what is durable.
+    // Shutdown: apply everything, checkpoint (the merge's cut is taken by the second flush), release what is
+    // durable.
     pipeline.flush(&mut |r| gate.items.push_back(r));
     durability.checkpoint(&mut pipeline);
+    pipeline.flush(&mut |r| gate.items.push_back(r));
+    durability.persist_cuts(&mut pipeline);
     let drained = pipeline.offset();
     let _ = pipeline.finish(&mut |_| {});
     drop(durability);
@@ -854,9 +888,11 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         journal: journal_tx,
         persist: delta_tx.clone(),
         producers: recovery.producers,
+        producers_at: VecDeque::new(),
         duplicates: metrics::counter!(m::INGEST_DUPLICATES),
     };
-    let pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
+    let mut pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
+    pipeline.set_fund(recovery.fund);
     let checker = pipeline.checker();
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
     let (stress_tx, stress_rx) = mpsc::channel::<Arc<StressJob>>(4);
@@ -870,7 +906,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         released: 0,
         sequenced_at: VecDeque::new(),
         metrics: m::GateMetrics::new(),
+        fund_through: 0,
     };
+    gate.metrics.fund(&recovery.fund);
     let sequencer_handle = {
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
         crate::spawn_vital("vigil-sequencer", move || {
@@ -878,6 +916,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
             sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
         })?
     };
+    hub.start_fund(recovery.fund, recovery.liquidations);
     hub.start(
         recovery.history,
         durable_offset,

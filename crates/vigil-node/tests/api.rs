@@ -29,9 +29,15 @@ impl Drop for Node {
 
 fn start(extra: &[&str]) -> (Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
+    let node = start_in(dir.path(), extra);
+    (node, dir)
+}
+
+/// Starts a node on an existing data directory (a restart).
+fn start_in(dir: &std::path::Path, extra: &[&str]) -> Node {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["serve", "--data"])
-        .arg(dir.path())
+        .arg(dir)
         .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
         .args(extra)
         .env_remove("VIGIL_TOKEN")
@@ -54,7 +60,7 @@ fn start(extra: &[&str]) -> (Node, tempfile::TempDir) {
         assert!(Instant::now() < deadline, "the node never became ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (node, dir)
+    node
 }
 
 impl Node {
@@ -472,4 +478,123 @@ fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let from_data: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     assert_eq!(from_data, offline(lines.len()));
+}
+
+/// liquidation.md's partial-close check (fees 30 and 41.925, the fund pays 5.00), then a drained fund and dYdX's
+/// contract-loss example (the fund pays 15.00 it does not hold: uncovered, a `deleverage` trigger).
+const LIQUIDATIONS: &str = r#"{"type":"insurance","amount":"1000"}
+{"type":"perp","symbol":"ETH","tiers":[{"imr":"0.05","mmr":"0.03"}]}
+{"type":"price","symbol":"ETH","price":"3000"}
+{"type":"deposit","account":"A","asset":"USDC","amount":"2500"}
+{"type":"deposit","account":"B","asset":"USDC","amount":"2500"}
+{"type":"deposit","account":"C","asset":"USDC","amount":"2500"}
+{"type":"trade","account":"A","symbol":"ETH","side":"buy","qty":"10","price":"3000"}
+{"type":"trade","account":"B","symbol":"ETH","side":"buy","qty":"10","price":"3000"}
+{"type":"trade","account":"C","symbol":"ETH","side":"buy","qty":"10","price":"3000"}
+{"type":"price","symbol":"ETH","price":"2800"}
+{"type":"trade","account":"A","symbol":"ETH","side":"sell","qty":"1","price":"2780","liquidation":true}
+{"type":"liquidation_params","max_liquidation_fee":"0.015"}
+{"type":"trade","account":"B","symbol":"ETH","side":"sell","qty":"1","price":"2795","liquidation":true}
+{"type":"trade","account":"C","symbol":"ETH","side":"sell","qty":"1","price":"2745","liquidation":true}
+{"type":"insurance","amount":"-1066.925"}
+{"type":"perp","symbol":"ABC","tiers":[{"imr":"0.05","mmr":"0.03"}]}
+{"type":"price","symbol":"ABC","price":"1"}
+{"type":"deposit","account":"D","asset":"USDC","amount":"100"}
+{"type":"trade","account":"D","symbol":"ABC","side":"buy","qty":"500","price":"1"}
+{"type":"price","symbol":"ABC","price":"0.801"}
+{"type":"trade","account":"D","symbol":"ABC","side":"sell","qty":"500","price":"0.77","liquidation":true}
+{"type":"insurance","amount":"-1"}
+"#;
+
+/// What `GET /v1/insurance` must say after [`LIQUIDATIONS`], whatever happened to the node in between.
+fn assert_insurance_after_liquidations(node: &Node) {
+    let (s, i) = node.json("/v1/insurance");
+    assert_eq!(s, StatusCode::OK, "{i}");
+    let fund = &i["insurance_fund"];
+    assert_eq!(
+        (fund["balance"].as_str(), fund["fees"].as_str(), fund["paid"].as_str(), fund["uncovered"].as_str()),
+        (Some("-15.00000000"), Some("71.92500000"), Some("20.00000000"), Some("15.00000000")),
+        "{i}"
+    );
+    assert_eq!(i["offset"].as_u64(), Some(22));
+    let fills = i["liquidations"].as_array().expect("a list");
+    let summary: Vec<(u64, &str, &str, &str, &str)> = fills
+        .iter()
+        .map(|l| {
+            let text = |k: &str| l[k].as_str().unwrap_or("?");
+            (l["offset"].as_u64().unwrap_or(0), text("account"), text("fee"), text("fund_paid"), text("uncovered"))
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (11, "A", "30.00000000", "0.00000000", "0.00000000"),
+            (13, "B", "41.92500000", "0.00000000", "0.00000000"),
+            (14, "C", "0.00000000", "5.00000000", "0.00000000"),
+            (21, "D", "0.00000000", "15.00000000", "15.00000000"),
+        ]
+    );
+    assert_eq!(fills[0]["bankruptcy_price"], "2750.00000000");
+    // Paged like triggers: after an offset, at most `limit`, `next_after` to go on from.
+    let (_, page) = node.json("/v1/insurance?after=11&limit=2");
+    let offsets: Vec<u64> =
+        page["liquidations"].as_array().expect("a list").iter().filter_map(|l| l["offset"].as_u64()).collect();
+    assert_eq!(offsets, vec![13, 14]);
+    assert_eq!(page["next_after"].as_u64(), Some(14));
+    let (_, page) = node.json("/v1/insurance?after=14&limit=2");
+    assert_eq!(page["liquidations"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["next_after"].as_u64(), Some(22));
+    // Without `after`: the last `limit` fills.
+    let (_, last) = node.json("/v1/insurance?limit=1");
+    assert_eq!(last["liquidations"][0]["offset"].as_u64(), Some(21));
+    // The deficit the fund did not hold raised a `deleverage` trigger; the withdrawal past the balance was refused.
+    let (_, t) = node.json("/v1/triggers?after=20");
+    let deleverage: Vec<&Value> =
+        t["triggers"].as_array().expect("a list").iter().filter(|t| t["kind"] == "deleverage").collect();
+    assert_eq!(deleverage.len(), 1, "{t}");
+    assert_eq!((deleverage[0]["offset"].as_u64(), deleverage[0]["account"].as_str()), (Some(21), Some("D")));
+    assert_eq!(deleverage[0]["uncovered"], "15.00000000");
+}
+
+#[test]
+fn the_insurance_fund_and_its_fills_are_served_and_survive_kill_9_and_a_restart() {
+    // Proves GET /v1/insurance (the published checks' figures, paging, the last fills), the deleverage trigger,
+    // the fund's metrics, and that all of it is the same after kill -9 (the fund refolded from the journal) and
+    // after a clean stop (the fund stored with the node state at the final checkpoint).
+    let (mut node, dir) = start(&["--checkpoint-events", "5"]);
+    let v = node.events(LIQUIDATIONS);
+    assert_eq!(v["last"].as_u64(), Some(22));
+    let reasons: Vec<(u64, &str)> = v["rejections"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| (r["offset"].as_u64().unwrap_or(0), r["reason"].as_str().unwrap_or("?")))
+        .collect();
+    assert_eq!(reasons, vec![(22, "insufficient_balance")]);
+    assert_insurance_after_liquidations(&node);
+    let metrics = node.get("/metrics").expect("metrics").text().expect("text");
+    for line in [
+        "vigil_insurance_fund_balance -15",
+        "vigil_insurance_fund_fees 71.925",
+        "vigil_insurance_fund_paid 20",
+        "vigil_insurance_fund_uncovered 15",
+        "vigil_liquidation_fills_total{outcome=\"fee\"} 2",
+        "vigil_liquidation_fills_total{outcome=\"deficit\"} 2",
+        "vigil_triggers_total{kind=\"deleverage\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+
+    node.child.kill().expect("kill -9");
+    let _ = node.child.wait();
+    let mut node = start_in(dir.path(), &[]);
+    assert_insurance_after_liquidations(&node);
+    let metrics = node.get("/metrics").expect("metrics").text().expect("text");
+    assert!(metrics.lines().any(|l| l == "vigil_insurance_fund_uncovered 15"), "restored gauges:\n{metrics}");
+
+    let status = Command::new("kill").args(["-TERM", &node.child.id().to_string()]).status().expect("kill -TERM");
+    assert!(status.success());
+    assert!(node.child.wait().expect("exit").success());
+    let node = start_in(dir.path(), &[]);
+    assert_insurance_after_liquidations(&node);
 }

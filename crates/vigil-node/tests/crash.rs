@@ -2,7 +2,8 @@
 //! acknowledged offset range, `kill -9` at a random moment, and check what survived: every acknowledged event is
 //! in the journal, in order, with no gap; the recovered state equals the reference model's replay of exactly the
 //! journaled prefix; and recovery re-emits exactly the triggers beyond each shard's checkpoint, with the same
-//! identities as the reference. Then restart and continue the stream from the journal's end.
+//! identities as the reference; the insurance fund and every liquidation fill (the stream carries fills and fund
+//! movements) are the reference's. Then restart and continue the stream from the journal's end.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use vigil_engine::{Config, merged_views};
-use vigil_model::{Event, Offset, Trigger, parse_line, shard_of};
+use vigil_model::{Event, Offset, Trigger, TriggerKind, parse_line, shard_of};
 use vigil_node::recovery::recover;
 use vigil_node::wire::Client;
 use vigil_store::journal::{self, JournalConfig};
@@ -111,7 +112,8 @@ fn drive(
     acked
 }
 
-fn verify(dir: &Path, events: &[Event], acked_max: Offset) -> Offset {
+/// Checks what recovery finds; returns the journal's end and the liquidation fills up to it.
+fn verify(dir: &Path, events: &[Event], acked_max: Offset) -> (Offset, usize) {
     // Recover as the node does (a torn tail, if the kill tore a write, is cut here), then compare.
     let r = recover(dir, &Config::default(), SHARDS, JournalConfig::default()).expect("recovery");
     let recovered_durable = r.journal.durable();
@@ -137,13 +139,27 @@ fn verify(dir: &Path, events: &[Event], acked_max: Offset) -> Offset {
         expected.extend(fired);
     }
     assert_eq!(merged_views(&r.engines), reference.views(), "recovered state differs from the reference");
-    let mut beyond: Vec<Trigger> =
-        expected.into_iter().filter(|t| t.offset > r.watermarks[shard_of(&t.account, SHARDS)]).collect();
+    // A `deleverage` trigger is the merge's: re-emitted beyond the node state's offset, where the fund continues.
+    let beyond_checkpoint = |t: &Trigger| match t.kind {
+        TriggerKind::Deleverage => t.offset > r.node_offset,
+        _ => t.offset > r.watermarks[shard_of(&t.account, SHARDS)],
+    };
+    let mut beyond: Vec<Trigger> = expected.into_iter().filter(beyond_checkpoint).collect();
     let mut got = r.triggers;
     beyond.sort();
     got.sort();
     assert_eq!(got, beyond, "re-emitted triggers differ from the reference's beyond the checkpoints");
-    durable
+    let want = reference.fund();
+    assert_eq!(
+        (r.fund.balance, r.fund.fees, r.fund.paid, r.fund.uncovered),
+        (want.balance, want.fees, want.paid, want.uncovered),
+        "recovered insurance fund differs from the reference's at {durable:?}"
+    );
+    assert!(
+        vigil_testkit::compare::same_liquidations(&r.liquidations, reference.liquidations()),
+        "recovered liquidation fills differ from the reference's"
+    );
+    (durable, r.liquidations.len())
 }
 
 #[test]
@@ -155,6 +171,7 @@ fn kill_9_loses_nothing_acknowledged() {
         events: (cycles as usize * 6000).max(60_000),
         accounts: 10,
         bad_percent: 0,
+        liquidation_percent: 5,
         ..StreamConfig::default()
     })
     .iter()
@@ -166,6 +183,7 @@ fn kill_9_loses_nothing_acknowledged() {
     let mut acked_total = 0usize;
     let mut ran = 0;
     let mut producer = Producer::default();
+    let mut fills_verified = 0;
     for cycle in 0..cycles {
         ran += 1;
         let (mut child, addr) = start(dir.path());
@@ -194,7 +212,9 @@ fn kill_9_loses_nothing_acknowledged() {
         for w in acked.windows(2) {
             assert_eq!(w[1].0.0, w[0].1.0 + 1, "cycle {cycle}: acknowledged ranges have a gap");
         }
-        durable = verify(dir.path(), &events, acked_max);
+        let (end, fills) = verify(dir.path(), &events, acked_max);
+        durable = end;
+        fills_verified = fills;
         // Exactly once: the journal holds what was acknowledged and at most the batch in flight, never a resend.
         let sent = producer.pos + producer.in_flight.unwrap_or(0);
         assert!(
@@ -212,11 +232,12 @@ fn kill_9_loses_nothing_acknowledged() {
     }
     eprintln!(
         "{ran} kill -9 cycles, {acked_total} batches acknowledged ({} resends answered as duplicates), {} events \
-         journaled and verified",
+         journaled and verified, {fills_verified} liquidation fills in the recovered history",
         producer.duplicates, durable.0
     );
     assert_eq!(ran, cycles, "the stream ran out before the cycles did");
     assert!(acked_total > cycles as usize, "the load acknowledged only {acked_total} batches");
+    assert!(fills_verified > 0, "the recovered history holds no liquidation fill: the loop did not cover them");
 }
 
 #[test]

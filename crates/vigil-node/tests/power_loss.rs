@@ -8,6 +8,9 @@
 //! - every acknowledged event (a commit that returned) is in the journal, equal to what was sent, gapless;
 //! - the recovered state equals the naive reference model's replay of exactly the recovered prefix, and the
 //!   re-emitted triggers are the reference's beyond each checkpoint;
+//! - the insurance fund and the liquidation fills (the stream carries fills, fund deposits and withdrawals) equal
+//!   the reference's: the fund stored with the node state, continued over the fills the shards' checkpoints hold
+//!   and the replay re-emits, is the fund of the recovered prefix;
 //! - when the simulated disk loses synced data on purpose (a flipped bit, a lost segment), recovery refuses with a
 //!   clear error, exactly when the history has a hole, and never starts half-loaded.
 //!
@@ -18,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vigil_engine::{Config, Sharded, merged_views};
-use vigil_model::{Event, Offset, Trigger, parse_line, shard_of};
-use vigil_node::persist::Persister;
+use vigil_model::{Event, LiquidationRecord, Offset, Trigger, TriggerKind, parse_line, shard_of};
+use vigil_node::persist::{NodeState, NodeValue, Persister};
 use vigil_node::pipeline::ShardDelta;
 use vigil_node::producers::LastBatch;
 use vigil_node::recovery::{recover_with, replayable};
@@ -46,6 +49,8 @@ struct Stats {
     checkpoint_failures: u64,
     trims: u64,
     refusals: u64,
+    /// Liquidation fills in recovered histories (checked against the reference).
+    fills: u64,
 }
 
 /// A fault put on the disk on purpose after a cut, and what recovery must then do.
@@ -63,11 +68,17 @@ enum Damage {
 /// Runs one seed; `Err` describes the first violated promise.
 fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
     let mut rng = Rng::new(seed);
-    let events: Vec<Event> =
-        generate(&StreamConfig { seed, events: 240, accounts: 6, bad_percent: 0, ..StreamConfig::default() })
-            .iter()
-            .filter_map(|l| parse_line(l).ok())
-            .collect();
+    let events: Vec<Event> = generate(&StreamConfig {
+        seed,
+        events: 240,
+        accounts: 6,
+        bad_percent: 0,
+        liquidation_percent: 15,
+        ..StreamConfig::default()
+    })
+    .iter()
+    .filter_map(|l| parse_line(l).ok())
+    .collect();
     let store = SimCheckpointStore::new();
     let config = Config::default();
     let journal_config = JournalConfig {
@@ -104,8 +115,9 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
             }
             (result, Damage::LostSegment { first_remaining }) => {
                 let oldest = (0..SHARDS).map(|s| store.offset(s).unwrap_or(Offset(0))).min().unwrap_or(Offset(0));
-                // The producers table is the other thing the journal must cover from its offset on.
-                let node = store.node().ok().flatten().map_or(oldest, |(o, _)| o);
+                // The node state (producers table, fund) is the other thing the journal must cover from its offset
+                // on; with none stored, from the start.
+                let node = store.node().ok().flatten().map_or(Offset(0), |(o, _)| o);
                 let hole = first_remaining.0 > oldest.min(node).0 + 1;
                 match result {
                     Err(e) if hole => {
@@ -158,11 +170,24 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
         }
         acked_sequence = sequence;
         let mut producers = r.producers.clone();
-        check_state(&events[..durable.0 as usize], &r.engines, &r.watermarks, &r.triggers)
-            .map_err(|e| format!("round {round}: {e}"))?;
+        let recovered = Recovered {
+            engines: &r.engines,
+            watermarks: &r.watermarks,
+            node_offset: r.node_offset,
+            triggers: &r.triggers,
+            fund: r.fund,
+            liquidations: &r.liquidations,
+        };
+        stats.fills +=
+            check_state(&events[..durable.0 as usize], &recovered).map_err(|e| format!("round {round}: {e}"))?;
         acked = durable;
         // Run on from the recovered state: batches, group commits, checkpoints (some failing), trims; then cut.
         let mut live = Sharded::from_engines(r.engines);
+        live.restore_fund(r.fund, durable, Vec::new());
+        // What the node hands the persister beside the shards' state: each shard's fills since its last delta, and
+        // the merge's records since the last node state.
+        let mut fills_by_shard: Vec<Vec<LiquidationRecord>> = vec![Vec::new(); SHARDS];
+        let mut node_records: (Vec<Trigger>, Vec<LiquidationRecord>) = Default::default();
         let mut persister = Persister::new(r.store, r.watermarks, r.node_offset, u32::MAX);
         let mut journal = r.journal;
         let mut next = durable;
@@ -186,7 +211,13 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
                         }
                         encode_event(event, &mut payload).map_err(|e| e.to_string())?;
                         journal.append(offset, &payload).map_err(|e| format!("append: {e}"))?;
-                        let _ = live.apply_at(offset, event, &mut Vec::new());
+                        let mut fired = Vec::new();
+                        let _ = live.apply_at(offset, event, &mut fired);
+                        node_records.0.extend(fired.into_iter().filter(|t| t.kind == TriggerKind::Deleverage));
+                        if let Some(fill) = live.liquidations().last().filter(|l| l.offset == offset) {
+                            fills_by_shard[shard_of(&fill.account, SHARDS)].push(fill.clone());
+                            node_records.1.push(fill.clone());
+                        }
                         next = offset;
                     }
                     producers.record(PRODUCER, LastBatch { sequence, first, last: next });
@@ -206,7 +237,9 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
                         if rng.chance(20) {
                             store.fail_next_writes(1);
                         }
-                        match persister.persist_node(acked, producers.clone()) {
+                        let (triggers, liquidations) = std::mem::take(&mut node_records);
+                        let value = NodeValue { producers: producers.clone(), fund: *live.fund() };
+                        match persister.persist_node(NodeState { offset: acked, value, triggers, liquidations }) {
                             Ok(w) => {
                                 stats.checkpoints += 1;
                                 if journal.delete_before(w.trim).map_err(|e| format!("trim: {e}"))? > 0 {
@@ -227,7 +260,8 @@ fn run_seed(seed: u64, disk: &SimStorage) -> Result<Stats, String> {
                             store.fail_next_barriers(1);
                         }
                     }
-                    match persister.persist(ShardDelta { shard, delta, triggers: Vec::new() }) {
+                    let liquidations = std::mem::take(&mut fills_by_shard[shard]);
+                    match persister.persist(ShardDelta { shard, delta, triggers: Vec::new(), liquidations }) {
                         Ok(w) => {
                             stats.checkpoints += 1;
                             if journal.delete_before(w.trim).map_err(|e| format!("trim: {e}"))? > 0 {
@@ -297,32 +331,60 @@ fn check_journal(disk: &SimStorage, config: &JournalConfig, events: &[Event], du
     Ok(())
 }
 
+/// What recovery returned that the checks read.
+struct Recovered<'a> {
+    engines: &'a [vigil_engine::Engine],
+    watermarks: &'a [Offset],
+    node_offset: Offset,
+    triggers: &'a [Trigger],
+    fund: vigil_model::liquidation::InsuranceFund,
+    liquidations: &'a [LiquidationRecord],
+}
+
 /// The recovered state equals the reference model's replay of the prefix; the re-emitted triggers are the
-/// reference's beyond each shard's watermark.
-fn check_state(
-    prefix: &[Event],
-    engines: &[vigil_engine::Engine],
-    watermarks: &[Offset],
-    got: &[Trigger],
-) -> Result<(), String> {
+/// reference's beyond each shard's watermark (a `deleverage` trigger: beyond the node state's offset, where the
+/// fund continues from); the fund and every liquidation fill are the reference's. Returns the fills checked.
+fn check_state(prefix: &[Event], r: &Recovered) -> Result<u64, String> {
     let mut reference = Reference::new(vigil_model::QUOTE_DEFAULT);
     let mut expected = Vec::new();
     for e in prefix {
         let (_, _, fired) = reference.apply(e);
         expected.extend(fired);
     }
-    if merged_views(engines) != reference.views() {
+    if merged_views(r.engines) != reference.views() {
         return Err(format!("recovered state differs from the reference after {} events", prefix.len()));
     }
-    let mut beyond: Vec<Trigger> =
-        expected.into_iter().filter(|t| t.offset > watermarks[shard_of(&t.account, SHARDS)]).collect();
-    let mut got = got.to_vec();
+    let beyond_checkpoint = |t: &Trigger| match t.kind {
+        TriggerKind::Deleverage => t.offset > r.node_offset,
+        _ => t.offset > r.watermarks[shard_of(&t.account, SHARDS)],
+    };
+    let mut beyond: Vec<Trigger> = expected.into_iter().filter(beyond_checkpoint).collect();
+    let mut got = r.triggers.to_vec();
     beyond.sort();
     got.sort();
     if got != beyond {
-        return Err("re-emitted triggers differ from the reference's beyond the checkpoints".into());
+        return Err(format!(
+            "re-emitted triggers differ from the reference's beyond the checkpoints:\n got {got:?}\n want {beyond:?}"
+        ));
     }
-    Ok(())
+    let want = reference.fund();
+    let fund = r.fund;
+    if (fund.balance, fund.fees, fund.paid, fund.uncovered) != (want.balance, want.fees, want.paid, want.uncovered) {
+        return Err(format!(
+            "recovered fund {fund:?}, the reference's {want:?} after {} events (node state at {}, watermarks {:?})",
+            prefix.len(),
+            r.node_offset.0,
+            r.watermarks
+        ));
+    }
+    if !vigil_testkit::compare::same_liquidations(r.liquidations, reference.liquidations()) {
+        return Err(format!(
+            "recovered liquidation fills differ:\n got {:?}\n want {:?}",
+            r.liquidations,
+            reference.liquidations()
+        ));
+    }
+    Ok(r.liquidations.len() as u64)
 }
 
 fn seeds() -> u64 {
@@ -345,6 +407,7 @@ fn power_cuts_lose_nothing_acknowledged_and_damage_is_refused() {
         total.checkpoint_failures += s.checkpoint_failures;
         total.trims += s.trims;
         total.refusals += s.refusals;
+        total.fills += s.fills;
     }
     eprintln!("{seeds} seeds: {total:?}");
     // The run must have exercised what it claims to prove.
@@ -353,6 +416,7 @@ fn power_cuts_lose_nothing_acknowledged_and_damage_is_refused() {
     }
     assert!(total.cuts >= seeds * 2, "{total:?}");
     assert!(total.trims > 0 && total.checkpoint_failures > 0 && total.refusals > 0, "{total:?}");
+    assert!(total.fills >= seeds / 2, "the streams must carry liquidation fills through recoveries: {total:?}");
 }
 
 /// Runs seeds until one breaks a promise; `None` if none did.

@@ -1,5 +1,6 @@
 //! Shard checkpoints in sled: one tree per shard holding the latest encoded version of each changed account, the
-//! encoded market, the `{offset}` watermark and the triggers the shard emitted up to it, all written by one atomic
+//! encoded market, the `{offset}` watermark and the records (triggers, liquidation fills) the shard emitted up to it,
+//! all written by one atomic
 //! `apply_batch`, then flushed.
 //!
 //! Behind the small [`CheckpointStore`] trait so another embedded store can be measured against sled, and so the
@@ -18,6 +19,7 @@ const KEY_OFFSET: &[u8] = b"o";
 const KEY_MARKET: &[u8] = b"m";
 const PREFIX_ACCOUNT: &[u8] = b"a/";
 const PREFIX_TRIGGER: &[u8] = b"t/";
+const PREFIX_LIQUIDATION: &[u8] = b"l/";
 /// The tree of the node's own state (the producers table): value under `m`, offset under `o`.
 const NODE_TREE: &str = "node";
 /// The shard count a store was created for, in the node tree.
@@ -48,23 +50,66 @@ pub struct Loaded {
     pub accounts: Vec<Vec<u8>>,
 }
 
+/// A tree of the store: a shard's, or the node's own (the producers table, the insurance fund, and the records
+/// decided where the shards' outputs merge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tree {
+    Shard(usize),
+    Node,
+}
+
+/// The kinds of record kept beside a tree's state, each under its own key prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Triggers,
+    Liquidations,
+}
+
+impl RecordKind {
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            RecordKind::Triggers => PREFIX_TRIGGER,
+            RecordKind::Liquidations => PREFIX_LIQUIDATION,
+        }
+    }
+}
+
+/// Records stored with a checkpoint, each as `(identity key, value)`: writing the same identity twice keeps one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Records {
+    pub triggers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub liquidations: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Records {
+    pub fn is_empty(&self) -> bool {
+        self.triggers.is_empty() && self.liquidations.is_empty()
+    }
+
+    /// Every record with its full key (kind prefix first), and the bytes they take.
+    pub fn keyed(&self) -> impl Iterator<Item = (Vec<u8>, &[u8])> {
+        let triggers = self.triggers.iter().map(|(k, v)| (prefixed(PREFIX_TRIGGER, k), v.as_slice()));
+        triggers.chain(self.liquidations.iter().map(|(k, v)| (prefixed(PREFIX_LIQUIDATION, k), v.as_slice())))
+    }
+}
+
 /// What a checkpoint writer needs.
 pub trait CheckpointStore: Send {
-    /// Writes one delta atomically (accounts by id, the market, the watermark, and triggers as `(identity key,
-    /// value)`: writing the same identity twice keeps one) and makes it survive a process crash (not necessarily a
-    /// power cut: see [`CheckpointStore::barrier`]). Returns the bytes written.
+    /// Writes one delta atomically (accounts by id, the market, the watermark, and the records emitted up to it)
+    /// and makes it survive a process crash (not necessarily a power cut: see [`CheckpointStore::barrier`]).
+    /// Returns the bytes written.
     fn write(
         &mut self,
         shard: usize,
         offset: Offset,
         market: &[u8],
         accounts: &[(&str, Vec<u8>)],
-        triggers: &[(Vec<u8>, Vec<u8>)],
+        records: &Records,
     ) -> Result<u64, CheckpointError>;
-    /// Adds triggers (by identity key) without moving the watermark, durably.
-    fn put_triggers(&mut self, shard: usize, triggers: &[(Vec<u8>, Vec<u8>)]) -> Result<(), CheckpointError>;
-    /// Every trigger value stored for a shard, in key order.
-    fn triggers(&self, shard: usize) -> Result<Vec<Vec<u8>>, CheckpointError>;
+    /// Adds records to a tree without moving its watermark, durably.
+    fn put_records(&mut self, tree: Tree, records: &Records) -> Result<(), CheckpointError>;
+    /// Every record value of one kind stored in a tree, in key order.
+    fn records(&self, tree: Tree, kind: RecordKind) -> Result<Vec<Vec<u8>>, CheckpointError>;
     /// Loads a shard's checkpoint (empty if none).
     fn load(&self, shard: usize) -> Result<Loaded, CheckpointError>;
     /// The watermark of a shard (0 if none).
@@ -76,8 +121,9 @@ pub trait CheckpointStore: Send {
     /// Makes everything written so far survive a power cut. Called before any journal segment behind a new
     /// watermark is deleted.
     fn barrier(&mut self) -> Result<(), CheckpointError>;
-    /// Writes the node's own state (the producers table) as of `offset`, atomically, replacing the previous one.
-    fn write_node(&mut self, offset: Offset, value: &[u8]) -> Result<(), CheckpointError>;
+    /// Writes the node's own state as of `offset`, replacing the previous one, with the records decided up to it,
+    /// atomically.
+    fn write_node(&mut self, offset: Offset, value: &[u8], records: &Records) -> Result<(), CheckpointError>;
     /// The node's state and its offset, if one was written.
     fn node(&self) -> Result<Option<(Offset, Vec<u8>)>, CheckpointError>;
     /// The shard count the store was created for, if recorded.
@@ -126,6 +172,13 @@ impl SledStore {
     fn tree(&self, shard: usize) -> Result<sled::Tree, CheckpointError> {
         Ok(self.db.open_tree(format!("shard-{shard}"))?)
     }
+
+    fn sled_tree(&self, tree: Tree) -> Result<sled::Tree, CheckpointError> {
+        match tree {
+            Tree::Shard(shard) => self.tree(shard),
+            Tree::Node => Ok(self.db.open_tree(NODE_TREE)?),
+        }
+    }
 }
 
 fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
@@ -149,7 +202,7 @@ impl CheckpointStore for SledStore {
         offset: Offset,
         market: &[u8],
         accounts: &[(&str, Vec<u8>)],
-        triggers: &[(Vec<u8>, Vec<u8>)],
+        records: &Records,
     ) -> Result<u64, CheckpointError> {
         let tree = self.tree(shard)?;
         let mut batch = sled::Batch::default();
@@ -158,9 +211,9 @@ impl CheckpointStore for SledStore {
             bytes += (id.len() + value.len()) as u64;
             batch.insert(account_key(id), value.as_slice());
         }
-        for (key, value) in triggers {
+        for (key, value) in records.keyed() {
             bytes += (key.len() + value.len()) as u64;
-            batch.insert(prefixed(PREFIX_TRIGGER, key), value.as_slice());
+            batch.insert(key, value);
         }
         batch.insert(KEY_MARKET, market);
         batch.insert(KEY_OFFSET, &offset.0.to_be_bytes()[..]);
@@ -181,22 +234,22 @@ impl CheckpointStore for SledStore {
         Ok(Loaded { offset, market, accounts })
     }
 
-    fn put_triggers(&mut self, shard: usize, triggers: &[(Vec<u8>, Vec<u8>)]) -> Result<(), CheckpointError> {
-        if triggers.is_empty() {
+    fn put_records(&mut self, tree: Tree, records: &Records) -> Result<(), CheckpointError> {
+        if records.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        for (key, value) in triggers {
-            batch.insert(prefixed(PREFIX_TRIGGER, key), value.as_slice());
+        for (key, value) in records.keyed() {
+            batch.insert(key, value);
         }
-        self.tree(shard)?.apply_batch(batch)?;
+        self.sled_tree(tree)?.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
     }
 
-    fn triggers(&self, shard: usize) -> Result<Vec<Vec<u8>>, CheckpointError> {
+    fn records(&self, tree: Tree, kind: RecordKind) -> Result<Vec<Vec<u8>>, CheckpointError> {
         let mut out = Vec::new();
-        for item in self.tree(shard)?.scan_prefix(PREFIX_TRIGGER) {
+        for item in self.sled_tree(tree)?.scan_prefix(kind.prefix()) {
             out.push(item?.1.to_vec());
         }
         Ok(out)
@@ -227,8 +280,11 @@ impl CheckpointStore for SledStore {
         Ok(out)
     }
 
-    fn write_node(&mut self, offset: Offset, value: &[u8]) -> Result<(), CheckpointError> {
+    fn write_node(&mut self, offset: Offset, value: &[u8], records: &Records) -> Result<(), CheckpointError> {
         let mut batch = sled::Batch::default();
+        for (key, v) in records.keyed() {
+            batch.insert(key, v);
+        }
         batch.insert(KEY_MARKET, value);
         batch.insert(KEY_OFFSET, &offset.0.to_be_bytes()[..]);
         self.db.open_tree(NODE_TREE)?.apply_batch(batch)?;
@@ -274,12 +330,24 @@ mod tests {
             let mut s = SledStore::open(dir.path()).unwrap();
             assert_eq!(s.load(0).unwrap(), Loaded::default());
             let t = |k: &str, v: &str| (k.as_bytes().to_vec(), v.as_bytes().to_vec());
-            s.write(0, Offset(10), b"m1", &[("alice", b"a1".to_vec()), ("bob", b"b1".to_vec())], &[t("k1", "t1")])
-                .unwrap();
-            s.write(0, Offset(20), b"m2", &[("alice", b"a2".to_vec())], &[t("k2", "t2")]).unwrap();
-            s.write(1, Offset(15), b"m1", &[("carol", b"c1".to_vec())], &[]).unwrap();
+            let triggers = |list: &[(Vec<u8>, Vec<u8>)]| Records { triggers: list.to_vec(), ..Records::default() };
+            s.write(
+                0,
+                Offset(10),
+                b"m1",
+                &[("alice", b"a1".to_vec()), ("bob", b"b1".to_vec())],
+                &triggers(&[t("k1", "t1")]),
+            )
+            .unwrap();
+            let both = Records { triggers: vec![t("k2", "t2")], liquidations: vec![t("k2", "l2")] };
+            s.write(0, Offset(20), b"m2", &[("alice", b"a2".to_vec())], &both).unwrap();
+            s.write(1, Offset(15), b"m1", &[("carol", b"c1".to_vec())], &Records::default()).unwrap();
             // The same identity again (a trigger re-emitted by recovery) keeps one copy.
-            s.put_triggers(0, &[t("k1", "t1"), t("k3", "t3")]).unwrap();
+            s.put_records(Tree::Shard(0), &triggers(&[t("k1", "t1"), t("k3", "t3")])).unwrap();
+            // The node's tree: its value and records, apart from the shards'.
+            let node = Records { triggers: vec![t("k9", "t9")], liquidations: vec![t("k8", "l8")] };
+            s.write_node(Offset(18), b"n1", &node).unwrap();
+            s.put_records(Tree::Node, &Records { liquidations: vec![t("k7", "l7")], ..Records::default() }).unwrap();
             assert!(s.size_on_disk().unwrap() > 0);
         }
         let s = SledStore::open(dir.path()).unwrap();
@@ -290,8 +358,13 @@ mod tests {
         assert_eq!(s.offset(1).unwrap(), Offset(15));
         assert_eq!(s.load(1).unwrap().accounts, vec![b"c1".to_vec()]);
         assert_eq!(s.shards().unwrap(), vec![0, 1]);
-        assert_eq!(s.triggers(0).unwrap(), vec![b"t1".to_vec(), b"t2".to_vec(), b"t3".to_vec()]);
-        assert!(s.triggers(1).unwrap().is_empty());
+        let records = |tree, kind| s.records(tree, kind).unwrap();
+        assert_eq!(records(Tree::Shard(0), RecordKind::Triggers), vec![b"t1".to_vec(), b"t2".to_vec(), b"t3".to_vec()]);
+        assert_eq!(records(Tree::Shard(0), RecordKind::Liquidations), vec![b"l2".to_vec()]);
+        assert!(records(Tree::Shard(1), RecordKind::Triggers).is_empty());
+        assert_eq!(s.node().unwrap(), Some((Offset(18), b"n1".to_vec())));
+        assert_eq!(records(Tree::Node, RecordKind::Triggers), vec![b"t9".to_vec()]);
+        assert_eq!(records(Tree::Node, RecordKind::Liquidations), vec![b"l7".to_vec(), b"l8".to_vec()]);
         assert_eq!(s.offset(0).unwrap(), Offset(20));
     }
 }

@@ -9,8 +9,9 @@ use vigil_model::Event;
 pub const CODEC_VERSION: u8 = 1;
 /// Version of the encoding of checkpoint values (accounts, the market, triggers, the producers table). Version 2:
 /// contract v2's state (an account's margin model; the clock, `risk` parameters, instruments' underlying and
-/// expiry in the market). Version 3: `max_liquidation_fee` in the market, a trigger's `uncovered`.
-pub const VALUE_VERSION: u8 = 3;
+/// expiry in the market). Version 3: `max_liquidation_fee` in the market, a trigger's `uncovered`. Version 4: the
+/// node's value holds the insurance fund beside the producers table; liquidation fills are stored.
+pub const VALUE_VERSION: u8 = 4;
 /// Largest encoded event accepted on decode, in bytes (events are small; this bounds a hostile length).
 pub const EVENT_BYTES_MAX: usize = 64 * 1024;
 

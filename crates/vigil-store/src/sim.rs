@@ -383,6 +383,13 @@ fn sim_key(prefix: &[u8], key: &[u8]) -> Vec<u8> {
     [prefix, key].concat()
 }
 
+fn sim_tree(tree: crate::checkpoint::Tree) -> usize {
+    match tree {
+        crate::checkpoint::Tree::Shard(shard) => shard,
+        crate::checkpoint::Tree::Node => NODE_KEY,
+    }
+}
+
 impl SimCheckpointStore {
     pub fn new() -> Self {
         Self::default()
@@ -429,7 +436,7 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
         offset: vigil_model::Offset,
         market: &[u8],
         accounts: &[(&str, Vec<u8>)],
-        triggers: &[(Vec<u8>, Vec<u8>)],
+        records: &crate::checkpoint::Records,
     ) -> Result<u64, crate::checkpoint::CheckpointError> {
         let mut s = self.lock();
         Self::injected(&mut s.write_failures_pending, "write")?;
@@ -439,9 +446,9 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
             bytes += (id.len() + value.len()) as u64;
             tree.insert(sim_key(b"a/", id.as_bytes()), value.clone());
         }
-        for (key, value) in triggers {
+        for (key, value) in records.keyed() {
             bytes += (key.len() + value.len()) as u64;
-            tree.insert(sim_key(b"t/", key), value.clone());
+            tree.insert(key, value.to_vec());
         }
         tree.insert(SIM_MARKET.to_vec(), market.to_vec());
         tree.insert(SIM_OFFSET.to_vec(), offset.0.to_be_bytes().to_vec());
@@ -450,30 +457,38 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
         Ok(bytes)
     }
 
-    fn put_triggers(
+    fn put_records(
         &mut self,
-        shard: usize,
-        triggers: &[(Vec<u8>, Vec<u8>)],
+        tree: crate::checkpoint::Tree,
+        records: &crate::checkpoint::Records,
     ) -> Result<(), crate::checkpoint::CheckpointError> {
-        if triggers.is_empty() {
+        if records.is_empty() {
             return Ok(());
         }
         let mut s = self.lock();
         Self::injected(&mut s.write_failures_pending, "write")?;
-        let tree = s.current.entry(shard).or_default();
-        for (key, value) in triggers {
-            tree.insert(sim_key(b"t/", key), value.clone());
+        let tree = s.current.entry(sim_tree(tree)).or_default();
+        for (key, value) in records.keyed() {
+            tree.insert(key, value.to_vec());
         }
         let snapshot = s.current.clone();
         s.since_barrier.push(snapshot);
         Ok(())
     }
 
-    fn triggers(&self, shard: usize) -> Result<Vec<Vec<u8>>, crate::checkpoint::CheckpointError> {
+    fn records(
+        &self,
+        tree: crate::checkpoint::Tree,
+        kind: crate::checkpoint::RecordKind,
+    ) -> Result<Vec<Vec<u8>>, crate::checkpoint::CheckpointError> {
         let s = self.lock();
+        let prefix: &[u8] = match kind {
+            crate::checkpoint::RecordKind::Triggers => b"t/",
+            crate::checkpoint::RecordKind::Liquidations => b"l/",
+        };
         Ok(s.current
-            .get(&shard)
-            .map(|t| t.iter().filter(|(k, _)| k.starts_with(b"t/")).map(|(_, v)| v.clone()).collect())
+            .get(&sim_tree(tree))
+            .map(|t| t.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v.clone()).collect())
             .unwrap_or_default())
     }
 
@@ -513,10 +528,14 @@ impl crate::checkpoint::CheckpointStore for SimCheckpointStore {
         &mut self,
         offset: vigil_model::Offset,
         value: &[u8],
+        records: &crate::checkpoint::Records,
     ) -> Result<(), crate::checkpoint::CheckpointError> {
         let mut s = self.lock();
         Self::injected(&mut s.write_failures_pending, "write")?;
         let tree = s.current.entry(NODE_KEY).or_default();
+        for (key, v) in records.keyed() {
+            tree.insert(key, v.to_vec());
+        }
         tree.insert(SIM_MARKET.to_vec(), value.to_vec());
         tree.insert(SIM_OFFSET.to_vec(), offset.0.to_be_bytes().to_vec());
         let snapshot = s.current.clone();
