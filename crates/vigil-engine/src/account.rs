@@ -670,6 +670,55 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
 
 /// The replay view of an account, from figures computed afresh (with indexed detection an account's cached figures
 /// are those of its last exact evaluation, which a tick inside its bands does not redo).
+/// A position's place in its instrument's auto-deleveraging queue (`liquidation.md`, "Deleveraging"): the score
+/// and the figures behind it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdlEntry {
+    pub account: Box<str>,
+    pub slot: Slot,
+    pub score: f64,
+    /// Signed like the position: the queue of longs or of shorts.
+    pub qty: Qty,
+    pub unrealized_pnl: Amount,
+    /// The equity of the position's unit: the isolated wallet's, or the cross account's.
+    pub unit_equity: Amount,
+    pub mode: MarginMode,
+}
+
+/// The scored perpetual and future positions of `acc` (of instrument `only`, if given), from figures evaluated
+/// afresh as a view's are. A position whose unit has no positive equity is left out of the queue.
+pub fn adl_entries(market: &Market, acc: &Account, only: Option<Slot>, out: &mut Vec<AdlEntry>) {
+    let queued = |p: &Position| {
+        p.is_open()
+            && only.is_none_or(|s| s == p.slot)
+            && market.instrument(p.slot).is_some_and(|i| !i.settled && !matches!(i.kind, InstrumentKind::Option { .. }))
+    };
+    if !acc.positions.iter().any(queued) {
+        return;
+    }
+    let mut fresh = acc.clone();
+    evaluate(market, &mut fresh);
+    for p in fresh.positions.iter().filter(|p| queued(p)) {
+        let Some(mark) = market.price(p.slot) else { continue };
+        let unit_equity = match p.mode {
+            MarginMode::Isolated => p.isolated_figures().equity,
+            MarginMode::Cross => fresh.cross.equity,
+        };
+        let upnl = p.figures.unrealized_pnl;
+        if let Some(score) = vigil_model::liquidation::adl_score(upnl, p.qty, p.cost_e16, mark, unit_equity) {
+            out.push(AdlEntry {
+                account: acc.id.clone(),
+                slot: p.slot,
+                score,
+                qty: p.qty,
+                unrealized_pnl: upnl,
+                unit_equity,
+                mode: p.mode,
+            });
+        }
+    }
+}
+
 pub fn view(market: &Market, acc: &Account) -> AccountView {
     let mut fresh = acc.clone();
     let groups = evaluate_groups(market, &mut fresh);

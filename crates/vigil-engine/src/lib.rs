@@ -1014,6 +1014,41 @@ impl Engine {
         Ok(CheckOutcome { allowed, reason, before, after })
     }
 
+    /// This shard's part of the ADL queue of `symbol` (every perpetual and future with `None`): each open position
+    /// scored, unordered. Refuses a symbol that is not a perpetual or future.
+    pub fn adl_entries(&self, symbol: Option<&str>) -> Result<Vec<account::AdlEntry>, Rejection> {
+        let only = match symbol {
+            None => None,
+            Some(name) => {
+                let slot = self.market.slot(name).filter(|s| self.market.instrument(*s).is_some());
+                let Some(slot) = slot else {
+                    return Err(reject(Reason::UnknownSymbol, format!("no instrument {name:?}")));
+                };
+                if self.market.instrument(slot).is_some_and(|i| matches!(i.kind, InstrumentKind::Option { .. })) {
+                    return Err(reject(
+                        Reason::InvalidReference,
+                        format!("{name:?} is an option: the ADL queue ranks perpetual and future positions"),
+                    ));
+                }
+                Some(slot)
+            }
+        };
+        let mut out = Vec::new();
+        for acc in &self.accounts {
+            account::adl_entries(&self.market, acc, only, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The ADL scores of one account's positions, with their symbols (see [`Engine::adl_entries`]).
+    pub fn account_adl(&self, id: &str) -> Vec<(String, account::AdlEntry)> {
+        let mut out = Vec::new();
+        if let Some(&a) = self.ids.get(id) {
+            account::adl_entries(&self.market, &self.accounts[a as usize], None, &mut out);
+        }
+        out.into_iter().map(|e| (self.market.name(e.slot).to_owned(), e)).collect()
+    }
+
     /// The replay view of one account.
     pub fn account_view(&self, id: &str) -> Option<AccountView> {
         self.ids.get(id).map(|&a| view(&self.market, &self.accounts[a as usize]))

@@ -156,6 +156,16 @@ fn string(s: &mut String, v: &str) {
 impl AccountView {
     /// The account's JSON object, compact, keys in the contract's order.
     pub fn to_json(&self) -> String {
+        self.to_json_with(|_| None)
+    }
+
+    /// [`AccountView::to_json`], each position gaining `"adl_bucket"` (1–5, or `null`) from `adl(position index)`
+    /// (the node's account object).
+    pub fn to_json_with_adl(&self, adl: impl Fn(usize) -> Option<u8>) -> String {
+        self.to_json_with(|i| Some(adl(i)))
+    }
+
+    fn to_json_with(&self, adl: impl Fn(usize) -> Option<Option<u8>>) -> String {
         let mut s = String::with_capacity(256 + 320 * self.positions.len());
         s.push_str("{\"account\":");
         string(&mut s, &self.account);
@@ -206,6 +216,13 @@ impl AccountView {
             opt_price(&mut s, p.liquidation_price);
             s.push_str(",\"bankruptcy_price\":");
             opt_price(&mut s, p.bankruptcy_price);
+            match adl(i) {
+                None => {}
+                Some(Some(b)) => {
+                    let _ = write!(s, ",\"adl_bucket\":{b}");
+                }
+                Some(None) => s.push_str(",\"adl_bucket\":null"),
+            }
             s.push('}');
         }
         s.push(']');

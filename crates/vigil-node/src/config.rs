@@ -82,6 +82,14 @@ pub struct NodeSettings {
     /// The scheduled stress test: a request file as `POST /v1/stress` takes (docs/api.md).
     #[arg(long)]
     pub stress_request: Option<PathBuf>,
+    /// Rebuild the ADL queues' bucket boundaries (each position's `adl_bucket` in the account object) this often,
+    /// in milliseconds, when anything was sequenced since; 0 turns buckets off [default: 5000].
+    #[arg(long)]
+    pub adl_refresh_ms: Option<u64>,
+    /// The insurance fund's floor, in quote units, exported as `vigil_insurance_fund_floor` for the alert on the
+    /// fund's balance [default: 0].
+    #[arg(long)]
+    pub fund_floor: Option<String>,
 }
 
 impl NodeSettings {
@@ -152,6 +160,13 @@ impl NodeSettings {
         if let Some(ms) = self.query_timeout_ms.or(file.query_timeout_ms) {
             c.query_timeout = Duration::from_millis(ms.max(1));
         }
+        if let Some(ms) = self.adl_refresh_ms.or(file.adl_refresh_ms) {
+            c.adl_refresh = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(floor) = self.fund_floor.or(file.fund_floor) {
+            c.fund_floor = vigil_model::Amount::parse(&floor)
+                .map_err(|e| anyhow::anyhow!("fund_floor must be a decimal amount, got {floor:?}: {e}"))?;
+        }
         let every = self.stress_every_secs.or(file.stress_every_secs).unwrap_or(0);
         let request = self.stress_request.or(file.stress_request);
         if every > 0 {
@@ -210,6 +225,8 @@ mod tests {
             http_body_bytes_max = 4096
             frame_bytes_max = 1024
             query_timeout_ms = 250
+            adl_refresh_ms = 0
+            fund_floor = "2500.5"
             "#,
         )
         .unwrap();
@@ -218,6 +235,10 @@ mod tests {
         assert_eq!((c.journal.segment_bytes_max, c.connections_max, c.http_concurrency_max), (2 << 20, 3, 4));
         assert_eq!((c.http_body_bytes_max, c.frame_bytes_max), (4096, 1024));
         assert_eq!(c.query_timeout, Duration::from_millis(250));
+        assert_eq!((c.adl_refresh, c.fund_floor), (None, vigil_model::Amount(250_050_000_000)));
+        assert_eq!(defaults.adl_refresh, Some(Duration::from_secs(5)));
+        let floor = NodeSettings { fund_floor: Some("lots".into()), ..NodeSettings::default() };
+        assert!(floor.resolve(NodeSettings::default()).is_err());
         let huge = NodeSettings { frame_bytes_max: Some(FRAME_BYTES_MAX + 1), ..NodeSettings::default() };
         assert!(huge.resolve(NodeSettings::default()).is_err());
         let zero = NodeSettings { shards: Some(0), ..NodeSettings::default() };

@@ -29,7 +29,7 @@ use vigil_model::{Event, LiquidationRecord, Offset, Reason, Rejection, Rejection
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
 use crate::metrics as m;
-use crate::pipeline::{Answer, Ask, Checker, StressJob};
+use crate::pipeline::{Answer, Ask, Checker, Jobs};
 use crate::replay::LINE_BYTES_MAX;
 use crate::serve::{Ack, IngestBatch, Item, Refusal};
 
@@ -52,6 +52,8 @@ pub struct Hub {
     stressing: tokio::sync::Semaphore,
     /// The insurance fund and every liquidation fill, as released by the output gate.
     insurance: RwLock<Insurance>,
+    /// The ADL queues' bucket boundaries, refreshed in the background (`adl::refresh_board`).
+    adl_board: RwLock<crate::adl::Board>,
 }
 
 /// The fund as of `through` (the released offset when it was last published), and every fill up to it.
@@ -66,8 +68,9 @@ struct Insurance {
 pub struct Node {
     pub checker: Checker,
     pub ingest: mpsc::Sender<IngestBatch>,
-    /// Stress jobs, put into every shard's ring by the sequencer (`Pipeline::stress`).
-    pub stress: mpsc::Sender<Arc<StressJob>>,
+    /// Questions for every shard at one offset (stress tests, the ADL queue), put into every shard's ring by the
+    /// sequencer (`Pipeline::job`).
+    pub jobs: Jobs,
     pub durable: Arc<AtomicU64>,
 }
 
@@ -93,7 +96,24 @@ impl Hub {
             shutdown: watch::Sender::new(false),
             stressing: tokio::sync::Semaphore::new(1),
             insurance: RwLock::new(Insurance::default()),
+            adl_board: RwLock::new(crate::adl::Board::default()),
         }
+    }
+
+    /// Replaces the ADL board.
+    pub fn set_adl_board(&self, board: crate::adl::Board) {
+        *crate::write(&self.adl_board, "the ADL board") = board;
+    }
+
+    /// Where to send a question for every shard, the shard count and the offset sequenced so far (once running).
+    pub fn jobs(&self) -> Option<(Jobs, usize, Offset)> {
+        let node = self.node.get()?;
+        Some((node.jobs.clone(), node.checker.shards(), node.checker.sequenced()))
+    }
+
+    /// Becomes true when the node stops.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     /// Recovery finished: the fund and every liquidation fill so far.
@@ -342,6 +362,7 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/triggers", get(get_triggers))
         .route("/v1/triggers/stream", get(stream_triggers))
         .route("/v1/insurance", get(get_insurance))
+        .route("/v1/adl/{symbol}", get(get_adl))
         .route("/v1/stress", post(post_stress))
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
@@ -568,7 +589,17 @@ async fn get_account(State(hub): Shared, Path(id): Path<String>, Query(p): Query
         return r.into_response();
     }
     match ask(&hub, Ask::Account(id.clone()), p.min_offset).await {
-        Ok(Answer::Account(Some(view))) => json(StatusCode::OK, view.to_json()),
+        Ok(Answer::Account(Some(view), scores)) => {
+            // Each position's bucket: its score placed in its queue as of the last ADL board.
+            let board = crate::read(&hub.adl_board, "the ADL board");
+            let bucket = |i: usize| {
+                let p = &view.positions[i];
+                let long = p.qty.0 > 0;
+                let (_, e) = scores.iter().find(|(symbol, e)| *symbol == p.symbol && e.mode == p.margin_mode)?;
+                board.bucket(&p.symbol, long, e.score, &e.account)
+            };
+            json(StatusCode::OK, view.to_json_with_adl(bucket))
+        }
         Ok(_) => error(StatusCode::NOT_FOUND, "unknown_account", &format!("no account {id:?}")),
         Err(r) => r.into_response(),
     }
@@ -629,7 +660,7 @@ async fn post_stress(State(hub): Shared, body: Bytes) -> Response {
         );
     };
     let started = Instant::now();
-    match crate::stress::on_node(&node.stress, node.checker.shards(), &request).await {
+    match crate::stress::on_node(&node.jobs, node.checker.shards(), &request).await {
         Ok(report) => {
             m::record_stress(&report, started.elapsed());
             json(StatusCode::OK, report.to_text())
@@ -657,7 +688,7 @@ pub async fn scheduled_stress(hub: Arc<Hub>, every: Duration, request: vigil_eng
         let Ok(node) = hub.node() else { continue };
         let Ok(_permit) = hub.stressing.acquire().await else { return };
         let started = Instant::now();
-        match crate::stress::on_node(&node.stress, node.checker.shards(), &request).await {
+        match crate::stress::on_node(&node.jobs, node.checker.shards(), &request).await {
             Ok(report) => {
                 m::record_stress(&report, started.elapsed());
                 tracing::info!(
@@ -793,6 +824,47 @@ async fn get_triggers(State(hub): Shared, Query(p): Query<PageParams>) -> Respon
     push_list(&mut s, page.iter().map(Trigger::to_json));
     let _ = write!(s, "],\"next_after\":{next_after},\"released\":{through}}}");
     json(StatusCode::OK, s)
+}
+
+#[derive(Deserialize)]
+struct AdlParams {
+    side: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The ADL queue of one side of a perpetual or future (docs/api.md), computed on every shard at one offset.
+async fn get_adl(State(hub): Shared, Path(symbol): Path<String>, Query(p): Query<AdlParams>) -> Response {
+    let long = match p.side.as_deref() {
+        Some("long") => true,
+        Some("short") => false,
+        other => {
+            let given = other.map_or("none".to_owned(), |s| format!("{s:?}"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_side",
+                &format!("side must be \"long\" or \"short\" (given: {given})"),
+            );
+        }
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, PAGE_MAX);
+    let node = match hub.node() {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    match crate::adl::gather(&node.jobs, node.checker.shards(), Some(symbol.clone())).await {
+        Ok((offset, entries)) => json(StatusCode::OK, crate::adl::queue_json(&symbol, long, offset, entries, limit)),
+        Err(crate::adl::AdlError::Refused(r)) => {
+            let status = if r.reason == Reason::UnknownSymbol {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            error(status, r.reason.as_str(), &r.message)
+        }
+        Err(crate::adl::AdlError::Stopping) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is stopping")
+        }
+    }
 }
 
 /// The insurance fund and the liquidation fills (docs/api.md): the last `limit` fills, or with `after` the fills

@@ -1,5 +1,6 @@
 //! The `vigil` binary's library: the commands, so that tests drive exactly the code the binary runs.
 
+pub mod adl;
 pub mod book;
 pub mod config;
 pub mod export;

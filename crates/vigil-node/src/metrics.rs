@@ -50,6 +50,7 @@ pub const FUND_BALANCE: &str = "vigil_insurance_fund_balance";
 pub const FUND_FEES: &str = "vigil_insurance_fund_fees";
 pub const FUND_PAID: &str = "vigil_insurance_fund_paid";
 pub const FUND_UNCOVERED: &str = "vigil_insurance_fund_uncovered";
+pub const FUND_FLOOR: &str = "vigil_insurance_fund_floor";
 pub const LIQUIDATION_FILLS: &str = "vigil_liquidation_fills_total";
 pub const STRESS_RUNS: &str = "vigil_stress_runs_total";
 pub const STRESS_SECONDS: &str = "vigil_stress_seconds";

@@ -97,13 +97,31 @@ enum Input {
     /// Hand a checkpoint delta to the persistence channel, as of the sequenced offset carried: every event up to
     /// it that was routed to this shard comes before this message in its ring.
     Checkpoint(Offset),
-    /// Compute this shard's part of a stress test, as of the sequenced offset carried (`Pipeline::stress`).
-    Stress(Offset, Arc<StressJob>),
+    /// Answer this shard's part of a question asked of every shard, as of the sequenced offset carried
+    /// (`Pipeline::job`).
+    Job(Offset, Arc<dyn ShardJob>),
     Stop,
 }
 
 /// One shard's answer to a stress job: its index, the offset of the cut, its part.
 pub type StressReply = (usize, Offset, Result<ShardStress, StressError>);
+
+/// A question every shard answers at one offset (a consistent cut of the book while ingest goes on): the sequencer
+/// puts it into every shard's ring behind everything sequenced so far ([`Pipeline::job`]).
+pub trait ShardJob: Send + Sync {
+    /// Answers for shard `shard`, whose state is that of offset `at`.
+    fn run(&self, shard: usize, at: Offset, engine: &Engine);
+}
+
+impl ShardJob for StressJob {
+    fn run(&self, shard: usize, at: Offset, engine: &Engine) {
+        let part = engine.stress(&self.scenarios, self.top, &mut |_| {});
+        let _ = self.reply.send((shard, at, part));
+    }
+}
+
+/// Where questions for every shard are sent (the sequencer takes them in between batches).
+pub type Jobs = tokio::sync::mpsc::Sender<Arc<dyn ShardJob>>;
 
 /// A stress test for every shard at one offset.
 pub struct StressJob {
@@ -151,7 +169,8 @@ pub enum Ask {
 
 pub enum Answer {
     Check(CheckReply),
-    Account(Option<AccountView>),
+    /// The view and the ADL scores of its positions (for their rank buckets).
+    Account(Option<AccountView>, Vec<(String, vigil_engine::account::AdlEntry)>),
     Market(Box<Market>),
     Stats(vigil_engine::ShardStats),
 }
@@ -256,7 +275,7 @@ fn serve_queries(
         let q = waiting.swap_remove(i);
         let answer = match q.ask {
             Ask::Check(fill) => Answer::Check(engine.check(&fill.account, &fill)),
-            Ask::Account(id) => Answer::Account(engine.account_view(&id)),
+            Ask::Account(id) => Answer::Account(engine.account_view(&id), engine.account_adl(&id)),
             Ask::Market => Answer::Market(Box::new(engine.market().clone())),
             Ask::Stats => Answer::Stats(engine.stats()),
         };
@@ -341,6 +360,8 @@ pub struct Pipeline {
     cuts: Vec<FundCut>,
     /// Records decided at release since the last cut: `deleverage` triggers and settled liquidation fills.
     since_cut: (Vec<Trigger>, Vec<LiquidationRecord>),
+    /// Whether checkpoints are persisted (a node): only then are the records kept for cuts.
+    persisted: bool,
 }
 
 /// What the merge owns as of a checkpoint's offset: the fund, and the records it decided since the previous cut.
@@ -412,10 +433,9 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
                     })));
                 }
             }
-            Input::Stress(at, job) => {
+            Input::Job(at, job) => {
                 // Everything sequenced up to `at` and routed here came before this message: the state is `at`'s.
-                let part = engine.stress(&job.scenarios, job.top, &mut |_| {});
-                let _ = job.reply.send((index, at, part));
+                job.run(index, at, &engine);
             }
             Input::Event(offset, event) => {
                 // The sequencer numbers events in order; an engine silently skips an offset it has already
@@ -538,6 +558,7 @@ impl Pipeline {
             cuts_wanted: VecDeque::new(),
             cuts: Vec::new(),
             since_cut: (Vec::new(), Vec::new()),
+            persisted: deltas.is_some(),
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
@@ -677,11 +698,11 @@ impl Pipeline {
         offset
     }
 
-    /// Puts a stress job into every shard's ring behind everything sequenced so far, and wakes the shards: each
-    /// answers with its part at the current offset (returned), however far it had got when asked.
-    pub fn stress(&mut self, job: Arc<StressJob>) -> Offset {
+    /// Puts a job into every shard's ring behind everything sequenced so far, and wakes the shards: each answers
+    /// with its part at the current offset (returned), however far it had got when asked.
+    pub fn job(&mut self, job: Arc<dyn ShardJob>) -> Offset {
         for shard in 0..self.inputs.len() {
-            self.push(shard, Input::Stress(self.offset, Arc::clone(&job)));
+            self.push(shard, Input::Job(self.offset, Arc::clone(&job)));
         }
         self.publish();
         self.offset
@@ -793,8 +814,10 @@ impl Pipeline {
                 if let Some(record) = o.liquidation {
                     let start = triggers.len();
                     let record = settle_liquidation(&mut self.fund, record, &mut triggers);
-                    self.since_cut.0.extend(triggers[start..].iter().cloned());
-                    self.since_cut.1.push(record.clone());
+                    if self.persisted {
+                        self.since_cut.0.extend(triggers[start..].iter().cloned());
+                        self.since_cut.1.push(record.clone());
+                    }
                     liquidation = Some(record);
                     moved = true;
                 }
@@ -962,11 +985,13 @@ mod tests {
         let other = p.submit(event(&format!(r#"{{"type":"deposit","account":"{name}","asset":"USDC","amount":"1"}}"#)));
         let Answer::Check(later) = checker.check(fill, other).blocking_recv().unwrap() else { panic!() };
         assert!(later.is_ok());
-        let Answer::Account(Some(view)) = checker.ask(Ask::Account("a".into()), trade).blocking_recv().unwrap() else {
+        let Answer::Account(Some(view), _) = checker.ask(Ask::Account("a".into()), trade).blocking_recv().unwrap()
+        else {
             panic!("account a exists")
         };
         assert_eq!(view.positions.len(), 1);
-        let Answer::Account(None) = checker.ask(Ask::Account("nobody".into()), trade).blocking_recv().unwrap() else {
+        let Answer::Account(None, _) = checker.ask(Ask::Account("nobody".into()), trade).blocking_recv().unwrap()
+        else {
             panic!("no such account")
         };
         let Answer::Market(market) = checker.ask(Ask::Market, trade).blocking_recv().unwrap() else { panic!() };

@@ -30,7 +30,7 @@ use crate::http::{Hub, HubConfig, Node, token_matches};
 use crate::metrics as m;
 use crate::persist::Persister;
 use crate::persist::{NodeState, NodeValue, Persist};
-use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, StressJob, Wait};
+use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, ShardJob, Wait};
 use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
 use crate::recovery::recover;
 use crate::wire::{
@@ -70,6 +70,10 @@ pub struct ServeConfig {
     pub journal: JournalConfig,
     /// A stress test run on a schedule (`stress_every_secs`, `stress_request`): its figures go to the metrics.
     pub stress_schedule: Option<(Duration, vigil_engine::stress::Request)>,
+    /// How often the ADL board (the account object's `adl_bucket`s) is rebuilt; `None`: never.
+    pub adl_refresh: Option<Duration>,
+    /// The insurance fund's floor, exported for the alert on its balance.
+    pub fund_floor: vigil_model::Amount,
 }
 
 impl ServeConfig {
@@ -93,6 +97,8 @@ impl ServeConfig {
             checkpoint_failures_max: 3,
             journal: JournalConfig::default(),
             stress_schedule: None,
+            adl_refresh: Some(Duration::from_secs(5)),
+            fund_floor: vigil_model::Amount::ZERO,
         }
     }
 }
@@ -447,7 +453,7 @@ impl Durability {
 /// What the sequencer takes in: batches to sequence, and stress jobs to put into the shards' rings between them.
 struct Intake {
     ingest: mpsc::Receiver<IngestBatch>,
-    stress: mpsc::Receiver<Arc<StressJob>>,
+    jobs: mpsc::Receiver<Arc<dyn ShardJob>>,
 }
 
 fn sequencer_thread(
@@ -459,7 +465,7 @@ fn sequencer_thread(
     stop: Arc<AtomicBool>,
     config: ServeConfig,
 ) {
-    let Intake { mut ingest, mut stress } = intake;
+    let Intake { mut ingest, mut jobs } = intake;
     let committed = Arc::clone(&gate.committed);
     let sequenced_gauge = metrics::gauge!(m::SEQUENCED);
     let ring_gauges: Vec<metrics::Gauge> =
@@ -475,8 +481,8 @@ fn sequencer_thread(
             ingest.close();
         }
         // A stress job goes in between two batches: its cut is the offset sequenced so far.
-        while let Ok(job) = stress.try_recv() {
-            pipeline.stress(job);
+        while let Ok(job) = jobs.try_recv() {
+            pipeline.job(job);
         }
         let batch = match ingest.try_recv() {
             Ok(b) => Some(b),
@@ -505,8 +511,8 @@ fn sequencer_thread(
                 let woken = runtime.block_on(async {
                     tokio::select! {
                         batch = ingest.recv() => Some(batch),
-                        Some(job) = stress.recv() => {
-                            pipeline.stress(job);
+                        Some(job) = jobs.recv() => {
+                            pipeline.job(job);
                             None
                         }
                         _ = committed.notified() => None,
@@ -895,7 +901,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     pipeline.set_fund(recovery.fund);
     let checker = pipeline.checker();
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
-    let (stress_tx, stress_rx) = mpsc::channel::<Arc<StressJob>>(4);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Gate {
         items: VecDeque::new(),
@@ -912,7 +918,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let sequencer_handle = {
         let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
         crate::spawn_vital("vigil-sequencer", move || {
-            let intake = Intake { ingest: ingest_rx, stress: stress_rx };
+            let intake = Intake { ingest: ingest_rx, jobs: jobs_rx };
             sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
         })?
     };
@@ -921,10 +927,14 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         recovery.history,
         durable_offset,
         recovery.watermarks,
-        Node { checker, ingest: ingest_tx.clone(), stress: stress_tx, durable: Arc::clone(&durable) },
+        Node { checker, ingest: ingest_tx.clone(), jobs: jobs_tx, durable: Arc::clone(&durable) },
     );
     metrics::gauge!(m::READY).set(1.0);
     runtime.spawn(sample_shards(Arc::clone(&hub)));
+    if let Some(every) = config.adl_refresh {
+        runtime.spawn(crate::adl::refresh_board(Arc::clone(&hub), every));
+    }
+    metrics::gauge!(m::FUND_FLOOR).set(config.fund_floor.0 as f64 / 1e8);
     if let Some((every, request)) = config.stress_schedule.clone() {
         runtime.spawn(crate::http::scheduled_stress(Arc::clone(&hub), every, request));
     }

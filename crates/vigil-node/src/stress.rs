@@ -17,7 +17,7 @@ use vigil_engine::stress::{Grid, Part, Relative, Request, Scenario, ShardStress,
 use vigil_model::num::parse_fixed;
 use vigil_model::{Offset, Price};
 
-use crate::pipeline::StressJob;
+use crate::pipeline::{ShardJob, StressJob};
 
 /// How many accounts a scenario lists when the request does not say.
 pub const TOP_DEFAULT: usize = 10;
@@ -441,7 +441,7 @@ pub enum NodeStressError {
 /// its part at the same offset, merged here. Waits as long as the computing takes (a dead shard ends the process;
 /// a stopping node drops the job, and this returns `Stopping`).
 pub async fn on_node(
-    jobs: &tokio::sync::mpsc::Sender<Arc<StressJob>>,
+    jobs: &tokio::sync::mpsc::Sender<Arc<dyn ShardJob>>,
     shards: usize,
     request: &Request,
 ) -> Result<Report, NodeStressError> {

@@ -598,3 +598,67 @@ fn the_insurance_fund_and_its_fills_are_served_and_survive_kill_9_and_a_restart(
     let node = start_in(dir.path(), &[]);
     assert_insurance_after_liquidations(&node);
 }
+
+#[test]
+fn the_adl_queue_ranks_one_side_at_one_offset_and_accounts_show_their_buckets() {
+    // Proves GET /v1/adl/{symbol}: Binance's ranking computed by hand (scores 0.75, 0.6, −0.119 for the longs),
+    // ranks and buckets, the side's own queue, refusals; and each position's `adl_bucket` in the account object
+    // once the board has been built (waited for, never slept for).
+    let (node, _dir) = start(&["--adl-refresh-ms", "20"]);
+    node.events(
+        r#"{"type":"perp","symbol":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}
+{"type":"price","symbol":"ETH","price":"3000"}
+{"type":"deposit","account":"L1","asset":"USDC","amount":"1000"}
+{"type":"deposit","account":"L2","asset":"USDC","amount":"1000"}
+{"type":"deposit","account":"L3","asset":"USDC","amount":"3000"}
+{"type":"deposit","account":"S1","asset":"USDC","amount":"1000"}
+{"type":"trade","account":"L1","symbol":"ETH","side":"buy","qty":"1","price":"2000"}
+{"type":"trade","account":"L2","symbol":"ETH","side":"buy","qty":"2","price":"2500"}
+{"type":"trade","account":"L3","symbol":"ETH","side":"buy","qty":"1","price":"3500"}
+{"type":"trade","account":"S1","symbol":"ETH","side":"sell","qty":"1","price":"3500"}
+"#,
+    );
+    let (s, q) = node.json("/v1/adl/ETH?side=long&limit=2");
+    assert_eq!(s, StatusCode::OK, "{q}");
+    assert_eq!((q["symbol"].as_str(), q["side"].as_str()), (Some("ETH"), Some("long")));
+    assert_eq!((q["offset"].as_u64(), q["positions"].as_u64()), (Some(10), Some(3)));
+    let queue = q["queue"].as_array().expect("a list");
+    let ranked: Vec<(u64, u64, &str)> = queue
+        .iter()
+        .map(|e| {
+            (e["rank"].as_u64().unwrap_or(0), e["bucket"].as_u64().unwrap_or(0), e["account"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    assert_eq!(ranked, vec![(1, 5, "L1"), (2, 4, "L2")]);
+    // L1: pnl ratio 1 000 / 2 000 = 0.5, leverage 3 000 / 2 000 = 1.5; L2: 1 000 / 5 000 = 0.2, 6 000 / 2 000 = 3.
+    let score = |i: usize| queue[i]["score"].as_f64().unwrap_or(f64::NAN);
+    assert!((score(0) - 0.75).abs() < 1e-12 && (score(1) - 0.6).abs() < 1e-12, "{q}");
+    assert_eq!(
+        (queue[0]["qty"].as_str(), queue[0]["unrealized_pnl"].as_str()),
+        (Some("1.00000000"), Some("1000.00000000"))
+    );
+    let (_, all) = node.json("/v1/adl/ETH?side=long");
+    let last = &all["queue"][2];
+    // L3 loses: pnl ratio −500 / 3 500, leverage 3 000 / 2 500: score −0.142857 / 1.2; rank 3 of 3 is bucket 2.
+    assert_eq!((last["account"].as_str(), last["bucket"].as_u64()), (Some("L3"), Some(2)));
+    assert!((last["score"].as_f64().unwrap_or(f64::NAN) + 500.0 / 3500.0 / 1.2).abs() < 1e-12, "{all}");
+    let (_, shorts) = node.json("/v1/adl/ETH?side=short");
+    assert_eq!((shorts["positions"].as_u64(), shorts["queue"][0]["account"].as_str()), (Some(1), Some("S1")));
+
+    let (s, e) = node.json("/v1/adl/ETH?side=up");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_side")));
+    let (s, e) = node.json("/v1/adl/ETH");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_side")));
+    let (s, e) = node.json("/v1/adl/DOGE?side=long");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_symbol")));
+
+    // The account object: each position's bucket, from the board the node rebuilds in the background.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let bucket = |account: &str| node.json(&format!("/v1/accounts/{account}")).1["positions"][0]["adl_bucket"].as_u64();
+    while bucket("L3").is_none() {
+        assert!(Instant::now() < deadline, "the ADL board was never built");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let buckets: Vec<Option<u64>> = ["L1", "L2", "L3", "S1"].iter().map(|a| bucket(a)).collect();
+    assert_eq!(buckets, vec![Some(5), Some(4), Some(2), Some(5)]);
+}
