@@ -83,7 +83,15 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             .args(["serve", "--data"])
             .arg(dir.path().join("data"))
             .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--checkpoint-secs", "1"])
-            .args(["--checkpoint-events", "20000", "--stress-every-secs", "1", "--stress-request"])
+            .args([
+                "--checkpoint-events",
+                "20000",
+                "--fund-floor",
+                "100",
+                "--stress-every-secs",
+                "1",
+                "--stress-request",
+            ])
             .arg(&stress)
             .env_remove("VIGIL_TOKEN")
             .stdout(Stdio::piped())
@@ -149,6 +157,25 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let report = String::from_utf8_lossy(&load.stdout);
     assert!(!report.contains("triggers: 0 streamed"), "the workload must liquidate: {report}");
 
+    // Liquidation fills for the solvency row: one pays a fee, one takes a deficit beyond what the fund holds (an
+    // uncovered loss and a deleverage trigger), leaving the fund below its floor of 100: both alerts must go off.
+    let fills = r#"{"type":"insurance","amount":"50"}
+{"type":"perp","symbol":"LIQ-ETH","tiers":[{"imr":"0.05","mmr":"0.03"}]}
+{"type":"price","symbol":"LIQ-ETH","price":"3000"}
+{"type":"deposit","account":"liq-a","asset":"USDC","amount":"2500"}
+{"type":"trade","account":"liq-a","symbol":"LIQ-ETH","side":"buy","qty":"10","price":"3000"}
+{"type":"price","symbol":"LIQ-ETH","price":"2800"}
+{"type":"trade","account":"liq-a","symbol":"LIQ-ETH","side":"sell","qty":"1","price":"2780","liquidation":true}
+{"type":"deposit","account":"liq-b","asset":"USDC","amount":"100"}
+{"type":"perp","symbol":"LIQ-ABC","tiers":[{"imr":"0.05","mmr":"0.03"}]}
+{"type":"price","symbol":"LIQ-ABC","price":"1"}
+{"type":"trade","account":"liq-b","symbol":"LIQ-ABC","side":"buy","qty":"500","price":"1"}
+{"type":"price","symbol":"LIQ-ABC","price":"0.801"}
+{"type":"trade","account":"liq-b","symbol":"LIQ-ABC","side":"sell","qty":"500","price":"0.5","liquidation":true}
+"#;
+    let posted = http.post(format!("http://{http_addr}/v1/events")).body(fills).send().expect("events");
+    assert!(posted.status().is_success(), "{:?}", posted.text());
+
     // Every expression of every dashboard must return data once a few more scrapes (and the shards' stats) are in.
     let mut all = Vec::new();
     for entry in std::fs::read_dir(grafana.join("dashboards")).expect("dashboards") {
@@ -193,5 +220,18 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     assert!(rules.len() >= 5, "the alert rules are loaded: {}", rules.len());
     for r in rules {
         assert_eq!(r["health"], "ok", "alert {} evaluates: {r}", r["name"]);
+    }
+
+    // The solvency alerts went off on the fills above (pending or firing: `for` may not have elapsed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for alert in ["VigilUncoveredLoss", "VigilInsuranceFundLow"] {
+        loop {
+            let v = query(&http, &prometheus, &format!("ALERTS{{alertname=\"{alert}\"}}"));
+            if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{alert} never went off: {v}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 }
