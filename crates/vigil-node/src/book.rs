@@ -7,19 +7,24 @@ use std::time::Instant;
 
 use anyhow::Context;
 use vigil_engine::{Config, Engine, Sharded};
+use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Offset, parse_line};
-use vigil_store::checkpoint::{CheckpointStore, SledStore};
+use vigil_store::checkpoint::{CheckpointStore, SledStore, Tree};
+use vigil_store::codec::decode_value;
 use vigil_store::journal::{self, JournalConfig};
 use vigil_store::layout;
 
 use crate::inspect::copy_tree;
-use crate::recovery::{load_shard, replayable};
+use crate::persist::NodeValue;
+use crate::recovery::{load_liquidations, load_shard, replayable};
 
 /// Every shard's state at `offset` (each shard has applied every event of its accounts and every broadcast event
 /// up to it).
 pub struct Book {
     pub engines: Vec<Engine>,
     pub offset: Offset,
+    /// The insurance fund at `offset`.
+    pub fund: InsuranceFund,
 }
 
 /// Lines between two progress reports on a terminal.
@@ -57,7 +62,8 @@ pub fn replay(input: impl BufRead, config: &Config, shards: usize, progress: boo
         eprintln!("\rreplayed {lines} events in {:.1} s          ", started.elapsed().as_secs_f64());
     }
     let offset = sharded.offset();
-    Ok(Book { engines: sharded.into_engines(), offset })
+    let fund = *sharded.fund();
+    Ok(Book { engines: sharded.into_engines(), offset, fund })
 }
 
 /// Replays a file (`-` for standard input).
@@ -83,6 +89,8 @@ pub fn from_data(data: &Path, config: &Config) -> anyhow::Result<Book> {
         anyhow::bail!("{} holds no node data (no checkpoints and no journal)", data.display());
     }
     let mut engines = Vec::new();
+    // The fund as recovery continues it: stored with the node state, then the movements after its offset.
+    let (mut node_offset, mut fund, mut fills) = (Offset(0), InsuranceFund::default(), Vec::new());
     if checkpoint_dir.is_dir() {
         let copy = tempfile::tempdir().context("creating a directory for a copy of the checkpoint store")?;
         copy_tree(&checkpoint_dir, copy.path())
@@ -94,12 +102,19 @@ pub fn from_data(data: &Path, config: &Config) -> anyhow::Result<Book> {
         };
         for shard in 0..shards {
             engines.push(load_shard(&store, shard, config)?);
+            fills.extend(load_liquidations(&store, Tree::Shard(shard))?);
+        }
+        fills.extend(load_liquidations(&store, Tree::Node)?);
+        if let Some((at, bytes)) = store.node()? {
+            let value: NodeValue = decode_value(&bytes).context("decoding the stored node state")?;
+            (node_offset, fund) = (at, value.fund);
         }
     } else {
         engines.push(Engine::new(config));
     }
-    let oldest = engines.iter().map(Engine::offset).min().unwrap_or(Offset(0));
+    let oldest = engines.iter().map(Engine::offset).min().unwrap_or(Offset(0)).min(node_offset);
     let mut sharded = Sharded::from_engines(engines);
+    sharded.restore_fund(fund, node_offset, fills);
     let mut triggers = Vec::new();
     let mut last = sharded.offset();
     if journal_dir.is_dir() {
@@ -114,7 +129,9 @@ pub fn from_data(data: &Path, config: &Config) -> anyhow::Result<Book> {
         .with_context(|| format!("reading the journal in {}", journal_dir.display()))?;
         last = last.max(end);
     }
+    sharded.settle_stored(last, &mut triggers);
+    let fund = *sharded.fund();
     let engines = sharded.into_engines();
     let offset = engines.iter().map(Engine::offset).max().unwrap_or(Offset(0)).max(last);
-    Ok(Book { engines, offset })
+    Ok(Book { engines, offset, fund })
 }

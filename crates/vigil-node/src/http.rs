@@ -56,12 +56,14 @@ pub struct Hub {
     adl_board: RwLock<crate::adl::Board>,
 }
 
-/// The fund as of `through` (the released offset when it was last published), and every fill up to it.
+/// The fund as of `through` (the released offset when it was last published), every fill up to it, and the fund
+/// after each movement since the node started (for a stress report's cut).
 #[derive(Default)]
 struct Insurance {
     fund: InsuranceFund,
     through: u64,
     liquidations: Vec<LiquidationRecord>,
+    moves: Vec<(Offset, InsuranceFund)>,
 }
 
 /// The running node, once recovery has finished.
@@ -117,21 +119,40 @@ impl Hub {
     }
 
     /// Recovery finished: the fund and every liquidation fill so far.
-    pub fn start_fund(&self, fund: InsuranceFund, liquidations: Vec<LiquidationRecord>) {
+    pub fn start_fund(&self, at: Offset, fund: InsuranceFund, liquidations: Vec<LiquidationRecord>) {
         let mut i = crate::write(&self.insurance, "the insurance fund");
         i.fund = fund;
+        i.through = at.0;
         i.liquidations = liquidations;
+        i.moves = vec![(at, fund)];
     }
 
-    /// Appends released fills and the fund after the last movement among them (`None`: unchanged), as of
-    /// `through`.
-    pub fn publish_fund(&self, liquidations: Vec<LiquidationRecord>, fund: Option<InsuranceFund>, through: Offset) {
+    /// Appends released fills and the fund after each movement among them, as of `through`.
+    pub fn publish_fund(
+        &self,
+        liquidations: Vec<LiquidationRecord>,
+        moves: Vec<(Offset, InsuranceFund)>,
+        through: Offset,
+    ) {
         let mut i = crate::write(&self.insurance, "the insurance fund");
         i.liquidations.extend(liquidations);
-        if let Some(f) = fund {
-            i.fund = f;
+        if let Some((_, f)) = moves.last() {
+            i.fund = *f;
         }
+        i.moves.extend(moves);
         i.through = i.through.max(through.0);
+    }
+
+    /// The fund as of offset `at`, once everything up to it is released (waiting at most the query timeout).
+    pub async fn fund_at(&self, at: Offset) -> Option<InsuranceFund> {
+        let mut released = self.released.subscribe();
+        let reached = tokio::time::timeout(self.query_timeout, released.wait_for(|r| *r >= at.0)).await;
+        if !matches!(reached, Ok(Ok(_))) {
+            return None;
+        }
+        let i = crate::read(&self.insurance, "the insurance fund");
+        let k = i.moves.partition_point(|(o, _)| *o <= at);
+        k.checked_sub(1).map(|k| i.moves[k].1)
     }
 
     /// The fund and its offset, and the fills after `after` (or the last `limit` without it), with whether the page
@@ -661,7 +682,8 @@ async fn post_stress(State(hub): Shared, body: Bytes) -> Response {
     };
     let started = Instant::now();
     match crate::stress::on_node(&node.jobs, node.checker.shards(), &request).await {
-        Ok(report) => {
+        Ok(mut report) => {
+            report.fund = hub.fund_at(report.offset).await;
             m::record_stress(&report, started.elapsed());
             json(StatusCode::OK, report.to_text())
         }

@@ -327,7 +327,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut report = None;
             for _ in 0..runs {
                 let started = std::time::Instant::now();
-                let r = vigil_node::stress::run(&mut book.engines, book.offset, &request, progress)?;
+                let mut r = vigil_node::stress::run(&mut book.engines, book.offset, &request, progress)?;
+                r.fund = Some(book.fund);
                 let took = started.elapsed();
                 best = Some(best.map_or(took, |b| b.min(took)));
                 report = Some(r);

@@ -356,7 +356,7 @@ impl Gate {
         let durable = Offset(self.durable.load(Ordering::Acquire));
         let mut triggers = Vec::new();
         let mut liquidations = Vec::new();
-        let mut fund = None;
+        let mut moves = Vec::new();
         while let Some(r) = self.items.front()
             && r.offset() <= durable
         {
@@ -382,7 +382,7 @@ impl Gate {
                 }
                 Released::Fund(offset, f) => {
                     self.metrics.fund(&f);
-                    fund = Some((offset, f));
+                    moves.push((offset, f));
                 }
                 Released::Rejection(rec) => {
                     self.metrics.rejection(rec.reason);
@@ -395,9 +395,9 @@ impl Gate {
             }
         }
         let through = durable.min(drained);
-        if !liquidations.is_empty() || fund.is_some() || through.0 > self.fund_through {
+        if !liquidations.is_empty() || !moves.is_empty() || through.0 > self.fund_through {
             self.fund_through = through.0;
-            self.hub.publish_fund(liquidations, fund.map(|(_, f)| f), through);
+            self.hub.publish_fund(liquidations, moves, through);
         }
         self.hub.publish(triggers, through);
         self.metrics.released.set(through.0 as f64);
@@ -922,7 +922,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
             sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
         })?
     };
-    hub.start_fund(recovery.fund, recovery.liquidations);
+    hub.start_fund(durable_offset, recovery.fund, recovery.liquidations);
     hub.start(
         recovery.history,
         durable_offset,

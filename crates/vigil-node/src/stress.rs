@@ -118,6 +118,8 @@ pub struct Report {
     pub offset: Offset,
     pub request: Request,
     pub result: ShardStress,
+    /// The insurance fund at the report's offset, beside the shortfalls (set by the caller, who holds the fund).
+    pub fund: Option<vigil_model::liquidation::InsuranceFund>,
 }
 
 impl Report {
@@ -210,7 +212,12 @@ impl Report {
             offset: self.offset.0,
             accounts: now.accounts,
             now: Now { liquidatable: now.liquidatable, bankrupt: now.bankrupt, shortfall: now.shortfall.to_string() },
-            insurance_fund: None,
+            insurance_fund: self.fund.map(|f| FundDoc {
+                balance: f.balance.to_string(),
+                fees: f.fees.to_string(),
+                paid: f.paid.to_string(),
+                uncovered: f.uncovered.to_string(),
+            }),
             scenarios,
             grids,
         }
@@ -227,10 +234,18 @@ mod doc {
         pub offset: u64,
         pub accounts: u64,
         pub now: Now,
-        /// The insurance fund arrives with liquidation accounting (issue 13): until then the node holds none.
-        pub insurance_fund: Option<String>,
+        /// The insurance fund at the report's offset (`null` only where the caller has none).
+        pub insurance_fund: Option<FundDoc>,
         pub scenarios: Vec<Named<'a>>,
         pub grids: Vec<GridDoc<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct FundDoc {
+        pub balance: String,
+        pub fees: String,
+        pub paid: String,
+        pub uncovered: String,
     }
 
     #[derive(Serialize)]
@@ -353,7 +368,7 @@ pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: 
             .collect()
     });
     let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(Report { offset, request: request.clone(), result: merge_shards(parts, request.top) })
+    Ok(Report { offset, request: request.clone(), result: merge_shards(parts, request.top), fund: None })
 }
 
 /// Draws each grid's loss curve (shortfall, and liquidatable accounts on a second axis, against the move) into an
@@ -468,5 +483,6 @@ pub async fn on_node(
     if let Some(e) = refused {
         return Err(NodeStressError::Refused(e));
     }
-    Ok(Report { offset: cut.unwrap_or(Offset(0)), request: request.clone(), result: merge_shards(parts, request.top) })
+    let result = merge_shards(parts, request.top);
+    Ok(Report { offset: cut.unwrap_or(Offset(0)), request: request.clone(), result, fund: None })
 }

@@ -403,7 +403,8 @@ fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
         accounts: 40,
         bad_percent: 2,
         portfolio_percent: 3,
-        liquidation_percent: 0,
+        // Fills and fund movements: each report's insurance fund must be the fund at its cut.
+        liquidation_percent: 5,
     };
     let lines = vigil_testkit::generate(&config);
     let (mut node, dir) = start(&[]);
@@ -453,9 +454,13 @@ fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
         let mut book =
             vigil_node::book::replay(lines[..upto].join("\n").as_bytes(), &vigil_engine::Config::default(), 2, false)
                 .expect("replays");
-        let report = vigil_node::stress::run(&mut book.engines, book.offset, &parsed, false).expect("runs");
+        let mut report = vigil_node::stress::run(&mut book.engines, book.offset, &parsed, false).expect("runs");
+        report.fund = Some(book.fund);
         report.to_json()
     };
+    let zero =
+        serde_json::json!({"balance":"0.00000000","fees":"0.00000000","paid":"0.00000000","uncovered":"0.00000000"});
+    assert!(reports.iter().any(|r| r["insurance_fund"] != zero), "the fund moved before some cut");
     for r in &reports {
         let at = r["offset"].as_u64().expect("an offset") as usize;
         assert_eq!(r, &offline(at), "the report at offset {at} is not the book at {at}");
