@@ -159,6 +159,19 @@ fn the_bundled_example_replays() {
 }
 
 #[test]
+fn the_bundled_liquidation_example_gives_the_published_fund() {
+    // Proves the README's liquidation example replays to liquidation.md's partial-close figures: fees 30 and
+    // 41.925, the fund pays 5.00.
+    let path = data_dir().join("../../examples/liquidations.jsonl");
+    let doc: Value = serde_json::from_str(&replay_text(&fs::read_to_string(path).expect("example"), 2)).expect("json");
+    let fund = &doc["insurance_fund"];
+    assert_eq!((fund["balance"].as_str(), fund["paid"].as_str()), (Some("1066.92500000"), Some("5.00000000")));
+    let fees: Vec<&str> =
+        doc["liquidations"].as_array().expect("fills").iter().filter_map(|l| l["fee"].as_str()).collect();
+    assert_eq!(fees, vec!["30.00000000", "41.92500000", "0.00000000"]);
+}
+
+#[test]
 fn the_checker_detects_a_wrong_figure() {
     // Proves the case checker can fail: a tampered expectation is reported.
     let mut errors = Vec::new();
