@@ -399,13 +399,42 @@ async fn count_requests(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let route = path.map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!(m::HTTP_SECONDS, "route" => route.clone()).record(started.elapsed().as_secs_f64());
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    let route = path.as_ref().map_or("unmatched", |p| p.as_str());
+    let (requests, seconds) = route_metrics(route, response.status().as_u16());
+    seconds.record(started.elapsed().as_secs_f64());
+    requests.increment(1);
     response
+}
+
+/// The handles of one route's metrics: its latency histogram, and a request counter per status seen.
+struct RouteMetrics {
+    seconds: metrics::Histogram,
+    by_status: Vec<(u16, metrics::Counter)>,
+}
+
+/// A route's request counter for `status` and its latency histogram, registered on first use and kept (routes and
+/// statuses are bounded sets): a request costs a map lookup, not a registry lookup with labels built as strings.
+fn route_metrics(route: &str, status: u16) -> (metrics::Counter, metrics::Histogram) {
+    static ROUTES: OnceLock<Mutex<std::collections::HashMap<Box<str>, RouteMetrics>>> = OnceLock::new();
+    let mut routes = crate::lock(ROUTES.get_or_init(Default::default), "the route metrics");
+    let entry = match routes.get_mut(route) {
+        Some(e) => e,
+        None => routes.entry(route.into()).or_insert_with(|| RouteMetrics {
+            seconds: metrics::histogram!(m::HTTP_SECONDS, "route" => route.to_owned()),
+            by_status: Vec::new(),
+        }),
+    };
+    let counter = match entry.by_status.iter().find(|(s, _)| *s == status) {
+        Some((_, c)) => c.clone(),
+        None => {
+            let c = metrics::counter!(m::HTTP_REQUESTS, "route" => route.to_owned(), "status" => status.to_string());
+            entry.by_status.push((status, c.clone()));
+            c
+        }
+    };
+    (counter, entry.seconds.clone())
 }
 
 /// Gives the framework's own refusals (a body over the limit, a bad query string, a wrong method) the API's JSON
@@ -637,7 +666,8 @@ async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<
     };
     match ask(&hub, Ask::Check(fill), p.min_offset).await {
         Ok(Answer::Check(Ok(outcome))) => {
-            metrics::histogram!(m::CHECK_SECONDS).record(started.elapsed().as_secs_f64());
+            static CHECK_SECONDS: OnceLock<metrics::Histogram> = OnceLock::new();
+            CHECK_SECONDS.get_or_init(|| metrics::histogram!(m::CHECK_SECONDS)).record(started.elapsed().as_secs_f64());
             let a = &outcome.after;
             let reason = match &outcome.reason {
                 Some(r) => serde_json::Value::from(r.reason.as_str()).to_string(),
@@ -739,7 +769,8 @@ pub fn check_fill(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejec
     }
     object.insert("type".into(), "trade".into());
     object.insert("account".into(), account.into());
-    match parse_line(&serde_json::Value::Object(object).to_string())? {
+    // The parsed object goes to the event parser as it is (no second pass through text).
+    match vigil_model::parse_value(&serde_json::Value::Object(object))? {
         Event::Trade(fill) => Ok(fill),
         Event::Liquidation(_) => Err(vigil_model::reject(
             Reason::InvalidEvent,
