@@ -10,10 +10,10 @@ use vigil_store::codec::{decode_event, encode_event};
 
 use crate::http::{check_fill, parse_events, to_items, token_matches};
 use crate::serve::Item;
-use crate::wire::{WIRE_AUTH, decode_batch};
+use crate::wire::{WIRE_AUTH, WIRE_CHECKS, decode_batch, decode_checks};
 
-/// Applies events to a fresh engine; a rejected event must leave the account it names as it was.
-fn apply_all(events: impl IntoIterator<Item = Event>) {
+/// Applies events to a fresh engine; a rejected event must leave the account it names as it was. Returns the engine.
+fn apply_all(events: impl IntoIterator<Item = Event>) -> Engine {
     let mut engine = Engine::new(&Config::default());
     let mut triggers = Vec::new();
     for (i, event) in events.into_iter().enumerate() {
@@ -30,14 +30,17 @@ fn apply_all(events: impl IntoIterator<Item = Event>) {
             assert_eq!(decode_event(&record).ok().as_ref(), Some(&event), "journal round trip");
         }
     }
+    engine
 }
 
 /// The TCP ingest: a byte stream of frames, each checked as a connection does (length bounds, auth, version,
-/// batch decoding, validation of every event); accepted events are then applied.
+/// batch decoding, validation of every event); accepted events are then applied, and the fills of check frames
+/// that hold to a trade's rules are checked against the result, which must change nothing.
 pub fn wire_stream(data: &[u8]) {
     const MAX: usize = 1 << 16;
     let mut rest = data;
     let mut accepted = Vec::new();
+    let mut checks = Vec::new();
     while rest.len() >= 4 {
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         rest = &rest[4..];
@@ -50,12 +53,26 @@ pub fn wire_stream(data: &[u8]) {
             let _ = token_matches("token", std::str::from_utf8(&body[1..]).unwrap_or(""));
             continue;
         }
+        if body[0] == WIRE_CHECKS {
+            match decode_checks(body) {
+                Ok((_, fills)) => {
+                    checks.extend(fills.into_iter().filter(|f| validate(&Event::Trade(f.clone())).is_ok()))
+                }
+                Err(_) => break,
+            }
+            continue;
+        }
         match decode_batch(body) {
             Ok(batch) => accepted.extend(batch.events.into_iter().filter(|e| validate(e).is_ok())),
             Err(_) => break,
         }
     }
-    apply_all(accepted);
+    let engine = apply_all(accepted);
+    for fill in checks {
+        let before = engine.account_view(&fill.account);
+        let _ = engine.check(&fill.account, &fill);
+        assert_eq!(engine.account_view(&fill.account), before, "a check changed its account");
+    }
 }
 
 /// The HTTP paths that read JSON: an events body (array or lines) and a check body; accepted events are applied.
@@ -66,7 +83,7 @@ pub fn json_body(data: &[u8]) {
         assert_eq!(validate(p), Ok(()), "the parser and validate agree");
     }
     let items = to_items(parsed);
-    apply_all(items.into_iter().filter_map(|(item, _)| match item {
+    let _ = apply_all(items.into_iter().filter_map(|(item, _)| match item {
         Item::Event(e) => Some(e),
         Item::Invalid(_) => None,
     }));

@@ -159,6 +159,8 @@ pub type CheckReply = Result<CheckOutcome, Rejection>;
 pub enum Ask {
     /// The pre-trade check of a hypothetical fill.
     Check(Fill),
+    /// Several checks of accounts of one shard, answered in one visit (a binary check frame's part).
+    Checks(Vec<Fill>),
     /// The replay view of one account.
     Account(String),
     /// The shard's copy of the reference and market data (identical on every shard).
@@ -169,6 +171,7 @@ pub enum Ask {
 
 pub enum Answer {
     Check(CheckReply),
+    Checks(Vec<CheckReply>),
     /// The view and the ADL scores of its positions (for their rank buckets).
     Account(Option<AccountView>, Vec<(String, vigil_engine::account::AdlEntry)>),
     Market(Box<Market>),
@@ -205,6 +208,7 @@ impl Checker {
     pub fn ask(&self, ask: Ask, min_offset: Offset) -> oneshot::Receiver<Answer> {
         let shard = match &ask {
             Ask::Check(fill) => shard_of(&fill.account, self.queries.len()),
+            Ask::Checks(fills) => fills.first().map_or(0, |f| shard_of(&f.account, self.queries.len())),
             Ask::Account(id) => shard_of(id, self.queries.len()),
             Ask::Market | Ask::Stats => 0,
         };
@@ -216,6 +220,11 @@ impl Checker {
         let _ = self.queries[shard].send(Query { ask, min_offset, reply: tx });
         self.threads[shard].unpark();
         rx
+    }
+
+    /// Asks shard `shard` to check `fills` (all of its accounts) in one visit once it has applied `min_offset`.
+    pub fn check_batch(&self, shard: usize, fills: Vec<Fill>, min_offset: Offset) -> oneshot::Receiver<Answer> {
+        self.ask_shard(shard.min(self.queries.len().saturating_sub(1)), Ask::Checks(fills), min_offset)
     }
 
     /// Asks shard `shard` for its monitoring counts (answered between events; one pass over its accounts).
@@ -275,6 +284,7 @@ fn serve_queries(
         let q = waiting.swap_remove(i);
         let answer = match q.ask {
             Ask::Check(fill) => Answer::Check(engine.check(&fill.account, &fill)),
+            Ask::Checks(fills) => Answer::Checks(fills.iter().map(|f| engine.check(&f.account, f)).collect()),
             Ask::Account(id) => Answer::Account(engine.account_view(&id), engine.account_adl(&id)),
             Ask::Market => Answer::Market(Box::new(engine.market().clone())),
             Ask::Stats => Answer::Stats(engine.stats()),

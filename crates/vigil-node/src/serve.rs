@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use vigil_engine::Config;
-use vigil_model::{Event, Offset, Rejection, RejectionRecord};
+use vigil_model::{Event, Fill, Offset, Rejection, RejectionRecord, shard_of};
 use vigil_store::codec::{Stamp, encode_event, encode_rejected_input, encode_stamp};
 use vigil_store::journal::{Journal, JournalConfig};
 
@@ -34,8 +34,8 @@ use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, ShardJob, Wait
 use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
 use crate::recovery::recover;
 use crate::wire::{
-    BATCH_EVENTS_MAX, Batch, FRAME_BYTES_MAX, WIRE_AUTH, ack_frame, auth_ok_frame, decode_batch, duplicate_ack_frame,
-    error_frame,
+    BATCH_EVENTS_MAX, Batch, CheckAnswer, FRAME_BYTES_MAX, WIRE_AUTH, WIRE_CHECKS, ack_frame, auth_ok_frame,
+    checks_frame, decode_batch, decode_checks, duplicate_ack_frame, error_frame,
 };
 
 #[derive(Clone, Debug)]
@@ -630,10 +630,74 @@ async fn read_frame(stream: &mut TcpStream, max: usize) -> std::io::Result<Optio
 #[derive(Clone)]
 struct Listener {
     ingest: mpsc::Sender<IngestBatch>,
+    /// Check frames go to the shards through it.
+    checker: crate::pipeline::Checker,
+    query_timeout: Duration,
     token: Option<Arc<str>>,
     frame_bytes_max: usize,
     events: metrics::Counter,
     batches: metrics::Counter,
+}
+
+/// Answers a check frame (docs/wire.md, "Checks"): the same check as `POST /v1/accounts/{id}/check`, each
+/// shard visited once for its part of the frame, the answers in the frame's order.
+async fn answer_checks(node: &Listener, min: Offset, fills: Vec<Fill>) -> Vec<CheckAnswer> {
+    let refused =
+        |code: &str, message: &str| CheckAnswer::Refused { code: code.to_owned(), message: message.to_owned() };
+    let sequenced = node.checker.sequenced();
+    if min > sequenced {
+        let message = format!("min_offset {} is beyond the last sequenced offset {}", min.0, sequenced.0);
+        return fills.iter().map(|_| refused("offset_not_sequenced", &message)).collect();
+    }
+    let shards = node.checker.shards();
+    let mut answers: Vec<Option<CheckAnswer>> = vec![None; fills.len()];
+    let mut parts: Vec<(Vec<usize>, Vec<Fill>)> = vec![(Vec::new(), Vec::new()); shards];
+    for (i, fill) in fills.into_iter().enumerate() {
+        // The binary form skips the JSON parser: the fill is held to a trade's rules, as the HTTP body is.
+        let event = Event::Trade(fill);
+        if let Err(r) = vigil_model::validate(&event) {
+            answers[i] = Some(refused(r.reason.as_str(), &r.message));
+            continue;
+        }
+        let Event::Trade(fill) = event else { continue };
+        let shard = shard_of(&fill.account, shards);
+        parts[shard].0.push(i);
+        parts[shard].1.push(fill);
+    }
+    let asked: Vec<_> = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (at, _))| !at.is_empty())
+        .map(|(shard, (at, fills))| (at, node.checker.check_batch(shard, fills, min)))
+        .collect();
+    for (at, reply) in asked {
+        let replies = match tokio::time::timeout(node.query_timeout, reply).await {
+            Ok(Ok(Answer::Checks(replies))) => replies,
+            Ok(_) => {
+                at.iter().for_each(|i| answers[*i] = Some(refused("shutting_down", "the shard stopped")));
+                continue;
+            }
+            Err(_) => {
+                let message = format!("offset {} not applied within {} ms", min.0, node.query_timeout.as_millis());
+                at.iter().for_each(|i| answers[*i] = Some(refused("timeout", &message)));
+                continue;
+            }
+        };
+        for (i, reply) in at.into_iter().zip(replies) {
+            answers[i] = Some(match reply {
+                Ok(outcome) => CheckAnswer::Answered {
+                    allowed: outcome.allowed,
+                    reason: outcome.reason.map(|r| r.reason.as_str().to_owned()),
+                    equity: outcome.after.equity,
+                    initial_margin: outcome.after.initial_margin,
+                    maintenance_margin: outcome.after.maintenance_margin,
+                    available: outcome.after.available(),
+                },
+                Err(r) => refused(r.reason.as_str(), &r.message),
+            });
+        }
+    }
+    answers.into_iter().map(|a| a.unwrap_or_else(|| refused("internal", "no answer"))).collect()
 }
 
 async fn connection(mut stream: TcpStream, node: Listener) {
@@ -664,6 +728,19 @@ async fn connection(mut stream: TcpStream, node: Listener) {
         if !authorized {
             let _ = stream.write_all(&error_frame("unauthorized: this node requires an auth frame first")).await;
             return;
+        }
+        if body.first() == Some(&WIRE_CHECKS) {
+            let frame = match decode_checks(&body) {
+                Ok((min, fills)) => checks_frame(&answer_checks(&node, min, fills).await),
+                Err(e) => {
+                    let _ = stream.write_all(&error_frame(&e.to_string())).await;
+                    return;
+                }
+            };
+            if stream.write_all(&frame).await.is_err() {
+                return;
+            }
+            continue;
         }
         let Batch { producer, events } = match decode_batch(&body) {
             Ok(b) => b,
@@ -900,6 +977,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     let mut pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
     pipeline.set_fund(recovery.fund);
     let checker = pipeline.checker();
+    let checker_for_wire = checker.clone();
     let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
     let stop = Arc::new(AtomicBool::new(false));
@@ -942,6 +1020,8 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
 
     let listener = Listener {
         ingest: ingest_tx,
+        checker: checker_for_wire,
+        query_timeout: config.query_timeout,
         token: config.token.as_deref().map(Arc::from),
         frame_bytes_max: config.frame_bytes_max.min(FRAME_BYTES_MAX),
         events: metrics::counter!(m::INGEST_EVENTS, "transport" => "tcp"),

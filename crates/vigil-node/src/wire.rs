@@ -8,6 +8,10 @@
 //! When the node has a token, the first frame must be an auth frame: `len` | `0x10` | the token's UTF-8 bytes,
 //! answered by kind 3 (empty body) or an error frame (and the connection closed).
 //!
+//! Pre-trade checks (docs/wire.md, "Checks"): `len` | `0x20` | `min_offset: u64 LE` | bincode of `Vec<Fill>`,
+//! answered in order by kind 5: bincode of `Vec<CheckAnswer>`, one per fill, in the frame's order. Frames may be
+//! pipelined.
+//!
 //! Idempotent producers use version 2: `len` | `2` | `producer_len: u8` | producer id (UTF-8) | `sequence: u64 LE` |
 //! bincode of `Vec<Event>`. A resend of the producer's last journaled batch is answered by kind 4 (same body as an
 //! ack: the original offsets) and appends nothing; a gap or regression gets an error frame.
@@ -15,7 +19,8 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
-use vigil_model::{Event, Offset};
+use serde::{Deserialize, Serialize};
+use vigil_model::{Amount, Event, Fill, Offset};
 
 /// Protocol version byte of a plain batch.
 pub const WIRE_VERSION: u8 = 1;
@@ -34,6 +39,30 @@ pub const KIND_ERROR: u8 = 2;
 pub const KIND_AUTH_OK: u8 = 3;
 /// An ack of a resent batch the node had already journaled: its original offsets; nothing was appended.
 pub const KIND_ACK_DUPLICATE: u8 = 4;
+/// The answers to a check frame.
+pub const KIND_CHECKS: u8 = 5;
+
+/// First byte of a check frame.
+pub const WIRE_CHECKS: u8 = 0x20;
+/// Most checks in one frame.
+pub const CHECKS_MAX: usize = 65_536;
+
+/// The answer to one pre-trade check of a check frame: what `POST /v1/accounts/{id}/check` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckAnswer {
+    /// The unit's figures as they would be after the fill; `reason` (a contract reason) when it is not allowed.
+    Answered {
+        allowed: bool,
+        reason: Option<String>,
+        equity: Amount,
+        initial_margin: Amount,
+        maintenance_margin: Amount,
+        available: Amount,
+    },
+    /// Not checkable: the code HTTP answers with (`unknown_symbol`, `invalid_number`, `offset_not_sequenced`,
+    /// `timeout`…) and its message.
+    Refused { code: String, message: String },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -120,6 +149,54 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, WireError> {
     Ok(Batch { producer, events })
 }
 
+/// Encodes a check frame (length prefix included): the fills to check once `min_offset` is applied.
+pub fn encode_checks(min_offset: Offset, fills: &[Fill]) -> Vec<u8> {
+    let mut body = Vec::new();
+    // A Vec of fills always encodes: the codec's only failure is on decode.
+    let _ = vigil_store::codec::encode_value(&fills, &mut body);
+    let mut frame = Vec::with_capacity(4 + 9 + body.len());
+    frame.extend_from_slice(&((1 + 8 + body.len() - 1) as u32).to_le_bytes());
+    frame.push(WIRE_CHECKS);
+    frame.extend_from_slice(&min_offset.0.to_le_bytes());
+    frame.extend_from_slice(&body[1..]);
+    frame
+}
+
+/// Decodes a check frame's body (after the length prefix): `min_offset` and the fills.
+pub fn decode_checks(body: &[u8]) -> Result<(Offset, Vec<Fill>), WireError> {
+    let (&kind, rest) = body.split_first().ok_or(WireError::Empty)?;
+    if kind != WIRE_CHECKS {
+        return Err(WireError::Version(kind));
+    }
+    let min = rest
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .ok_or_else(|| WireError::Malformed("truncated min_offset".into()))?;
+    let mut with_codec_version = Vec::with_capacity(rest.len() - 7);
+    with_codec_version.push(vigil_store::codec::CODEC_VERSION);
+    with_codec_version.extend_from_slice(&rest[8..]);
+    let fills: Vec<Fill> =
+        vigil_store::codec::decode_untrusted(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if fills.is_empty() {
+        return Err(WireError::EmptyBatch);
+    }
+    if fills.len() > CHECKS_MAX {
+        return Err(WireError::TooManyEvents(fills.len()));
+    }
+    Ok((Offset(u64::from_le_bytes(min)), fills))
+}
+
+/// The answers to a check frame, in its order.
+pub fn checks_frame(answers: &[CheckAnswer]) -> Vec<u8> {
+    let mut body = Vec::new();
+    let _ = vigil_store::codec::encode_value(&answers, &mut body);
+    body[0] = KIND_CHECKS;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
 /// An ack frame.
 pub fn ack_frame(first: Offset, last: Offset) -> Vec<u8> {
     offsets_frame(KIND_ACK, first, last)
@@ -200,6 +277,45 @@ impl Client {
         self.read_response()
     }
 
+    /// Sends a check frame and waits for its answers (one per fill, in order).
+    pub fn check(&mut self, min_offset: Offset, fills: &[Fill]) -> io::Result<Vec<CheckAnswer>> {
+        self.send_checks(min_offset, fills)?;
+        self.read_checks()
+    }
+
+    /// Sends a check frame without waiting: answers come in the order frames were sent ([`Client::read_checks`]).
+    pub fn send_checks(&mut self, min_offset: Offset, fills: &[Fill]) -> io::Result<()> {
+        self.stream.write_all(&encode_checks(min_offset, fills))
+    }
+
+    /// Reads the answers to the oldest check frame not yet answered.
+    pub fn read_checks(&mut self) -> io::Result<Vec<CheckAnswer>> {
+        let body = self.read_body()?;
+        match (body[0], &body[1..]) {
+            (KIND_CHECKS, rest) => {
+                let mut with_codec_version = Vec::with_capacity(1 + rest.len());
+                with_codec_version.push(vigil_store::codec::CODEC_VERSION);
+                with_codec_version.extend_from_slice(rest);
+                vigil_store::codec::decode_untrusted(&with_codec_version)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+            }
+            (KIND_ERROR, msg) => Err(io::Error::other(String::from_utf8_lossy(msg).into_owned())),
+            (kind, _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected response kind {kind}"))),
+        }
+    }
+
+    fn read_body(&mut self) -> io::Result<Vec<u8>> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > FRAME_BYTES_MAX {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad response length {len}")));
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body)?;
+        Ok(body)
+    }
+
     /// Sends raw bytes (for tests of malformed frames) and reads one response.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<(Offset, Offset)> {
         self.stream.write_all(bytes)?;
@@ -207,14 +323,7 @@ impl Client {
     }
 
     fn read_response(&mut self) -> io::Result<(Offset, Offset, bool)> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let len = u32::from_le_bytes(len) as usize;
-        if len == 0 || len > 1 << 20 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad response length {len}")));
-        }
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body)?;
+        let body = self.read_body()?;
         match (body[0], &body[1..]) {
             (kind @ (KIND_ACK | KIND_ACK_DUPLICATE), rest) if rest.len() == 16 => {
                 let mut a = [0u8; 8];
@@ -256,8 +365,31 @@ mod tests {
         assert_eq!(hex(&duplicate_ack_frame(Offset(1), Offset(2))), "110000000401000000000000000200000000000000");
         assert_eq!(hex(&auth_ok_frame()), "0100000003");
         assert_eq!(hex(&error_frame("no")), "03000000026e6f");
+        let vigil_model::Event::Trade(fill) = vigil_model::parse_line(
+            r#"{"type":"trade","account":"a","symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#,
+        )
+        .unwrap() else {
+            panic!("a trade")
+        };
+        let checks = encode_checks(Offset(7), std::slice::from_ref(&fill));
+        assert_eq!(hex(&checks), GOLDEN_CHECKS);
+        assert_eq!(decode_checks(&checks[4..]).unwrap(), (Offset(7), vec![fill]));
+        let answers = [
+            CheckAnswer::Answered {
+                allowed: false,
+                reason: Some("insufficient_margin".into()),
+                equity: Amount(100_000_000),
+                initial_margin: Amount(200_000_000),
+                maintenance_margin: Amount(100_000_000),
+                available: Amount(-100_000_000),
+            },
+            CheckAnswer::Refused { code: "unknown_symbol".into(), message: "no".into() },
+        ];
+        assert_eq!(hex(&checks_frame(&answers)), GOLDEN_CHECK_ANSWERS);
     }
 
+    const GOLDEN_CHECKS: &str = "210000002007000000000000000101610345544800fc00c2eb0bfd0070c9b28b0000000000";
+    const GOLDEN_CHECK_ANSWERS: &str = "40000000050200000113696e73756666696369656e745f6d617267696efc00c2eb0bfc0084d717fc00c2eb0bfcffc1eb0b010e756e6b6e6f776e5f73796d626f6c026e6f";
     const GOLDEN_V1: &str = "0f00000001010701610455534443fc00a3e111";
     const GOLDEN_V2: &str = "1a000000020267770300000000000000010701610455534443fc00a3e111";
 }

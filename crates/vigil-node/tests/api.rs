@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use reqwest::blocking::{Client as Http, Response};
 use serde_json::Value;
 use vigil_model::{Offset, parse_line};
-use vigil_node::wire::{Client, encode_batch};
+use vigil_node::wire::{CheckAnswer, Client, encode_batch};
 
 struct Node {
     child: Child,
@@ -666,4 +666,74 @@ fn the_adl_queue_ranks_one_side_at_one_offset_and_accounts_show_their_buckets() 
     }
     let buckets: Vec<Option<u64>> = ["L1", "L2", "L3", "S1"].iter().map(|a| bucket(a)).collect();
     assert_eq!(buckets, vec![Some(5), Some(4), Some(2), Some(5)]);
+}
+
+#[test]
+fn binary_check_frames_answer_as_http_does_in_order_and_pipelined() {
+    // Proves the binary check path (docs/wire.md, "Checks"): each answer equals the HTTP check's for the same
+    // fill, in the frame's order across shards; refusals carry HTTP's codes; `min_offset` reads the writes before
+    // it and one beyond the sequenced offset is refused; pipelined frames are answered in order.
+    let (node, _dir) = start(&[]);
+    node.events(SETUP);
+    node.events(
+        r#"{"type":"deposit","account":"bob","asset":"USDC","amount":"50000"}
+{"type":"trade","account":"alice","symbol":"ETH","side":"buy","qty":"3","price":"3000"}"#,
+    );
+    let fill = |account: &str, symbol: &str, qty: &str| {
+        let line = format!(
+            r#"{{"type":"trade","account":"{account}","symbol":"{symbol}","side":"buy","qty":"{qty}","price":"3000"}}"#
+        );
+        match parse_line(&line).expect("a trade") {
+            vigil_model::Event::Trade(f) => f,
+            _ => unreachable!("a trade line"),
+        }
+    };
+    let fills =
+        vec![fill("alice", "ETH", "3"), fill("bob", "ETH", "1"), fill("alice", "SOL", "1"), fill("nobody", "ETH", "1")];
+    let mut client = Client::connect(&node.ingest).expect("connect");
+    let answers = client.check(Offset(6), &fills).expect("answers");
+    assert_eq!(answers.len(), fills.len());
+    for (f, a) in fills.iter().zip(&answers) {
+        let body = format!(r#"{{"symbol":"{}","side":"buy","qty":"{}","price":"3000"}}"#, f.symbol, f.qty);
+        let (status, http) = node.post(&format!("/v1/accounts/{}/check?min_offset=6", f.account), body, None);
+        match a {
+            CheckAnswer::Answered { allowed, reason, equity, initial_margin, maintenance_margin, available } => {
+                assert_eq!(status, StatusCode::OK, "{http}");
+                assert_eq!(http["allowed"].as_bool(), Some(*allowed));
+                assert_eq!(http["reason"].as_str(), reason.as_deref());
+                let figures = [equity, initial_margin, maintenance_margin, available].map(ToString::to_string);
+                let from_http = ["equity", "initial_margin", "maintenance_margin", "available"]
+                    .map(|k| http[k].as_str().unwrap_or("?").to_owned());
+                assert_eq!(figures, from_http, "{}", f.account);
+            }
+            CheckAnswer::Refused { code, .. } => {
+                assert_ne!(status, StatusCode::OK, "{http}");
+                assert_eq!(http["code"].as_str(), Some(code.as_str()), "{}", f.account);
+            }
+        }
+    }
+    assert!(
+        matches!(&answers[0], CheckAnswer::Answered { allowed: false, reason: Some(r), .. } if r == "insufficient_margin")
+    );
+    assert!(matches!(&answers[1], CheckAnswer::Answered { allowed: true, .. }));
+    assert!(matches!(&answers[2], CheckAnswer::Refused { code, .. } if code == "unknown_symbol"));
+
+    // Beyond the sequenced offset: every check of the frame is refused, the connection stays.
+    let beyond = client.check(Offset(1_000_000), &fills[..1]).expect("answers");
+    assert!(matches!(&beyond[0], CheckAnswer::Refused { code, .. } if code == "offset_not_sequenced"));
+    // A fill that breaks a trade's rules (a zero quantity) is refused like the HTTP body.
+    let mut zero = fill("alice", "ETH", "1");
+    zero.qty = vigil_model::Qty::ZERO;
+    let zero = client.check(Offset(0), &[zero]).expect("answers");
+    assert!(
+        matches!(&zero[0], CheckAnswer::Refused { code, .. } if code == "invalid_number" || code == "invalid_event"),
+        "{zero:?}"
+    );
+    // Pipelined: three frames out, then three answers, in order.
+    for n in 1..=3 {
+        client.send_checks(Offset(0), &fills[..n]).expect("sent");
+    }
+    for n in 1..=3 {
+        assert_eq!(client.read_checks().expect("answers"), answers[..n].to_vec());
+    }
 }
