@@ -474,9 +474,17 @@ fn read_stream(response: reqwest::blocking::Response, times: &Mutex<Vec<(u64, In
 }
 
 fn status_field(http: &str, field: &str) -> anyhow::Result<u64> {
-    let body = reqwest::blocking::get(format!("http://{http}/v1/status"))?.text()?;
-    let v: serde_json::Value = serde_json::from_str(&body)?;
-    v[field].as_u64().ok_or_else(|| anyhow::anyhow!("status has no {field}: {body}"))
+    // A node prints its addresses before recovery: while it answers `not_ready`, ask again (for up to a minute).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = reqwest::blocking::get(format!("http://{http}/v1/status"))?.text()?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        if v["code"] == "not_ready" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        return v[field].as_u64().ok_or_else(|| anyhow::anyhow!("status has no {field}: {body}"));
+    }
 }
 
 /// The offset of the last trigger in (after, through], from the trigger history (0 if none).
