@@ -37,6 +37,9 @@ pub struct LoadOptions {
     /// Pre-trade checks per second over HTTP (0 = none), for `checks_secs` seconds, alongside the ingest.
     pub checks_rate: u64,
     pub checks_secs: u64,
+    /// Checks per frame over the binary TCP path (docs/wire.md, "Checks"), frames pipelined on one connection;
+    /// 0 sends them over HTTP.
+    pub checks_wire: usize,
     /// Measure trigger latency through the live stream.
     pub triggers: bool,
     /// Print a progress line every second on standard error.
@@ -309,7 +312,14 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
     // Checks over HTTP, on their own runtime and schedule.
     let checks_thread = if options.checks_rate > 0 && !universe.accounts.is_empty() && !universe.marks.is_empty() {
         let (http, rate, secs) = (options.http.clone(), options.checks_rate, options.checks_secs.max(1));
-        Some(thread::spawn(move || run_checks(&http, rate, secs, &universe)))
+        let (wire, ingest, token) = (options.checks_wire, options.ingest.clone(), options.token.clone());
+        Some(thread::spawn(move || {
+            if wire > 0 {
+                run_wire_checks(&ingest, token.as_deref(), rate, secs, wire, &universe)
+            } else {
+                run_checks(&http, rate, secs, &universe)
+            }
+        }))
     } else {
         None
     };
@@ -568,6 +578,71 @@ fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckRes
     let secs = started.elapsed().as_secs_f64();
     let h = crate::lock(&hist, "the check latency histogram").clone();
     Ok((total, errors.load(Ordering::Relaxed), secs, h))
+}
+
+/// Open-loop checks over the binary path: frame j (of `per_frame` checks) is due at start + j × per_frame / rate;
+/// a reader takes the answers in order on the same connection, and each check's latency runs from its frame's due
+/// time to the frame's answer.
+fn run_wire_checks(
+    ingest: &str,
+    token: Option<&str>,
+    rate: u64,
+    secs: u64,
+    per_frame: usize,
+    universe: &Universe,
+) -> CheckResult {
+    let mut sender = Client::connect_with(ingest, token).with_context(|| format!("connecting to {ingest}"))?;
+    let mut reader = sender.try_clone().context("a second handle on the connection")?;
+    let fills: Vec<vigil_model::Fill> = (0..universe.accounts.len().max(1) * 2)
+        .map(|i| {
+            let (symbol, price) = &universe.marks[i % universe.marks.len()];
+            vigil_model::Fill {
+                account: universe.accounts[(i * 7919) % universe.accounts.len()].clone(),
+                symbol: symbol.clone(),
+                side: vigil_model::Side::Buy,
+                qty: vigil_model::Qty::parse("0.001").unwrap_or(vigil_model::Qty::ZERO),
+                price: vigil_model::Price::parse(price).unwrap_or(vigil_model::Price(1)),
+                fee: vigil_model::Amount::ZERO,
+                margin_mode: vigil_model::MarginMode::Cross,
+            }
+        })
+        .collect();
+    let total = rate * secs;
+    let frames = total.div_ceil(per_frame as u64);
+    let (due_tx, due_rx) = std::sync::mpsc::channel::<(Instant, usize)>();
+    let read = thread::spawn(move || -> anyhow::Result<(u64, Histogram<u64>)> {
+        let mut hist = histogram();
+        let mut errors = 0;
+        while let Ok((due, n)) = due_rx.recv() {
+            let answers = reader.read_checks().context("reading check answers")?;
+            let latency = micros(due.elapsed());
+            anyhow::ensure!(answers.len() == n, "{} answers to a frame of {n} checks", answers.len());
+            for a in &answers {
+                errors += u64::from(matches!(a, crate::wire::CheckAnswer::Refused { .. }));
+                let _ = hist.record(latency);
+            }
+        }
+        Ok((errors, hist))
+    });
+    let started = Instant::now();
+    let mut at = 0usize;
+    for j in 0..frames {
+        let due = started + Duration::from_secs_f64((j * per_frame as u64) as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        let n = per_frame.min((total - j * per_frame as u64) as usize);
+        let frame: Vec<vigil_model::Fill> = (0..n).map(|k| fills[(at + k) % fills.len()].clone()).collect();
+        at += n;
+        sender.send_checks(Offset(0), &frame).context("sending a check frame")?;
+        if due_tx.send((due, n)).is_err() {
+            break;
+        }
+    }
+    drop(due_tx);
+    let (errors, hist) = read.join().map_err(|_| anyhow::anyhow!("the answer reader panicked"))??;
+    Ok((total, errors, started.elapsed().as_secs_f64(), hist))
 }
 
 /// Writes the report (the command's output).

@@ -101,6 +101,10 @@ enum Command {
         /// Seconds of checks.
         #[arg(long, default_value_t = 10)]
         checks_secs: u64,
+        /// Send the checks over the binary TCP path (docs/wire.md, "Checks") instead of HTTP, this many per
+        /// frame, frames pipelined on one connection (0 = HTTP).
+        #[arg(long, default_value_t = 0)]
+        checks_wire: usize,
         /// Measure trigger latency through GET /v1/triggers/stream.
         #[arg(long)]
         triggers: bool,
@@ -251,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connections,
             checks_rate,
             checks_secs,
+            checks_wire,
             triggers,
             skip_setup,
             producer,
@@ -288,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 connections,
                 checks_rate,
                 checks_secs,
+                checks_wire,
                 triggers,
                 skip_setup,
                 progress: io::stderr().is_terminal(),

@@ -254,6 +254,11 @@ impl Client {
         Ok(Self { stream })
     }
 
+    /// A second handle on the same connection (one thread sends frames while another reads the answers).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self { stream: self.stream.try_clone()? })
+    }
+
     /// Connects and presents `token` (when given) before anything else.
     pub fn connect_with(addr: &str, token: Option<&str>) -> io::Result<Self> {
         let mut c = Self::connect(addr)?;

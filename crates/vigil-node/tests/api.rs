@@ -389,6 +389,17 @@ fn vigil_load_drives_a_running_node() {
         history["triggers"].as_array().expect("list").iter().filter(|t| t["offset"].as_u64() > Some(setup_end)).count();
     assert!(streamed > 0, "the workload breaches: {report}");
     assert_eq!(streamed, after_setup as u64, "the stream saw every trigger of the measured run");
+
+    // Checks over the binary path, 50 per frame, on the authenticated connection; the node has the setup.
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t", "--skip-setup"])
+        .args(["--accounts", "200", "--events", "0", "--checks-rate", "5000", "--checks-secs", "1"])
+        .args(["--checks-wire", "50"])
+        .output()
+        .expect("vigil load runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("checks: 5000 in") && report.contains(", 0 errors"), "{report}");
 }
 
 #[test]
