@@ -476,6 +476,11 @@ async fn ready(State(hub): Shared) -> Response {
 
 /// The Prometheus text exposition of every metric (docs/operations.md).
 async fn metrics() -> Response {
+    // Read at the scrape: CPU per check or per event over a short run needs both ends exact.
+    static CPU: OnceLock<metrics::Gauge> = OnceLock::new();
+    if let Some(seconds) = m::process_cpu_seconds() {
+        CPU.get_or_init(|| metrics::gauge!(m::PROCESS_CPU)).set(seconds);
+    }
     (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], m::render())
         .into_response()
 }
@@ -666,8 +671,12 @@ async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<
     };
     match ask(&hub, Ask::Check(fill), p.min_offset).await {
         Ok(Answer::Check(Ok(outcome))) => {
-            static CHECK_SECONDS: OnceLock<metrics::Histogram> = OnceLock::new();
-            CHECK_SECONDS.get_or_init(|| metrics::histogram!(m::CHECK_SECONDS)).record(started.elapsed().as_secs_f64());
+            static CHECK_SECONDS: OnceLock<(metrics::Histogram, metrics::Counter)> = OnceLock::new();
+            let (seconds, checks) = CHECK_SECONDS.get_or_init(|| {
+                (metrics::histogram!(m::CHECK_SECONDS), metrics::counter!(m::CHECKS, "transport" => "http"))
+            });
+            seconds.record(started.elapsed().as_secs_f64());
+            checks.increment(1);
             let a = &outcome.after;
             let reason = match &outcome.reason {
                 Some(r) => serde_json::Value::from(r.reason.as_str()).to_string(),

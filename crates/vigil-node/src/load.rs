@@ -102,6 +102,13 @@ pub struct LoadReport {
     pub resends: u64,
     /// Resends the node answered as duplicates (it had journaled the batch: nothing appended twice).
     pub duplicates: u64,
+    /// CPU the node used over the run (its `process_cpu_seconds_total`, read before and after), in seconds.
+    pub node_cpu: Option<f64>,
+    /// CPU this generator used over the run, in seconds.
+    pub own_cpu: Option<f64>,
+    /// Checks (or check frames) sent more than 1 ms after their intended time: the generator fell behind.
+    pub late_sends: u64,
+    pub sends: u64,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -121,6 +128,29 @@ impl std::fmt::Display for LoadReport {
                 self.checks, self.checks_seconds, rate, self.check_errors
             )?;
             writeln!(f, "  check latency, intended send to answer: {}", self.check_latency)?;
+        }
+        if let Some(cpu) = self.node_cpu {
+            let per = |n: u64| cpu * 1e6 / n.max(1) as f64;
+            match (self.events, self.checks) {
+                (0, 0) => writeln!(f, "node CPU: {cpu:.2} s")?,
+                (0, c) => writeln!(f, "node CPU: {cpu:.2} s = {:.1} µs per check", per(c))?,
+                (e, 0) => writeln!(f, "node CPU: {cpu:.2} s = {:.2} µs per event", per(e))?,
+                (e, c) => writeln!(
+                    f,
+                    "node CPU: {cpu:.2} s for {e} events and {c} checks together (run them apart to see each's cost)"
+                )?,
+            }
+        }
+        if let Some(cpu) = self.own_cpu {
+            writeln!(f, "generator CPU: {cpu:.2} s")?;
+        }
+        if self.late_sends * 100 > self.sends.max(1) {
+            writeln!(
+                f,
+                "WARNING: the generator sent {} of {} checks or frames more than 1 ms late: it is saturated (or \
+                 starved of CPU), so the latencies above include its own queueing",
+                self.late_sends, self.sends
+            )?;
         }
         if self.trigger_latency.count > 0 || self.triggers > 0 {
             writeln!(f, "triggers: {} streamed", self.triggers)?;
@@ -284,6 +314,8 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
         start_offset = Offset(status_sequenced(&options.http)?);
     }
     drop(c);
+    // The node's and the generator's CPU over the measured run (the setup excluded).
+    let (node_cpu_before, own_cpu_before) = (node_cpu(&options.http), crate::metrics::process_cpu_seconds());
     let stream = &events[setup..];
     let universe = universe(&events[..setup.max(1).min(events.len())]);
     let done = Arc::new(AtomicBool::new(false));
@@ -410,7 +442,10 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
         ..LoadReport::default()
     };
     if let Some(t) = checks_thread {
-        let (n, errors, secs, h) = t.join().map_err(|_| anyhow::anyhow!("the checks thread panicked"))??;
+        let (n, errors, secs, h, sends, late_sends) =
+            t.join().map_err(|_| anyhow::anyhow!("the checks thread panicked"))??;
+        report.sends = sends;
+        report.late_sends = late_sends;
         report.checks = n;
         report.check_errors = errors;
         report.checks_seconds = secs;
@@ -457,6 +492,8 @@ pub fn run(options: &LoadOptions, events: &[Event], setup: usize) -> anyhow::Res
     if let Some(p) = progress {
         let _ = p.join();
     }
+    report.node_cpu = node_cpu_before.zip(node_cpu(&options.http)).map(|(a, b)| b - a);
+    report.own_cpu = own_cpu_before.zip(crate::metrics::process_cpu_seconds()).map(|(a, b)| b - a);
     Ok(report)
 }
 
@@ -526,7 +563,19 @@ fn status_released(http: &str) -> anyhow::Result<u64> {
     status_field(http, "released")
 }
 
-type CheckResult = anyhow::Result<(u64, u64, f64, Histogram<u64>)>;
+/// Checks sent, errors, seconds, the latency histogram, sends (checks or frames) and how many were late.
+type CheckResult = anyhow::Result<(u64, u64, f64, Histogram<u64>, u64, u64)>;
+
+/// Whether a send at `now` is more than 1 ms behind `due`.
+fn late(due: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(due) > Duration::from_millis(1)
+}
+
+/// The node's CPU seconds so far, from its metrics.
+fn node_cpu(http: &str) -> Option<f64> {
+    let text = reqwest::blocking::get(format!("http://{http}/metrics")).ok()?.text().ok()?;
+    text.lines().find_map(|l| l.strip_prefix("process_cpu_seconds_total ")?.trim().parse().ok())
+}
 
 /// Open-loop checks: check i is due at start + i / rate; its latency runs from then to the answer.
 fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckResult {
@@ -548,12 +597,14 @@ fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckRes
     // millisecond, which would bias every latency by up to that much); requests run on the runtime.
     let handle = runtime.handle().clone();
     let mut tasks = Vec::with_capacity(total as usize);
+    let mut late_sends = 0;
     for i in 0..total {
         let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
         let now = Instant::now();
         if due > now {
             thread::sleep(due - now);
         }
+        late_sends += u64::from(late(due, Instant::now()));
         let account = &universe.accounts[(i as usize * 7919) % universe.accounts.len()];
         let url = format!("http://{http}/v1/accounts/{account}/check");
         let body = bodies[i as usize % bodies.len()].clone();
@@ -577,7 +628,7 @@ fn run_checks(http: &str, rate: u64, secs: u64, universe: &Universe) -> CheckRes
     });
     let secs = started.elapsed().as_secs_f64();
     let h = crate::lock(&hist, "the check latency histogram").clone();
-    Ok((total, errors.load(Ordering::Relaxed), secs, h))
+    Ok((total, errors.load(Ordering::Relaxed), secs, h, total, late_sends))
 }
 
 /// Open-loop checks over the binary path: frame j (of `per_frame` checks) is due at start + j × per_frame / rate;
@@ -626,12 +677,14 @@ fn run_wire_checks(
     });
     let started = Instant::now();
     let mut at = 0usize;
+    let mut late_sends = 0;
     for j in 0..frames {
         let due = started + Duration::from_secs_f64((j * per_frame as u64) as f64 / rate as f64);
         let now = Instant::now();
         if due > now {
             thread::sleep(due - now);
         }
+        late_sends += u64::from(late(due, Instant::now()));
         let n = per_frame.min((total - j * per_frame as u64) as usize);
         let frame: Vec<vigil_model::Fill> = (0..n).map(|k| fills[(at + k) % fills.len()].clone()).collect();
         at += n;
@@ -642,7 +695,7 @@ fn run_wire_checks(
     }
     drop(due_tx);
     let (errors, hist) = read.join().map_err(|_| anyhow::anyhow!("the answer reader panicked"))??;
-    Ok((total, errors, started.elapsed().as_secs_f64(), hist))
+    Ok((total, errors, started.elapsed().as_secs_f64(), hist, frames, late_sends))
 }
 
 /// Writes the report (the command's output).

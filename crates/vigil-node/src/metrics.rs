@@ -46,6 +46,8 @@ pub const LIQUIDATING: &str = "vigil_accounts_liquidating";
 pub const MARGIN_BAND: &str = "vigil_accounts_by_margin_ratio";
 pub const HTTP_REQUESTS: &str = "vigil_http_requests_total";
 pub const HTTP_SECONDS: &str = "vigil_http_request_seconds";
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const CHECKS: &str = "vigil_checks_total";
 pub const FUND_BALANCE: &str = "vigil_insurance_fund_balance";
 pub const FUND_FEES: &str = "vigil_insurance_fund_fees";
 pub const FUND_PAID: &str = "vigil_insurance_fund_paid";
@@ -129,6 +131,8 @@ fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(BUILD_INFO, "Build information: 1, labelled by version.");
     describe_gauge!(READY, "1 once recovery has finished and the node serves, else 0.");
+    describe_gauge!(PROCESS_CPU, Unit::Seconds, "CPU time (user + system) the node has used since it started.");
+    describe_counter!(CHECKS, "Pre-trade checks answered, by transport (http, tcp).");
     describe_counter!(EVENTS_APPLIED, "Events applied by a shard (accepted or rejected), by shard and type.");
     describe_counter!(INGEST_EVENTS, "Events received, by transport (tcp, http).");
     describe_counter!(INGEST_BATCHES, "Batches received, by transport (tcp, http).");
@@ -302,6 +306,16 @@ impl Default for GateMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// CPU time (user + system) this process has used, in seconds, from `/proc/self/stat` (Linux; clock ticks of
+/// 1/100 s, the kernel's fixed `USER_HZ` on every Linux ABI the node runs on); `None` elsewhere.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name is in parentheses and may hold spaces: the fields start after the last `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// Publishes one shard's monitoring counts.

@@ -633,6 +633,7 @@ struct Listener {
     /// Check frames go to the shards through it.
     checker: crate::pipeline::Checker,
     query_timeout: Duration,
+    checks: metrics::Counter,
     token: Option<Arc<str>>,
     frame_bytes_max: usize,
     events: metrics::Counter,
@@ -731,7 +732,10 @@ async fn connection(mut stream: TcpStream, node: Listener) {
         }
         if body.first() == Some(&WIRE_CHECKS) {
             let frame = match decode_checks(&body) {
-                Ok((min, fills)) => checks_frame(&answer_checks(&node, min, fills).await),
+                Ok((min, fills)) => {
+                    node.checks.increment(fills.len() as u64);
+                    checks_frame(&answer_checks(&node, min, fills).await)
+                }
                 Err(e) => {
                     let _ = stream.write_all(&error_frame(&e.to_string())).await;
                     return;
@@ -1022,6 +1026,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         ingest: ingest_tx,
         checker: checker_for_wire,
         query_timeout: config.query_timeout,
+        checks: metrics::counter!(m::CHECKS, "transport" => "tcp"),
         token: config.token.as_deref().map(Arc::from),
         frame_bytes_max: config.frame_bytes_max.min(FRAME_BYTES_MAX),
         events: metrics::counter!(m::INGEST_EVENTS, "transport" => "tcp"),

@@ -400,6 +400,13 @@ fn vigil_load_drives_a_running_node() {
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(report.contains("checks: 5000 in") && report.contains(", 0 errors"), "{report}");
+    // The node's CPU over the run, from its own metric, per check (a checks-only run), and the generator's.
+    let per_check: f64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("node CPU: ")?.split(" = ").nth(1)?.strip_suffix(" µs per check")?.parse().ok())
+        .unwrap_or_else(|| panic!("a node CPU line: {report}"));
+    assert!(per_check.is_finite() && per_check >= 0.0, "{report}");
+    assert!(report.contains("generator CPU: "), "{report}");
 }
 
 #[test]
