@@ -674,6 +674,15 @@ fn the_adl_queue_ranks_one_side_at_one_offset_and_accounts_show_their_buckets() 
     assert_eq!((s, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_side")));
     let (s, e) = node.json("/v1/adl/DOGE?side=long");
     assert_eq!((s, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_symbol")));
+    // An option is not deleveraged; an asset is not an instrument.
+    node.events(
+        r#"{"type":"asset","asset":"BTC"}
+{"type":"option","symbol":"BTC-C","underlying":"BTC","right":"call","strike":"50000","expiry":"2030-01-01T00:00:00Z"}"#,
+    );
+    let (s, e) = node.json("/v1/adl/BTC-C?side=long");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_reference")), "{e}");
+    let (s, e) = node.json("/v1/adl/BTC?side=long");
+    assert_eq!((s, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_symbol")), "{e}");
 
     // The account object: each position's bucket, from the board the node rebuilds in the background.
     let deadline = Instant::now() + Duration::from_secs(60);
