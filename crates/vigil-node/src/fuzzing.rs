@@ -9,7 +9,7 @@ use vigil_model::{Event, Offset, validate};
 use vigil_store::codec::{decode_event, encode_event};
 
 use crate::http::{check_fill, parse_events, to_items, token_matches};
-use crate::serve::Item;
+use crate::intake::Item;
 use crate::wire::{WIRE_AUTH, WIRE_CHECKS, decode_batch, decode_checks};
 
 /// Applies events to a fresh engine; a rejected event must leave the account it names as it was. Returns the engine.

@@ -28,10 +28,10 @@ use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Event, LiquidationRecord, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
+use crate::intake::{Ack, IngestBatch, Item, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{Answer, Ask, Checker, Jobs};
 use crate::replay::LINE_BYTES_MAX;
-use crate::serve::{Ack, IngestBatch, Item, Refusal};
 
 /// What the HTTP handlers share with the node's threads.
 pub struct Hub {

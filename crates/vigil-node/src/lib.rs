@@ -8,6 +8,7 @@ pub mod fuzzing;
 pub mod handoff;
 pub mod http;
 pub mod inspect;
+pub mod intake;
 pub mod load;
 pub mod metrics;
 pub mod persist;
@@ -18,6 +19,7 @@ pub mod replay;
 pub mod serve;
 pub mod stress;
 pub mod sync;
+pub mod tcp;
 pub mod wire;
 
 /// Ends the process after a broken invariant the node cannot run past honestly (a dead shard, a poisoned lock,

@@ -18,25 +18,24 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot};
 use vigil_engine::Config;
-use vigil_model::{Event, Fill, Offset, Rejection, RejectionRecord, shard_of};
-use vigil_store::codec::{Stamp, encode_event, encode_rejected_input, encode_stamp};
+use vigil_model::{Offset, RejectionRecord};
+use vigil_store::codec::{Stamp, encode_stamp};
 use vigil_store::journal::{Journal, JournalConfig};
 
-use crate::http::{Hub, HubConfig, Node, token_matches};
+use crate::http::{Hub, HubConfig, Node};
+pub use crate::intake::{Ack, AckReply, IngestBatch, Item, Refusal};
 use crate::metrics as m;
 use crate::persist::Persister;
 use crate::persist::{NodeState, NodeValue, Persist};
 use crate::pipeline::{Answer, Pipeline, PipelineConfig, Released, ShardJob, Wait};
-use crate::producers::{LastBatch, Producers, SequenceError, Verdict};
+use crate::producers::{LastBatch, Producers, Verdict};
 use crate::recovery::recover;
-use crate::wire::{
-    BATCH_EVENTS_MAX, Batch, CheckAnswer, FRAME_BYTES_MAX, WIRE_AUTH, WIRE_CHECKS, ack_frame, auth_ok_frame,
-    checks_frame, decode_batch, decode_checks, duplicate_ack_frame, error_frame,
-};
+use crate::tcp::{Listener, connection};
+use crate::wire::{BATCH_EVENTS_MAX, FRAME_BYTES_MAX, error_frame};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -101,52 +100,6 @@ impl ServeConfig {
             fund_floor: vigil_model::Amount::ZERO,
         }
     }
-}
-
-/// The answer to a durable batch: its offsets, and whether it was a producer's resend of a batch already journaled
-/// (then nothing was appended and the offsets are the original ones).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ack {
-    pub first: Offset,
-    pub last: Offset,
-    pub duplicate: bool,
-}
-
-/// Why a batch got no ack.
-#[derive(Debug)]
-pub enum Refusal {
-    /// The journal failed: nothing is acknowledged any more and the node exits.
-    Journal(String),
-    /// The producer's sequence number does not follow its last batch.
-    Sequence(SequenceError),
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Journal(e) => write!(f, "journal failure, nothing acknowledged: {e}"),
-            Refusal::Sequence(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-pub type AckReply = oneshot::Sender<Result<Ack, Refusal>>;
-
-/// One sequenced input: an event, or input rejected before it became one (it takes an offset all the same).
-pub enum Item {
-    Event(Event),
-    Invalid(Rejection),
-}
-
-/// A batch from a client: items with their encoded journal records.
-pub struct IngestBatch {
-    pub items: Vec<(Item, Vec<u8>)>,
-    /// The producer's id and this batch's sequence number, for idempotent resends (`producers.rs`).
-    pub producer: Option<(String, u64)>,
-    /// The offset range, once durable.
-    pub reply: AckReply,
-    /// The batch's rejections, once every shard has applied it (HTTP answers with them; TCP does not ask).
-    pub report: Option<oneshot::Sender<Vec<RejectionRecord>>>,
 }
 
 enum JournalMsg {
@@ -602,190 +555,6 @@ fn sequencer_thread(
     }
     gate.release(drained);
     tracing::info!(released = gate.released, "sequencer stopped");
-}
-
-/// How long the rest of a frame may take once its length has arrived (a stalled sender is cut off).
-const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn read_frame(stream: &mut TcpStream, max: usize) -> std::io::Result<Option<Result<Vec<u8>, String>>> {
-    let mut len = [0u8; 4];
-    match stream.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > max {
-        return Ok(Some(Err(format!("frame length {len} out of bounds (1..={max})"))));
-    }
-    let mut body = vec![0u8; len];
-    match tokio::time::timeout(FRAME_BODY_TIMEOUT, stream.read_exact(&mut body)).await {
-        Ok(r) => r?,
-        Err(_) => return Ok(Some(Err(format!("frame body not received within {} s", FRAME_BODY_TIMEOUT.as_secs())))),
-    };
-    Ok(Some(Ok(body)))
-}
-
-/// What a connection needs from the node.
-#[derive(Clone)]
-struct Listener {
-    ingest: mpsc::Sender<IngestBatch>,
-    /// Check frames go to the shards through it.
-    checker: crate::pipeline::Checker,
-    query_timeout: Duration,
-    checks: metrics::Counter,
-    token: Option<Arc<str>>,
-    frame_bytes_max: usize,
-    events: metrics::Counter,
-    batches: metrics::Counter,
-}
-
-/// Answers a check frame (docs/wire.md, "Checks"): the same check as `POST /v1/accounts/{id}/check`, each
-/// shard visited once for its part of the frame, the answers in the frame's order.
-async fn answer_checks(node: &Listener, min: Offset, fills: Vec<Fill>) -> Vec<CheckAnswer> {
-    let refused =
-        |code: &str, message: &str| CheckAnswer::Refused { code: code.to_owned(), message: message.to_owned() };
-    let sequenced = node.checker.sequenced();
-    if min > sequenced {
-        let message = format!("min_offset {} is beyond the last sequenced offset {}", min.0, sequenced.0);
-        return fills.iter().map(|_| refused("offset_not_sequenced", &message)).collect();
-    }
-    let shards = node.checker.shards();
-    let mut answers: Vec<Option<CheckAnswer>> = vec![None; fills.len()];
-    let mut parts: Vec<(Vec<usize>, Vec<Fill>)> = vec![(Vec::new(), Vec::new()); shards];
-    for (i, fill) in fills.into_iter().enumerate() {
-        // The binary form skips the JSON parser: the fill is held to a trade's rules, as the HTTP body is.
-        let event = Event::Trade(fill);
-        if let Err(r) = vigil_model::validate(&event) {
-            answers[i] = Some(refused(r.reason.as_str(), &r.message));
-            continue;
-        }
-        let Event::Trade(fill) = event else { continue };
-        let shard = shard_of(&fill.account, shards);
-        parts[shard].0.push(i);
-        parts[shard].1.push(fill);
-    }
-    let asked: Vec<_> = parts
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (at, _))| !at.is_empty())
-        .map(|(shard, (at, fills))| (at, node.checker.check_batch(shard, fills, min)))
-        .collect();
-    for (at, reply) in asked {
-        let replies = match tokio::time::timeout(node.query_timeout, reply).await {
-            Ok(Ok(Answer::Checks(replies))) => replies,
-            Ok(_) => {
-                at.iter().for_each(|i| answers[*i] = Some(refused("shutting_down", "the shard stopped")));
-                continue;
-            }
-            Err(_) => {
-                let message = format!("offset {} not applied within {} ms", min.0, node.query_timeout.as_millis());
-                at.iter().for_each(|i| answers[*i] = Some(refused("timeout", &message)));
-                continue;
-            }
-        };
-        for (i, reply) in at.into_iter().zip(replies) {
-            answers[i] = Some(match reply {
-                Ok(outcome) => CheckAnswer::Answered {
-                    allowed: outcome.allowed,
-                    reason: outcome.reason.map(|r| r.reason.as_str().to_owned()),
-                    equity: outcome.after.equity,
-                    initial_margin: outcome.after.initial_margin,
-                    maintenance_margin: outcome.after.maintenance_margin,
-                    available: outcome.after.available(),
-                },
-                Err(r) => refused(r.reason.as_str(), &r.message),
-            });
-        }
-    }
-    answers.into_iter().map(|a| a.unwrap_or_else(|| refused("internal", "no answer"))).collect()
-}
-
-async fn connection(mut stream: TcpStream, node: Listener) {
-    let _ = stream.set_nodelay(true);
-    let mut authorized = node.token.is_none();
-    loop {
-        let body = match read_frame(&mut stream, node.frame_bytes_max).await {
-            Ok(None) | Err(_) => return,
-            Ok(Some(Err(msg))) => {
-                let _ = stream.write_all(&error_frame(&msg)).await;
-                return;
-            }
-            Ok(Some(Ok(b))) => b,
-        };
-        if body.first() == Some(&WIRE_AUTH) {
-            let given = std::str::from_utf8(&body[1..]).unwrap_or("");
-            let ok = node.token.as_deref().is_none_or(|t| token_matches(t, given));
-            if !ok {
-                let _ = stream.write_all(&error_frame("unauthorized: wrong token")).await;
-                return;
-            }
-            authorized = true;
-            if stream.write_all(&auth_ok_frame()).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        if !authorized {
-            let _ = stream.write_all(&error_frame("unauthorized: this node requires an auth frame first")).await;
-            return;
-        }
-        if body.first() == Some(&WIRE_CHECKS) {
-            let frame = match decode_checks(&body) {
-                Ok((min, fills)) => {
-                    node.checks.increment(fills.len() as u64);
-                    checks_frame(&answer_checks(&node, min, fills).await)
-                }
-                Err(e) => {
-                    let _ = stream.write_all(&error_frame(&e.to_string())).await;
-                    return;
-                }
-            };
-            if stream.write_all(&frame).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        let Batch { producer, events } = match decode_batch(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = stream.write_all(&error_frame(&e.to_string())).await;
-                return;
-            }
-        };
-        let mut items = Vec::with_capacity(events.len());
-        for event in events {
-            let mut record = Vec::new();
-            // The binary form skips the JSON parser: hold each event to its rules. One that breaks them takes its
-            // offset as a rejection, exactly as its JSON line would.
-            if let Err(rejection) = vigil_model::validate(&event) {
-                encode_rejected_input(rejection.reason.as_str(), &rejection.message, &mut record);
-                items.push((Item::Invalid(rejection), record));
-                continue;
-            }
-            if let Err(e) = encode_event(&event, &mut record) {
-                let _ = stream.write_all(&error_frame(&e.to_string())).await;
-                return;
-            }
-            items.push((Item::Event(event), record));
-        }
-        node.events.increment(items.len() as u64);
-        node.batches.increment(1);
-        let (tx, rx) = oneshot::channel();
-        if node.ingest.send(IngestBatch { items, producer, reply: tx, report: None }).await.is_err() {
-            let _ = stream.write_all(&error_frame("node shutting down")).await;
-            return;
-        }
-        let frame = match rx.await {
-            Ok(Ok(Ack { first, last, duplicate: false })) => ack_frame(first, last),
-            Ok(Ok(Ack { first, last, duplicate: true })) => duplicate_ack_frame(first, last),
-            Ok(Err(e)) => error_frame(&e.to_string()),
-            Err(_) => error_frame("node stopped before the batch was durable"),
-        };
-        if stream.write_all(&frame).await.is_err() {
-            return;
-        }
-    }
 }
 
 async fn shutdown_signal() {
