@@ -10,8 +10,8 @@
 //! sequencer. Every error is a JSON body `{"code", "message"}` with a stable code.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -22,227 +22,18 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use vigil_engine::market::{Entry, InstrumentKind, Market};
-use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Event, LiquidationRecord, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
+pub use crate::hub::{Hub, HubConfig, Node};
 use crate::intake::{Ack, IngestBatch, Item, Refusal};
 use crate::metrics as m;
-use crate::pipeline::{Answer, Ask, Checker, Jobs};
+use crate::pipeline::{Answer, Ask};
 use crate::replay::LINE_BYTES_MAX;
 
-/// What the HTTP handlers share with the node's threads.
-pub struct Hub {
-    started: Instant,
-    token: Option<String>,
-    query_timeout: Duration,
-    events_max: usize,
-    node: OnceLock<Node>,
-    /// Every trigger released so far, in the contract's order (offset, account, symbol, kind).
-    triggers: RwLock<Vec<Trigger>>,
-    /// The offset through which every output is durable and released: triggers at or below it are all in
-    /// `triggers`, and no more will ever come for those offsets.
-    released: watch::Sender<u64>,
-    /// Each shard's last checkpoint watermark.
-    checkpoints: Mutex<Vec<Offset>>,
-    shutdown: watch::Sender<bool>,
-    /// One stress test at a time: each occupies every shard thread while it runs.
-    stressing: tokio::sync::Semaphore,
-    /// The insurance fund and every liquidation fill, as released by the output gate.
-    insurance: RwLock<Insurance>,
-    /// The ADL queues' bucket boundaries, refreshed in the background (`adl::refresh_board`).
-    adl_board: RwLock<crate::adl::Board>,
-}
-
-/// The fund as of `through` (the released offset when it was last published), every fill up to it, and the fund
-/// after each movement since the node started (for a stress report's cut).
-#[derive(Default)]
-struct Insurance {
-    fund: InsuranceFund,
-    through: u64,
-    liquidations: Vec<LiquidationRecord>,
-    moves: Vec<(Offset, InsuranceFund)>,
-}
-
-/// The running node, once recovery has finished.
-pub struct Node {
-    pub checker: Checker,
-    pub ingest: mpsc::Sender<IngestBatch>,
-    /// Questions for every shard at one offset (stress tests, the ADL queue), put into every shard's ring by the
-    /// sequencer (`Pipeline::job`).
-    pub jobs: Jobs,
-    pub durable: Arc<AtomicU64>,
-}
-
-/// Limits and access settings of the HTTP listener.
-#[derive(Clone, Debug)]
-pub struct HubConfig {
-    pub token: Option<String>,
-    pub query_timeout: Duration,
-    pub events_max: usize,
-}
-
 impl Hub {
-    pub fn new(config: HubConfig) -> Self {
-        Self {
-            started: Instant::now(),
-            token: config.token,
-            query_timeout: config.query_timeout,
-            events_max: config.events_max,
-            node: OnceLock::new(),
-            triggers: RwLock::new(Vec::new()),
-            released: watch::Sender::new(0),
-            checkpoints: Mutex::new(Vec::new()),
-            shutdown: watch::Sender::new(false),
-            stressing: tokio::sync::Semaphore::new(1),
-            insurance: RwLock::new(Insurance::default()),
-            adl_board: RwLock::new(crate::adl::Board::default()),
-        }
-    }
-
-    /// Replaces the ADL board.
-    pub fn set_adl_board(&self, board: crate::adl::Board) {
-        *crate::write(&self.adl_board, "the ADL board") = board;
-    }
-
-    /// Where to send a question for every shard, the shard count and the offset sequenced so far (once running).
-    pub fn jobs(&self) -> Option<(Jobs, usize, Offset)> {
-        let node = self.node.get()?;
-        Some((node.jobs.clone(), node.checker.shards(), node.checker.sequenced()))
-    }
-
-    /// Becomes true when the node stops.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    /// Recovery finished: the fund and every liquidation fill so far.
-    pub fn start_fund(&self, at: Offset, fund: InsuranceFund, liquidations: Vec<LiquidationRecord>) {
-        let mut i = crate::write(&self.insurance, "the insurance fund");
-        i.fund = fund;
-        i.through = at.0;
-        i.liquidations = liquidations;
-        i.moves = vec![(at, fund)];
-    }
-
-    /// Appends released fills and the fund after each movement among them, as of `through`.
-    pub fn publish_fund(
-        &self,
-        liquidations: Vec<LiquidationRecord>,
-        moves: Vec<(Offset, InsuranceFund)>,
-        through: Offset,
-    ) {
-        let mut i = crate::write(&self.insurance, "the insurance fund");
-        i.liquidations.extend(liquidations);
-        if let Some((_, f)) = moves.last() {
-            i.fund = *f;
-        }
-        i.moves.extend(moves);
-        i.through = i.through.max(through.0);
-    }
-
-    /// The fund as of offset `at`, once everything up to it is released (waiting at most the query timeout).
-    pub async fn fund_at(&self, at: Offset) -> Option<InsuranceFund> {
-        let mut released = self.released.subscribe();
-        let reached = tokio::time::timeout(self.query_timeout, released.wait_for(|r| *r >= at.0)).await;
-        if !matches!(reached, Ok(Ok(_))) {
-            return None;
-        }
-        let i = crate::read(&self.insurance, "the insurance fund");
-        let k = i.moves.partition_point(|(o, _)| *o <= at);
-        k.checked_sub(1).map(|k| i.moves[k].1)
-    }
-
-    /// The fund and its offset, and the fills after `after` (or the last `limit` without it), with whether the page
-    /// was cut short.
-    fn insurance(&self, after: Option<u64>, limit: usize) -> (InsuranceFund, u64, Vec<LiquidationRecord>, bool) {
-        let i = crate::read(&self.insurance, "the insurance fund");
-        let all = &i.liquidations;
-        let start = match after {
-            Some(after) => all.partition_point(|l| l.offset.0 <= after),
-            None => all.len().saturating_sub(limit),
-        };
-        let end = all.len().min(start + limit);
-        (i.fund, i.through, all[start..end].to_vec(), end < all.len())
-    }
-
-    /// Recovery finished: the history so far, the watermarks, and the handles of the running node.
-    pub fn start(&self, history: Vec<Trigger>, released: Offset, checkpoints: Vec<Offset>, node: Node) {
-        *crate::write(&self.triggers, "the trigger history") = history;
-        self.set_checkpoints(checkpoints);
-        self.released.send_replace(released.0);
-        let _ = self.node.set(node);
-    }
-
-    /// The node's read handle, once recovered.
-    pub fn checker(&self) -> Option<Checker> {
-        self.node.get().map(|n| n.checker.clone())
-    }
-
-    pub fn ready(&self) -> bool {
-        self.node.get().is_some()
-    }
-
-    /// Appends released triggers (whole offsets) and advances the released offset.
-    pub fn publish(&self, triggers: Vec<Trigger>, through: Offset) {
-        if !triggers.is_empty() {
-            crate::write(&self.triggers, "the trigger history").extend(triggers);
-        }
-        self.released.send_if_modified(|r| {
-            let advanced = through.0 > *r;
-            if advanced {
-                *r = through.0;
-            }
-            advanced
-        });
-    }
-
-    pub fn set_checkpoint(&self, shard: usize, offset: Offset) {
-        if let Some(w) = crate::lock(&self.checkpoints, "the checkpoint watermarks").get_mut(shard) {
-            *w = offset;
-        }
-    }
-
-    fn set_checkpoints(&self, all: Vec<Offset>) {
-        *crate::lock(&self.checkpoints, "the checkpoint watermarks") = all;
-    }
-
-    /// Ends live trigger streams (the node is stopping).
-    pub fn shut_down(&self) {
-        self.shutdown.send_replace(true);
-    }
-
-    pub fn released(&self) -> Offset {
-        Offset(*self.released.borrow())
-    }
-
-    /// Triggers after `after`, whole offsets only, at most `limit` of them unless one offset alone has more;
-    /// with whether the page was cut short.
-    fn triggers_after(&self, after: u64, limit: usize) -> (Vec<Trigger>, bool) {
-        let all = crate::read(&self.triggers, "the trigger history");
-        let start = all.partition_point(|t| t.offset.0 <= after);
-        let rest = &all[start..];
-        // Whole offsets only: as many as fit in `limit`, or the first one alone if it is larger.
-        let mut end = 0;
-        while end < rest.len() {
-            let offset = rest[end].offset;
-            let mut next = end;
-            while next < rest.len() && rest[next].offset == offset {
-                next += 1;
-            }
-            if next > limit && end > 0 {
-                break;
-            }
-            end = next;
-            if end >= limit {
-                break;
-            }
-        }
-        (rest[..end].to_vec(), end < rest.len())
-    }
-
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
         let given = headers

@@ -7,6 +7,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod handoff;
 pub mod http;
+pub mod hub;
 pub mod inspect;
 pub mod intake;
 pub mod load;
