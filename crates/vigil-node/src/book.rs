@@ -9,14 +9,12 @@ use anyhow::Context;
 use vigil_engine::{Config, Engine, Sharded};
 use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Offset, parse_line};
-use vigil_store::checkpoint::{CheckpointStore, SledStore, Tree};
-use vigil_store::codec::decode_value;
+use vigil_store::checkpoint::{CheckpointStore, SledStore};
 use vigil_store::journal::{self, JournalConfig};
 use vigil_store::layout;
 
 use crate::inspect::copy_tree;
-use crate::persist::NodeValue;
-use crate::recovery::{load_liquidations, load_shard, replayable};
+use crate::recovery::{StoredNode, load_shard, replayable};
 
 /// Every shard's state at `offset` (each shard has applied every event of its accounts and every broadcast event
 /// up to it).
@@ -90,7 +88,7 @@ pub fn from_data(data: &Path, config: &Config) -> anyhow::Result<Book> {
     }
     let mut engines = Vec::new();
     // The fund as recovery continues it: stored with the node state, then the movements after its offset.
-    let (mut node_offset, mut fund, mut fills) = (Offset(0), InsuranceFund::default(), Vec::new());
+    let mut stored = None;
     if checkpoint_dir.is_dir() {
         let copy = tempfile::tempdir().context("creating a directory for a copy of the checkpoint store")?;
         copy_tree(&checkpoint_dir, copy.path())
@@ -102,19 +100,17 @@ pub fn from_data(data: &Path, config: &Config) -> anyhow::Result<Book> {
         };
         for shard in 0..shards {
             engines.push(load_shard(&store, shard, config)?);
-            fills.extend(load_liquidations(&store, Tree::Shard(shard))?);
         }
-        fills.extend(load_liquidations(&store, Tree::Node)?);
-        if let Some((at, bytes)) = store.node()? {
-            let value: NodeValue = decode_value(&bytes).context("decoding the stored node state")?;
-            (node_offset, fund) = (at, value.fund);
-        }
+        stored = Some(StoredNode::load(&store, shards)?);
     } else {
         engines.push(Engine::new(config));
     }
+    let node_offset = stored.as_ref().and_then(|s| s.at).unwrap_or(Offset(0));
     let oldest = engines.iter().map(Engine::offset).min().unwrap_or(Offset(0)).min(node_offset);
     let mut sharded = Sharded::from_engines(engines);
-    sharded.restore_fund(fund, node_offset, fills);
+    if let Some(stored) = &stored {
+        stored.continue_fund(&mut sharded);
+    }
     let mut triggers = Vec::new();
     let mut last = sharded.offset();
     if journal_dir.is_dir() {

@@ -88,6 +88,41 @@ pub fn load_liquidations(store: &dyn CheckpointStore, tree: Tree) -> anyhow::Res
         .collect()
 }
 
+/// The node state as stored, with what the fund continues over: its offset (`None` before the first was written),
+/// its value, and the liquidation fills the store holds (the node tree's, settled; the shard trees', unsettled).
+pub struct StoredNode {
+    pub at: Option<Offset>,
+    pub value: NodeValue,
+    pub node_fills: Vec<LiquidationRecord>,
+    pub shard_fills: Vec<LiquidationRecord>,
+}
+
+impl StoredNode {
+    /// Reads the node state and every stored fill of a store written by `shards` shards.
+    pub fn load(store: &dyn CheckpointStore, shards: usize) -> anyhow::Result<Self> {
+        let (at, value) = match store.node()? {
+            Some((offset, bytes)) => {
+                (Some(offset), decode_value::<NodeValue>(&bytes).context("decoding the stored node state")?)
+            }
+            None => (None, NodeValue::default()),
+        };
+        let node_fills = load_liquidations(store, Tree::Node)?;
+        let mut shard_fills = Vec::new();
+        for shard in 0..shards {
+            shard_fills.extend(load_liquidations(store, Tree::Shard(shard))?);
+        }
+        Ok(Self { at, value, node_fills, shard_fills })
+    }
+
+    /// Continues the stored fund in `engines` over a replay from the node state's offset: the fills beyond it that
+    /// a shard applied before its checkpoint (its tree) or an earlier recovery re-emitted (the node's tree) are
+    /// settled as the replay reaches them, the rest as the shards re-emit them (`Sharded::restore_fund`).
+    pub fn continue_fund(&self, engines: &mut Sharded) {
+        let fills = self.node_fills.iter().chain(&self.shard_fills).cloned().collect();
+        engines.restore_fund(self.value.fund, self.at.unwrap_or(Offset(0)), fills);
+    }
+}
+
 /// Writes one shard's delta: every changed account, the market, the watermark and the records emitted up to it,
 /// atomically.
 pub fn write_delta(
@@ -236,13 +271,9 @@ pub fn recover_with(
         watermarks.iter().copied().enumerate().min_by_key(|(_, w)| *w).unwrap_or((0, Offset(0)));
     // The node's state (producers table, insurance fund) as of its offset. With none stored, the journal was never
     // trimmed (trims wait for it), so it must hold every event from offset 1: both are folded over all of it.
-    let (stored_at, NodeValue { mut producers, fund }) = match store.node()? {
-        Some((offset, bytes)) => {
-            (Some(offset), decode_value::<NodeValue>(&bytes).context("decoding the stored node state")?)
-        }
-        None => (None, NodeValue::default()),
-    };
-    let node_offset = stored_at.unwrap_or(Offset(0));
+    let stored = StoredNode::load(&*store, shards)?;
+    let mut producers = stored.value.producers.clone();
+    let node_offset = stored.at.unwrap_or(Offset(0));
     let scan_from = node_offset;
     if journal_recovered.first.0 > scan_from.0 + 1 {
         anyhow::bail!(
@@ -265,14 +296,8 @@ pub fn recover_with(
         );
     }
     let mut engines = Sharded::from_engines(restored);
-    // The fund continues from its stored offset: fills a shard applied beyond it before its checkpoint are in that
-    // shard's tree (the replay skips them), or in the node's tree if an earlier recovery re-emitted them; the rest
-    // are re-emitted now; all are settled once, in offset order.
-    let mut applied_fills = load_liquidations(&*store, Tree::Node)?;
-    for shard in 0..shards {
-        applied_fills.extend(load_liquidations(&*store, Tree::Shard(shard))?);
-    }
-    engines.restore_fund(fund, node_offset, applied_fills);
+    // The fund continues from its stored offset; every fill after it is settled once, in offset order.
+    stored.continue_fund(&mut engines);
     let from = oldest.min(scan_from).next();
     let end = journal_recovered.durable;
     let mut triggers = Vec::new();
@@ -330,7 +355,11 @@ pub fn recover_with(
     let settled = engines.liquidations().to_vec();
     store.put_records(Tree::Node, &records(&deleverage, &settled)?).context("storing recovered liquidation fills")?;
     let history = load_triggers(&*store, shards)?;
-    let liquidations = load_liquidations(&*store, Tree::Node)?;
+    // Every fill: the node tree's as read, with those settled now (the same fill, settled again, by offset).
+    let mut by_offset: std::collections::BTreeMap<Offset, LiquidationRecord> =
+        stored.node_fills.into_iter().map(|l| (l.offset, l)).collect();
+    by_offset.extend(settled.into_iter().map(|l| (l.offset, l)));
+    let liquidations = by_offset.into_values().collect();
     let fund = *engines.fund();
     Ok(Recovery {
         engines: engines.into_engines(),

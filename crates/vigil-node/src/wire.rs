@@ -117,6 +117,15 @@ pub struct Batch {
     pub events: Vec<Event>,
 }
 
+/// Decodes a bincode body framed without the codec's version byte (a frame carries its own version or kind),
+/// with the codec's bounds on untrusted input.
+fn decode_unversioned<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, vigil_store::codec::CodecError> {
+    let mut with_codec_version = Vec::with_capacity(1 + bytes.len());
+    with_codec_version.push(vigil_store::codec::CODEC_VERSION);
+    with_codec_version.extend_from_slice(bytes);
+    vigil_store::codec::decode_untrusted(&with_codec_version)
+}
+
 /// Decodes a request frame's body (after the length prefix).
 pub fn decode_batch(body: &[u8]) -> Result<Batch, WireError> {
     let (&version, rest) = body.split_first().ok_or(WireError::Empty)?;
@@ -135,11 +144,7 @@ pub fn decode_batch(body: &[u8]) -> Result<Batch, WireError> {
         }
         other => return Err(WireError::Version(other)),
     };
-    let mut with_codec_version = Vec::with_capacity(1 + encoded.len());
-    with_codec_version.push(vigil_store::codec::CODEC_VERSION);
-    with_codec_version.extend_from_slice(encoded);
-    let events: Vec<Event> =
-        vigil_store::codec::decode_untrusted(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let events: Vec<Event> = decode_unversioned(encoded).map_err(|e| WireError::Malformed(e.to_string()))?;
     if events.is_empty() {
         return Err(WireError::EmptyBatch);
     }
@@ -172,11 +177,7 @@ pub fn decode_checks(body: &[u8]) -> Result<(Offset, Vec<Fill>), WireError> {
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .ok_or_else(|| WireError::Malformed("truncated min_offset".into()))?;
-    let mut with_codec_version = Vec::with_capacity(rest.len() - 7);
-    with_codec_version.push(vigil_store::codec::CODEC_VERSION);
-    with_codec_version.extend_from_slice(&rest[8..]);
-    let fills: Vec<Fill> =
-        vigil_store::codec::decode_untrusted(&with_codec_version).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let fills: Vec<Fill> = decode_unversioned(&rest[8..]).map_err(|e| WireError::Malformed(e.to_string()))?;
     if fills.is_empty() {
         return Err(WireError::EmptyBatch);
     }
@@ -298,11 +299,7 @@ impl Client {
         let body = self.read_body()?;
         match (body[0], &body[1..]) {
             (KIND_CHECKS, rest) => {
-                let mut with_codec_version = Vec::with_capacity(1 + rest.len());
-                with_codec_version.push(vigil_store::codec::CODEC_VERSION);
-                with_codec_version.extend_from_slice(rest);
-                vigil_store::codec::decode_untrusted(&with_codec_version)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                decode_unversioned(rest).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
             }
             (KIND_ERROR, msg) => Err(io::Error::other(String::from_utf8_lossy(msg).into_owned())),
             (kind, _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected response kind {kind}"))),
