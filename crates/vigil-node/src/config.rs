@@ -90,6 +90,19 @@ pub struct NodeSettings {
     /// fund's balance [default: 0].
     #[arg(long)]
     pub fund_floor: Option<String>,
+    /// Cluster mode: consume a partition of the VIGIL_EVENTS stream from these NATS servers (`nats://host:port`,
+    /// comma-separated) instead of taking events and journaling them (docs/cluster.md). Needs --partition.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Cluster mode: the partition served, `N/P` (0 <= N < P).
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Cluster mode: replicas of VIGIL_TRIGGERS, if this node creates it [default: 1].
+    #[arg(long)]
+    pub trigger_replicas: Option<usize>,
+    /// Cluster mode: VIGIL_TRIGGERS' duplicate window in seconds, if this node creates it [default: 600].
+    #[arg(long)]
+    pub trigger_duplicate_secs: Option<u64>,
 }
 
 impl NodeSettings {
@@ -166,6 +179,27 @@ impl NodeSettings {
         if let Some(floor) = self.fund_floor.or(file.fund_floor) {
             c.fund_floor = vigil_model::Amount::parse(&floor)
                 .map_err(|e| anyhow::anyhow!("fund_floor must be a decimal amount, got {floor:?}: {e}"))?;
+        }
+        match (self.source.or(file.source), self.partition.or(file.partition)) {
+            (Some(url), Some(partition)) => {
+                anyhow::ensure!(
+                    url.split(',').all(|u| u.trim().starts_with("nats://")),
+                    "source must be nats://host:port (comma-separated for several servers), got {url:?}"
+                );
+                let partition = partition.parse().map_err(anyhow::Error::msg)?;
+                c.source = Some(crate::cluster::source::NatsSource { url, partition });
+            }
+            (None, None) => {}
+            (Some(_), None) => anyhow::bail!("source is set: partition (N/P) must say which partition to serve"),
+            (None, Some(_)) => anyhow::bail!("partition is set: source must name the NATS servers to consume"),
+        }
+        if let Some(n) = self.trigger_replicas.or(file.trigger_replicas) {
+            anyhow::ensure!((1..=5).contains(&n), "trigger_replicas must be 1 to 5, got {n}");
+            c.trigger_replicas = n;
+        }
+        if let Some(secs) = self.trigger_duplicate_secs.or(file.trigger_duplicate_secs) {
+            anyhow::ensure!(secs >= 1, "trigger_duplicate_secs must be at least 1");
+            c.trigger_duplicate_window = Duration::from_secs(secs);
         }
         let every = self.stress_every_secs.or(file.stress_every_secs).unwrap_or(0);
         let request = self.stress_request.or(file.stress_request);

@@ -287,7 +287,7 @@ async fn status(State(hub): Shared) -> Response {
     let _ = write!(
         s,
         "{{\"version\":\"{}\",\"uptime_secs\":{},\"ready\":true,\"sequenced\":{},\"durable\":{},\"released\":{},\
-         \"triggers\":{},\"shards\":[",
+         \"triggers\":{},",
         env!("CARGO_PKG_VERSION"),
         hub.started.elapsed().as_secs(),
         node.checker.sequenced().0,
@@ -295,6 +295,17 @@ async fn status(State(hub): Shared) -> Response {
         hub.released().0,
         triggers,
     );
+    if let Some(source) = hub.source.get() {
+        let _ = write!(
+            s,
+            "\"partition\":\"{}\",\"consumed\":{},\"stream_sequence\":{},\"lag_messages\":{},",
+            source.partition,
+            source.consumed.load(Ordering::Relaxed),
+            source.stream_sequence.load(Ordering::Relaxed),
+            source.lag_messages.load(Ordering::Relaxed),
+        );
+    }
+    s.push_str("\"shards\":[");
     for (shard, applied) in node.checker.applied().iter().enumerate() {
         let checkpoint = checkpoints.get(shard).map_or(0, |o| o.0);
         if shard > 0 {
@@ -348,6 +359,7 @@ async fn post_events(State(hub): Shared, headers: HeaderMap, body: Bytes) -> Res
             return json(StatusCode::OK, s);
         }
         Ok(Err(Refusal::Sequence(e))) => return error(StatusCode::CONFLICT, e.code(), &e.to_string()),
+        Ok(Err(Refusal::Source(e))) => return error(StatusCode::CONFLICT, "ingest_disabled", &e),
         Ok(Err(e @ Refusal::Journal(_))) => {
             return error(StatusCode::SERVICE_UNAVAILABLE, "journal_failure", &e.to_string());
         }
@@ -430,8 +442,25 @@ fn valid_name(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// In cluster mode, an account of another partition is refused with the partition that owns it.
+fn served_here(hub: &Hub, id: &str) -> Result<(), ApiError> {
+    match hub.partition() {
+        Some(p) if !p.owns(id) => Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_partition",
+            &format!(
+                "account {id:?} belongs to partition {}/{}; this node serves partition {p} (docs/cluster.md gives \
+                 the hash)",
+                crate::cluster::partition_of(id, p.count),
+                p.count
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn get_account(State(hub): Shared, Path(id): Path<String>, Query(p): Query<ReadParams>) -> Response {
-    if let Err(r) = valid_name(&id) {
+    if let Err(r) = valid_name(&id).and_then(|()| served_here(&hub, &id)) {
         return r.into_response();
     }
     match ask(&hub, Ask::Account(id.clone()), p.min_offset).await {
@@ -452,7 +481,7 @@ async fn get_account(State(hub): Shared, Path(id): Path<String>, Query(p): Query
 }
 
 async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<ReadParams>, body: Bytes) -> Response {
-    if let Err(r) = valid_name(&id) {
+    if let Err(r) = valid_name(&id).and_then(|()| served_here(&hub, &id)) {
         return r.into_response();
     }
     let started = Instant::now();

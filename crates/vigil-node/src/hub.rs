@@ -34,6 +34,10 @@ pub struct Hub {
     pub(crate) insurance: RwLock<Insurance>,
     /// The ADL queues' bucket boundaries, refreshed in the background (`adl::refresh_board`).
     pub(crate) adl_board: RwLock<crate::adl::Board>,
+    /// Cluster mode: the partition served and the consumer's position.
+    pub(crate) source: OnceLock<Arc<crate::cluster::source::SourceStatus>>,
+    /// Cluster mode: where released triggers go to be published to `VIGIL_TRIGGERS`.
+    pub(crate) trigger_sink: OnceLock<mpsc::UnboundedSender<Vec<Trigger>>>,
 }
 
 /// The fund as of `through` (the released offset when it was last published), every fill up to it, and the fund
@@ -79,6 +83,8 @@ impl Hub {
             stressing: tokio::sync::Semaphore::new(1),
             insurance: RwLock::new(Insurance::default()),
             adl_board: RwLock::new(crate::adl::Board::default()),
+            source: OnceLock::new(),
+            trigger_sink: OnceLock::new(),
         }
     }
 
@@ -171,6 +177,11 @@ impl Hub {
 
     /// Appends released triggers (whole offsets) and advances the released offset.
     pub fn publish(&self, triggers: Vec<Trigger>, through: Offset) {
+        if !triggers.is_empty()
+            && let Some(sink) = self.trigger_sink.get()
+        {
+            let _ = sink.send(triggers.clone());
+        }
         if !triggers.is_empty() {
             crate::write(&self.triggers, "the trigger history").extend(triggers);
         }
@@ -191,6 +202,11 @@ impl Hub {
 
     fn set_checkpoints(&self, all: Vec<Offset>) {
         *crate::lock(&self.checkpoints, "the checkpoint watermarks") = all;
+    }
+
+    /// The partition this node serves, in cluster mode.
+    pub fn partition(&self) -> Option<crate::cluster::Partition> {
+        self.source.get().map(|s| s.partition)
     }
 
     /// Ends live trigger streams (the node is stopping).

@@ -22,6 +22,8 @@ pub enum Refusal {
     Journal(String),
     /// The producer's sequence number does not follow its last batch.
     Sequence(SequenceError),
+    /// The node takes no events of its own: it consumes a partition of a stream (cluster mode).
+    Source(String),
 }
 
 impl std::fmt::Display for Refusal {
@@ -29,6 +31,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Journal(e) => write!(f, "journal failure, nothing acknowledged: {e}"),
             Refusal::Sequence(e) => write!(f, "{e}"),
+            Refusal::Source(e) => write!(f, "{e}"),
         }
     }
 }

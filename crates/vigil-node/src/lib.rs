@@ -2,6 +2,7 @@
 
 pub mod adl;
 pub mod book;
+pub mod cluster;
 pub mod config;
 pub mod export;
 pub mod fuzzing;

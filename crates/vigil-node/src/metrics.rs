@@ -48,6 +48,10 @@ pub const HTTP_REQUESTS: &str = "vigil_http_requests_total";
 pub const HTTP_SECONDS: &str = "vigil_http_request_seconds";
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const CHECKS: &str = "vigil_checks_total";
+pub const CLUSTER_TRIGGERS: &str = "vigil_cluster_triggers_published_total";
+pub const CLUSTER_TRIGGER_FAILURES: &str = "vigil_cluster_trigger_publish_failures_total";
+pub const SOURCE_LAG: &str = "vigil_source_lag_messages";
+pub const SOURCE_CONSUMED: &str = "vigil_source_consumed_offset";
 pub const FUND_BALANCE: &str = "vigil_insurance_fund_balance";
 pub const FUND_FEES: &str = "vigil_insurance_fund_fees";
 pub const FUND_PAID: &str = "vigil_insurance_fund_paid";
@@ -133,6 +137,17 @@ fn describe() {
     describe_gauge!(READY, "1 once recovery has finished and the node serves, else 0.");
     describe_gauge!(PROCESS_CPU, Unit::Seconds, "CPU time (user + system) the node has used since it started.");
     describe_counter!(CHECKS, "Pre-trade checks answered, by transport (http, tcp).");
+    describe_counter!(
+        CLUSTER_TRIGGERS,
+        "Triggers published to VIGIL_TRIGGERS (cluster mode), by outcome: stored, or duplicate (another replica, or an \
+         earlier run, stored it first)."
+    );
+    describe_counter!(CLUSTER_TRIGGER_FAILURES, "Trigger publishes that failed and were retried (cluster mode).");
+    describe_gauge!(
+        SOURCE_LAG,
+        "Messages of this node's partition (and the broadcast subject) in VIGIL_EVENTS not yet read (cluster mode)."
+    );
+    describe_gauge!(SOURCE_CONSUMED, "The last offset of the last window this node applied (cluster mode).");
     describe_counter!(EVENTS_APPLIED, "Events applied by a shard (accepted or rejected), by shard and type.");
     describe_counter!(INGEST_EVENTS, "Events received, by transport (tcp, http).");
     describe_counter!(INGEST_BATCHES, "Batches received, by transport (tcp, http).");

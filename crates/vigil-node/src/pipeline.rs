@@ -352,6 +352,11 @@ pub struct Pipeline {
     handles: Vec<JoinHandle<Engine>>,
     /// Last offset routed to each shard.
     routed: Vec<u64>,
+    /// The offset each shard's engine was started at.
+    restored: Vec<u64>,
+    /// Whether a shard is given no event at or below `restored` (a source that replays from the oldest checkpoint);
+    /// otherwise such an offset reaches the shard, which refuses it as the broken invariant it is.
+    skip_restored: bool,
     offset: Offset,
     /// Outputs received, not yet released, by offset.
     pending: BTreeMap<Offset, Vec<Output>>,
@@ -372,6 +377,8 @@ pub struct Pipeline {
     since_cut: (Vec<Trigger>, Vec<LiquidationRecord>),
     /// Whether checkpoints are persisted (a node): only then are the records kept for cuts.
     persisted: bool,
+    /// The offset the fund was restored at: fund movements and fills at or below it are already in it.
+    fund_from: Offset,
 }
 
 /// What the merge owns as of a checkpoint's offset: the fund, and the records it decided since the previous cut.
@@ -557,6 +564,8 @@ impl Pipeline {
             threads: Vec::with_capacity(n),
             handles: Vec::with_capacity(n),
             routed: vec![0; n],
+            restored: vec![0; n],
+            skip_restored: false,
             offset,
             pending: BTreeMap::new(),
             wait: config.wait,
@@ -569,11 +578,13 @@ impl Pipeline {
             cuts: Vec::new(),
             since_cut: (Vec::new(), Vec::new()),
             persisted: deltas.is_some(),
+            fund_from: Offset(0),
         };
         for i in 0..n {
             let (in_tx, in_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
             let (out_tx, out_rx) = rtrb::RingBuffer::new(config.ring_capacity.max(2));
             let engine = engines.next().unwrap_or_else(|| Engine::new(&config.engine));
+            p.restored[i] = engine.offset().0;
             let shared = Arc::new(Shared { applied: AtomicU64::new(engine.offset().0), parker: Parker::new() });
             let core = (!cores.is_empty()).then(|| cores[(i + 1) % cores.len()]);
             let (query_tx, query_rx) = mpsc::channel();
@@ -671,8 +682,29 @@ impl Pipeline {
 
     /// Sequences an event: assigns the next offset and routes it. Blocks (draining outputs) while rings are full.
     pub fn submit(&mut self, event: Event) -> Offset {
-        self.offset = Offset(self.offset.0 + 1);
-        let offset = self.offset;
+        self.submit_at(self.offset.next(), event)
+    }
+
+    /// Moves the sequenced offset to `offset` without an event (offsets another partition owns); at or below the
+    /// current one it does nothing.
+    pub fn advance_to(&mut self, offset: Offset) {
+        if offset > self.offset {
+            self.offset = offset;
+            self.checker.sequenced.store(offset.0, Ordering::Release);
+        }
+    }
+
+    /// From now on, a shard is not given the events its engine already held when the pipeline started: the source
+    /// replays from the oldest shard's checkpoint, and the others skip what theirs hold.
+    pub fn skip_restored(&mut self) {
+        self.skip_restored = true;
+    }
+
+    /// Routes an event at an offset given by the source (a partitioned stream: offsets may skip, never repeat or go
+    /// back).
+    pub fn submit_at(&mut self, offset: Offset, event: Event) -> Offset {
+        assert!(offset > self.offset, "invariant: offsets increase ({} after {})", offset.0, self.offset.0);
+        self.offset = offset;
         let n = self.inputs.len();
         if let Event::Insurance { amount } = event {
             // The fund is the merge's: the event is decided at its offset, after every earlier liquidation.
@@ -691,12 +723,16 @@ impl Pipeline {
         match event.account() {
             Some(account) => {
                 let shard = shard_of(account, n);
-                self.push(shard, Input::Event(offset, Arc::new(event)));
+                if !self.skip_restored || offset.0 > self.restored[shard] {
+                    self.push(shard, Input::Event(offset, Arc::new(event)));
+                }
             }
             None => {
                 let event = Arc::new(event);
                 for shard in 0..n {
-                    self.push(shard, Input::Event(offset, Arc::clone(&event)));
+                    if !self.skip_restored || offset.0 > self.restored[shard] {
+                        self.push(shard, Input::Event(offset, Arc::clone(&event)));
+                    }
                 }
             }
         }
@@ -720,8 +756,13 @@ impl Pipeline {
 
     /// Sequences an input that is not an event (an unreadable line): it takes the next offset as a rejection.
     pub fn reject(&mut self, rejection: Rejection) -> Offset {
-        self.offset = Offset(self.offset.0 + 1);
-        let offset = self.offset;
+        self.reject_at(self.offset.next(), rejection)
+    }
+
+    /// [`Pipeline::reject`] at an offset given by the source.
+    pub fn reject_at(&mut self, offset: Offset, rejection: Rejection) -> Offset {
+        assert!(offset > self.offset, "invariant: offsets increase ({} after {})", offset.0, self.offset.0);
+        self.offset = offset;
         self.checker.sequenced.store(offset.0, Ordering::Release);
         let out = Output {
             offset,
@@ -779,6 +820,31 @@ impl Pipeline {
         self.fund = fund;
     }
 
+    /// Continues a fund stored as of `at`, which may be after the offset the pipeline starts from (a shard
+    /// restored from an older checkpoint replays from there): movements and fills at or below `at` are in it, and
+    /// are neither folded again nor reported again.
+    pub fn continue_fund(&mut self, fund: InsuranceFund, at: Offset) {
+        self.fund = fund;
+        self.fund_from = at;
+    }
+
+    /// Fills a shard settled into its checkpoint beyond the fund's stored offset (the shard will not apply their
+    /// events again): the merge settles each at its offset, in order with the rest, as if the shard emitted it.
+    pub fn settle_restored(&mut self, fills: Vec<LiquidationRecord>) {
+        for record in fills {
+            let offset = record.offset;
+            let out = Output {
+                offset,
+                rejection: None,
+                triggers: vec![],
+                broadcast: false,
+                liquidation: Some(record),
+                insurance: None,
+            };
+            self.pending.entry(offset).or_default().push(out);
+        }
+    }
+
     /// The node states cut since the last call (see [`Pipeline::checkpoint`]), in offset order.
     pub fn take_cuts(&mut self) -> Vec<FundCut> {
         std::mem::take(&mut self.cuts)
@@ -812,7 +878,12 @@ impl Pipeline {
             let mut rejection = None;
             let mut liquidation = None;
             let mut moved = false;
-            for o in outs {
+            let folded = offset <= self.fund_from;
+            for mut o in outs {
+                if folded {
+                    o.insurance = None;
+                    o.liquidation = None;
+                }
                 rejection = rejection.or(o.rejection);
                 triggers.extend(o.triggers);
                 if let Some(amount) = o.insurance {

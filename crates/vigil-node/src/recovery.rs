@@ -209,6 +209,84 @@ pub fn stamp_of(payload: &[u8]) -> Result<Option<Stamp<'_>>, String> {
     split_stamp(payload).map(|(stamp, _)| stamp).map_err(|e| e.to_string())
 }
 
+/// Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards that do
+/// not hold them (or ignore the trees beyond the new count) and silently lose state.
+fn check_shard_count(store: &mut dyn CheckpointStore, shards: usize) -> anyhow::Result<()> {
+    let refuse = |written: usize| {
+        anyhow::anyhow!(
+            "the data directory's checkpoints were written by a node with {written} shard(s); start it with --shards \
+             {written} (changing the shard count of an existing data directory is not supported)"
+        )
+    };
+    match store.shard_count()? {
+        Some(written) if written != shards => return Err(refuse(written)),
+        Some(_) => {}
+        None => {
+            // A store from before the count was recorded: its trees tell (all of them were written at once).
+            let stored = store.shards()?;
+            if !stored.is_empty() && stored != (0..shards).collect::<Vec<_>>() {
+                return Err(refuse(stored.len()));
+            }
+            store.set_shard_count(shards).context("recording the shard count")?;
+        }
+    }
+    Ok(())
+}
+
+/// What a cluster node restores from its data directory: the shards and the node state. The events after them come
+/// from the stream (`cluster::source`), from `start` on.
+pub struct StreamRecovery {
+    pub engines: Vec<Engine>,
+    /// Each shard's checkpoint watermark.
+    pub watermarks: Vec<Offset>,
+    /// The offset the stream is read after: the oldest of the watermarks and the node state's offset.
+    pub start: Offset,
+    /// The fund as of `node_offset`.
+    pub fund: InsuranceFund,
+    pub node_offset: Offset,
+    /// Fills the shards settled into checkpoints beyond `node_offset`: the merge settles them again, in order.
+    pub to_settle: Vec<LiquidationRecord>,
+    /// Every fill settled up to `node_offset`.
+    pub liquidations: Vec<LiquidationRecord>,
+    /// Every trigger stored with a checkpoint.
+    pub history: Vec<Trigger>,
+    pub store: Box<dyn CheckpointStore>,
+}
+
+/// Restores a cluster node's shards and node state from its checkpoint store (no journal: the stream is the
+/// journal).
+pub fn recover_checkpoints(data: &Path, config: &Config, shards: usize) -> anyhow::Result<StreamRecovery> {
+    let mut store: Box<dyn CheckpointStore> =
+        Box::new(SledStore::open(&layout::checkpoints(data)).context("opening the checkpoint store")?);
+    check_shard_count(&mut *store, shards)?;
+    let mut engines = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        engines.push(load_shard(&*store, shard, config)?);
+    }
+    let watermarks: Vec<Offset> = engines.iter().map(Engine::offset).collect();
+    let stored = StoredNode::load(&*store, shards)?;
+    let node_offset = stored.at.unwrap_or(Offset(0));
+    let oldest = watermarks.iter().copied().min().unwrap_or(Offset(0));
+    let mut to_settle: std::collections::BTreeMap<Offset, LiquidationRecord> = std::collections::BTreeMap::new();
+    for fill in stored.shard_fills {
+        if fill.offset > node_offset {
+            to_settle.insert(fill.offset, fill);
+        }
+    }
+    let history = load_triggers(&*store, shards)?;
+    Ok(StreamRecovery {
+        engines,
+        watermarks,
+        start: oldest.min(node_offset),
+        fund: stored.value.fund,
+        node_offset,
+        to_settle: to_settle.into_values().collect(),
+        liquidations: stored.node_fills.into_iter().filter(|l| l.offset <= node_offset).collect(),
+        history,
+        store,
+    })
+}
+
 /// Recovers `shards` shards from the journal in `journal_dir` (on `storage`) and the checkpoints in the store
 /// `open_store` opens. The journal is opened (its segments read and checked) on a helper thread while the store
 /// opens: the two are independent, and together they are most of a restart.
@@ -229,26 +307,7 @@ pub fn recover_with(
         .map_err(|_| anyhow::anyhow!("the thread opening the journal panicked"))?
         .context("opening the journal")?;
     let mut store = store?;
-    // Checkpoints are partitioned by shard_of(account, shards): another count would route accounts to shards
-    // that do not hold them (or ignore the trees beyond the new count) and silently lose state.
-    let refuse = |written: usize| {
-        anyhow::anyhow!(
-            "the data directory's checkpoints were written by a node with {written} shard(s); start it with --shards \
-             {written} (changing the shard count of an existing data directory is not supported)"
-        )
-    };
-    match store.shard_count()? {
-        Some(written) if written != shards => return Err(refuse(written)),
-        Some(_) => {}
-        None => {
-            // A store from before the count was recorded: its trees tell (all of them were written at once).
-            let stored = store.shards()?;
-            if !stored.is_empty() && stored != (0..shards).collect::<Vec<_>>() {
-                return Err(refuse(stored.len()));
-            }
-            store.set_shard_count(shards).context("recording the shard count")?;
-        }
-    }
+    check_shard_count(&mut *store, shards)?;
     let mut restored = Vec::with_capacity(shards);
     for shard in 0..shards {
         restored.push(load_shard(&*store, shard, config)?);

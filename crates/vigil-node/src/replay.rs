@@ -72,7 +72,7 @@ impl Spool {
 
 /// Reads one line into `buf` (without its line ending). `Ok(None)` at end of input; `Ok(Some(false))` for a
 /// line longer than `LINE_BYTES_MAX`, which is consumed and discarded.
-fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
+pub(crate) fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
     buf.clear();
     let n = input.by_ref().take(LINE_BYTES_MAX as u64 + 1).read_until(b'\n', buf)?;
     if n == 0 {

@@ -73,6 +73,13 @@ pub struct ServeConfig {
     pub adl_refresh: Option<Duration>,
     /// The insurance fund's floor, exported for the alert on its balance.
     pub fund_floor: vigil_model::Amount,
+    /// Cluster mode: the partition's events come from NATS JetStream (docs/cluster.md), not from the node's own
+    /// ingest and journal.
+    pub source: Option<crate::cluster::source::NatsSource>,
+    /// Cluster mode: replicas of `VIGIL_TRIGGERS` if the node creates it.
+    pub trigger_replicas: usize,
+    /// Cluster mode: the duplicate window of `VIGIL_TRIGGERS` if the node creates it.
+    pub trigger_duplicate_window: Duration,
 }
 
 impl ServeConfig {
@@ -98,11 +105,14 @@ impl ServeConfig {
             stress_schedule: None,
             adl_refresh: Some(Duration::from_secs(5)),
             fund_floor: vigil_model::Amount::ZERO,
+            source: None,
+            trigger_replicas: 1,
+            trigger_duplicate_window: Duration::from_secs(600),
         }
     }
 }
 
-enum JournalMsg {
+pub(crate) enum JournalMsg {
     Batch {
         first: Offset,
         records: Vec<Vec<u8>>,
@@ -273,13 +283,13 @@ fn persistence_thread(
 }
 
 /// The longest the sequencer sleeps when idle (outputs wake it earlier: see `sequencer_thread`).
-const IDLE_TICK: Duration = Duration::from_millis(10);
+pub(crate) const IDLE_TICK: Duration = Duration::from_millis(10);
 
 /// How often the sequencer samples its gauges (when idle; under load, between batches that find the queue empty).
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 /// A batch waiting for its rejections.
-struct Report {
+pub(crate) struct Report {
     first: Offset,
     last: Offset,
     rejections: Vec<RejectionRecord>,
@@ -287,7 +297,7 @@ struct Report {
 }
 
 /// The output gate: outputs leave only at or below the durable offset.
-struct Gate {
+pub(crate) struct Gate {
     items: VecDeque<Released>,
     reports: VecDeque<Report>,
     durable: Arc<AtomicU64>,
@@ -305,7 +315,7 @@ struct Gate {
 
 impl Gate {
     /// Releases what is durable; `drained` is the offset through which the pipeline has handed over outputs.
-    fn release(&mut self, drained: Offset) {
+    pub(crate) fn release(&mut self, drained: Offset) {
         let durable = Offset(self.durable.load(Ordering::Acquire));
         let mut triggers = Vec::new();
         let mut liquidations = Vec::new();
@@ -369,7 +379,7 @@ impl Gate {
 /// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling. Runs until
 /// `stop` is set (then takes what is already queued) or every sender is gone.
 /// Where the sequencer sends what must become durable, and the producers table it keeps.
-struct Durability {
+pub(crate) struct Durability {
     journal: std_mpsc::SyncSender<JournalMsg>,
     persist: std_mpsc::Sender<Persist>,
     producers: Producers,
@@ -382,13 +392,13 @@ impl Durability {
     /// Asks every shard for a checkpoint delta at the sequenced offset, and the merge for its state there; the
     /// node state (producers table and fund) goes to the persistence thread once release passes that offset
     /// ([`Durability::persist_cuts`]).
-    fn checkpoint(&mut self, pipeline: &mut Pipeline) {
+    pub(crate) fn checkpoint(&mut self, pipeline: &mut Pipeline) {
         let at = pipeline.checkpoint();
         self.producers_at.push_back((at, self.producers.clone()));
     }
 
     /// Sends the node states whose fund the merge has cut.
-    fn persist_cuts(&mut self, pipeline: &mut Pipeline) {
+    pub(crate) fn persist_cuts(&mut self, pipeline: &mut Pipeline) {
         for cut in pipeline.take_cuts() {
             let Some((at, producers)) = self.producers_at.pop_front() else { break };
             debug_assert_eq!(at, cut.offset, "invariant: cuts come in the order checkpoints were asked for");
@@ -420,10 +430,7 @@ fn sequencer_thread(
 ) {
     let Intake { mut ingest, mut jobs } = intake;
     let committed = Arc::clone(&gate.committed);
-    let sequenced_gauge = metrics::gauge!(m::SEQUENCED);
-    let ring_gauges: Vec<metrics::Gauge> =
-        (0..config.shards).map(|s| metrics::gauge!(m::RING_OCCUPANCY, "shard" => s.to_string())).collect();
-    let mut last_sample = Instant::now();
+    let mut sampler = RingSampler::new(config.shards);
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
     let mut stopping = false;
@@ -443,15 +450,7 @@ fn sequencer_thread(
                 pipeline.drain(&mut |r| gate.items.push_back(r));
                 durability.persist_cuts(&mut pipeline);
                 gate.release(pipeline.drained());
-                if last_sample.elapsed() >= SAMPLE_EVERY {
-                    last_sample = Instant::now();
-                    sequenced_gauge.set(pipeline.offset().0 as f64);
-                    let (occupancy, capacity) = pipeline.ring_occupancy();
-                    for (g, n) in ring_gauges.iter().zip(occupancy) {
-                        g.set(n as f64);
-                    }
-                    metrics::gauge!(m::RING_CAPACITY).set(capacity as f64);
-                }
+                sampler.maybe_sample(&pipeline);
                 if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
                     durability.checkpoint(&mut pipeline);
                     since_checkpoint = 0;
@@ -631,6 +630,215 @@ pub fn check_exposure(config: &ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running node's parts that `serve` holds while it listens, whatever its source.
+pub(crate) struct Running {
+    pub(crate) checker: crate::pipeline::Checker,
+    pub(crate) ingest: mpsc::Sender<IngestBatch>,
+    /// Set to stop the sequencer (it takes what is queued, checkpoints, and ends).
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) sequencer: thread::JoinHandle<()>,
+    /// Joined after the sequencer, in order (the journal, the persistence thread).
+    pub(crate) threads: Vec<thread::JoinHandle<()>>,
+    pub(crate) durable: Arc<AtomicU64>,
+}
+
+impl Gate {
+    /// Takes an output the pipeline released, to leave once durable.
+    pub(crate) fn push(&mut self, released: Released) {
+        self.items.push_back(released);
+    }
+
+    /// Notes when the events through `last` were sequenced (for the trigger latency).
+    pub(crate) fn sequenced(&mut self, last: Offset) {
+        self.sequenced_at.push_back((last, Instant::now()));
+    }
+
+    pub(crate) fn new(durable: Arc<AtomicU64>, committed: Arc<Notify>, hub: Arc<Hub>) -> Self {
+        Self {
+            items: VecDeque::new(),
+            reports: VecDeque::new(),
+            durable,
+            committed,
+            hub,
+            released: 0,
+            sequenced_at: VecDeque::new(),
+            metrics: m::GateMetrics::new(),
+            fund_through: 0,
+        }
+    }
+}
+
+impl Durability {
+    pub(crate) fn new(
+        journal: std_mpsc::SyncSender<JournalMsg>,
+        persist: std_mpsc::Sender<Persist>,
+        producers: Producers,
+    ) -> Self {
+        Self {
+            journal,
+            persist,
+            producers,
+            producers_at: VecDeque::new(),
+            duplicates: metrics::counter!(m::INGEST_DUPLICATES),
+        }
+    }
+}
+
+/// The pipeline of a node: its shards, with the sequencer woken when a shard empties its ring.
+pub(crate) fn pipeline_config(config: &ServeConfig, committed: &Arc<Notify>) -> PipelineConfig {
+    PipelineConfig {
+        engine: config.engine.clone(),
+        shards: config.shards,
+        wait: config.wait,
+        pin: config.pin,
+        on_idle: Some(Arc::clone(committed)),
+        on_shard_panic: Some(|message| crate::fatal(message)),
+        ..PipelineConfig::default()
+    }
+}
+
+/// Starts the persistence thread over the recovered store (the checkpoint gauges start from what recovery found).
+pub(crate) fn spawn_persistence(
+    config: &ServeConfig,
+    store: Box<dyn vigil_store::checkpoint::CheckpointStore>,
+    watermarks: &[Offset],
+    node_offset: Offset,
+    journal: std_mpsc::SyncSender<JournalMsg>,
+    durable: &Arc<AtomicU64>,
+    hub: &Arc<Hub>,
+) -> anyhow::Result<(std_mpsc::Sender<Persist>, thread::JoinHandle<()>)> {
+    let (delta_tx, delta_rx) = std_mpsc::channel::<Persist>();
+    if let Ok(size) = store.size_on_disk() {
+        metrics::gauge!(m::STORE_BYTES).set(size as f64);
+    }
+    for (shard, w) in watermarks.iter().enumerate() {
+        metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard.to_string()).set(w.0 as f64);
+    }
+    let persister = Persister::new(store, watermarks.to_vec(), node_offset, config.checkpoint_failures_max);
+    let (durable, hub) = (Arc::clone(durable), Arc::clone(hub));
+    let on_fatal = Box::new(|e: String| {
+        eprintln!("vigil: checkpoint store failing, exiting: {e}");
+        std::process::exit(3);
+    });
+    let handle = crate::spawn_vital("vigil-persist", move || {
+        persistence_thread(persister, delta_rx, journal, durable, hub, on_fatal)
+    })?;
+    Ok((delta_tx, handle))
+}
+
+/// Samples the sequenced offset and the rings' occupancy into their gauges.
+pub(crate) struct RingSampler {
+    sequenced: metrics::Gauge,
+    rings: Vec<metrics::Gauge>,
+    last: Instant,
+}
+
+impl RingSampler {
+    pub(crate) fn new(shards: usize) -> Self {
+        Self {
+            sequenced: metrics::gauge!(m::SEQUENCED),
+            rings: (0..shards).map(|s| metrics::gauge!(m::RING_OCCUPANCY, "shard" => s.to_string())).collect(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Samples if `SAMPLE_EVERY` has passed since the last time.
+    pub(crate) fn maybe_sample(&mut self, pipeline: &Pipeline) {
+        if self.last.elapsed() < SAMPLE_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        self.sequenced.set(pipeline.offset().0 as f64);
+        let (occupancy, capacity) = pipeline.ring_occupancy();
+        for (g, n) in self.rings.iter().zip(occupancy) {
+            g.set(n as f64);
+        }
+        metrics::gauge!(m::RING_CAPACITY).set(capacity as f64);
+    }
+}
+
+/// Recovers from the journal and the checkpoints and starts the journaled node: journal, persistence, pipeline
+/// and sequencer threads.
+fn start_journaled(
+    config: &ServeConfig,
+    runtime: &tokio::runtime::Runtime,
+    hub: &Arc<Hub>,
+    started: Instant,
+) -> anyhow::Result<Running> {
+    let recovery = recover(&config.data, &config.engine, config.shards, config.journal.clone())?;
+    tracing::info!(
+        durable = recovery.journal_recovered.durable.0,
+        truncated_bytes = recovery.journal_recovered.truncated_bytes,
+        replayed = recovery.replayed,
+        triggers = recovery.triggers.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    metrics::gauge!(m::RECOVERY_SECONDS).set(started.elapsed().as_secs_f64());
+    metrics::gauge!(m::DURABLE).set(recovery.journal.durable().0 as f64);
+    let durable_offset = recovery.journal.durable();
+    let durable = Arc::new(AtomicU64::new(durable_offset.0));
+    let (journal_tx, journal_rx) = std_mpsc::sync_channel::<JournalMsg>(1024);
+    let committed = Arc::new(Notify::new());
+    let journal_handle = {
+        let (durable, committed) = (Arc::clone(&durable), Arc::clone(&committed));
+        let journal = recovery.journal;
+        crate::spawn_vital("vigil-journal", move || {
+            journal_thread(
+                journal,
+                journal_rx,
+                durable,
+                committed,
+                Box::new(|e| {
+                    eprintln!("vigil: journal failure, exiting: {e}");
+                    std::process::exit(2);
+                }),
+            )
+        })?
+    };
+    let (delta_tx, persistence_handle) = spawn_persistence(
+        config,
+        recovery.store,
+        &recovery.watermarks,
+        recovery.node_offset,
+        journal_tx.clone(),
+        &durable,
+        hub,
+    )?;
+    let durability = Durability::new(journal_tx, delta_tx.clone(), recovery.producers);
+    let mut pipeline =
+        Pipeline::start_with(&pipeline_config(config, &committed), recovery.engines, durable_offset, Some(delta_tx))?;
+    pipeline.set_fund(recovery.fund);
+    let checker = pipeline.checker();
+    let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Gate::new(Arc::clone(&durable), committed, Arc::clone(hub));
+    gate.metrics.fund(&recovery.fund);
+    let sequencer = {
+        let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
+        crate::spawn_vital("vigil-sequencer", move || {
+            let intake = Intake { ingest: ingest_rx, jobs: jobs_rx };
+            sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
+        })?
+    };
+    hub.start_fund(durable_offset, recovery.fund, recovery.liquidations);
+    hub.start(
+        recovery.history,
+        durable_offset,
+        recovery.watermarks,
+        Node { checker: checker.clone(), ingest: ingest_tx.clone(), jobs: jobs_tx, durable: Arc::clone(&durable) },
+    );
+    Ok(Running {
+        checker,
+        ingest: ingest_tx,
+        stop,
+        sequencer,
+        threads: vec![journal_handle, persistence_handle],
+        durable,
+    })
+}
+
 /// Runs the node until SIGTERM/SIGINT. `ready` receives the bound addresses as soon as they are bound: the HTTP
 /// API answers `/health` (and `/ready` with 503) while recovery runs; TCP connections wait in the backlog.
 pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
@@ -678,108 +886,12 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     };
     ready(bound);
 
-    let recovery = recover(&config.data, &config.engine, config.shards, config.journal.clone())?;
-    tracing::info!(
-        durable = recovery.journal_recovered.durable.0,
-        truncated_bytes = recovery.journal_recovered.truncated_bytes,
-        replayed = recovery.replayed,
-        triggers = recovery.triggers.len(),
-        ms = started.elapsed().as_millis() as u64,
-        "recovered"
-    );
-    metrics::gauge!(m::RECOVERY_SECONDS).set(started.elapsed().as_secs_f64());
-    metrics::gauge!(m::DURABLE).set(recovery.journal.durable().0 as f64);
-    let durable_offset = recovery.journal.durable();
-    let durable = Arc::new(AtomicU64::new(durable_offset.0));
-    let (journal_tx, journal_rx) = std_mpsc::sync_channel::<JournalMsg>(1024);
-    let committed = Arc::new(Notify::new());
-    let journal_handle = {
-        let (durable, committed) = (Arc::clone(&durable), Arc::clone(&committed));
-        let journal = recovery.journal;
-        crate::spawn_vital("vigil-journal", move || {
-            journal_thread(
-                journal,
-                journal_rx,
-                durable,
-                committed,
-                Box::new(|e| {
-                    eprintln!("vigil: journal failure, exiting: {e}");
-                    std::process::exit(2);
-                }),
-            )
-        })?
+    let running = match config.source.clone() {
+        None => start_journaled(&config, &runtime, &hub, started)?,
+        Some(source) => crate::cluster::node::start(&config, source, &runtime, &hub)?,
     };
-    let (delta_tx, delta_rx) = std_mpsc::channel::<Persist>();
-    let store = recovery.store;
-    // The checkpoint gauges start from what recovery found, not from the first checkpoint of this run.
-    if let Ok(size) = store.size_on_disk() {
-        metrics::gauge!(m::STORE_BYTES).set(size as f64);
-    }
-    for (shard, w) in recovery.watermarks.iter().enumerate() {
-        metrics::gauge!(m::CHECKPOINT_OFFSET, "shard" => shard.to_string()).set(w.0 as f64);
-    }
-    let persistence_handle = {
-        let persister =
-            Persister::new(store, recovery.watermarks.clone(), recovery.node_offset, config.checkpoint_failures_max);
-        let (journal, durable) = (journal_tx.clone(), Arc::clone(&durable));
-        let hub = Arc::clone(&hub);
-        let on_fatal = Box::new(|e: String| {
-            eprintln!("vigil: checkpoint store failing, exiting: {e}");
-            std::process::exit(3);
-        });
-        crate::spawn_vital("vigil-persist", move || {
-            persistence_thread(persister, delta_rx, journal, durable, hub, on_fatal)
-        })?
-    };
-    let pipeline_config = PipelineConfig {
-        engine: config.engine.clone(),
-        shards: config.shards,
-        wait: config.wait,
-        pin: config.pin,
-        on_idle: Some(Arc::clone(&committed)),
-        on_shard_panic: Some(|message| crate::fatal(message)),
-        ..PipelineConfig::default()
-    };
-    let durability = Durability {
-        journal: journal_tx,
-        persist: delta_tx.clone(),
-        producers: recovery.producers,
-        producers_at: VecDeque::new(),
-        duplicates: metrics::counter!(m::INGEST_DUPLICATES),
-    };
-    let mut pipeline = Pipeline::start_with(&pipeline_config, recovery.engines, durable_offset, Some(delta_tx))?;
-    pipeline.set_fund(recovery.fund);
-    let checker = pipeline.checker();
-    let checker_for_wire = checker.clone();
-    let (ingest_tx, ingest_rx) = mpsc::channel::<IngestBatch>(256);
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
-    let stop = Arc::new(AtomicBool::new(false));
-    let gate = Gate {
-        items: VecDeque::new(),
-        reports: VecDeque::new(),
-        durable: Arc::clone(&durable),
-        committed,
-        hub: Arc::clone(&hub),
-        released: 0,
-        sequenced_at: VecDeque::new(),
-        metrics: m::GateMetrics::new(),
-        fund_through: 0,
-    };
-    gate.metrics.fund(&recovery.fund);
-    let sequencer_handle = {
-        let (config, handle, stop) = (config.clone(), runtime.handle().clone(), Arc::clone(&stop));
-        crate::spawn_vital("vigil-sequencer", move || {
-            let intake = Intake { ingest: ingest_rx, jobs: jobs_rx };
-            sequencer_thread(handle, pipeline, intake, durability, gate, stop, config)
-        })?
-    };
-    hub.start_fund(durable_offset, recovery.fund, recovery.liquidations);
-    hub.start(
-        recovery.history,
-        durable_offset,
-        recovery.watermarks,
-        Node { checker, ingest: ingest_tx.clone(), jobs: jobs_tx, durable: Arc::clone(&durable) },
-    );
+    let Running { checker: checker_for_wire, ingest: ingest_tx, stop, sequencer: sequencer_handle, threads, durable } =
+        running;
     metrics::gauge!(m::READY).set(1.0);
     runtime.spawn(sample_shards(Arc::clone(&hub)));
     if let Some(every) = config.adl_refresh {
@@ -845,8 +957,9 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
     stop.store(true, Ordering::Release);
     let _ = sequencer_handle.join();
     hub.shut_down();
-    let _ = journal_handle.join();
-    let _ = persistence_handle.join();
+    for t in threads {
+        let _ = t.join();
+    }
     let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), http_task).await });
     runtime.shutdown_timeout(Duration::from_secs(5));
     tracing::info!(durable = durable.load(Ordering::Acquire), "stopped");

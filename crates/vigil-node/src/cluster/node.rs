@@ -1,0 +1,246 @@
+//! `vigil serve --source nats://… --partition N/P`: the node's start in cluster mode. Recovery restores the shards
+//! and the node state from the checkpoint store; the consumer reads the stream from the oldest of their offsets;
+//! the sequencer applies each window's events at their offsets on the same pipeline, gate and persistence as a
+//! journaled node. The stream is durable before the node sees it, so an event is durable once sequenced.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use tokio::sync::{Notify, mpsc};
+use vigil_model::{Offset, Trigger};
+
+use super::source::{NatsSource, SourceBatch, SourceStatus};
+use super::triggers::{publish_triggers, triggers_stream};
+use super::{TRIGGER_OFFSET_HEADER, trigger_subject};
+use crate::hub::{Hub, Node};
+use crate::intake::{IngestBatch, Item, Refusal};
+use crate::metrics as m;
+use crate::pipeline::{Pipeline, ShardJob};
+use crate::producers::Producers;
+use crate::recovery::recover_checkpoints;
+use crate::serve::{
+    Durability, Gate, IDLE_TICK, JournalMsg, RingSampler, Running, ServeConfig, pipeline_config, spawn_persistence,
+};
+
+/// The offset of the last trigger `VIGIL_TRIGGERS` holds for `partition` (0 if none).
+async fn last_stored_trigger(js: &jetstream::Context, partition: u32) -> anyhow::Result<Offset> {
+    let what = format!("finding {}", super::TRIGGERS_STREAM);
+    let stream = super::retry(&what, || js.get_stream(super::TRIGGERS_STREAM)).await?;
+    match stream.get_last_raw_message_by_subject(&trigger_subject(partition)).await {
+        Ok(m) => Ok(Offset(m.headers.get(TRIGGER_OFFSET_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0))),
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(Offset(0)),
+        Err(e) => Err(anyhow::anyhow!("reading the last stored trigger: {e}")),
+    }
+}
+
+/// Recovers and starts a cluster node.
+pub(crate) fn start(
+    config: &ServeConfig,
+    source: NatsSource,
+    runtime: &tokio::runtime::Runtime,
+    hub: &Arc<Hub>,
+) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    // The NATS client spawns its tasks on the runtime it is created in.
+    let _runtime = runtime.enter();
+    let recovery = recover_checkpoints(&config.data, &config.engine, config.shards)?;
+    let partition = source.partition;
+    let status = Arc::new(SourceStatus::new(partition));
+    status.consumed.store(recovery.start.0, Ordering::Relaxed);
+    let _ = hub.source.set(Arc::clone(&status));
+    let mut feed = runtime.block_on(super::source::open(&source, recovery.start, Arc::clone(&status)))?;
+    // Triggers: the stored history after the last trigger the stream holds for this partition goes out again (a
+    // crash may have released triggers this node never published; the ids deduplicate the rest).
+    let client = runtime.block_on(super::publish::connect(&source.url))?;
+    let js = jetstream::new(client);
+    runtime.block_on(triggers_stream(&js, config.trigger_replicas, config.trigger_duplicate_window))?;
+    let last_stored = runtime
+        .block_on(super::retry("reading the last stored trigger", || last_stored_trigger(&js, partition.index)))?;
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<Vec<Trigger>>();
+    let unpublished: Vec<Trigger> = recovery.history.iter().filter(|t| t.offset >= last_stored).cloned().collect();
+    if !unpublished.is_empty() {
+        let _ = trigger_tx.send(unpublished);
+    }
+    let _ = hub.trigger_sink.set(trigger_tx);
+    runtime.spawn(publish_triggers(js, partition.index, trigger_rx));
+    tracing::info!(
+        partition = %partition,
+        start = recovery.start.0,
+        ms = started.elapsed().as_millis() as u64,
+        "restored from checkpoints; the stream supplies the rest"
+    );
+    metrics::gauge!(m::RECOVERY_SECONDS).set(started.elapsed().as_secs_f64());
+
+    let durable = Arc::new(AtomicU64::new(recovery.start.0));
+    let committed = Arc::new(Notify::new());
+    // No journal: trims have nowhere to go (the stream's own limits decide what it keeps).
+    let (journal_tx, _) = std_mpsc::sync_channel::<JournalMsg>(1);
+    let (delta_tx, persistence) = spawn_persistence(
+        config,
+        recovery.store,
+        &recovery.watermarks,
+        recovery.node_offset,
+        journal_tx.clone(),
+        &durable,
+        hub,
+    )?;
+    let durability = Durability::new(journal_tx, delta_tx.clone(), Producers::default());
+    let mut pipeline =
+        Pipeline::start_with(&pipeline_config(config, &committed), recovery.engines, recovery.start, Some(delta_tx))?;
+    pipeline.skip_restored();
+    pipeline.continue_fund(recovery.fund, recovery.node_offset);
+    pipeline.settle_restored(recovery.to_settle);
+    let checker = pipeline.checker();
+
+    // The node takes no events of its own.
+    let (ingest_tx, mut ingest_rx) = mpsc::channel::<IngestBatch>(16);
+    let refusal = format!(
+        "this node consumes partition {partition} of {} from NATS; events go to the stream through `vigil publish`",
+        super::EVENTS_STREAM
+    );
+    runtime.spawn(async move {
+        while let Some(batch) = ingest_rx.recv().await {
+            let _ = batch.reply.send(Err(Refusal::Source(refusal.clone())));
+        }
+    });
+    let (batches_tx, batches_rx) = mpsc::channel::<SourceBatch>(64);
+    runtime.spawn(async move {
+        loop {
+            match feed.next().await {
+                Ok(Some(batch)) => {
+                    if batches_tx.send(batch).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => crate::fatal("the stream's consumer ended"),
+                Err(e) => crate::fatal(format!("consuming the stream: {e:#}")),
+            }
+        }
+    });
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Gate::new(Arc::clone(&durable), Arc::clone(&committed), Arc::clone(hub));
+    let sequencer = {
+        let (config, handle, stop, durable) =
+            (config.clone(), runtime.handle().clone(), Arc::clone(&stop), Arc::clone(&durable));
+        crate::spawn_vital("vigil-sequencer", move || {
+            let io = SequencerIo { batches: batches_rx, jobs: jobs_rx, committed, durable, stop };
+            sequencer_thread(handle, pipeline, io, durability, gate, config)
+        })?
+    };
+    hub.start_fund(recovery.node_offset, recovery.fund, recovery.liquidations);
+    hub.start(
+        recovery.history,
+        recovery.start,
+        recovery.watermarks,
+        Node { checker: checker.clone(), ingest: ingest_tx.clone(), jobs: jobs_tx, durable: Arc::clone(&durable) },
+    );
+    runtime.spawn(sample_source(status));
+    Ok(Running { checker, ingest: ingest_tx, stop, sequencer, threads: vec![persistence], durable })
+}
+
+/// Exports the consumer's position.
+async fn sample_source(status: Arc<SourceStatus>) {
+    let lag = metrics::gauge!(m::SOURCE_LAG);
+    let consumed = metrics::gauge!(m::SOURCE_CONSUMED);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        lag.set(status.lag_messages.load(Ordering::Relaxed) as f64);
+        consumed.set(status.consumed.load(Ordering::Relaxed) as f64);
+    }
+}
+
+struct SequencerIo {
+    batches: mpsc::Receiver<SourceBatch>,
+    jobs: mpsc::Receiver<Arc<dyn ShardJob>>,
+    committed: Arc<Notify>,
+    durable: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The sequencer of a cluster node: windows from the consumer, applied at their offsets; outputs released (an
+/// event is durable once the stream delivered it); checkpoints scheduled as on a journaled node.
+fn sequencer_thread(
+    runtime: tokio::runtime::Handle,
+    mut pipeline: Pipeline,
+    io: SequencerIo,
+    mut durability: Durability,
+    mut gate: Gate,
+    config: ServeConfig,
+) {
+    let SequencerIo { mut batches, mut jobs, committed, durable, stop } = io;
+    let mut sampler = RingSampler::new(config.shards);
+    let mut since_checkpoint = 0u64;
+    let mut last_checkpoint = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        while let Ok(job) = jobs.try_recv() {
+            pipeline.job(job);
+        }
+        let batch = match batches.try_recv() {
+            Ok(b) => b,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                pipeline.drain(&mut |r| gate.push(r));
+                durability.persist_cuts(&mut pipeline);
+                gate.release(pipeline.drained());
+                sampler.maybe_sample(&pipeline);
+                if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
+                    durability.checkpoint(&mut pipeline);
+                    since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                }
+                let woken = runtime.block_on(async {
+                    tokio::select! {
+                        batch = batches.recv() => Some(batch),
+                        Some(job) = jobs.recv() => {
+                            pipeline.job(job);
+                            None
+                        }
+                        _ = committed.notified() => None,
+                        _ = tokio::time::sleep(IDLE_TICK) => None,
+                    }
+                });
+                match woken {
+                    Some(Some(b)) => b,
+                    Some(None) => break,
+                    None => continue,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        let SourceBatch { items, through } = batch;
+        let count = items.len() as u64;
+        for (offset, item) in items {
+            if offset <= pipeline.offset() {
+                continue;
+            }
+            match item {
+                Item::Event(event) => pipeline.submit_at(offset, event),
+                Item::Invalid(rejection) => pipeline.reject_at(offset, rejection),
+            };
+        }
+        pipeline.advance_to(through);
+        pipeline.publish();
+        durable.store(pipeline.offset().0, Ordering::Release);
+        gate.sequenced(pipeline.offset());
+        since_checkpoint += count;
+        if since_checkpoint >= config.checkpoint_events {
+            durability.checkpoint(&mut pipeline);
+            since_checkpoint = 0;
+            last_checkpoint = Instant::now();
+        }
+    }
+    // Shutdown: what was handed over is applied and checkpointed; the stream keeps the rest.
+    pipeline.flush(&mut |r| gate.push(r));
+    durability.checkpoint(&mut pipeline);
+    pipeline.flush(&mut |r| gate.push(r));
+    durability.persist_cuts(&mut pipeline);
+    let drained = pipeline.offset();
+    let _ = pipeline.finish(&mut |_| {});
+    drop(durability);
+    gate.release(drained);
+    tracing::info!("sequencer stopped");
+}

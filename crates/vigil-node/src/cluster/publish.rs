@@ -1,0 +1,370 @@
+//! `vigil publish`: the sequencer in front of the stream. Offsets are the input's non-blank lines, counted from 1
+//! exactly as `vigil replay` counts them (an unreadable line takes its offset as a rejection), so a partitioned
+//! cluster and a replay of the same input agree offset for offset.
+//!
+//! Each window is published whole before the next: its partition messages, their PubAcks, then its closing message
+//! on the broadcast subject and that PubAck. The stream therefore never holds a closed window with a message missing,
+//! and a restart resumes after the last closed window (the last message on the broadcast subject), re-cutting the
+//! window it was in the middle of: messages cut the same way deduplicate (`Nats-Msg-Id`), and a node applies an
+//! offset once whatever the stream holds twice.
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream};
+use axum::body::Bytes;
+use vigil_model::{Offset, Reason, parse_line};
+use vigil_store::codec::{encode_event, encode_rejected_input};
+
+use super::{
+    BROADCAST_SUBJECT, COUNT_HEADER, EVENT_SUBJECTS, EVENTS_STREAM, FIRST_HEADER, WINDOW_HEADER, Window, partition_of,
+    partition_subject, push_record,
+};
+use crate::replay::LINE_BYTES_MAX;
+
+#[derive(Clone, Debug)]
+pub struct PublishConfig {
+    pub url: String,
+    pub partitions: u32,
+    /// Events per window at most.
+    pub window_events: usize,
+    /// Bytes of one message's body at most (a window closes when any of its messages would grow past it).
+    pub window_bytes: usize,
+    /// A window closes when the input pauses this long (a pipe or a terminal).
+    pub idle: Duration,
+    /// Replicas of the events stream when the publisher creates it.
+    pub replicas: usize,
+    /// The stream's duplicate window.
+    pub duplicate_window: Duration,
+}
+
+impl PublishConfig {
+    pub fn new(url: &str, partitions: u32) -> Self {
+        Self {
+            url: url.to_owned(),
+            partitions,
+            window_events: 8192,
+            window_bytes: 512 << 10,
+            idle: Duration::from_millis(2),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What a publisher run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishSummary {
+    /// The last offset of the last closed window found in the stream at start (0: an empty stream).
+    pub resumed_after: Offset,
+    /// The last offset published (and acknowledged).
+    pub last: Offset,
+    pub windows: u64,
+    pub messages: u64,
+    /// Messages the stream already held (a resend after a crash).
+    pub duplicates: u64,
+}
+
+/// Connects to the first reachable of a comma-separated list of `nats://` addresses.
+pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    anyhow::ensure!(!addrs.is_empty(), "no NATS address given");
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs.as_slice())
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))
+}
+
+/// The events stream, created if missing (file storage; `replicas` copies).
+pub async fn events_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+    duplicate_window: Duration,
+) -> anyhow::Result<stream::Stream> {
+    let config = stream::Config {
+        name: EVENTS_STREAM.to_owned(),
+        subjects: vec![EVENT_SUBJECTS.to_owned()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window,
+        ..Default::default()
+    };
+    let what = format!("creating or finding the stream {EVENTS_STREAM}");
+    super::retry(&what, || js.get_or_create_stream(config.clone())).await
+}
+
+/// The last offset of the last closed window in the stream (0 if none).
+pub async fn last_closed(stream: &stream::Stream) -> anyhow::Result<Offset> {
+    match stream.get_last_raw_message_by_subject(BROADCAST_SUBJECT).await {
+        Ok(m) => {
+            let window = m
+                .headers
+                .get(WINDOW_HEADER)
+                .and_then(|v| Window::parse(v.as_str()))
+                .context("the last closing message in the stream has no readable window header")?;
+            Ok(window.last)
+        }
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Offset(0)),
+        Err(e) => Err(anyhow::anyhow!("reading the stream's last closed window: {e}")),
+    }
+}
+
+/// One input line, ready to publish: where it goes (`None`: the broadcast subject) and its journal record.
+struct Line {
+    partition: Option<u32>,
+    record: Vec<u8>,
+}
+
+/// Parses a line the way `vigil replay` does, into its destination and journal record.
+fn prepare(line: Result<&str, String>, partitions: u32) -> Line {
+    let parsed = match line {
+        Ok(text) => parse_line(text),
+        Err(message) => Err(vigil_model::reject(Reason::InvalidEvent, message)),
+    };
+    let mut record = Vec::new();
+    let event = match parsed {
+        Ok(event) => match encode_event(&event, &mut record) {
+            Ok(()) => Ok(event),
+            Err(e) => {
+                record.clear();
+                Err(vigil_model::reject(Reason::InvalidEvent, format!("event not encodable: {e}")))
+            }
+        },
+        Err(r) => Err(r),
+    };
+    match event {
+        Ok(event) => Line { partition: event.account().map(|a| partition_of(a, partitions)), record },
+        Err(r) => {
+            encode_rejected_input(r.reason.as_str(), &r.message, &mut record);
+            Line { partition: None, record }
+        }
+    }
+}
+
+/// Reads `input` on this thread, skipping the first `skip` offsets, and sends the prepared lines (in chunks) to
+/// `tx`. Returns when the input ends or the receiver is gone.
+fn read_input(
+    mut input: impl BufRead,
+    skip: u64,
+    partitions: u32,
+    tx: tokio::sync::mpsc::Sender<Vec<Line>>,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut offset = 0u64;
+    let mut chunk = Vec::with_capacity(256);
+    loop {
+        let Some(fits) = crate::replay::read_line(&mut input, &mut buf).context("reading the input")? else { break };
+        if fits && buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        offset += 1;
+        if offset <= skip {
+            continue;
+        }
+        let line = if !fits {
+            Err(format!("line longer than {LINE_BYTES_MAX} bytes"))
+        } else {
+            std::str::from_utf8(&buf).map_err(|e| format!("line is not UTF-8: {e}"))
+        };
+        chunk.push(prepare(line, partitions));
+        // Hand over at once when the reader would block (a pipe): the window may be waiting for it.
+        if chunk.len() >= 256 || input.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+            if tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                return Ok(());
+            }
+            chunk.reserve(256);
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(chunk);
+    }
+    Ok(())
+}
+
+/// A window being cut: one body per partition and the broadcast body.
+struct Cut {
+    first: Offset,
+    last: Offset,
+    bodies: Vec<(Vec<u8>, u32, Option<Offset>)>,
+    broadcast: (Vec<u8>, u32, Option<Offset>),
+    events: usize,
+}
+
+impl Cut {
+    fn new(first: Offset, partitions: u32) -> Self {
+        Self {
+            first,
+            last: Offset(first.0 - 1),
+            bodies: (0..partitions).map(|_| (Vec::new(), 0, None)).collect(),
+            broadcast: (Vec::new(), 0, None),
+            events: 0,
+        }
+    }
+
+    fn fits(&self, line: &Line, config: &PublishConfig) -> bool {
+        let body = match line.partition {
+            Some(p) => &self.bodies[p as usize].0,
+            None => &self.broadcast.0,
+        };
+        self.events < config.window_events && body.len() + line.record.len() + 12 <= config.window_bytes
+    }
+
+    fn push(&mut self, line: Line) {
+        self.last = self.last.next();
+        self.events += 1;
+        let target = match line.partition {
+            Some(p) => &mut self.bodies[p as usize],
+            None => &mut self.broadcast,
+        };
+        push_record(self.last, &line.record, &mut target.0);
+        target.1 += 1;
+        target.2.get_or_insert(self.last);
+    }
+}
+
+fn headers(window: Window, first: Option<Offset>, count: u32, id: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(WINDOW_HEADER, window.header().as_str());
+    if let Some(f) = first {
+        h.insert(FIRST_HEADER, f.0.to_string().as_str());
+    }
+    h.insert(COUNT_HEADER, count.to_string().as_str());
+    h.insert("Nats-Msg-Id", id);
+    h
+}
+
+/// One message of a window, ready to (re)send.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Sends the messages (all but the last pipelined), waits for their acks, then sends the last (the window's close)
+/// and waits for its ack. Returns how many the stream already held.
+async fn send_window(js: &jetstream::Context, messages: &[Outgoing]) -> Result<u64, String> {
+    let Some((close, partitions)) = messages.split_last() else { return Ok(0) };
+    let mut pending = Vec::with_capacity(partitions.len());
+    for m in partitions {
+        let ack = js.publish_with_headers(m.subject.clone(), m.headers.clone(), m.body.clone()).await;
+        pending.push(ack.map_err(|e| e.to_string())?);
+    }
+    let mut duplicates = 0;
+    for ack in pending {
+        duplicates += u64::from(ack.await.map_err(|e| e.to_string())?.duplicate);
+    }
+    let ack = js
+        .publish_with_headers(close.subject.clone(), close.headers.clone(), close.body.clone())
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(duplicates + u64::from(ack.duplicate))
+}
+
+/// Publishes one window: partition messages, their acks, then the closing message and its ack. A failure (a
+/// leader election, a lost connection) resends the whole window until [`super::STARTUP_RETRY`] passes: the
+/// messages keep their ids, so what was stored the first time deduplicates.
+async fn publish_window(js: &jetstream::Context, cut: Cut, summary: &mut PublishSummary) -> anyhow::Result<()> {
+    let window = Window { first: cut.first, last: cut.last };
+    let mut messages = Vec::with_capacity(cut.bodies.len() + 1);
+    for (index, (body, count, first)) in cut.bodies.into_iter().enumerate() {
+        let Some(first) = first else { continue };
+        // The id is the first offset and the window: a window re-cut differently after a crash is a different
+        // message (its events deduplicate at the node, by offset), never a dropped one.
+        let id = format!("{}.{}", first.0, window.header());
+        messages.push(Outgoing {
+            subject: partition_subject(index as u32),
+            headers: headers(window, Some(first), count, &id),
+            body: Bytes::from(body),
+        });
+    }
+    let (body, count, first) = cut.broadcast;
+    let id = format!("all.{}", window.header());
+    messages.push(Outgoing {
+        subject: BROADCAST_SUBJECT.to_owned(),
+        headers: headers(window, first, count, &id),
+        body: Bytes::from(body),
+    });
+    let what = format!("publishing window {}", window.header());
+    let duplicates = super::retry(&what, || send_window(js, &messages)).await?;
+    summary.messages += messages.len() as u64;
+    summary.duplicates += duplicates;
+    summary.windows += 1;
+    summary.last = window.last;
+    Ok(())
+}
+
+/// Publishes `input` (JSON Lines) to the events stream, resuming after the last closed window it already holds.
+/// `progress` is called after each window with what was published so far.
+pub async fn publish(
+    input: impl BufRead + Send + 'static,
+    config: &PublishConfig,
+    mut progress: impl FnMut(&PublishSummary),
+) -> anyhow::Result<PublishSummary> {
+    anyhow::ensure!(config.partitions >= 1 && config.partitions <= 1024, "--partitions must be 1 to 1024");
+    let client = connect(&config.url).await?;
+    let js = jetstream::new(client.clone());
+    let stream = events_stream(&js, config.replicas, config.duplicate_window).await?;
+    let resumed_after = last_closed(&stream).await?;
+    let mut summary = PublishSummary { resumed_after, last: resumed_after, ..Default::default() };
+    if resumed_after.0 > 0 {
+        tracing::info!(after = resumed_after.0, "resuming after the stream's last closed window");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Line>>(64);
+    let partitions = config.partitions;
+    let reader = std::thread::Builder::new()
+        .name("vigil-publish-read".into())
+        .spawn(move || read_input(input, resumed_after.0, partitions, tx))
+        .context("starting the input reader")?;
+    let mut cut = Cut::new(resumed_after.next(), partitions);
+    let mut queued: std::collections::VecDeque<Line> = std::collections::VecDeque::new();
+    let mut ended = false;
+    loop {
+        if queued.is_empty() && !ended {
+            let next = if cut.events == 0 {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout(config.idle, rx.recv()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // The input paused: close what is cut.
+                        let next_first = cut.last.next();
+                        let full = std::mem::replace(&mut cut, Cut::new(next_first, partitions));
+                        publish_window(&js, full, &mut summary).await?;
+                        progress(&summary);
+                        continue;
+                    }
+                }
+            };
+            match next {
+                Some(lines) => queued.extend(lines),
+                None => ended = true,
+            }
+        }
+        while let Some(line) = queued.pop_front() {
+            if cut.events > 0 && !cut.fits(&line, config) {
+                queued.push_front(line);
+                break;
+            }
+            cut.push(line);
+        }
+        let window_full = !queued.is_empty();
+        if (window_full || (ended && queued.is_empty())) && cut.events > 0 {
+            let next_first = cut.last.next();
+            let full = std::mem::replace(&mut cut, Cut::new(next_first, partitions));
+            publish_window(&js, full, &mut summary).await?;
+            progress(&summary);
+        }
+        if ended && queued.is_empty() && cut.events == 0 {
+            break;
+        }
+    }
+    reader.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
+    client.flush().await.context("flushing the NATS connection")?;
+    Ok(summary)
+}
