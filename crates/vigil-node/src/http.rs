@@ -445,16 +445,9 @@ fn valid_name(id: &str) -> Result<(), ApiError> {
 /// In cluster mode, an account of another partition is refused with the partition that owns it.
 fn served_here(hub: &Hub, id: &str) -> Result<(), ApiError> {
     match hub.partition() {
-        Some(p) if !p.owns(id) => Err(ApiError::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "wrong_partition",
-            &format!(
-                "account {id:?} belongs to partition {}/{}; this node serves partition {p} (docs/cluster.md gives \
-                 the hash)",
-                crate::cluster::partition_of(id, p.count),
-                p.count
-            ),
-        )),
+        Some(p) if !p.owns(id) => {
+            Err(ApiError::new(StatusCode::MISDIRECTED_REQUEST, "wrong_partition", &p.refusal(id)))
+        }
         _ => Ok(()),
     }
 }

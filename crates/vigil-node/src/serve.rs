@@ -912,6 +912,7 @@ pub fn serve(config: ServeConfig, ready: impl FnOnce(Bound)) -> anyhow::Result<(
         frame_bytes_max: config.frame_bytes_max.min(FRAME_BYTES_MAX),
         events: metrics::counter!(m::INGEST_EVENTS, "transport" => "tcp"),
         batches: metrics::counter!(m::INGEST_BATCHES, "transport" => "tcp"),
+        partition: config.source.as_ref().map(|s| s.partition),
     };
     let connections_max = config.connections_max.max(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(connections_max));

@@ -53,6 +53,8 @@ pub(crate) struct Listener {
     pub(crate) frame_bytes_max: usize,
     pub(crate) events: metrics::Counter,
     pub(crate) batches: metrics::Counter,
+    /// Cluster mode: the partition served; checks of other partitions' accounts are refused.
+    pub(crate) partition: Option<crate::cluster::Partition>,
 }
 
 /// Answers a check frame (docs/wire.md, "Checks"): the same check as `POST /v1/accounts/{id}/check`, each
@@ -76,6 +78,10 @@ async fn answer_checks(node: &Listener, min: Offset, fills: Vec<Fill>) -> Vec<Ch
             continue;
         }
         let Event::Trade(fill) = event else { continue };
+        if let Some(p) = node.partition.filter(|p| !p.owns(&fill.account)) {
+            answers[i] = Some(refused("wrong_partition", &p.refusal(&fill.account)));
+            continue;
+        }
         let shard = shard_of(&fill.account, shards);
         parts[shard].0.push(i);
         parts[shard].1.push(fill);

@@ -119,6 +119,7 @@ impl NatsCluster {
 
 struct ServeNode {
     base: String,
+    ingest: String,
     process: Killed,
 }
 
@@ -136,10 +137,11 @@ fn serve(data: &Path, urls: &str, partition: &str) -> ServeNode {
     let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
     out.read_line(&mut line).expect("listening line");
+    let ingest = line.trim().strip_prefix("listening on ").expect("listening on").to_owned();
     line.clear();
     out.read_line(&mut line).expect("http line");
     let base = format!("http://{}", line.trim().strip_prefix("http on ").expect("http on"));
-    ServeNode { base, process: Killed(child) }
+    ServeNode { base, ingest, process: Killed(child) }
 }
 
 fn get(http: &Http, url: &str) -> Option<(StatusCode, Value)> {
@@ -341,6 +343,38 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     }
     assert!(served.iter().all(|n| *n > accounts.len() / 4), "the partitions are lopsided: {served:?}");
 
+    // Binary check frames: answered for the partition's accounts, refused with the owner for the others.
+    let ids: Vec<&str> = accounts.iter().take(20).map(|a| a["account"].as_str().expect("id")).collect();
+    let symbol = replay["accounts"]
+        .as_array()
+        .and_then(|all| all.iter().find_map(|a| a["positions"].as_array()?.first()?["symbol"].as_str()))
+        .expect("some account holds a position");
+    let fills: Vec<vigil_model::Fill> = ids
+        .iter()
+        .map(|id| {
+            let line = format!(
+                r#"{{"type":"trade","account":"{id}","symbol":"{symbol}","side":"buy","qty":"0.001","price":"1"}}"#
+            );
+            match vigil_model::parse_line(&line) {
+                Ok(vigil_model::Event::Trade(f)) => f,
+                other => panic!("a check fill: {other:?}"),
+            }
+        })
+        .collect();
+    let mut wire = vigil_node::wire::Client::connect(&nodes[0].ingest).expect("connect to node 0's TCP listener");
+    let answers = wire.check(vigil_model::Offset(0), &fills).expect("check frame answered");
+    for (id, answer) in ids.iter().zip(answers) {
+        let owned = vigil_node::cluster::partition_of(id, 2) == 0;
+        match answer {
+            vigil_node::wire::CheckAnswer::Answered { .. } => assert!(owned, "{id} answered by the wrong partition"),
+            vigil_node::wire::CheckAnswer::Refused { code, message } => {
+                assert!(!owned, "{id} refused by its own partition: {code} {message}");
+                assert_eq!(code, "wrong_partition", "{message}");
+                assert!(message.contains("partition 1/2"), "{message}");
+            }
+        }
+    }
+
     // The trigger stream holds replay's triggers, each exactly once, though four nodes published (and one twice).
     let expected: BTreeSet<_> = replay["triggers"].as_array().expect("triggers").iter().map(trigger_key).collect();
     assert!(expected.len() > 100, "the stream should liquidate: {} triggers", expected.len());
@@ -356,4 +390,54 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     assert!(twice.is_empty(), "triggers stored more than once: {twice:?}");
     let stored: BTreeSet<_> = counts.into_keys().collect();
     assert_eq!(stored, expected, "the trigger stream differs from the replay's triggers");
+}
+
+/// A stub NATS server that introduces itself as 2.9.10 (Debian's package: no `filter_subjects`) and answers pings.
+fn old_server_stub() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let info = format!(
+                    "INFO {{\"server_id\":\"stub\",\"server_name\":\"stub\",\"version\":\"2.9.10\",\"proto\":1,\
+                     \"go\":\"go1.19.8\",\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\
+                     \"max_payload\":1048576,\"jetstream\":true}}\r\n"
+                );
+                if stream.write_all(info.as_bytes()).is_err() {
+                    return;
+                }
+                let Ok(read) = stream.try_clone() else { return };
+                for line in BufReader::new(read).lines() {
+                    let Ok(line) = line else { return };
+                    if line.starts_with("PING") && stream.write_all(b"PONG\r\n").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_node_pointed_at_a_server_older_than_2_10_exits_with_a_clear_error() {
+    let port = old_server_stub();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = vigil()
+        .args(["serve", "--data"])
+        .arg(dir.path())
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--source"])
+        .arg(format!("nats://127.0.0.1:{port}"))
+        .args(["--partition", "0/2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vigil serve starts");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    let status = child.wait().expect("exits");
+    assert!(!status.success(), "the node must not run on a 2.9 server");
+    assert!(stderr.contains("version 2.9.10") && stderr.contains("filter_subjects"), "unclear error: {stderr}");
 }

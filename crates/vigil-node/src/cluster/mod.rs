@@ -87,6 +87,18 @@ impl Partition {
     }
 }
 
+impl Partition {
+    /// Why this partition does not answer for `account`: the owning partition, for the gateway.
+    pub fn refusal(&self, account: &str) -> String {
+        format!(
+            "account {account:?} belongs to partition {}/{}; this node serves partition {self} (docs/cluster.md gives \
+             the hash)",
+            partition_of(account, self.count),
+            self.count
+        )
+    }
+}
+
 impl fmt::Display for Partition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.index, self.count)

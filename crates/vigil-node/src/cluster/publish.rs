@@ -67,16 +67,16 @@ pub struct PublishSummary {
     pub duplicates: u64,
 }
 
-/// Connects to the first reachable of a comma-separated list of `nats://` addresses.
+/// Connects to the first reachable of a comma-separated list of `nats://` addresses, retrying for
+/// [`super::STARTUP_RETRY`]. The handshake is over when this returns: the server's INFO (its version) is known.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let addrs: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let addrs: Vec<String> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
     anyhow::ensure!(!addrs.is_empty(), "no NATS address given");
-    async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(addrs.as_slice())
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))
+    let what = format!("connecting to NATS at {url}");
+    super::retry(&what, || {
+        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5)).connect(addrs.as_slice())
+    })
+    .await
 }
 
 /// The events stream, created if missing (file storage; `replicas` copies).
