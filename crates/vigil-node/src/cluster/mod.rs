@@ -45,6 +45,15 @@ pub const COUNT_HEADER: &str = "Vigil-Count";
 /// The offset of a trigger, on its message in `VIGIL_TRIGGERS`.
 pub const TRIGGER_OFFSET_HEADER: &str = "Vigil-Trigger-Offset";
 
+/// The NATS server binary the tests and scripts run: `VIGIL_NATS_SERVER`, else `nats-server` on `PATH`.
+pub fn nats_server_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("VIGIL_NATS_SERVER") {
+        return Some(std::path::PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("nats-server")).find(|p| p.is_file())
+}
+
 /// The subject of partition `index`'s events.
 pub fn partition_subject(index: u32) -> String {
     format!("vigil.ev.p{index}")

@@ -144,8 +144,9 @@ pub(crate) fn start(
 
 /// Exports the consumer's position.
 async fn sample_source(status: Arc<SourceStatus>) {
-    let lag = metrics::gauge!(m::SOURCE_LAG);
-    let consumed = metrics::gauge!(m::SOURCE_CONSUMED);
+    let partition = status.partition.to_string();
+    let lag = metrics::gauge!(m::SOURCE_LAG, "partition" => partition.clone());
+    let consumed = metrics::gauge!(m::SOURCE_CONSUMED, "partition" => partition);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;

@@ -40,9 +40,10 @@ pub async fn triggers_stream(
 /// promise: it waits, it is never dropped).
 pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mpsc::UnboundedReceiver<Vec<Trigger>>) {
     let subject = trigger_subject(partition);
-    let stored = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "stored");
-    let duplicate = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "duplicate");
-    let failed = metrics::counter!(m::CLUSTER_TRIGGER_FAILURES);
+    let label = format!("{partition}");
+    let stored = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "stored", "partition" => label.clone());
+    let duplicate = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "duplicate", "partition" => label.clone());
+    let failed = metrics::counter!(m::CLUSTER_TRIGGER_FAILURES, "partition" => label);
     while let Some(batch) = rx.recv().await {
         for t in batch {
             let mut headers = HeaderMap::new();
