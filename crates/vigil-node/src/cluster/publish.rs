@@ -19,8 +19,8 @@ use vigil_model::{Offset, Reason, parse_line};
 use vigil_store::codec::{encode_event, encode_rejected_input};
 
 use super::{
-    BROADCAST_SUBJECT, COUNT_HEADER, EVENT_SUBJECTS, EVENTS_STREAM, FIRST_HEADER, WINDOW_HEADER, Window, partition_of,
-    partition_subject, push_record,
+    BROADCAST_SUBJECT, COUNT_HEADER, EVENT_SUBJECTS, EVENTS_STREAM, FIRST_HEADER, PARTITIONS_HEADER, WINDOW_HEADER,
+    Window, partition_of, partition_subject, push_record,
 };
 use crate::replay::LINE_BYTES_MAX;
 
@@ -97,8 +97,8 @@ pub async fn events_stream(
     super::retry(&what, || js.get_or_create_stream(config.clone())).await
 }
 
-/// The last offset of the last closed window in the stream (0 if none).
-pub async fn last_closed(stream: &stream::Stream) -> anyhow::Result<Offset> {
+/// The last closed window in the stream: its last offset (0 if none) and the partition count it was published with.
+pub async fn last_close(stream: &stream::Stream) -> anyhow::Result<(Offset, Option<u32>)> {
     match stream.get_last_raw_message_by_subject(BROADCAST_SUBJECT).await {
         Ok(m) => {
             let window = m
@@ -106,11 +106,17 @@ pub async fn last_closed(stream: &stream::Stream) -> anyhow::Result<Offset> {
                 .get(WINDOW_HEADER)
                 .and_then(|v| Window::parse(v.as_str()))
                 .context("the last closing message in the stream has no readable window header")?;
-            Ok(window.last)
+            let partitions = m.headers.get(PARTITIONS_HEADER).and_then(|v| v.as_str().parse().ok());
+            Ok((window.last, partitions))
         }
-        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Offset(0)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((Offset(0), None)),
         Err(e) => Err(anyhow::anyhow!("reading the stream's last closed window: {e}")),
     }
+}
+
+/// The last offset of the last closed window in the stream (0 if none).
+pub async fn last_closed(stream: &stream::Stream) -> anyhow::Result<Offset> {
+    Ok(last_close(stream).await?.0)
 }
 
 /// One input line, ready to publish: where it goes (`None`: the broadcast subject) and its journal record.
@@ -226,9 +232,10 @@ impl Cut {
     }
 }
 
-fn headers(window: Window, first: Option<Offset>, count: u32, id: &str) -> HeaderMap {
+fn headers(window: Window, partitions: u32, first: Option<Offset>, count: u32, id: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(WINDOW_HEADER, window.header().as_str());
+    h.insert(PARTITIONS_HEADER, partitions.to_string().as_str());
     if let Some(f) = first {
         h.insert(FIRST_HEADER, f.0.to_string().as_str());
     }
@@ -271,6 +278,7 @@ async fn send_window(js: &jetstream::Context, messages: &[Outgoing]) -> Result<u
 /// messages keep their ids, so what was stored the first time deduplicates.
 async fn publish_window(js: &jetstream::Context, cut: Cut, summary: &mut PublishSummary) -> anyhow::Result<()> {
     let window = Window { first: cut.first, last: cut.last };
+    let partitions = cut.bodies.len() as u32;
     let mut messages = Vec::with_capacity(cut.bodies.len() + 1);
     for (index, (body, count, first)) in cut.bodies.into_iter().enumerate() {
         let Some(first) = first else { continue };
@@ -279,7 +287,7 @@ async fn publish_window(js: &jetstream::Context, cut: Cut, summary: &mut Publish
         let id = format!("{}.{}", first.0, window.header());
         messages.push(Outgoing {
             subject: partition_subject(index as u32),
-            headers: headers(window, Some(first), count, &id),
+            headers: headers(window, partitions, Some(first), count, &id),
             body: Bytes::from(body),
         });
     }
@@ -287,7 +295,7 @@ async fn publish_window(js: &jetstream::Context, cut: Cut, summary: &mut Publish
     let id = format!("all.{}", window.header());
     messages.push(Outgoing {
         subject: BROADCAST_SUBJECT.to_owned(),
-        headers: headers(window, first, count, &id),
+        headers: headers(window, partitions, first, count, &id),
         body: Bytes::from(body),
     });
     let what = format!("publishing window {}", window.header());
@@ -310,7 +318,14 @@ pub async fn publish(
     let client = connect(&config.url).await?;
     let js = jetstream::new(client.clone());
     let stream = events_stream(&js, config.replicas, config.duplicate_window).await?;
-    let resumed_after = last_closed(&stream).await?;
+    let (resumed_after, published_with) = last_close(&stream).await?;
+    if let Some(p) = published_with.filter(|p| *p != config.partitions) {
+        anyhow::bail!(
+            "{EVENTS_STREAM} was published with {p} partitions; --partitions {} would send accounts to other \
+             partitions than its nodes read",
+            config.partitions
+        );
+    }
     let mut summary = PublishSummary { resumed_after, last: resumed_after, ..Default::default() };
     if resumed_after.0 > 0 {
         tracing::info!(after = resumed_after.0, "resuming after the stream's last closed window");

@@ -11,7 +11,10 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use vigil_model::Offset;
 
-use super::{BROADCAST_SUBJECT, EVENTS_STREAM, Partition, WINDOW_HEADER, Window, item_of, partition_subject, records};
+use super::{
+    BROADCAST_SUBJECT, EVENTS_STREAM, PARTITIONS_HEADER, Partition, WINDOW_HEADER, Window, item_of, partition_subject,
+    records,
+};
 use crate::intake::Item;
 
 /// Where a cluster node reads its events.
@@ -208,6 +211,18 @@ impl Feed {
                 .and_then(|h| h.get(WINDOW_HEADER))
                 .and_then(|v| Window::parse(v.as_str()))
                 .with_context(|| format!("a message on {} without a readable window header", message.subject))?;
+            let published_with = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(PARTITIONS_HEADER))
+                .and_then(|v| v.as_str().parse::<u32>().ok());
+            if let Some(p) = published_with.filter(|p| *p != self.status.partition.count) {
+                anyhow::bail!(
+                    "{EVENTS_STREAM} was published with {p} partitions, but this node serves partition {}: its accounts \
+                     are not where it reads; start it with --partition N/{p}",
+                    self.status.partition
+                );
+            }
             let closes = message.subject.as_str() == BROADCAST_SUBJECT;
             for (offset, record) in records(&message.payload)? {
                 if offset <= self.handed || offset < window.first || offset > window.last {
