@@ -442,7 +442,7 @@ fn charged_figures(market: &Market, p: &Position, grouped: bool) -> PositionFigu
 
 /// An account's state at `market`'s prices, summed over its units (the cross unit and each isolated position):
 /// what a stress test compares before and after a move.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Exposure {
     pub equity: Amount,
     pub maintenance_margin: Amount,

@@ -269,7 +269,7 @@ fn to_f64(p: Price) -> f64 {
 }
 
 /// Loss and gain on one moved asset (summed over accounts: positions on it and collateral in it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AssetLoss {
     pub asset: String,
     /// Σ over accounts of what they lose on the asset (value before − after, where positive).
@@ -279,7 +279,7 @@ pub struct AssetLoss {
 }
 
 /// One account among a scenario's largest losses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopAccount {
     pub account: String,
     /// Equity before − equity after, summed over the account's units.
@@ -289,7 +289,7 @@ pub struct TopAccount {
 }
 
 /// A scenario's result over some accounts (one shard's, or the book's once merged).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Part {
     pub accounts: u64,
     pub liquidatable: u64,
@@ -304,7 +304,7 @@ pub struct Part {
 }
 
 /// One shard's answer to a stress request: its accounts at current prices, and its part of each scenario.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardStress {
     pub now: Part,
     pub scenarios: Vec<Part>,

@@ -170,9 +170,16 @@ enum Command {
     /// liquidatable and bankrupt, shortfall, loss by asset, the largest losses, loss curves. Changes nothing.
     /// The report (JSON) goes to standard output; timings to standard error.
     Stress {
-        /// The event stream to replay (`-` for standard input); or `--data`.
-        #[arg(required_unless_present = "data")]
+        /// The event stream to replay (`-` for standard input); or `--data`, or `--cluster`.
+        #[arg(required_unless_present_any = ["data", "cluster"])]
         input: Option<PathBuf>,
+        /// Cluster mode (docs/cluster.md): ask one node of every partition of the stream on these NATS servers
+        /// (`nats://host:port`, comma-separated) for its part at one offset, and merge them.
+        #[arg(long, conflicts_with_all = ["input", "data", "runs"])]
+        cluster: Option<String>,
+        /// Cluster mode: how long a partition may take to answer, in seconds.
+        #[arg(long, default_value_t = 300)]
+        cluster_timeout_secs: u64,
         /// A node's data directory instead of a file: the book at its journal's last record (read-only; the shard
         /// count is the directory's).
         #[arg(long, conflicts_with = "input")]
@@ -377,14 +384,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let exported = vigil_node::export::export(&book, &out)?;
             vigil_node::export::print(&exported, &out, &mut io::stdout().lock()).context("writing the summary")
         }
-        Command::Stress { input, data, shards, quote, request, scenario, grid, top, plot, runs } => {
-            let request = match request {
+        Command::Stress {
+            input,
+            data,
+            cluster,
+            cluster_timeout_secs,
+            shards,
+            quote,
+            request,
+            scenario,
+            grid,
+            top,
+            plot,
+            runs,
+        } => {
+            let (request, body) = match request {
                 Some(path) => {
-                    let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                    vigil_node::stress::parse_request(&body).with_context(|| format!("in {}", path.display()))?
+                    let body = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let parsed = vigil_node::stress::parse_request(body.as_bytes())
+                        .with_context(|| format!("in {}", path.display()))?;
+                    (parsed, body)
                 }
-                None => stress_request(&scenario, &grid, top)?,
+                None => {
+                    let body = format!(
+                        "{{\"scenarios\":[{}],\"grids\":[{}],\"top\":{top}}}",
+                        scenario.join(","),
+                        grid.join(",")
+                    );
+                    (stress_request(&scenario, &grid, top)?, body)
+                }
             };
+            if let Some(url) = cluster {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
+                let started = std::time::Instant::now();
+                let timeout = std::time::Duration::from_secs(cluster_timeout_secs.max(1));
+                let report =
+                    runtime.block_on(vigil_node::cluster::stress::run_cluster(&url, &body, &request, timeout))?;
+                eprintln!(
+                    "stress: {} scenario(s) over every partition at offset {} in {:.1} ms",
+                    report.result.scenarios.len(),
+                    report.offset.0,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                if let Some(path) = &plot {
+                    vigil_node::stress::plot(&report, path)?;
+                    eprintln!("loss curve drawn in {}", path.display());
+                }
+                let mut out = io::stdout().lock();
+                out.write_all(report.to_string_pretty().as_bytes()).context("writing the report")?;
+                return writeln!(out).context("writing the report");
+            }
             let config = vigil_engine::Config { quote, ..vigil_engine::Config::default() };
             let loaded = std::time::Instant::now();
             let mut book = load_book(input.as_deref(), data.as_deref(), &config, usize::from(shards))?;

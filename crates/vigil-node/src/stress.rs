@@ -17,7 +17,7 @@ use vigil_engine::stress::{Grid, Part, Relative, Request, Scenario, ShardStress,
 use vigil_model::num::parse_fixed;
 use vigil_model::{Offset, Price};
 
-use crate::pipeline::{ShardJob, StressJob};
+use crate::pipeline::{ShardJob, StressJob, StressReply};
 
 /// How many accounts a scenario lists when the request does not say.
 pub const TOP_DEFAULT: usize = 10;
@@ -460,9 +460,23 @@ pub async fn on_node(
     shards: usize,
     request: &Request,
 ) -> Result<Report, NodeStressError> {
-    let (reply, mut replies) = tokio::sync::mpsc::unbounded_channel();
-    let job = Arc::new(StressJob { scenarios: request.expand(), top: request.top, reply });
+    let (job, replies) = stress_job(request);
     jobs.send(job).await.map_err(|_| NodeStressError::Stopping)?;
+    collect(replies, shards, request).await
+}
+
+/// A stress job for every shard of a node, and where their parts arrive.
+pub fn stress_job(request: &Request) -> (Arc<dyn ShardJob>, tokio::sync::mpsc::UnboundedReceiver<StressReply>) {
+    let (reply, replies) = tokio::sync::mpsc::unbounded_channel();
+    (Arc::new(StressJob { scenarios: request.expand(), top: request.top, reply }), replies)
+}
+
+/// Waits for the `shards` parts of a stress job and merges them into the node's report.
+pub async fn collect(
+    mut replies: tokio::sync::mpsc::UnboundedReceiver<StressReply>,
+    shards: usize,
+    request: &Request,
+) -> Result<Report, NodeStressError> {
     let mut parts = Vec::with_capacity(shards);
     let mut cut = None;
     let mut refused = None;

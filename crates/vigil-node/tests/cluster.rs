@@ -197,7 +197,7 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     let dir = tempfile::tempdir().expect("temp dir");
     let events = dir.path().join("events.jsonl");
     let generated = vigil()
-        .args(["gen", "--seed", "15", "--accounts", "3000", "--events", "200000", "--near", "5"])
+        .args(["gen", "--seed", "15", "--accounts", "3000", "--events", "200000", "--near", "5", "--options", "0"])
         .args(["--volatility", "0.002", "-o"])
         .arg(&events)
         .status()
@@ -382,6 +382,30 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     assert!(twice.is_empty(), "triggers stored more than once: {twice:?}");
     let stored: BTreeSet<_> = counts.into_keys().collect();
     assert_eq!(stored, expected, "the trigger stream differs from the replay's triggers");
+
+    // A stress test across partitions, cut at one offset and merged, equals the offline one on the same stream.
+    let scenario = r#"{"name":"crash","moves":{"U0":"-0.3","U1":"-0.2"}}"#;
+    let grid = r#"{"underlying":"U0","from":"-0.4","to":"0.2","steps":7}"#;
+    let stress = |source: &[&str]| {
+        let out = vigil()
+            .arg("stress")
+            .args(source)
+            .args(["--scenario", scenario, "--grid", grid, "--top", "5"])
+            .output()
+            .expect("vigil stress");
+        assert!(out.status.success(), "vigil stress {source:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        if let Some(o) = report.as_object_mut() {
+            o.remove("insurance_fund"); // per partition in a cluster (docs/cluster.md): not reported there
+        }
+        report
+    };
+    let events_arg = events.to_string_lossy().into_owned();
+    let offline = stress(&[events_arg.as_str()]);
+    let clustered = stress(&["--cluster", &urls]);
+    assert_eq!(clustered["offset"].as_u64(), Some(last), "{clustered}");
+    assert!(clustered["scenarios"][0]["liquidatable"].as_u64() > Some(0), "the crash liquidates: {clustered}");
+    assert_eq!(clustered, offline, "the cluster's stress report differs from the offline one");
 }
 
 /// A stub NATS server that introduces itself as 2.9.10 (Debian's package: no `filter_subjects`) and answers pings.

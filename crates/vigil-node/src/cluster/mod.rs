@@ -15,6 +15,7 @@
 pub mod node;
 pub mod publish;
 pub mod source;
+pub mod stress;
 pub mod triggers;
 
 use std::fmt;

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, mpsc};
 use vigil_model::{Offset, Trigger};
 
 use super::source::{NatsSource, SourceBatch, SourceStatus};
+use super::stress::JobAt;
 use super::triggers::{publish_triggers, triggers_stream};
 use super::{TRIGGER_OFFSET_HEADER, trigger_subject};
 use crate::hub::{Hub, Node};
@@ -55,7 +56,7 @@ pub(crate) fn start(
     // Triggers: the stored history after the last trigger the stream holds for this partition goes out again (a
     // crash may have released triggers this node never published; the ids deduplicate the rest).
     let client = runtime.block_on(super::publish::connect(&source.url))?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     runtime.block_on(triggers_stream(&js, config.trigger_replicas, config.trigger_duplicate_window))?;
     let last_stored = runtime
         .block_on(super::retry("reading the last stored trigger", || last_stored_trigger(&js, partition.index)))?;
@@ -121,13 +122,15 @@ pub(crate) fn start(
         }
     });
     let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
+    let (jobs_at_tx, jobs_at_rx) = mpsc::channel::<JobAt>(16);
+    runtime.spawn(super::stress::serve_stress(client, partition, config.shards, jobs_at_tx, Arc::clone(&status)));
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Gate::new(Arc::clone(&durable), Arc::clone(&committed), Arc::clone(hub));
     let sequencer = {
         let (config, handle, stop, durable) =
             (config.clone(), runtime.handle().clone(), Arc::clone(&stop), Arc::clone(&durable));
         crate::spawn_vital("vigil-sequencer", move || {
-            let io = SequencerIo { batches: batches_rx, jobs: jobs_rx, committed, durable, stop };
+            let io = SequencerIo { batches: batches_rx, jobs: jobs_rx, jobs_at: jobs_at_rx, committed, durable, stop };
             sequencer_thread(handle, pipeline, io, durability, gate, config)
         })?
     };
@@ -158,9 +161,29 @@ async fn sample_source(status: Arc<SourceStatus>) {
 struct SequencerIo {
     batches: mpsc::Receiver<SourceBatch>,
     jobs: mpsc::Receiver<Arc<dyn ShardJob>>,
+    /// Cluster stress requests: each goes into the rings when the sequencer is exactly at its offset.
+    jobs_at: mpsc::Receiver<JobAt>,
     committed: Arc<Notify>,
     durable: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+}
+
+/// Puts the jobs whose offset the pipeline is exactly at into the rings; refuses those it has passed.
+fn schedule_at(waiting: &mut Vec<JobAt>, pipeline: &mut Pipeline) {
+    if waiting.is_empty() {
+        return;
+    }
+    let now = pipeline.offset();
+    for job in std::mem::take(waiting) {
+        if job.at == now {
+            pipeline.job(job.job);
+            let _ = job.scheduled.send(true);
+        } else if job.at < now {
+            let _ = job.scheduled.send(false);
+        } else {
+            waiting.push(job);
+        }
+    }
 }
 
 /// The sequencer of a cluster node: windows from the consumer, applied at their offsets; outputs released (an
@@ -173,7 +196,8 @@ fn sequencer_thread(
     mut gate: Gate,
     config: ServeConfig,
 ) {
-    let SequencerIo { mut batches, mut jobs, committed, durable, stop } = io;
+    let SequencerIo { mut batches, mut jobs, mut jobs_at, committed, durable, stop } = io;
+    let mut waiting_at: Vec<JobAt> = Vec::new();
     let mut sampler = RingSampler::new(config.shards);
     let mut since_checkpoint = 0u64;
     let mut last_checkpoint = Instant::now();
@@ -181,6 +205,10 @@ fn sequencer_thread(
         while let Ok(job) = jobs.try_recv() {
             pipeline.job(job);
         }
+        while let Ok(job) = jobs_at.try_recv() {
+            waiting_at.push(job);
+        }
+        schedule_at(&mut waiting_at, &mut pipeline);
         let batch = match batches.try_recv() {
             Ok(b) => b,
             Err(mpsc::error::TryRecvError::Empty) => {
@@ -198,6 +226,10 @@ fn sequencer_thread(
                         batch = batches.recv() => Some(batch),
                         Some(job) = jobs.recv() => {
                             pipeline.job(job);
+                            None
+                        }
+                        Some(job) = jobs_at.recv() => {
+                            waiting_at.push(job);
                             None
                         }
                         _ = committed.notified() => None,
@@ -224,6 +256,7 @@ fn sequencer_thread(
             };
         }
         pipeline.advance_to(through);
+        schedule_at(&mut waiting_at, &mut pipeline);
         pipeline.publish();
         durable.store(pipeline.offset().0, Ordering::Release);
         gate.sequenced(pipeline.offset());
