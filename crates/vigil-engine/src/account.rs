@@ -672,7 +672,7 @@ pub fn evaluate_and_detect(market: &Market, acc: &mut Account, offset: Offset, t
 /// are those of its last exact evaluation, which a tick inside its bands does not redo).
 /// A position's place in its instrument's auto-deleveraging queue (`liquidation.md`, "Deleveraging"): the score
 /// and the figures behind it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdlEntry {
     pub account: Box<str>,
     pub slot: Slot,

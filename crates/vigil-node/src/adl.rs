@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::mpsc::{Sender, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{Sender, UnboundedReceiver, UnboundedSender, unbounded_channel};
 use vigil_engine::Engine;
 use vigil_engine::account::AdlEntry;
 use vigil_model::liquidation::{adl_bucket, adl_order};
@@ -50,8 +50,22 @@ pub async fn gather(
     shards: usize,
     symbol: Option<String>,
 ) -> Result<(Offset, Vec<(String, AdlEntry)>), AdlError> {
-    let (reply, mut replies) = unbounded_channel();
-    jobs.send(Arc::new(AdlJob { symbol, reply })).await.map_err(|_| AdlError::Stopping)?;
+    let (job, replies) = adl_job(symbol);
+    jobs.send(job).await.map_err(|_| AdlError::Stopping)?;
+    collect(replies, shards).await
+}
+
+/// The ADL job for every shard of a node, and where their parts arrive.
+pub fn adl_job(symbol: Option<String>) -> (Arc<dyn ShardJob>, UnboundedReceiver<AdlReply>) {
+    let (reply, replies) = unbounded_channel();
+    (Arc::new(AdlJob { symbol, reply }), replies)
+}
+
+/// Waits for the `shards` parts of an ADL job: the offset and the entries, in no order.
+pub async fn collect(
+    mut replies: UnboundedReceiver<AdlReply>,
+    shards: usize,
+) -> Result<(Offset, Vec<(String, AdlEntry)>), AdlError> {
     let mut entries = Vec::new();
     let mut cut = Offset(0);
     for _ in 0..shards {
@@ -80,6 +94,19 @@ pub fn queue_json(
     entries.retain(|(_, e)| (e.qty.0 > 0) == long);
     sort_queue(&mut entries);
     let len = entries.len();
+    render_queue(symbol, long, offset, &entries, len, limit)
+}
+
+/// One side's queue as JSON from its first positions in the queue's order (`sorted`, at least the first `limit`)
+/// and the side's length: what partitions' parts merge into (`cluster::stress`).
+pub fn render_queue(
+    symbol: &str,
+    long: bool,
+    offset: Offset,
+    entries: &[(String, AdlEntry)],
+    len: usize,
+    limit: usize,
+) -> String {
     let mut s = String::with_capacity(128 + 200 * limit.min(len));
     s.push_str("{\"symbol\":");
     s.push_str(&serde_json::Value::from(symbol).to_string());

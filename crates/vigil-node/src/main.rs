@@ -209,6 +209,24 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
         runs: u32,
     },
+    /// Cluster mode (docs/cluster.md): one side of a symbol's auto-deleveraging queue over every partition at one
+    /// offset, as `GET /v1/adl/{symbol}` answers for one node.
+    Adl {
+        /// The perpetual or future.
+        symbol: String,
+        /// NATS servers of the cluster, `nats://host:port`, comma-separated.
+        #[arg(long)]
+        cluster: String,
+        /// `long` or `short`.
+        #[arg(long)]
+        side: String,
+        /// Positions listed, from the front of the queue.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// How long a partition may take to answer, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
     /// Writes a synthetic, seeded event stream (JSON Lines) for benches and demos.
     Gen {
         /// Output file (`-` for standard output).
@@ -473,6 +491,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut out = io::stdout().lock();
             out.write_all(report.to_string_pretty().as_bytes()).context("writing the report")?;
             writeln!(out).context("writing the report")
+        }
+        Command::Adl { symbol, cluster, side, limit, timeout_secs } => {
+            let long = match side.as_str() {
+                "long" => true,
+                "short" => false,
+                other => anyhow::bail!("--side must be long or short, got {other:?}"),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let timeout = std::time::Duration::from_secs(timeout_secs.max(1));
+            let queue = runtime.block_on(vigil_node::cluster::stress::adl_cluster(
+                &cluster,
+                &symbol,
+                long,
+                limit as usize,
+                timeout,
+            ))?;
+            let mut out = io::stdout().lock();
+            writeln!(out, "{queue}").context("writing the queue")
         }
         Command::Inspect { data, verify } => {
             let mut out = io::stdout().lock();

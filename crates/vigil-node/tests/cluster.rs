@@ -406,6 +406,63 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     assert_eq!(clustered["offset"].as_u64(), Some(last), "{clustered}");
     assert!(clustered["scenarios"][0]["liquidatable"].as_u64() > Some(0), "the crash liquidates: {clustered}");
     assert_eq!(clustered, offline, "the cluster's stress report differs from the offline one");
+
+    // The ADL queue across partitions equals a single node's on the same stream (both sides, ranks and buckets).
+    let single_dir = dir.path().join("single");
+    let mut single = vigil()
+        .args(["serve", "--data"])
+        .arg(&single_dir)
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--adl-refresh-ms", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("a single node");
+    let mut out = BufReader::new(single.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("listening line");
+    let ingest = line.trim().strip_prefix("listening on ").expect("listening on").to_owned();
+    line.clear();
+    out.read_line(&mut line).expect("http line");
+    let single_http = format!("http://{}", line.trim().strip_prefix("http on ").expect("http on"));
+    let single = Killed(single);
+    let loaded = vigil()
+        .args(["load", "--ingest", &ingest, "--http", &single_http["http://".len()..], "--connections", "1", "--file"])
+        .arg(&events)
+        .output()
+        .expect("vigil load");
+    assert!(loaded.status.success(), "vigil load: {}", String::from_utf8_lossy(&loaded.stderr));
+    wait_for(120, "the single node to release the stream", || {
+        get(&http, &format!("{single_http}/v1/status")).is_some_and(|(_, s)| s["released"].as_u64() == Some(last))
+    });
+    for side in ["long", "short"] {
+        let (code, expected) =
+            get(&http, &format!("{single_http}/v1/adl/P0-PERP?side={side}&limit=40")).expect("the single node's queue");
+        assert_eq!(code, StatusCode::OK, "{expected}");
+        let out = vigil()
+            .args(["adl", "P0-PERP", "--cluster", &urls, "--side", side, "--limit", "40"])
+            .output()
+            .expect("vigil adl");
+        assert!(out.status.success(), "vigil adl: {}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).expect("a JSON queue");
+        assert!(expected["positions"].as_u64() > Some(40), "a queue longer than the page: {expected}");
+        if got != expected {
+            let (g, e) = (
+                got["queue"].as_array().cloned().unwrap_or_default(),
+                expected["queue"].as_array().cloned().unwrap_or_default(),
+            );
+            let first = g.iter().zip(&e).position(|(a, b)| a != b);
+            panic!(
+                "the cluster's {side} ADL queue differs from the single node's: lengths {} {}, positions {} {}, first difference at {first:?}: {:?} vs {:?}",
+                g.len(),
+                e.len(),
+                got["positions"],
+                expected["positions"],
+                first.map(|i| &g[i]),
+                first.map(|i| &e[i])
+            );
+        }
+    }
+    drop(single);
 }
 
 /// A stub NATS server that introduces itself as 2.9.10 (Debian's package: no `filter_subjects`) and answers pings.

@@ -14,6 +14,7 @@ use axum::body::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use vigil_engine::account::AdlEntry;
 use vigil_engine::stress::{Request, ShardStress, merge_shards};
 use vigil_model::Offset;
 
@@ -34,11 +35,20 @@ pub struct JobAt {
     pub scheduled: oneshot::Sender<bool>,
 }
 
-/// What a requester sends: the offset of the cut, and the stress request's JSON (as `POST /v1/stress` takes it).
+/// What is asked of every partition.
+#[derive(Clone, Serialize, Deserialize)]
+enum Question {
+    /// A stress request's JSON (as `POST /v1/stress` takes it).
+    Stress { request: String },
+    /// The first `limit` positions of one side of one symbol's ADL queue, and the side's length.
+    Adl { symbol: String, long: bool, limit: usize },
+}
+
+/// What a requester sends: the offset of the cut, and the question.
 #[derive(Serialize, Deserialize)]
 struct Ask {
     at: u64,
-    request: String,
+    question: Question,
 }
 
 /// A partition's answer.
@@ -50,6 +60,12 @@ enum Reply {
         at: u64,
         result: ShardStress,
     },
+    /// The partition's part of an ADL queue at `at`: its first positions in the queue's order, and how many it has.
+    Adl {
+        at: u64,
+        len: usize,
+        top: Vec<(String, AdlEntry)>,
+    },
     /// The node had already applied events beyond `at`: ask again at a later offset.
     Passed {
         consumed: u64,
@@ -58,6 +74,18 @@ enum Reply {
         code: String,
         message: String,
     },
+}
+
+/// A request or a reply on the wire: the codec's version byte, then bincode (exact: an ADL score is an `f64`, and
+/// a text round trip could move its last bit and the queue's order with it).
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut body = Vec::new();
+    // These types always encode: the codec's only failure is on decode.
+    let _ = vigil_store::codec::encode_value(value, &mut body);
+    if let Some(version) = body.first_mut() {
+        *version = vigil_store::codec::CODEC_VERSION;
+    }
+    body
 }
 
 /// Serves stress requests for `partition` until the connection ends: each is put into the sequencer at its offset.
@@ -82,7 +110,7 @@ pub async fn serve_stress(
         let (client, jobs_at, consumed) = (client.clone(), jobs_at.clone(), Arc::clone(&consumed));
         tokio::spawn(async move {
             let reply = answer(&message.payload, partition, shards, &jobs_at, &consumed).await;
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            let body = encode(&reply);
             if let Err(e) = client.publish(reply_to, Bytes::from(body)).await {
                 tracing::warn!(error = %e, "answering a cluster stress request");
             }
@@ -98,36 +126,66 @@ async fn answer(
     status: &super::source::SourceStatus,
 ) -> Reply {
     let refused = |code: &str, message: String| Reply::Refused { code: code.to_owned(), message };
-    let ask: Ask = match serde_json::from_slice(payload) {
+    let ask: Ask = match vigil_store::codec::decode_untrusted(payload) {
         Ok(a) => a,
-        Err(e) => return refused("invalid_scenario", format!("a cluster stress request is {{at, request}}: {e}")),
+        Err(e) => return refused("invalid_request", format!("a cluster request is {{at, question}}: {e}")),
     };
-    let request = match crate::stress::parse_request(ask.request.as_bytes()) {
-        Ok(r) => r,
-        Err(e) => return refused(e.code, e.message),
+    let stopping = || refused("shutting_down", "the node is stopping".into());
+    let passed = || Reply::Passed { consumed: status.consumed.load(std::sync::atomic::Ordering::Relaxed) };
+    // Puts `job` into the rings at the asked offset: `Some(false)` if the node is past it, `None` if stopping.
+    let schedule = |job: Arc<dyn ShardJob>| async move {
+        let (scheduled, was) = oneshot::channel();
+        jobs_at.send(JobAt { at: Offset(ask.at), job, scheduled }).await.ok()?;
+        was.await.ok()
     };
-    let (job, replies) = crate::stress::stress_job(&request);
-    let (scheduled, was) = oneshot::channel();
-    if jobs_at.send(JobAt { at: Offset(ask.at), job, scheduled }).await.is_err() {
-        return refused("shutting_down", "the node is stopping".into());
-    }
-    match was.await {
-        Ok(true) => {}
-        Ok(false) => return Reply::Passed { consumed: status.consumed.load(std::sync::atomic::Ordering::Relaxed) },
-        Err(_) => return refused("shutting_down", "the node is stopping".into()),
-    }
-    match crate::stress::collect(replies, shards, &request).await {
-        Ok(report) => Reply::Part { partition: partition.to_string(), at: report.offset.0, result: report.result },
-        Err(NodeStressError::Refused(e)) => refused(e.code, e.message),
-        Err(NodeStressError::Stopping) => refused("shutting_down", "the node is stopping".into()),
+    match ask.question {
+        Question::Stress { request } => {
+            let request = match crate::stress::parse_request(request.as_bytes()) {
+                Ok(r) => r,
+                Err(e) => return refused(e.code, e.message),
+            };
+            let (job, replies) = crate::stress::stress_job(&request);
+            match schedule(job).await {
+                Some(true) => {}
+                Some(false) => return passed(),
+                None => return stopping(),
+            }
+            match crate::stress::collect(replies, shards, &request).await {
+                Ok(report) => {
+                    Reply::Part { partition: partition.to_string(), at: report.offset.0, result: report.result }
+                }
+                Err(NodeStressError::Refused(e)) => refused(e.code, e.message),
+                Err(NodeStressError::Stopping) => stopping(),
+            }
+        }
+        Question::Adl { symbol, long, limit } => {
+            let (job, replies) = crate::adl::adl_job(Some(symbol));
+            match schedule(job).await {
+                Some(true) => {}
+                Some(false) => return passed(),
+                None => return stopping(),
+            }
+            match crate::adl::collect(replies, shards).await {
+                Ok((at, mut entries)) => {
+                    entries.retain(|(_, e)| (e.qty.0 > 0) == long);
+                    crate::adl::sort_queue(&mut entries);
+                    let len = entries.len();
+                    entries.truncate(limit);
+                    Reply::Adl { at: at.0, len, top: entries }
+                }
+                Err(crate::adl::AdlError::Refused(r)) => refused(r.reason.as_str(), r.message),
+                Err(crate::adl::AdlError::Stopping) => stopping(),
+            }
+        }
     }
 }
 
 /// How many times a request is asked again at the stream's new end when a partition had passed the offset.
 const ATTEMPTS: usize = 10;
 
-/// Runs a stress request over every partition at one offset and merges their parts. `body` is the request's JSON.
-pub async fn run_cluster(url: &str, body: &str, request: &Request, timeout: Duration) -> anyhow::Result<Report> {
+/// Asks every partition `question` at the stream's last closed window (again at its new end while a partition had
+/// passed it): the offset of the cut and every partition's reply.
+async fn scatter(url: &str, question: Question, timeout: Duration) -> anyhow::Result<(Offset, Vec<Reply>)> {
     let client = super::publish::connect(url).await?;
     let js = jetstream::new(client.clone());
     let what = format!("finding the stream {EVENTS_STREAM}");
@@ -135,8 +193,8 @@ pub async fn run_cluster(url: &str, body: &str, request: &Request, timeout: Dura
     for _ in 0..ATTEMPTS {
         let (at, partitions) = super::publish::last_close(&stream).await?;
         let partitions =
-            partitions.with_context(|| format!("{EVENTS_STREAM} holds no closed window: nothing to stress"))?;
-        let payload = serde_json::to_vec(&Ask { at: at.0, request: body.to_owned() })?;
+            partitions.with_context(|| format!("{EVENTS_STREAM} holds no closed window: nothing to ask about"))?;
+        let payload = encode(&Ask { at: at.0, question: question.clone() });
         let asks = (0..partitions).map(|p| {
             let (client, payload) = (client.clone(), Bytes::from(payload.clone()));
             async move {
@@ -145,32 +203,67 @@ pub async fn run_cluster(url: &str, body: &str, request: &Request, timeout: Dura
                     .send_request(stress_subject(p), ask)
                     .await
                     .map_err(|e| anyhow::anyhow!("asking partition {p}/{partitions} (is a node serving it?): {e}"))?;
-                let reply: Reply = serde_json::from_slice(&answer.payload)
+                let reply: Reply = vigil_store::codec::decode_untrusted(&answer.payload)
                     .with_context(|| format!("partition {p}/{partitions}'s answer"))?;
                 Ok::<_, anyhow::Error>((p, reply))
             }
         });
-        let replies = futures_util::future::join_all(asks).await;
-        let mut parts = Vec::with_capacity(replies.len());
+        let mut replies = Vec::with_capacity(partitions as usize);
         let mut passed = false;
-        for r in replies {
+        for r in futures_util::future::join_all(asks).await {
             match r? {
-                (_, Reply::Part { result, at: got, .. }) => {
-                    anyhow::ensure!(got == at.0, "invariant: a partition answered at {got}, asked at {}", at.0);
-                    parts.push(result);
-                }
                 (p, Reply::Passed { consumed }) => {
                     tracing::info!(partition = p, consumed, at = at.0, "a partition had passed the cut; asking again");
                     passed = true;
                 }
                 (p, Reply::Refused { code, message }) => anyhow::bail!("partition {p}/{partitions}: {code}: {message}"),
+                (p, reply @ (Reply::Part { at: got, .. } | Reply::Adl { at: got, .. })) => {
+                    anyhow::ensure!(got == at.0, "invariant: partition {p} answered at {got}, asked at {}", at.0);
+                    replies.push(reply);
+                }
             }
         }
-        if passed {
-            continue;
+        if !passed {
+            return Ok((at, replies));
         }
-        let result = merge_shards(parts, request.top);
-        return Ok(Report { offset: at, request: request.clone(), result, fund: None });
     }
     anyhow::bail!("the stream kept moving past every cut ({ATTEMPTS} attempts): ask again when it is quieter")
+}
+
+/// Runs a stress request over every partition at one offset and merges their parts. `body` is the request's JSON.
+pub async fn run_cluster(url: &str, body: &str, request: &Request, timeout: Duration) -> anyhow::Result<Report> {
+    let (at, replies) = scatter(url, Question::Stress { request: body.to_owned() }, timeout).await?;
+    let parts = replies
+        .into_iter()
+        .filter_map(|r| match r {
+            Reply::Part { result, .. } => Some(result),
+            _ => None,
+        })
+        .collect();
+    let result = merge_shards(parts, request.top);
+    Ok(Report { offset: at, request: request.clone(), result, fund: None })
+}
+
+/// One side of `symbol`'s ADL queue over every partition at one offset, as `GET /v1/adl/{symbol}` shows a node's:
+/// the partitions' first `limit` positions merged in the queue's order, ranked and bucketed over the whole side.
+pub async fn adl_cluster(
+    url: &str,
+    symbol: &str,
+    long: bool,
+    limit: usize,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let question = Question::Adl { symbol: symbol.to_owned(), long, limit };
+    let (at, replies) = scatter(url, question, timeout).await?;
+    let mut len = 0;
+    let mut entries = Vec::new();
+    for r in replies {
+        if let Reply::Adl { len: n, top, .. } = r {
+            len += n;
+            entries.extend(top);
+        }
+    }
+    crate::adl::sort_queue(&mut entries);
+    entries.truncate(limit);
+    Ok(crate::adl::render_queue(symbol, long, at, &entries, len, limit))
 }
