@@ -265,13 +265,7 @@ enum Command {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, settings } => {
-            tracing_subscriber::fmt()
-                .with_writer(io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+            init_logs("info");
             let file = match config {
                 Some(path) => NodeSettings::load(&path)?,
                 None => NodeSettings::default(),
@@ -287,13 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Publish { file, nats, partitions, replicas, window_events, duplicate_secs } => {
-            tracing_subscriber::fmt()
-                .with_writer(io::stderr)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-                )
-                .init();
+            init_logs("warn");
             let mut config = vigil_node::cluster::publish::PublishConfig::new(&nats, partitions);
             config.replicas = replicas as usize;
             config.window_events = window_events.max(1);
@@ -304,11 +292,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
                 Box::new(io::BufReader::with_capacity(1 << 20, f))
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let runtime = runtime()?;
             let started = std::time::Instant::now();
             let summary = runtime.block_on(vigil_node::cluster::publish::publish(input, &config, |_| {}))?;
             let secs = started.elapsed().as_secs_f64();
@@ -433,11 +417,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             if let Some(url) = cluster {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .context("starting the async runtime")?;
+                let runtime = runtime()?;
                 let started = std::time::Instant::now();
                 let timeout = std::time::Duration::from_secs(cluster_timeout_secs.max(1));
                 let report =
@@ -498,11 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "short" => false,
                 other => anyhow::bail!("--side must be long or short, got {other:?}"),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let runtime = runtime()?;
             let timeout = std::time::Duration::from_secs(timeout_secs.max(1));
             let queue = runtime.block_on(vigil_node::cluster::stress::adl_cluster(
                 &cluster,
@@ -613,6 +589,26 @@ fn load_book(
 }
 
 /// A request from `--scenario` and `--grid` flags.
+/// Logs to standard error at `RUST_LOG`, or `default`.
+fn init_logs(default: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
+}
+
+/// The async runtime of the commands that talk to NATS.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn stress_request(scenarios: &[String], grids: &[String], top: usize) -> anyhow::Result<vigil_engine::stress::Request> {
     let value = |text: &str, what: &str| -> anyhow::Result<serde_json::Value> {
         serde_json::from_str(text).with_context(|| format!("{what} {text:?} is not JSON"))

@@ -376,6 +376,31 @@ impl Gate {
     }
 }
 
+/// A sequencer with nothing queued blocks here until its next input (`Some(Some(_))`; `Some(None)`: the inputs are
+/// closed), or until outputs may be releasable — a journal commit, or a shard that emptied its ring: both notify
+/// `committed` — waking at least every `IDLE_TICK` for checkpoints and gauges (`None`). A job that arrives meanwhile
+/// goes to `on_job`. (The timer must be created inside the runtime's context, hence the async block; `recv` is
+/// cancel-safe; a notification sent while the sequencer was busy is kept.)
+pub(crate) fn idle_wait<T>(
+    runtime: &tokio::runtime::Handle,
+    inputs: &mut mpsc::Receiver<T>,
+    jobs: &mut mpsc::Receiver<Arc<dyn ShardJob>>,
+    committed: &Notify,
+    mut on_job: impl FnMut(Arc<dyn ShardJob>),
+) -> Option<Option<T>> {
+    runtime.block_on(async {
+        tokio::select! {
+            input = inputs.recv() => Some(input),
+            Some(job) = jobs.recv() => {
+                on_job(job);
+                None
+            }
+            _ = committed.notified() => None,
+            _ = tokio::time::sleep(IDLE_TICK) => None,
+        }
+    })
+}
+
 /// The sequencer: offsets, routing, the journal handoff, the output gate and checkpoint scheduling. Runs until
 /// `stop` is set (then takes what is already queued) or every sender is gone.
 /// Where the sequencer sends what must become durable, and the producers table it keeps.
@@ -386,6 +411,9 @@ pub(crate) struct Durability {
     /// The producers table as of each checkpoint whose node state the merge has not cut yet.
     producers_at: VecDeque<(Offset, Producers)>,
     duplicates: metrics::Counter,
+    /// Events sequenced since the last checkpoint, and when it was asked for.
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
 }
 
 impl Durability {
@@ -395,6 +423,35 @@ impl Durability {
     pub(crate) fn checkpoint(&mut self, pipeline: &mut Pipeline) {
         let at = pipeline.checkpoint();
         self.producers_at.push_back((at, self.producers.clone()));
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Counts `events` sequenced, and asks for a checkpoint after `checkpoint_events` of them.
+    pub(crate) fn sequenced(&mut self, events: u64, pipeline: &mut Pipeline, config: &ServeConfig) {
+        self.since_checkpoint += events;
+        if self.since_checkpoint >= config.checkpoint_events {
+            self.checkpoint(pipeline);
+        }
+    }
+
+    /// What a sequencer does with nothing queued: hand the merged outputs to the gate and release what is durable,
+    /// persist the node states cut, sample the gauges, and checkpoint if `checkpoint_interval` has passed with
+    /// anything sequenced.
+    pub(crate) fn idle(
+        &mut self,
+        pipeline: &mut Pipeline,
+        gate: &mut Gate,
+        sampler: &mut RingSampler,
+        config: &ServeConfig,
+    ) {
+        pipeline.drain(&mut |r| gate.items.push_back(r));
+        self.persist_cuts(pipeline);
+        gate.release(pipeline.drained());
+        sampler.maybe_sample(pipeline);
+        if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= config.checkpoint_interval {
+            self.checkpoint(pipeline);
+        }
     }
 
     /// Sends the node states whose fund the merge has cut.
@@ -431,8 +488,6 @@ fn sequencer_thread(
     let Intake { mut ingest, mut jobs } = intake;
     let committed = Arc::clone(&gate.committed);
     let mut sampler = RingSampler::new(config.shards);
-    let mut since_checkpoint = 0u64;
-    let mut last_checkpoint = Instant::now();
     let mut stopping = false;
     loop {
         if !stopping && stop.load(Ordering::Acquire) {
@@ -447,29 +502,9 @@ fn sequencer_thread(
         let batch = match ingest.try_recv() {
             Ok(b) => Some(b),
             Err(mpsc::error::TryRecvError::Empty) => {
-                pipeline.drain(&mut |r| gate.items.push_back(r));
-                durability.persist_cuts(&mut pipeline);
-                gate.release(pipeline.drained());
-                sampler.maybe_sample(&pipeline);
-                if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
-                    durability.checkpoint(&mut pipeline);
-                    since_checkpoint = 0;
-                    last_checkpoint = Instant::now();
-                }
-                // Nothing queued: block until the next batch, or until outputs may be releasable (a journal commit,
-                // or a shard that emptied its ring: both notify), waking at least every `IDLE_TICK` for
-                // checkpoints and gauges. (The timer must be created inside the runtime's context, hence the async
-                // block; `recv` is cancel-safe; a notification sent while the sequencer was busy is kept.)
-                let woken = runtime.block_on(async {
-                    tokio::select! {
-                        batch = ingest.recv() => Some(batch),
-                        Some(job) = jobs.recv() => {
-                            pipeline.job(job);
-                            None
-                        }
-                        _ = committed.notified() => None,
-                        _ = tokio::time::sleep(IDLE_TICK) => None,
-                    }
+                durability.idle(&mut pipeline, &mut gate, &mut sampler, &config);
+                let woken = idle_wait(&runtime, &mut ingest, &mut jobs, &committed, |job| {
+                    pipeline.job(job);
                 });
                 match woken {
                     Some(Some(b)) => Some(b),
@@ -511,7 +546,7 @@ fn sequencer_thread(
             };
             records.push(record);
         }
-        since_checkpoint += records.len() as u64;
+        let count = records.len() as u64;
         pipeline.publish();
         if let Some((id, sequence)) = &producer {
             let count = records.len();
@@ -531,11 +566,7 @@ fn sequencer_thread(
         if durability.journal.send(JournalMsg::Batch { first, records, reply }).is_err() {
             break; // the journal thread stopped (poisoned)
         }
-        if since_checkpoint >= config.checkpoint_events {
-            durability.checkpoint(&mut pipeline);
-            since_checkpoint = 0;
-            last_checkpoint = Instant::now();
-        }
+        durability.sequenced(count, &mut pipeline, &config);
     }
     // Shutdown: apply everything, checkpoint (the merge's cut is taken by the second flush), release what is
     // durable.
@@ -680,6 +711,8 @@ impl Durability {
             producers,
             producers_at: VecDeque::new(),
             duplicates: metrics::counter!(m::INGEST_DUPLICATES),
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
         }
     }
 }

@@ -151,6 +151,25 @@ impl Window {
     }
 }
 
+/// A file-stored stream of `subjects`, created if missing (`replicas` copies, `duplicate_window`).
+pub async fn file_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    subjects: &str,
+    replicas: usize,
+    duplicate_window: std::time::Duration,
+) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+    let config = async_nats::jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window,
+        ..Default::default()
+    };
+    retry(&format!("creating or finding the stream {name}"), || js.get_or_create_stream(config.clone())).await
+}
+
 /// How long a start-up request to JetStream is retried: a cluster that has just started elects its meta leader
 /// first, and answers "JetStream not available" until then.
 pub const STARTUP_RETRY: std::time::Duration = std::time::Duration::from_secs(60);

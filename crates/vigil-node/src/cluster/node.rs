@@ -23,7 +23,7 @@ use crate::pipeline::{Pipeline, ShardJob};
 use crate::producers::Producers;
 use crate::recovery::recover_checkpoints;
 use crate::serve::{
-    Durability, Gate, IDLE_TICK, JournalMsg, RingSampler, Running, ServeConfig, pipeline_config, spawn_persistence,
+    Durability, Gate, JournalMsg, RingSampler, Running, ServeConfig, idle_wait, pipeline_config, spawn_persistence,
 };
 
 /// The offset of the last trigger `VIGIL_TRIGGERS` holds for `partition` (0 if none).
@@ -199,8 +199,6 @@ fn sequencer_thread(
     let SequencerIo { mut batches, mut jobs, mut jobs_at, committed, durable, stop } = io;
     let mut waiting_at: Vec<JobAt> = Vec::new();
     let mut sampler = RingSampler::new(config.shards);
-    let mut since_checkpoint = 0u64;
-    let mut last_checkpoint = Instant::now();
     while !stop.load(Ordering::Acquire) {
         while let Ok(job) = jobs.try_recv() {
             pipeline.job(job);
@@ -212,29 +210,10 @@ fn sequencer_thread(
         let batch = match batches.try_recv() {
             Ok(b) => b,
             Err(mpsc::error::TryRecvError::Empty) => {
-                pipeline.drain(&mut |r| gate.push(r));
-                durability.persist_cuts(&mut pipeline);
-                gate.release(pipeline.drained());
-                sampler.maybe_sample(&pipeline);
-                if since_checkpoint > 0 && last_checkpoint.elapsed() >= config.checkpoint_interval {
-                    durability.checkpoint(&mut pipeline);
-                    since_checkpoint = 0;
-                    last_checkpoint = Instant::now();
-                }
-                let woken = runtime.block_on(async {
-                    tokio::select! {
-                        batch = batches.recv() => Some(batch),
-                        Some(job) = jobs.recv() => {
-                            pipeline.job(job);
-                            None
-                        }
-                        Some(job) = jobs_at.recv() => {
-                            waiting_at.push(job);
-                            None
-                        }
-                        _ = committed.notified() => None,
-                        _ = tokio::time::sleep(IDLE_TICK) => None,
-                    }
+                durability.idle(&mut pipeline, &mut gate, &mut sampler, &config);
+                // Cluster stress jobs wait up to `IDLE_TICK` here: they are taken at the top of the loop.
+                let woken = idle_wait(&runtime, &mut batches, &mut jobs, &committed, |job| {
+                    pipeline.job(job);
                 });
                 match woken {
                     Some(Some(b)) => b,
@@ -260,12 +239,7 @@ fn sequencer_thread(
         pipeline.publish();
         durable.store(pipeline.offset().0, Ordering::Release);
         gate.sequenced(pipeline.offset());
-        since_checkpoint += count;
-        if since_checkpoint >= config.checkpoint_events {
-            durability.checkpoint(&mut pipeline);
-            since_checkpoint = 0;
-            last_checkpoint = Instant::now();
-        }
+        durability.sequenced(count, &mut pipeline, &config);
     }
     // Shutdown: what was handed over is applied and checkpointed; the stream keeps the rest.
     pipeline.flush(&mut |r| gate.push(r));

@@ -85,16 +85,7 @@ pub async fn events_stream(
     replicas: usize,
     duplicate_window: Duration,
 ) -> anyhow::Result<stream::Stream> {
-    let config = stream::Config {
-        name: EVENTS_STREAM.to_owned(),
-        subjects: vec![EVENT_SUBJECTS.to_owned()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        duplicate_window,
-        ..Default::default()
-    };
-    let what = format!("creating or finding the stream {EVENTS_STREAM}");
-    super::retry(&what, || js.get_or_create_stream(config.clone())).await
+    super::file_stream(js, EVENTS_STREAM, EVENT_SUBJECTS, replicas, duplicate_window).await
 }
 
 /// The last closed window in the stream: its last offset (0 if none) and the partition count it was published with.

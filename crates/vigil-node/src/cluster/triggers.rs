@@ -24,16 +24,7 @@ pub async fn triggers_stream(
     replicas: usize,
     duplicate_window: Duration,
 ) -> anyhow::Result<stream::Stream> {
-    let config = stream::Config {
-        name: TRIGGERS_STREAM.to_owned(),
-        subjects: vec![TRIGGER_SUBJECTS.to_owned()],
-        storage: stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        duplicate_window,
-        ..Default::default()
-    };
-    let what = format!("creating or finding the stream {TRIGGERS_STREAM}");
-    super::retry(&what, || js.get_or_create_stream(config.clone())).await
+    super::file_stream(js, TRIGGERS_STREAM, TRIGGER_SUBJECTS, replicas, duplicate_window).await
 }
 
 /// Publishes released triggers in order until `rx` closes; a failed publish is retried (the trigger is the node's
