@@ -10,7 +10,7 @@
    the active is killed with SIGKILL; the figure is the time from the kill until the standby has applied every event
    published before the kill (it serves reads and publishes triggers throughout: replicas are peers).
 
-Usage: examples/cluster/measure.py [--events N] [--accounts N] [--partitions P]
+Usage: examples/cluster/measure.py [--events N] [--accounts N] [--partitions P] [--node-shards S]
 Needs target/release/vigil (cargo build --release) and a NATS server 2.10+ ($VIGIL_NATS_SERVER or PATH).
 Loopback only. Prints one line per figure.
 """
@@ -77,11 +77,14 @@ class Cluster:
             p.wait()
 
 
+SHARDS = "2"
+
+
 def node(work, name, urls, partition, http):
     log = open(os.path.join(work, f"{name}.log"), "w")
     return subprocess.Popen(
         [VIGIL, "serve", "--data", os.path.join(work, name), "--ingest", "127.0.0.1:0", "--http", f"127.0.0.1:{http}",
-         "--source", urls, "--partition", partition, "--adl-refresh-ms", "0"],
+         "--source", urls, "--partition", partition, "--adl-refresh-ms", "0", "--shards", SHARDS],
         stdout=subprocess.DEVNULL, stderr=log)
 
 
@@ -91,7 +94,10 @@ def main():
     ap.add_argument("--accounts", type=int, default=100_000)
     ap.add_argument("--partitions", type=int, default=2)
     ap.add_argument("--rate", type=int, default=50_000, help="events/s published during the takeover")
+    ap.add_argument("--node-shards", type=int, default=2, help="shards of each cluster node")
     args = ap.parse_args()
+    global SHARDS
+    SHARDS = str(args.node_shards)
     nats = os.environ.get("VIGIL_NATS_SERVER") or shutil.which("nats-server")
     if not nats or not os.path.exists(VIGIL):
         sys.exit("needs target/release/vigil and nats-server ($VIGIL_NATS_SERVER or PATH)")
@@ -102,7 +108,8 @@ def main():
     with open(events) as f:
         lines = [l for l in f if l.strip()]
     last = len(lines)
-    print(f"stream: {last} events ({args.accounts} accounts), {args.partitions} partitions; work dir {work}")
+    print(f"stream: {last} events ({args.accounts} accounts), {args.partitions} partitions of {SHARDS} shard(s); "
+          f"work dir {work}")
 
     # 1. The single node's durable TCP ingest, the baseline.
     http = free_port()
