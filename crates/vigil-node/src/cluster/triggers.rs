@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
 use tokio::sync::mpsc;
-use vigil_model::Trigger;
+use vigil_model::{Trigger, TriggerKind};
 
 use super::{TRIGGER_OFFSET_HEADER, TRIGGER_SUBJECTS, TRIGGERS_STREAM, trigger_subject};
 use crate::metrics as m;
@@ -36,7 +36,9 @@ pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mp
     let duplicate = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "duplicate", "partition" => label.clone());
     let failed = metrics::counter!(m::CLUSTER_TRIGGER_FAILURES, "partition" => label);
     while let Some(batch) = rx.recv().await {
-        for t in batch {
+        // A `deleverage` trigger follows from the insurance fund, and a partition's fund covers only its own
+        // accounts' fills (docs/cluster.md, "Limits"): it is not the venue's, so it is not published.
+        for t in batch.into_iter().filter(|t| t.kind != TriggerKind::Deleverage) {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", trigger_id(&t).as_str());
             headers.insert(TRIGGER_OFFSET_HEADER, t.offset.0.to_string().as_str());
