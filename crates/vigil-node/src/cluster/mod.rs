@@ -12,6 +12,7 @@
 //! empty): it closes the window. A node buffers its partition's messages until the closing message and then applies
 //! the window's events in offset order. Every message of a window carries the window's range in a header.
 
+pub mod forward;
 pub mod node;
 pub mod publish;
 pub mod source;

@@ -111,9 +111,20 @@ pub async fn last_closed(stream: &stream::Stream) -> anyhow::Result<Offset> {
 }
 
 /// One input line, ready to publish: where it goes (`None`: the broadcast subject) and its journal record.
-struct Line {
-    partition: Option<u32>,
-    record: Vec<u8>,
+pub(crate) struct Line {
+    pub(crate) partition: Option<u32>,
+    pub(crate) record: Vec<u8>,
+}
+
+impl Line {
+    /// A journal record (a node's, without its producer stamp), routed by its event's account.
+    pub(crate) fn of_record(record: Vec<u8>, partitions: u32) -> Self {
+        let partition = match vigil_store::codec::decode_event(&record) {
+            Ok(event) => event.account().map(|a| partition_of(a, partitions)),
+            Err(_) => None, // rejected input (0xFE): every partition takes its offset
+        };
+        Self { partition, record }
+    }
 }
 
 /// Parses a line the way `vigil replay` does, into its destination and journal record.
@@ -183,16 +194,16 @@ fn read_input(
 }
 
 /// A window being cut: one body per partition and the broadcast body.
-struct Cut {
+pub(crate) struct Cut {
     first: Offset,
-    last: Offset,
+    pub(crate) last: Offset,
     bodies: Vec<(Vec<u8>, u32, Option<Offset>)>,
     broadcast: (Vec<u8>, u32, Option<Offset>),
-    events: usize,
+    pub(crate) events: usize,
 }
 
 impl Cut {
-    fn new(first: Offset, partitions: u32) -> Self {
+    pub(crate) fn new(first: Offset, partitions: u32) -> Self {
         Self {
             first,
             last: Offset(first.0 - 1),
@@ -202,7 +213,7 @@ impl Cut {
         }
     }
 
-    fn fits(&self, line: &Line, config: &PublishConfig) -> bool {
+    pub(crate) fn fits(&self, line: &Line, config: &PublishConfig) -> bool {
         let body = match line.partition {
             Some(p) => &self.bodies[p as usize].0,
             None => &self.broadcast.0,
@@ -210,7 +221,7 @@ impl Cut {
         self.events < config.window_events && body.len() + line.record.len() + 12 <= config.window_bytes
     }
 
-    fn push(&mut self, line: Line) {
+    pub(crate) fn push(&mut self, line: Line) {
         self.last = self.last.next();
         self.events += 1;
         let target = match line.partition {
@@ -267,7 +278,11 @@ async fn send_window(js: &jetstream::Context, messages: &[Outgoing]) -> Result<u
 /// Publishes one window: partition messages, their acks, then the closing message and its ack. A failure (a
 /// leader election, a lost connection) resends the whole window until [`super::STARTUP_RETRY`] passes: the
 /// messages keep their ids, so what was stored the first time deduplicates.
-async fn publish_window(js: &jetstream::Context, cut: Cut, summary: &mut PublishSummary) -> anyhow::Result<()> {
+pub(crate) async fn publish_window(
+    js: &jetstream::Context,
+    cut: Cut,
+    summary: &mut PublishSummary,
+) -> anyhow::Result<()> {
     let window = Window { first: cut.first, last: cut.last };
     let partitions = cut.bodies.len() as u32;
     let mut messages = Vec::with_capacity(cut.bodies.len() + 1);
