@@ -27,41 +27,71 @@ pub async fn triggers_stream(
     super::file_stream(js, TRIGGERS_STREAM, TRIGGER_SUBJECTS, replicas, duplicate_window).await
 }
 
-/// Publishes released triggers in order until `rx` closes; a failed publish is retried (the trigger is the node's
-/// promise: it waits, it is never dropped).
+/// Triggers published before their acks are awaited: one round trip per round, not per trigger (one at a time, each
+/// stored trigger cost about a millisecond on the 3-server R3 cluster: docs/performance.md).
+const IN_FLIGHT_MAX: usize = 1024;
+
+/// Publishes released triggers in order until `rx` closes, pipelined: a round sends up to [`IN_FLIGHT_MAX`] and then
+/// awaits their acks. A failed round is sent again whole after a backoff (ids deduplicate what was stored): a trigger
+/// is the node's promise, it waits, it is never dropped.
 pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mpsc::UnboundedReceiver<Vec<Trigger>>) {
     let subject = trigger_subject(partition);
     let label = format!("{partition}");
     let stored = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "stored", "partition" => label.clone());
     let duplicate = metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "duplicate", "partition" => label.clone());
     let failed = metrics::counter!(m::CLUSTER_TRIGGER_FAILURES, "partition" => label);
-    while let Some(batch) = rx.recv().await {
+    let mut queued: std::collections::VecDeque<Trigger> = std::collections::VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            match rx.recv().await {
+                Some(batch) => queued.extend(batch),
+                None => return,
+            }
+        }
+        while let Ok(batch) = rx.try_recv() {
+            queued.extend(batch);
+        }
         // A `deleverage` trigger follows from the insurance fund, and a partition's fund covers only its own
         // accounts' fills (docs/cluster.md, "Limits"): it is not the venue's, so it is not published.
-        for t in batch.into_iter().filter(|t| t.kind != TriggerKind::Deleverage) {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", trigger_id(&t).as_str());
-            headers.insert(TRIGGER_OFFSET_HEADER, t.offset.0.to_string().as_str());
-            let body = Bytes::from(t.to_json());
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let sent = match js.publish_with_headers(subject.clone(), headers.clone(), body.clone()).await {
-                    Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                match sent {
-                    Ok(ack) if ack.duplicate => duplicate.increment(1),
-                    Ok(_) => stored.increment(1),
-                    Err(e) => {
-                        failed.increment(1);
-                        tracing::warn!(error = %e, trigger = %trigger_id(&t), "publishing a trigger failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
+        queued.retain(|t| t.kind != TriggerKind::Deleverage);
+        let round: Vec<(HeaderMap, Bytes)> = queued
+            .drain(..queued.len().min(IN_FLIGHT_MAX))
+            .map(|t| {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", trigger_id(&t).as_str());
+                headers.insert(TRIGGER_OFFSET_HEADER, t.offset.0.to_string().as_str());
+                (headers, Bytes::from(t.to_json()))
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match send_round(&js, &subject, &round).await {
+                Ok(duplicates) => {
+                    duplicate.increment(duplicates);
+                    stored.increment(round.len() as u64 - duplicates);
+                    break;
                 }
-                break;
+                Err(e) => {
+                    failed.increment(1);
+                    tracing::warn!(error = %e, triggers = round.len(), "publishing triggers failed; sending again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
+}
+
+/// Sends a round and awaits every ack: how many the stream already held.
+async fn send_round(js: &jetstream::Context, subject: &str, round: &[(HeaderMap, Bytes)]) -> Result<u64, String> {
+    let mut acks = Vec::with_capacity(round.len());
+    for (headers, body) in round {
+        let ack = js.publish_with_headers(subject.to_owned(), headers.clone(), body.clone()).await;
+        acks.push(ack.map_err(|e| e.to_string())?);
+    }
+    let mut duplicates = 0;
+    for ack in acks {
+        duplicates += u64::from(ack.await.map_err(|e| e.to_string())?.duplicate);
+    }
+    Ok(duplicates)
 }
