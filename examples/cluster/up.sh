@@ -48,7 +48,7 @@ fi
 for p in 0 1; do
   for r in 0 1; do
     port=$((18100 + 10 * p + r))
-    "$vigil" serve --data "$work/node-$p-$r" --source "$urls" --partition "$p/2" \
+    "$vigil" serve --data "$work/node-$p-$r" --source "$urls" --partition "$p/2" --trigger-replicas 3 \
       --ingest 127.0.0.1:0 --http "127.0.0.1:$port" > "$work/node-$p-$r.out" 2> "$work/node-$p-$r.log" &
     pids+=($!)
     echo "partition $p/2 replica $r: http://127.0.0.1:$port (log $work/node-$p-$r.log)"

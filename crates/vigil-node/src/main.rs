@@ -114,7 +114,9 @@ enum Command {
         /// Events per batch.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
-        /// TCP connections.
+        /// TCP connections. Batches on different connections are sequenced in whatever order they arrive: with
+        /// more than one, a file's events reach the node in another order than the file's (use 1 to compare the node
+        /// with a replay of the file).
         #[arg(long, default_value_t = 4)]
         connections: usize,
         /// Pre-trade checks per second over HTTP (0 = none), alongside the ingest.

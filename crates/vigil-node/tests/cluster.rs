@@ -254,6 +254,7 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
         .arg(&events)
         .args(["--nats", &urls, "--partitions", "2", "--replicas", "3", "--window-events", "2000"])
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("vigil publish restarts");
