@@ -18,6 +18,7 @@ fi
 cargo build --release --quiet -p vigil-node
 vigil="$PWD/target/release/vigil"
 work="${VIGIL_CLUSTER_DIR:-$(mktemp -d -t vigil-cluster.XXXXXX)}"
+mkdir -p "$work"
 echo "working directory: $work"
 
 pids=()

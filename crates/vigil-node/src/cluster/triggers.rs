@@ -32,8 +32,8 @@ pub async fn triggers_stream(
 const IN_FLIGHT_MAX: usize = 1024;
 
 /// Publishes released triggers in order until `rx` closes, pipelined: a round sends up to [`IN_FLIGHT_MAX`] and then
-/// awaits their acks. A failed round is sent again whole after a backoff (ids deduplicate what was stored): a trigger
-/// is the node's promise, it waits, it is never dropped.
+/// awaits their acks. Those that failed are sent again after a backoff until stored (or found stored): a trigger is
+/// the node's promise, it waits, it is never dropped.
 pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mpsc::UnboundedReceiver<Vec<Trigger>>) {
     let subject = trigger_subject(partition);
     let label = format!("{partition}");
@@ -54,7 +54,7 @@ pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mp
         // A `deleverage` trigger follows from the insurance fund, and a partition's fund covers only its own
         // accounts' fills (docs/cluster.md, "Limits"): it is not the venue's, so it is not published.
         queued.retain(|t| t.kind != TriggerKind::Deleverage);
-        let round: Vec<(HeaderMap, Bytes)> = queued
+        let mut round: Vec<(HeaderMap, Bytes)> = queued
             .drain(..queued.len().min(IN_FLIGHT_MAX))
             .map(|t| {
                 let mut headers = HeaderMap::new();
@@ -63,35 +63,52 @@ pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mp
                 (headers, Bytes::from(t.to_json()))
             })
             .collect();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match send_round(&js, &subject, &round).await {
-                Ok(duplicates) => {
-                    duplicate.increment(duplicates);
-                    stored.increment(round.len() as u64 - duplicates);
-                    break;
-                }
-                Err(e) => {
-                    failed.increment(1);
-                    tracing::warn!(error = %e, triggers = round.len(), "publishing triggers failed; sending again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+        // Those that fail are sent again (alone) after a backoff. "Duplicate message id is in process" (10158) is
+        // another replica storing the same trigger at this moment: sent again, it is answered as a duplicate.
+        let mut backoff = Duration::from_millis(20);
+        while !round.is_empty() {
+            let (duplicates, stored_now, failures, retry) = send_round(&js, &subject, round).await;
+            duplicate.increment(duplicates);
+            stored.increment(stored_now);
+            failed.increment(failures);
+            if !retry.is_empty() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+            round = retry;
         }
     }
 }
 
-/// Sends a round and awaits every ack: how many the stream already held.
-async fn send_round(js: &jetstream::Context, subject: &str, round: &[(HeaderMap, Bytes)]) -> Result<u64, String> {
+/// Sends a round and awaits every ack: how many the stream already held, how many it stored, how many failed (not
+/// counting another replica's store of the same id in process), and the messages to send again.
+async fn send_round(
+    js: &jetstream::Context,
+    subject: &str,
+    round: Vec<(HeaderMap, Bytes)>,
+) -> (u64, u64, u64, Vec<(HeaderMap, Bytes)>) {
     let mut acks = Vec::with_capacity(round.len());
     for (headers, body) in round {
         let ack = js.publish_with_headers(subject.to_owned(), headers.clone(), body.clone()).await;
-        acks.push(ack.map_err(|e| e.to_string())?);
+        acks.push((ack, headers, body));
     }
-    let mut duplicates = 0;
-    for ack in acks {
-        duplicates += u64::from(ack.await.map_err(|e| e.to_string())?.duplicate);
+    let (mut duplicates, mut stored, mut failed, mut retry) = (0, 0, 0, Vec::new());
+    for (ack, headers, body) in acks {
+        let result = match ack {
+            Ok(future) => future.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(a) if a.duplicate => duplicates += 1,
+            Ok(_) => stored += 1,
+            Err(e) => {
+                if !e.contains("10158") {
+                    failed += 1;
+                    tracing::warn!(error = %e, "publishing a trigger failed; sending it again");
+                }
+                retry.push((headers, body));
+            }
+        }
     }
-    Ok(duplicates)
+    (duplicates, stored, failed, retry)
 }
