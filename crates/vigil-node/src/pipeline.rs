@@ -507,7 +507,7 @@ fn run_shard(index: usize, mut engine: Engine, io: ShardIo, wait: Wait) -> Engin
     }
 }
 
-/// Every shard must reach the same verdict on a broadcast event: all accept it (then none reports a rejection) or
+/// Every shard given a broadcast event must reach the same verdict on it: all accept it (then none reports a rejection) or
 /// all reject it for the same reason. Anything else is a broken invariant (the shards' states would fork), fatal
 /// with both verdicts in the message.
 fn check_broadcast_verdicts(offset: Offset, outs: &[Output], shards: usize) {
@@ -694,6 +694,12 @@ impl Pipeline {
         }
     }
 
+    /// How many shards were given a broadcast event at `offset` (with [`Pipeline::skip_restored`], not those whose
+    /// restored engine already held it).
+    fn shards_given(&self, offset: Offset) -> usize {
+        if self.skip_restored { self.restored.iter().filter(|r| offset.0 > **r).count() } else { self.inputs.len() }
+    }
+
     /// From now on, a shard is not given the events its engine already held when the pipeline started: the source
     /// replays from the oldest shard's checkpoint, and the others skip what theirs hold.
     pub fn skip_restored(&mut self) {
@@ -873,7 +879,7 @@ impl Pipeline {
             if self.cuts_wanted.front().is_some_and(|at| *at < offset) {
                 self.cut_before(offset);
             }
-            check_broadcast_verdicts(offset, &outs, self.inputs.len());
+            check_broadcast_verdicts(offset, &outs, self.shards_given(offset));
             let mut triggers: Vec<Trigger> = Vec::new();
             let mut rejection = None;
             let mut liquidation = None;
@@ -1022,6 +1028,36 @@ mod tests {
         let mut p = Pipeline::start_with(&config, forked_engines(), Offset(1), None).unwrap();
         p.submit(event(r#"{"type":"price","symbol":"ETH","price":"3000"}"#));
         p.flush(&mut |_| {});
+    }
+
+    #[test]
+    fn a_broadcast_event_a_restored_shard_skips_is_judged_by_the_shards_given_it() {
+        // Proves a source that replays from the oldest checkpoint (cluster mode) does not mistake a shard that
+        // skipped a broadcast event (its checkpoint holds it) for one that accepted it: the rejection the lagging
+        // shard gives is released, and the run goes on. (Found by the cluster test: a `funding` event on a future,
+        // rejected by one shard after a restart, was fatal.)
+        let config = Config::default();
+        let deposit = |a: &str| event(&format!(r#"{{"type":"deposit","account":"{a}","asset":"USDC","amount":"1"}}"#));
+        let unknown_price = event(r#"{"type":"price","symbol":"NOPE","price":"1"}"#);
+        let mut ahead = Engine::new(&config);
+        ahead.apply(Offset(1), &deposit("x"), &mut Vec::new()).unwrap();
+        let _ = ahead.apply(Offset(2), &unknown_price, &mut Vec::new());
+        ahead.apply(Offset(3), &deposit("x"), &mut Vec::new()).unwrap();
+        let mut behind = Engine::new(&config);
+        behind.apply(Offset(1), &deposit("y"), &mut Vec::new()).unwrap();
+        let pconfig = PipelineConfig { shards: 2, pin: false, ..PipelineConfig::default() };
+        let mut p = Pipeline::start_with(&pconfig, vec![ahead, behind], Offset(1), None).unwrap();
+        p.skip_restored();
+        p.submit_at(Offset(2), unknown_price.clone());
+        p.submit_at(Offset(3), deposit("x"));
+        p.submit_at(Offset(4), unknown_price);
+        let mut rejected = Vec::new();
+        p.finish(&mut |r| {
+            if let Released::Rejection(r) = r {
+                rejected.push(r.offset.0);
+            }
+        });
+        assert_eq!(rejected, vec![2, 4]);
     }
 
     #[test]
