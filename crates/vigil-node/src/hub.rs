@@ -38,6 +38,9 @@ pub struct Hub {
     pub(crate) source: OnceLock<Arc<crate::cluster::source::SourceStatus>>,
     /// Cluster mode: where released triggers go to be published to `VIGIL_TRIGGERS`.
     pub(crate) trigger_sink: OnceLock<mpsc::UnboundedSender<Vec<Trigger>>>,
+    /// Cluster mode: released fills go to the coverage publisher, and the fund shown is the venue's fold
+    /// (`cluster::fund`), not this partition's.
+    pub(crate) fund_sink: OnceLock<mpsc::UnboundedSender<crate::cluster::fund::FundFeed>>,
 }
 
 /// The fund as of `through` (the released offset when it was last published), every fill up to it, and the fund
@@ -85,6 +88,7 @@ impl Hub {
             adl_board: RwLock::new(crate::adl::Board::default()),
             source: OnceLock::new(),
             trigger_sink: OnceLock::new(),
+            fund_sink: OnceLock::new(),
         }
     }
 
@@ -97,6 +101,11 @@ impl Hub {
     pub fn jobs(&self) -> Option<(Jobs, usize, Offset)> {
         let node = self.node.get()?;
         Some((node.jobs.clone(), node.checker.shards(), node.checker.sequenced()))
+    }
+
+    /// Whether the node is stopping.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     /// Becomes true when the node stops.
@@ -113,8 +122,28 @@ impl Hub {
         i.moves = vec![(at, fund)];
     }
 
-    /// Appends released fills and the fund after each movement among them, as of `through`.
+    /// Released fills and the fund after each movement among them, as of `through`: shown, or in cluster mode
+    /// handed to the coverage publisher (the fund they make here is this partition's only).
     pub fn publish_fund(
+        &self,
+        liquidations: Vec<LiquidationRecord>,
+        moves: Vec<(Offset, InsuranceFund)>,
+        through: Offset,
+    ) {
+        if let Some(sink) = self.fund_sink.get() {
+            let _ = sink.send(crate::cluster::fund::FundFeed::Released { fills: liquidations, through });
+            return;
+        }
+        self.show_fund(liquidations, moves, through);
+    }
+
+    /// Whether the fund shown is folded elsewhere (cluster mode).
+    pub fn fund_folded_elsewhere(&self) -> bool {
+        self.fund_sink.get().is_some()
+    }
+
+    /// Appends settled fills and the fund after each movement among them, as of `through`.
+    pub fn show_fund(
         &self,
         liquidations: Vec<LiquidationRecord>,
         moves: Vec<(Offset, InsuranceFund)>,
@@ -137,6 +166,10 @@ impl Hub {
             return None;
         }
         let i = crate::read(&self.insurance, "the insurance fund");
+        if i.through < at.0 {
+            // Cluster mode: the venue's fold has not reached `at` (and may lag behind it for a while).
+            return None;
+        }
         let k = i.moves.partition_point(|(o, _)| *o <= at);
         k.checked_sub(1).map(|k| i.moves[k].1)
     }

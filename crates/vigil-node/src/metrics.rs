@@ -50,6 +50,9 @@ pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const CHECKS: &str = "vigil_checks_total";
 pub const CLUSTER_TRIGGERS: &str = "vigil_cluster_triggers_published_total";
 pub const CLUSTER_TRIGGER_FAILURES: &str = "vigil_cluster_trigger_publish_failures_total";
+pub const CLUSTER_FUND_REFUSALS: &str = "vigil_cluster_fund_refusals_total";
+pub const CLUSTER_FUND_FOLDED: &str = "vigil_cluster_fund_folded_offset";
+pub const CLUSTER_COVERAGE: &str = "vigil_cluster_coverage_offset";
 pub const SOURCE_LAG: &str = "vigil_source_lag_messages";
 pub const SOURCE_CONSUMED: &str = "vigil_source_consumed_offset";
 pub const FUND_BALANCE: &str = "vigil_insurance_fund_balance";
@@ -143,6 +146,18 @@ fn describe() {
          earlier run, stored it first)."
     );
     describe_counter!(CLUSTER_TRIGGER_FAILURES, "Trigger publishes that failed and were retried (cluster mode).");
+    describe_counter!(
+        CLUSTER_FUND_REFUSALS,
+        "insurance withdrawals the venue's fund refused (cluster mode: the fold over VIGIL_FILLS decides them)."
+    );
+    describe_gauge!(
+        CLUSTER_FUND_FOLDED,
+        "The offset through which this node's fold of VIGIL_FILLS holds the venue's insurance fund (cluster mode)."
+    );
+    describe_gauge!(
+        CLUSTER_COVERAGE,
+        "The offset through which VIGIL_FILLS holds this node's fills and insurance events (cluster mode)."
+    );
     describe_gauge!(
         SOURCE_LAG,
         "Messages of this node's partition (and the broadcast subject) in VIGIL_EVENTS not yet read (cluster mode)."

@@ -251,6 +251,9 @@ fn unstamped(record: Vec<u8>) -> Vec<u8> {
 
 /// Persists checkpoint deltas off the shard threads (the rules are `persist::Persister`'s); tells the journal the
 /// oldest watermark a barrier made durable. `on_fatal` stops the node after too many failures in a row.
+/// How long a stopping node's last checkpoints wait to become durable.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
 fn persistence_thread(
     mut persister: Persister,
     rx: std_mpsc::Receiver<Persist>,
@@ -269,8 +272,18 @@ fn persistence_thread(
         };
         // Shards apply before the journal syncs: a checkpoint must never get ahead of the journal, or a crash
         // would recover state from events the journal lost (and reuse their offsets). If the journal is
-        // poisoned the process exits; this wait never ends otherwise.
+        // poisoned the process exits; this wait never ends otherwise. (A cluster node waits here for its coverage
+        // in VIGIL_FILLS instead, which needs NATS: a stopping node gives it `SHUTDOWN_WAIT`, then leaves the rest
+        // to the stream, which holds every event the checkpoints would have.)
+        let mut stopping_since: Option<Instant> = None;
         while durable.load(Ordering::Acquire) < offset.0 {
+            if hub.is_shutting_down() {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > SHUTDOWN_WAIT {
+                    tracing::warn!(offset = offset.0, "stopping without the last checkpoints: not yet durable");
+                    return;
+                }
+            }
             thread::sleep(Duration::from_micros(200));
         }
         match persister.handle(message) {
@@ -390,7 +403,9 @@ impl Gate {
                     liquidations.push(l);
                 }
                 Released::Fund(offset, f) => {
-                    self.metrics.fund(&f);
+                    if !self.hub.fund_folded_elsewhere() {
+                        self.metrics.fund(&f);
+                    }
                     moves.push((offset, f));
                 }
                 Released::Rejection(rec) => {

@@ -13,6 +13,7 @@
 //! the window's events in offset order. Every message of a window carries the window's range in a header.
 
 pub mod forward;
+pub mod fund;
 pub mod node;
 pub mod publish;
 pub mod source;

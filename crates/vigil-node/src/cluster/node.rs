@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use tokio::sync::{Notify, mpsc};
-use vigil_model::{Offset, Trigger};
+use vigil_model::liquidation::InsuranceFund;
+use vigil_model::{Event, Offset, Trigger};
 
+use super::fund::{FundFeed, fills_stream, fold_fund, publish_coverage};
 use super::source::{NatsSource, SourceBatch, SourceStatus};
 use super::stress::JobAt;
 use super::triggers::{publish_triggers, triggers_stream};
@@ -66,7 +68,18 @@ pub(crate) fn start(
         let _ = trigger_tx.send(unpublished);
     }
     let _ = hub.trigger_sink.set(trigger_tx);
-    runtime.spawn(publish_triggers(js, partition.index, trigger_rx));
+    runtime.spawn(publish_triggers(js.clone(), partition.index, trigger_rx));
+    // The venue's insurance fund: this node's fills and the insurance events go to VIGIL_FILLS as coverage, and
+    // the node folds every partition's coverage (`cluster::fund`). Checkpoints wait for the coverage's acks.
+    runtime.block_on(fills_stream(&js, config.trigger_replicas, config.trigger_duplicate_window))?;
+    let covered = Arc::new(AtomicU64::new(recovery.node_offset.0));
+    let (fund_tx, fund_rx) = mpsc::unbounded_channel::<FundFeed>();
+    let _ = hub.fund_sink.set(fund_tx.clone());
+    // The fund shown is the venue's, folded from VIGIL_FILLS's first message (not this partition's, restored):
+    // started empty before the fold starts showing.
+    hub.start_fund(Offset(0), InsuranceFund::default(), Vec::new());
+    runtime.spawn(publish_coverage(js.clone(), partition, recovery.node_offset, fund_rx, Arc::clone(&covered)));
+    runtime.spawn(fold_fund(js, partition.count, Arc::clone(hub)));
     tracing::info!(
         partition = %partition,
         start = recovery.start.0,
@@ -85,7 +98,7 @@ pub(crate) fn start(
         &recovery.watermarks,
         recovery.node_offset,
         journal_tx.clone(),
-        &durable,
+        &covered,
         hub,
     )?;
     let durability = Durability::new(journal_tx, delta_tx.clone(), Producers::default());
@@ -130,11 +143,18 @@ pub(crate) fn start(
         let (config, handle, stop, durable) =
             (config.clone(), runtime.handle().clone(), Arc::clone(&stop), Arc::clone(&durable));
         crate::spawn_vital("vigil-sequencer", move || {
-            let io = SequencerIo { batches: batches_rx, jobs: jobs_rx, jobs_at: jobs_at_rx, committed, durable, stop };
+            let io = SequencerIo {
+                batches: batches_rx,
+                jobs: jobs_rx,
+                jobs_at: jobs_at_rx,
+                fund: fund_tx,
+                committed,
+                durable,
+                stop,
+            };
             sequencer_thread(handle, pipeline, io, durability, gate, config)
         })?
     };
-    hub.start_fund(recovery.node_offset, recovery.fund, recovery.liquidations);
     hub.start(
         recovery.history,
         recovery.start,
@@ -163,6 +183,8 @@ struct SequencerIo {
     jobs: mpsc::Receiver<Arc<dyn ShardJob>>,
     /// Cluster stress requests: each goes into the rings when the sequencer is exactly at its offset.
     jobs_at: mpsc::Receiver<JobAt>,
+    /// `insurance` events, as sequenced, for the coverage publisher.
+    fund: mpsc::UnboundedSender<FundFeed>,
     committed: Arc<Notify>,
     durable: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -196,7 +218,7 @@ fn sequencer_thread(
     mut gate: Gate,
     config: ServeConfig,
 ) {
-    let SequencerIo { mut batches, mut jobs, mut jobs_at, committed, durable, stop } = io;
+    let SequencerIo { mut batches, mut jobs, mut jobs_at, fund, committed, durable, stop } = io;
     let mut waiting_at: Vec<JobAt> = Vec::new();
     let mut sampler = RingSampler::new(config.shards);
     while !stop.load(Ordering::Acquire) {
@@ -230,7 +252,12 @@ fn sequencer_thread(
                 continue;
             }
             match item {
-                Item::Event(event) => pipeline.submit_at(offset, event),
+                Item::Event(event) => {
+                    if let Event::Insurance { amount } = event {
+                        let _ = fund.send(FundFeed::Insurance(offset, amount));
+                    }
+                    pipeline.submit_at(offset, event)
+                }
                 Item::Invalid(rejection) => pipeline.reject_at(offset, rejection),
             };
         }

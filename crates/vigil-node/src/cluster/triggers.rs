@@ -51,8 +51,9 @@ pub async fn publish_triggers(js: jetstream::Context, partition: u32, mut rx: mp
         while let Ok(batch) = rx.try_recv() {
             queued.extend(batch);
         }
-        // A `deleverage` trigger follows from the insurance fund, and a partition's fund covers only its own
-        // accounts' fills (docs/cluster.md, "Limits"): it is not the venue's, so it is not published.
+        // A `deleverage` trigger follows from the insurance fund, and a partition's merge folds only its own
+        // accounts' fills: the venue's fund, and its deleverage triggers, come from the fold over every
+        // partition's coverage (`cluster::fund`), which publishes them.
         queued.retain(|t| t.kind != TriggerKind::Deleverage);
         let mut round: Vec<(HeaderMap, Bytes)> = queued
             .drain(..queued.len().min(IN_FLIGHT_MAX))
