@@ -97,10 +97,11 @@ pub struct NodeSettings {
     /// Cluster mode: the partition served, `N/P` (0 <= N < P).
     #[arg(long)]
     pub partition: Option<String>,
-    /// Cluster mode: replicas of VIGIL_TRIGGERS, if this node creates it [default: 1].
+    /// Cluster mode: replicas of VIGIL_TRIGGERS and VIGIL_FILLS, if this node creates them [default: 1].
     #[arg(long)]
     pub trigger_replicas: Option<usize>,
-    /// Cluster mode: VIGIL_TRIGGERS' duplicate window in seconds, if this node creates it [default: 600].
+    /// Cluster mode: the duplicate window of VIGIL_TRIGGERS and VIGIL_FILLS in seconds, if this node creates them
+    /// [default: 600].
     #[arg(long)]
     pub trigger_duplicate_secs: Option<u64>,
     /// Publish every journaled event to the VIGIL_EVENTS stream on these NATS servers too, acknowledging producers
