@@ -25,6 +25,8 @@ pub struct Hub {
     /// The offset through which every output is durable and released: triggers at or below it are all in
     /// `triggers`, and no more will ever come for those offsets.
     pub(crate) released: watch::Sender<u64>,
+    /// The offset the fund shown is as of (the released offset; in cluster mode, how far the venue's fold reaches).
+    fund_through: watch::Sender<u64>,
     /// Each shard's last checkpoint watermark.
     pub(crate) checkpoints: Mutex<Vec<Offset>>,
     pub(crate) shutdown: watch::Sender<bool>,
@@ -81,6 +83,7 @@ impl Hub {
             node: OnceLock::new(),
             triggers: RwLock::new(Vec::new()),
             released: watch::Sender::new(0),
+            fund_through: watch::Sender::new(0),
             checkpoints: Mutex::new(Vec::new()),
             shutdown: watch::Sender::new(false),
             stressing: tokio::sync::Semaphore::new(1),
@@ -118,6 +121,7 @@ impl Hub {
         let mut i = crate::write(&self.insurance, "the insurance fund");
         i.fund = fund;
         i.through = at.0;
+        self.fund_through.send_replace(at.0);
         i.liquidations = liquidations;
         i.moves = vec![(at, fund)];
     }
@@ -156,20 +160,27 @@ impl Hub {
         }
         i.moves.extend(moves);
         i.through = i.through.max(through.0);
+        let through = i.through;
+        drop(i);
+        self.fund_through.send_if_modified(|t| {
+            let advanced = through > *t;
+            *t = through;
+            advanced
+        });
     }
 
-    /// The fund as of offset `at`, once everything up to it is released (waiting at most the query timeout).
+    /// The fund as of offset `at`, once everything up to it is released and the fund is folded through it (in
+    /// cluster mode the venue's fold trails the partition: `cluster::fund`), waiting at most the query timeout.
     pub async fn fund_at(&self, at: Offset) -> Option<InsuranceFund> {
-        let mut released = self.released.subscribe();
-        let reached = tokio::time::timeout(self.query_timeout, released.wait_for(|r| *r >= at.0)).await;
-        if !matches!(reached, Ok(Ok(_))) {
+        let (mut released, mut folded) = (self.released.subscribe(), self.fund_through.subscribe());
+        let reached = tokio::time::timeout(self.query_timeout, async {
+            released.wait_for(|r| *r >= at.0).await.is_ok() && folded.wait_for(|f| *f >= at.0).await.is_ok()
+        })
+        .await;
+        if reached != Ok(true) {
             return None;
         }
         let i = crate::read(&self.insurance, "the insurance fund");
-        if i.through < at.0 {
-            // Cluster mode: the venue's fold has not reached `at` (and may lag behind it for a while).
-            return None;
-        }
         let k = i.moves.partition_point(|(o, _)| *o <= at);
         k.checked_sub(1).map(|k| i.moves[k].1)
     }

@@ -136,7 +136,14 @@ pub(crate) fn start(
     });
     let (jobs_tx, jobs_rx) = mpsc::channel::<Arc<dyn ShardJob>>(16);
     let (jobs_at_tx, jobs_at_rx) = mpsc::channel::<JobAt>(16);
-    runtime.spawn(super::stress::serve_stress(client, partition, config.shards, jobs_at_tx, Arc::clone(&status)));
+    runtime.spawn(super::stress::serve_stress(
+        client,
+        partition,
+        config.shards,
+        jobs_at_tx,
+        Arc::clone(&status),
+        Arc::clone(hub),
+    ));
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Gate::new(Arc::clone(&durable), Arc::clone(&committed), Arc::clone(hub));
     let sequencer = {

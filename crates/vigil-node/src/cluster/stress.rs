@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use vigil_engine::account::AdlEntry;
 use vigil_engine::stress::{Request, ShardStress, merge_shards};
 use vigil_model::Offset;
+use vigil_model::liquidation::InsuranceFund;
 
 use super::{EVENTS_STREAM, Partition};
 use crate::pipeline::ShardJob;
@@ -59,6 +60,8 @@ enum Reply {
         partition: String,
         at: u64,
         result: ShardStress,
+        /// The venue's insurance fund at `at`, as this node folds it (`None`: the fold did not reach `at` in time).
+        fund: Option<InsuranceFund>,
     },
     /// The partition's part of an ADL queue at `at`: its first positions in the queue's order, and how many it has.
     Adl {
@@ -95,6 +98,7 @@ pub async fn serve_stress(
     shards: usize,
     jobs_at: mpsc::Sender<JobAt>,
     consumed: Arc<super::source::SourceStatus>,
+    hub: Arc<crate::hub::Hub>,
 ) {
     let subject = stress_subject(partition.index);
     let mut requests = match client.queue_subscribe(subject.clone(), format!("vigil-stress-p{}", partition.index)).await
@@ -107,9 +111,10 @@ pub async fn serve_stress(
     };
     while let Some(message) = requests.next().await {
         let Some(reply_to) = message.reply.clone() else { continue };
-        let (client, jobs_at, consumed) = (client.clone(), jobs_at.clone(), Arc::clone(&consumed));
+        let (client, jobs_at, consumed, hub) =
+            (client.clone(), jobs_at.clone(), Arc::clone(&consumed), Arc::clone(&hub));
         tokio::spawn(async move {
-            let reply = answer(&message.payload, partition, shards, &jobs_at, &consumed).await;
+            let reply = answer(&message.payload, partition, shards, &jobs_at, &consumed, &hub).await;
             let body = encode(&reply);
             if let Err(e) = client.publish(reply_to, Bytes::from(body)).await {
                 tracing::warn!(error = %e, "answering a cluster stress request");
@@ -124,6 +129,7 @@ async fn answer(
     shards: usize,
     jobs_at: &mpsc::Sender<JobAt>,
     status: &super::source::SourceStatus,
+    hub: &crate::hub::Hub,
 ) -> Reply {
     let refused = |code: &str, message: String| Reply::Refused { code: code.to_owned(), message };
     let ask: Ask = match vigil_store::codec::decode_untrusted(payload) {
@@ -152,7 +158,8 @@ async fn answer(
             }
             match crate::stress::collect(replies, shards, &request).await {
                 Ok(report) => {
-                    Reply::Part { partition: partition.to_string(), at: report.offset.0, result: report.result }
+                    let fund = hub.fund_at(report.offset).await;
+                    Reply::Part { partition: partition.to_string(), at: report.offset.0, result: report.result, fund }
                 }
                 Err(NodeStressError::Refused(e)) => refused(e.code, e.message),
                 Err(NodeStressError::Stopping) => stopping(),
@@ -233,15 +240,22 @@ async fn scatter(url: &str, question: Question, timeout: Duration) -> anyhow::Re
 /// Runs a stress request over every partition at one offset and merges their parts. `body` is the request's JSON.
 pub async fn run_cluster(url: &str, body: &str, request: &Request, timeout: Duration) -> anyhow::Result<Report> {
     let (at, replies) = scatter(url, Question::Stress { request: body.to_owned() }, timeout).await?;
-    let parts = replies
-        .into_iter()
-        .filter_map(|r| match r {
-            Reply::Part { result, .. } => Some(result),
-            _ => None,
-        })
-        .collect();
+    let mut parts = Vec::with_capacity(replies.len());
+    let mut funds = Vec::with_capacity(replies.len());
+    for r in replies {
+        if let Reply::Part { result, fund, .. } = r {
+            parts.push(result);
+            funds.push(fund);
+        }
+    }
+    // Every node folds the same stream: the partitions' funds at one offset agree (a fold that did not reach the
+    // cut in time leaves the fund out, as a node's report does).
+    let fund = match funds.split_first() {
+        Some((first, rest)) if rest.iter().all(|f| f == first) => *first,
+        _ => anyhow::bail!("invariant: the partitions' folds of the insurance fund differ at {}: {funds:?}", at.0),
+    };
     let result = merge_shards(parts, request.top);
-    Ok(Report { offset: at, request: request.clone(), result, fund: None })
+    Ok(Report { offset: at, request: request.clone(), result, fund })
 }
 
 /// One side of `symbol`'s ADL queue over every partition at one offset, as `GET /v1/adl/{symbol}` shows a node's:
