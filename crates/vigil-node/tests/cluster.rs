@@ -90,11 +90,12 @@ impl NatsCluster {
 
     fn restart(&mut self, i: usize) {
         let s = &mut self.servers[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(s.conf.with_extension("log"));
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&s.conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.map_or_else(|_| Stdio::null(), Stdio::from))
             .spawn()
             .expect("nats-server starts");
         s.process = Some(Killed(child));
@@ -115,13 +116,14 @@ struct ServeNode {
     process: Killed,
 }
 
-fn serve(data: &Path, urls: &str, partition: &str) -> ServeNode {
+/// A cluster node; `replicas`: of the trigger and coverage streams it creates (3 on the 3-server cluster).
+fn serve(data: &Path, urls: &str, partition: &str, replicas: u8) -> ServeNode {
     let mut child = vigil()
         .args(["serve", "--data"])
         .arg(data)
         .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
         .args(["--checkpoint-events", "30000", "--source", urls, "--partition", partition])
-        .args(["--adl-refresh-ms", "0"])
+        .args(["--adl-refresh-ms", "0", "--trigger-replicas", &replicas.to_string()])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(data.with_extension("log")).map_or_else(|_| Stdio::null(), Stdio::from))
         .spawn()
@@ -294,7 +296,7 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     // Two partitions × two replicas, consuming while the publisher is down and after it resumes.
     let data: Vec<PathBuf> = (0..4).map(|i| dir.path().join(format!("node-{i}"))).collect();
     let partition = |i: usize| if i < 2 { "0/2" } else { "1/2" };
-    let mut nodes: Vec<ServeNode> = (0..4).map(|i| serve(&data[i], &urls, partition(i))).collect();
+    let mut nodes: Vec<ServeNode> = (0..4).map(|i| serve(&data[i], &urls, partition(i), 3)).collect();
 
     // The publisher restarts on the whole input: it resumes after the last closed window.
     let resumed = vigil()
@@ -316,7 +318,7 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     });
     let _ = nodes[0].process.0.kill(); // SIGKILL
     let _ = nodes[0].process.0.wait();
-    nodes[0] = serve(&data[0], &urls, partition(0));
+    nodes[0] = serve(&data[0], &urls, partition(0), 3);
     // The stream's leader, killed and restarted while the publisher runs.
     if let Some(leader) = events_leader(&urls) {
         let i = nats.servers.iter().position(|s| s.name == leader).expect("the leader is one of ours");
@@ -433,6 +435,8 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
             let missing: Vec<_> = expected.iter().filter(|k| !counts.contains_key(*k)).take(10).collect();
             let logs: Vec<String> = data
                 .iter()
+                .cloned()
+                .chain(nats.servers.iter().map(|s| s.conf.clone()))
                 .map(|d| {
                     let log = std::fs::read_to_string(d.with_extension("log")).unwrap_or_default();
                     log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -751,7 +755,7 @@ fn a_node_started_with_publish_sequences_the_stream_and_acks_only_what_it_holds_
 
     // Both partitions' nodes, reading the stream, hold what the sequencer holds.
     let nodes: Vec<ServeNode> =
-        (0..2).map(|p| serve(&dir.path().join(format!("p{p}")), &url, &format!("{p}/2"))).collect();
+        (0..2).map(|p| serve(&dir.path().join(format!("p{p}")), &url, &format!("{p}/2"), 1)).collect();
     for (i, node) in nodes.iter().enumerate() {
         wait_for(120, &format!("partition {i} to apply the stream"), || {
             status(&http, node).is_some_and(|s| s["released"].as_u64() == Some(last))
