@@ -259,14 +259,18 @@ fn sequencer_thread(
                 continue;
             }
             match item {
-                Item::Event(event) => {
-                    if let Event::Insurance { amount } = event {
-                        let _ = fund.send(FundFeed::Insurance(offset, amount));
-                    }
-                    pipeline.submit_at(offset, event)
+                // The venue's fund decides it (`cluster::fund`): this partition's merge, whose fund would hold only
+                // its own fills, never sees it and keeps no verdict of its own.
+                Item::Event(Event::Insurance { amount }) => {
+                    let _ = fund.send(FundFeed::Insurance(offset, amount));
                 }
-                Item::Invalid(rejection) => pipeline.reject_at(offset, rejection),
-            };
+                Item::Event(event) => {
+                    pipeline.submit_at(offset, event);
+                }
+                Item::Invalid(rejection) => {
+                    pipeline.reject_at(offset, rejection);
+                }
+            }
         }
         pipeline.advance_to(through);
         schedule_at(&mut waiting_at, &mut pipeline);
