@@ -30,7 +30,7 @@ use vigil_engine::sharded::{fund_rejection, settle_liquidation};
 use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Amount, LiquidationRecord, Offset, Trigger};
 
-use super::triggers::trigger_id;
+use super::triggers::{last_trigger_offset, trigger_id};
 use super::{PARTITIONS_HEADER, Partition, TRIGGER_OFFSET_HEADER};
 use crate::hub::Hub;
 use crate::metrics as m;
@@ -339,7 +339,9 @@ pub async fn fold_fund(js: jetstream::Context, partitions: u32, hub: Arc<Hub>) {
 async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>) -> anyhow::Result<()> {
     let what = format!("finding {FILLS_STREAM}");
     let stream = super::retry(&what, || js.get_stream(FILLS_STREAM)).await?;
-    let published = super::retry("reading the last stored deleverage trigger", || last_fund_trigger(js)).await?;
+    let published =
+        super::retry("reading the last stored deleverage trigger", || last_trigger_offset(js, FUND_TRIGGER_SUBJECT))
+            .await?;
     let config = consumer::pull::OrderedConfig {
         filter_subject: FILLS_SUBJECTS.to_owned(),
         deliver_policy: consumer::DeliverPolicy::All,
@@ -379,16 +381,6 @@ async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>) -> 
         hub.show_fund(folded.fills, folded.moves, fold.folded());
     }
     anyhow::bail!("the consumer ended")
-}
-
-/// The offset of the last `deleverage` trigger `VIGIL_TRIGGERS` holds (0 if none).
-async fn last_fund_trigger(js: &jetstream::Context) -> anyhow::Result<Offset> {
-    let stream = js.get_stream(super::TRIGGERS_STREAM).await?;
-    match stream.get_last_raw_message_by_subject(FUND_TRIGGER_SUBJECT).await {
-        Ok(m) => Ok(Offset(m.headers.get(TRIGGER_OFFSET_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0))),
-        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Offset(0)),
-        Err(e) => Err(anyhow::anyhow!("reading the last stored deleverage trigger: {e}")),
-    }
 }
 
 /// Publishes one trigger until stored (or found stored), before the next: the stream's last one then tells a

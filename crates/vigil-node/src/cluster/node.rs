@@ -16,8 +16,8 @@ use vigil_model::{Event, Offset, Trigger};
 use super::fund::{FundFeed, fills_stream, fold_fund, publish_coverage};
 use super::source::{NatsSource, SourceBatch, SourceStatus};
 use super::stress::JobAt;
-use super::triggers::{publish_triggers, triggers_stream};
-use super::{TRIGGER_OFFSET_HEADER, trigger_subject};
+use super::trigger_subject;
+use super::triggers::{last_trigger_offset, publish_triggers, triggers_stream};
 use crate::hub::{Hub, Node};
 use crate::intake::{IngestBatch, Item, Refusal};
 use crate::metrics as m;
@@ -27,17 +27,6 @@ use crate::recovery::recover_checkpoints;
 use crate::serve::{
     Durability, Gate, JournalMsg, RingSampler, Running, ServeConfig, idle_wait, pipeline_config, spawn_persistence,
 };
-
-/// The offset of the last trigger `VIGIL_TRIGGERS` holds for `partition` (0 if none).
-async fn last_stored_trigger(js: &jetstream::Context, partition: u32) -> anyhow::Result<Offset> {
-    let what = format!("finding {}", super::TRIGGERS_STREAM);
-    let stream = super::retry(&what, || js.get_stream(super::TRIGGERS_STREAM)).await?;
-    match stream.get_last_raw_message_by_subject(&trigger_subject(partition)).await {
-        Ok(m) => Ok(Offset(m.headers.get(TRIGGER_OFFSET_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0))),
-        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(Offset(0)),
-        Err(e) => Err(anyhow::anyhow!("reading the last stored trigger: {e}")),
-    }
-}
 
 /// Recovers and starts a cluster node.
 pub(crate) fn start(
@@ -60,8 +49,9 @@ pub(crate) fn start(
     let client = runtime.block_on(super::publish::connect(&source.url))?;
     let js = jetstream::new(client.clone());
     runtime.block_on(triggers_stream(&js, config.trigger_replicas, config.trigger_duplicate_window))?;
-    let last_stored = runtime
-        .block_on(super::retry("reading the last stored trigger", || last_stored_trigger(&js, partition.index)))?;
+    let subject = trigger_subject(partition.index);
+    let last_stored =
+        runtime.block_on(super::retry("reading the last stored trigger", || last_trigger_offset(&js, &subject)))?;
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel::<Vec<Trigger>>();
     let unpublished: Vec<Trigger> = recovery.history.iter().filter(|t| t.offset >= last_stored).cloned().collect();
     if !unpublished.is_empty() {

@@ -18,6 +18,18 @@ pub fn trigger_id(t: &Trigger) -> String {
     format!("{}:{}:{}:{}", t.offset.0, t.account, t.symbol.as_deref().unwrap_or(""), t.kind.as_str())
 }
 
+/// The offset of the last trigger `VIGIL_TRIGGERS` holds on `subject` (0 if none).
+pub async fn last_trigger_offset(js: &jetstream::Context, subject: &str) -> anyhow::Result<super::Offset> {
+    let stream = js.get_stream(TRIGGERS_STREAM).await?;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => {
+            Ok(super::Offset(m.headers.get(TRIGGER_OFFSET_HEADER).and_then(|v| v.as_str().parse().ok()).unwrap_or(0)))
+        }
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(super::Offset(0)),
+        Err(e) => Err(anyhow::anyhow!("reading the last stored trigger on {subject}: {e}")),
+    }
+}
+
 /// The triggers stream, created if missing.
 pub async fn triggers_stream(
     js: &jetstream::Context,
