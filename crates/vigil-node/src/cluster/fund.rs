@@ -180,19 +180,33 @@ async fn send(js: &jetstream::Context, subject: &str, message: &Coverage) {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", message.id().as_str());
     headers.insert(PARTITIONS_HEADER, message.partitions.to_string().as_str());
-    let body = Bytes::from(message.encode());
+    publish_until_stored(js, subject, headers, Bytes::from(message.encode()), |e| {
+        tracing::warn!(error = %e, from = message.from.0, through = message.through.0,
+            "publishing coverage failed; sending it again");
+    })
+    .await;
+}
+
+/// Publishes one message until the stream stores it or answers that it already held its id (returns whether it
+/// did), with backoff; each failure goes to `failed`, but "duplicate message id is in process" (10158: another
+/// replica storing the same id at this moment), which is sent again and then answered as a duplicate.
+async fn publish_until_stored(
+    js: &jetstream::Context,
+    subject: &str,
+    headers: HeaderMap,
+    body: Bytes,
+    mut failed: impl FnMut(&str),
+) -> bool {
     let mut backoff = Duration::from_millis(20);
     loop {
         let result = match js.publish_with_headers(subject.to_owned(), headers.clone(), body.clone()).await {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match result {
-            Ok(()) => return,
-            // Another replica storing the same range at this moment: sent again, it is answered as a duplicate.
+            Ok(ack) => return ack.duplicate,
             Err(e) if e.contains("10158") => {}
-            Err(e) => tracing::warn!(error = %e, from = message.from.0, through = message.through.0,
-                "publishing coverage failed; sending it again"),
+            Err(e) => failed(&e),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -389,31 +403,13 @@ async fn publish_trigger(js: &jetstream::Context, t: &Trigger) {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", trigger_id(t).as_str());
     headers.insert(TRIGGER_OFFSET_HEADER, t.offset.0.to_string().as_str());
-    let body = Bytes::from(t.to_json());
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        let result = match js.publish_with_headers(FUND_TRIGGER_SUBJECT, headers.clone(), body.clone()).await {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(a) if a.duplicate => {
-                metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "duplicate", "partition" => "fund").increment(1);
-                return;
-            }
-            Ok(_) => {
-                metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => "stored", "partition" => "fund").increment(1);
-                return;
-            }
-            Err(e) if e.contains("10158") => {}
-            Err(e) => {
-                metrics::counter!(m::CLUSTER_TRIGGER_FAILURES, "partition" => "fund").increment(1);
-                tracing::warn!(error = %e, "publishing a deleverage trigger failed; sending it again");
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
+    let duplicate = publish_until_stored(js, FUND_TRIGGER_SUBJECT, headers, Bytes::from(t.to_json()), |e| {
+        metrics::counter!(m::CLUSTER_TRIGGER_FAILURES, "partition" => "fund").increment(1);
+        tracing::warn!(error = %e, "publishing a deleverage trigger failed; sending it again");
+    })
+    .await;
+    let outcome = if duplicate { "duplicate" } else { "stored" };
+    metrics::counter!(m::CLUSTER_TRIGGERS, "outcome" => outcome, "partition" => "fund").increment(1);
 }
 
 #[cfg(test)]
