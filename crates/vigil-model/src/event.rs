@@ -398,29 +398,72 @@ fn shape_err(msg: String) -> Rejection {
     reject(Reason::InvalidEvent, msg)
 }
 
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// A JSON value as the checks read it: borrowed from a parsed `Value`, or straight from the line (`Flat`), which
+/// yields only the scalar kinds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Val<'a> {
+    Null,
+    Bool(bool),
+    /// A number's source text (`arbitrary_precision` keeps it as written).
+    Num(&'a str),
+    Str(&'a str),
+    Array(&'a [Value]),
+    Object(&'a Map<String, Value>),
+}
+
+impl<'a> From<&'a Value> for Val<'a> {
+    fn from(v: &'a Value) -> Self {
+        match v {
+            Value::Null => Val::Null,
+            Value::Bool(b) => Val::Bool(*b),
+            Value::Number(n) => Val::Num(n.as_str()),
+            Value::String(s) => Val::Str(s),
+            Value::Array(a) => Val::Array(a),
+            Value::Object(o) => Val::Object(o),
+        }
     }
 }
 
-fn check_enum(field: &str, v: &Value, allowed: &[&str]) -> Result<(), Rejection> {
-    match v {
-        Value::String(s) if allowed.contains(&s.as_str()) => Ok(()),
-        Value::String(s) => Err(shape_err(format!("`{field}` must be one of {allowed:?}, got {s:?}"))),
-        other => Err(shape_err(format!("`{field}` must be a string, got {}", json_type(other)))),
+impl<'a> Val<'a> {
+    fn json_type(self) -> &'static str {
+        match self {
+            Val::Null => "null",
+            Val::Bool(_) => "a boolean",
+            Val::Num(_) => "a number",
+            Val::Str(_) => "a string",
+            Val::Array(_) => "an array",
+            Val::Object(_) => "an object",
+        }
+    }
+
+    fn as_str(self) -> Option<&'a str> {
+        match self {
+            Val::Str(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
-fn check_number_shape(field: &str, v: &Value) -> Result<(), Rejection> {
+/// An object's fields as the checks read them, in the order they are listed.
+type FieldList<'a> = Vec<(&'a str, Val<'a>)>;
+
+/// A JSON object's fields, in the map's (sorted) order.
+fn map_fields(m: &Map<String, Value>) -> FieldList<'_> {
+    m.iter().map(|(k, v)| (k.as_str(), Val::from(v))).collect()
+}
+
+fn check_enum(field: &str, v: Val<'_>, allowed: &[&str]) -> Result<(), Rejection> {
     match v {
-        Value::String(_) | Value::Number(_) => Ok(()),
-        other => Err(shape_err(format!("`{field}` must be a decimal string or number, got {}", json_type(other)))),
+        Val::Str(s) if allowed.contains(&s) => Ok(()),
+        Val::Str(s) => Err(shape_err(format!("`{field}` must be one of {allowed:?}, got {s:?}"))),
+        other => Err(shape_err(format!("`{field}` must be a string, got {}", other.json_type()))),
+    }
+}
+
+fn check_number_shape(field: &str, v: Val<'_>) -> Result<(), Rejection> {
+    match v {
+        Val::Str(_) | Val::Num(_) => Ok(()),
+        other => Err(shape_err(format!("`{field}` must be a decimal string or number, got {}", other.json_type()))),
     }
 }
 
@@ -488,19 +531,19 @@ fn is_rfc3339(s: &str) -> bool {
     }
 }
 
-fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
+fn check_shape(field: &FieldSpec, v: Val<'_>) -> Result<(), Rejection> {
     let name = field.name;
     match field.kind {
         Kind::Name => match v {
-            Value::String(s) if s.is_empty() => Err(shape_err(format!("`{name}` must not be empty"))),
-            Value::String(s) if s.len() > NAME_LEN_MAX => {
+            Val::Str("") => Err(shape_err(format!("`{name}` must not be empty"))),
+            Val::Str(s) if s.len() > NAME_LEN_MAX => {
                 Err(shape_err(format!("`{name}` is longer than {NAME_LEN_MAX} bytes")))
             }
-            Value::String(s) if s.chars().any(char::is_control) => {
+            Val::Str(s) if s.chars().any(char::is_control) => {
                 Err(shape_err(format!("`{name}` contains a control character")))
             }
-            Value::String(_) => Ok(()),
-            other => Err(shape_err(format!("`{name}` must be a string, got {}", json_type(other)))),
+            Val::Str(_) => Ok(()),
+            other => Err(shape_err(format!("`{name}` must be a string, got {}", other.json_type()))),
         },
         Kind::Number => check_number_shape(name, v),
         Kind::Side => check_enum(name, v, &["buy", "sell"]),
@@ -508,24 +551,22 @@ fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
         Kind::Mode => check_enum(name, v, &["cross", "isolated"]),
         Kind::Model => check_enum(name, v, &["standard", "portfolio"]),
         Kind::Bool => match v {
-            Value::Bool(_) => Ok(()),
-            other => Err(shape_err(format!("`{name}` must be true or false, got {}", json_type(other)))),
+            Val::Bool(_) => Ok(()),
+            other => Err(shape_err(format!("`{name}` must be true or false, got {}", other.json_type()))),
         },
         Kind::Integer => match v {
-            Value::Number(n) if n.as_u64().is_some_and(|b| (1..=u64::from(BUCKETS_MAX)).contains(&b)) => Ok(()),
-            Value::Number(n) => {
-                Err(shape_err(format!("`{name}` must be an integer from 1 to {BUCKETS_MAX}, got {}", n.as_str())))
-            }
-            other => Err(shape_err(format!("`{name}` must be a JSON integer, got {}", json_type(other)))),
+            Val::Num(n) if bucket_count(n).is_some_and(|b| (1..=BUCKETS_MAX).contains(&b)) => Ok(()),
+            Val::Num(n) => Err(shape_err(format!("`{name}` must be an integer from 1 to {BUCKETS_MAX}, got {n}"))),
+            other => Err(shape_err(format!("`{name}` must be a JSON integer, got {}", other.json_type()))),
         },
         Kind::Time => match v {
-            Value::String(s) if Timestamp::parse(s).is_some() => Ok(()),
-            Value::String(s) => Err(shape_err(format!("`{name}` must be an RFC 3339 timestamp, got {s:?}"))),
-            other => Err(shape_err(format!("`{name}` must be a string, got {}", json_type(other)))),
+            Val::Str(s) if Timestamp::parse(s).is_some() => Ok(()),
+            Val::Str(s) => Err(shape_err(format!("`{name}` must be an RFC 3339 timestamp, got {s:?}"))),
+            other => Err(shape_err(format!("`{name}` must be a string, got {}", other.json_type()))),
         },
         Kind::Tiers => {
-            let Value::Array(tiers) = v else {
-                return Err(shape_err(format!("`{name}` must be an array, got {}", json_type(v))));
+            let Val::Array(tiers) = v else {
+                return Err(shape_err(format!("`{name}` must be an array, got {}", v.json_type())));
             };
             if tiers.is_empty() {
                 return Err(shape_err("`tiers` must hold at least one tier".into()));
@@ -535,26 +576,26 @@ fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
             }
             for (i, t) in tiers.iter().enumerate() {
                 let Value::Object(t) = t else {
-                    return Err(shape_err(format!("tier {i} must be an object, got {}", json_type(t))));
+                    return Err(shape_err(format!("tier {i} must be an object, got {}", Val::from(t).json_type())));
                 };
                 let ctx = format!("tier {i}");
                 check_fields(&ctx, t, &[("max_notional", false), ("imr", true), ("mmr", true)])?;
                 for (k, x) in t {
                     if !x.is_null() {
-                        check_number_shape(&format!("{ctx}.{k}"), x)?;
+                        check_number_shape(&format!("{ctx}.{k}"), x.into())?;
                     }
                 }
             }
             Ok(())
         }
         Kind::OptionMargin => {
-            let Value::Object(m) = v else {
-                return Err(shape_err(format!("`{name}` must be an object, got {}", json_type(v))));
+            let Val::Object(m) = v else {
+                return Err(shape_err(format!("`{name}` must be an object, got {}", v.json_type())));
             };
             check_fields("`margin`", m, &[("im_max", false), ("im_min", false), ("mm", false)])?;
             for (k, x) in m {
                 if !x.is_null() {
-                    check_number_shape(&format!("margin.{k}"), x)?;
+                    check_number_shape(&format!("margin.{k}"), x.into())?;
                 }
             }
             Ok(())
@@ -562,11 +603,14 @@ fn check_shape(field: &FieldSpec, v: &Value) -> Result<(), Rejection> {
     }
 }
 
-fn num_text(v: &Value) -> &str {
+/// `risk.buckets` as a JSON integer's text (what `serde_json::Number::as_u64` reads, with its source text kept).
+fn bucket_count(text: &str) -> Option<u32> {
+    text.parse::<u64>().ok().and_then(|b| u32::try_from(b).ok())
+}
+
+fn num_text(v: Val<'_>) -> &str {
     match v {
-        Value::String(s) => s,
-        // With `arbitrary_precision`, a number's string form is its source text.
-        Value::Number(n) => n.as_str(),
+        Val::Str(s) | Val::Num(s) => s,
         _ => "",
     }
 }
@@ -583,7 +627,7 @@ enum Bound {
     Fraction,
 }
 
-fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
+fn number(field: &str, v: Val<'_>, bound: Bound) -> Result<i64, Rejection> {
     let text = num_text(v);
     let raw = Rate::parse(text).map_err(|e| {
         let shown: String = text.chars().take(40).collect();
@@ -602,20 +646,21 @@ fn number(field: &str, v: &Value, bound: Bound) -> Result<i64, Rejection> {
     }
 }
 
-struct Fields<'a>(&'a Map<String, Value>);
+/// An object's fields, looked up by name; `null` reads as absent.
+struct Fields<'a, 'b>(&'b [(&'a str, Val<'a>)]);
 
-impl<'a> Fields<'a> {
-    fn get(&self, k: &str) -> Option<&'a Value> {
-        self.0.get(k).filter(|v| !v.is_null())
+impl<'a> Fields<'a, '_> {
+    fn get(&self, k: &str) -> Option<Val<'a>> {
+        self.0.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).filter(|v| !matches!(v, Val::Null))
     }
     fn name(&self, k: &str) -> Name {
-        self.get(k).and_then(Value::as_str).unwrap_or_default().to_owned()
+        self.get(k).and_then(Val::as_str).unwrap_or_default().to_owned()
     }
     fn opt_name(&self, k: &str) -> Option<Name> {
-        self.get(k).and_then(Value::as_str).map(str::to_owned)
+        self.get(k).and_then(Val::as_str).map(str::to_owned)
     }
     fn text(&self, k: &str) -> &'a str {
-        self.get(k).and_then(Value::as_str).unwrap_or_default()
+        self.get(k).and_then(Val::as_str).unwrap_or_default()
     }
     fn num(&self, k: &str, bound: Bound) -> Result<i64, Rejection> {
         match self.get(k) {
@@ -625,25 +670,31 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn tiers(v: Option<&Value>) -> Result<Vec<TierSpec>, Rejection> {
+fn tiers(v: Option<Val<'_>>) -> Result<Vec<TierSpec>, Rejection> {
     let mut out = Vec::new();
-    for (i, t) in v.and_then(Value::as_array).into_iter().flatten().enumerate() {
-        let f = Fields(t.as_object().ok_or_else(|| shape_err(format!("tier {i} must be an object")))?);
+    let list = match v {
+        Some(Val::Array(list)) => list,
+        _ => &[],
+    };
+    for (i, t) in list.iter().enumerate() {
+        let fields = map_fields(t.as_object().ok_or_else(|| shape_err(format!("tier {i} must be an object")))?);
+        let f = Fields(&fields);
         let max_notional = match f.get("max_notional") {
             Some(v) => Some(Price(number(&format!("tier {i}.max_notional"), v, Bound::Positive)?)),
             None => None,
         };
-        let imr = Rate(number(&format!("tier {i}.imr"), f.get("imr").unwrap_or(&Value::Null), Bound::Any)?);
-        let mmr = Rate(number(&format!("tier {i}.mmr"), f.get("mmr").unwrap_or(&Value::Null), Bound::Any)?);
+        let imr = Rate(number(&format!("tier {i}.imr"), f.get("imr").unwrap_or(Val::Null), Bound::Any)?);
+        let mmr = Rate(number(&format!("tier {i}.mmr"), f.get("mmr").unwrap_or(Val::Null), Bound::Any)?);
         out.push(TierSpec { max_notional, imr, mmr });
     }
     Ok(out)
 }
 
-fn option_margin(v: Option<&Value>) -> Result<OptionMargin, Rejection> {
+fn option_margin(v: Option<Val<'_>>) -> Result<OptionMargin, Rejection> {
     let mut m = OptionMargin::default();
-    if let Some(obj) = v.and_then(Value::as_object) {
-        let f = Fields(obj);
+    if let Some(Val::Object(obj)) = v {
+        let fields = map_fields(obj);
+        let f = Fields(&fields);
         if let Some(x) = f.get("im_max") {
             m.im_max = Rate(number("margin.im_max", x, Bound::Any)?);
         }
@@ -662,7 +713,24 @@ fn side(s: &str) -> Side {
 }
 
 /// Parses one JSON Lines line into an event, or the rejection the contract gives it.
+///
+/// Most lines are flat objects of strings and numbers; those are read in place (`flat`), without building a
+/// `serde_json::Value`. Only the fast path's acceptances are kept: a line it refuses to read, or one the checks
+/// reject, is read again by the full parser, whose messages are the contract's (which unknown field is named first,
+/// say, follows the parsed map's order). The two readings agree on every line the fast path accepts (a property
+/// test holds them to it).
 pub fn parse_line(line: &str) -> Result<Event, Rejection> {
+    let mut fields = [("", Val::Null); FLAT_FIELDS_MAX];
+    if let Some(n) = read_flat(line, &mut fields)
+        && let Ok(event) = parse_fields(&fields[..n])
+    {
+        return Ok(event);
+    }
+    parse_line_full(line)
+}
+
+/// `parse_line` without the fast path: serde_json's `Value`, then the checks.
+pub fn parse_line_full(line: &str) -> Result<Event, Rejection> {
     let value: Value = serde_json::from_str(line).map_err(|e| shape_err(format!("malformed JSON: {e}")))?;
     parse_value(&value)
 }
@@ -670,26 +738,33 @@ pub fn parse_line(line: &str) -> Result<Event, Rejection> {
 /// Parses one JSON value into an event, or the rejection the contract gives it.
 pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
     let Value::Object(obj) = value else {
-        return Err(shape_err(format!("an event must be a JSON object, got {}", json_type(value))));
+        return Err(shape_err(format!("an event must be a JSON object, got {}", Val::from(value).json_type())));
     };
-    let ty = match obj.get("type") {
-        Some(Value::String(s)) => s.as_str(),
-        Some(other) => return Err(shape_err(format!("`type` must be a string, got {}", json_type(other)))),
+    parse_fields(&map_fields(obj))
+}
+
+/// The checks and the event of one object's fields (`type` among them), in the contract's order: the type, the
+/// shape (exactly the allowed fields, each present when required and of the right JSON type), then the numbers
+/// in field order. An unknown field is reported in `obj`'s order.
+fn parse_fields(obj: &[(&str, Val<'_>)]) -> Result<Event, Rejection> {
+    let f = Fields(obj);
+    let ty = match obj.iter().find(|(k, _)| *k == "type") {
+        Some((_, Val::Str(s))) => *s,
+        Some((_, other)) => return Err(shape_err(format!("`type` must be a string, got {}", other.json_type()))),
         None => return Err(shape_err("missing field `type`".into())),
     };
     let Some((_, specs)) = TYPES.iter().find(|(n, _)| *n == ty) else {
         let shown: String = ty.chars().take(40).collect();
         return Err(shape_err(format!("unknown event type {shown:?}")));
     };
-    // Shape: exactly the allowed fields, each present when required and of the right JSON type.
-    for key in obj.keys() {
-        if key != "type" && !specs.iter().any(|s| s.name == key) {
+    for (key, _) in obj {
+        if *key != "type" && !specs.iter().any(|s| s.name == *key) {
             let shown: String = key.chars().take(40).collect();
             return Err(shape_err(format!("unknown field `{shown}` in a `{ty}` event")));
         }
     }
     for spec in specs.iter() {
-        match obj.get(spec.name).filter(|v| !v.is_null()) {
+        match f.get(spec.name) {
             Some(v) => check_shape(spec, v)?,
             None if spec.required => {
                 return Err(shape_err(format!("missing field `{}` in a `{ty}` event", spec.name)));
@@ -698,7 +773,6 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
         }
     }
     // Numbers, in field order.
-    let f = Fields(obj);
     Ok(match ty {
         "asset" => Event::Asset { asset: f.name("asset"), haircut: Rate(f.num("haircut", Bound::Any)?) },
         "perp" => Event::Perp {
@@ -751,7 +825,7 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
                 underlying: f.name("underlying"),
                 params: RiskParams {
                     price_range: rate("price_range", d.price_range)?,
-                    buckets: f.get("buckets").and_then(Value::as_u64).map_or(d.buckets, |b| b as u32),
+                    buckets: f.get("buckets").map(num_text).and_then(bucket_count).unwrap_or(d.buckets),
                     vol_up: rate("vol_up", d.vol_up)?,
                     vol_down: rate("vol_down", d.vol_down)?,
                     min_vol_up: rate("min_vol_up", d.min_vol_up)?,
@@ -788,13 +862,126 @@ pub fn parse_value(value: &Value) -> Result<Event, Rejection> {
                 fee,
                 margin_mode: if f.text("margin_mode") == "isolated" { MarginMode::Isolated } else { MarginMode::Cross },
             };
-            if f.get("liquidation").and_then(Value::as_bool) == Some(true) {
+            if matches!(f.get("liquidation"), Some(Val::Bool(true))) {
                 Event::Liquidation(fill)
             } else {
                 Event::Trade(fill)
             }
         }
     })
+}
+
+/// Most fields an object read in place may have (`risk` has twelve, `type` included).
+const FLAT_FIELDS_MAX: usize = 16;
+
+/// Reads a flat JSON object in place into `fields`: scalar values only, strings without escapes or control
+/// characters, no repeated field, at most `FLAT_FIELDS_MAX` fields. Returns how many fields it holds, or `None` for
+/// a line outside that subset (the full parser then reads it). The subset's grammar is a subset of JSON's, so a line
+/// it reads parses to the same fields with serde_json (in another order: a `Map` sorts its keys).
+fn read_flat<'a>(line: &'a str, fields: &mut [(&'a str, Val<'a>); FLAT_FIELDS_MAX]) -> Option<usize> {
+    let b = line.as_bytes();
+    let mut len = 0;
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            let (key, next) = flat_string(line, i)?;
+            i = skip_ws(b, next);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let (value, next) = flat_scalar(line, skip_ws(b, i + 1))?;
+            if len == FLAT_FIELDS_MAX || fields[..len].iter().any(|(k, _)| *k == key) {
+                return None;
+            }
+            fields[len] = (key, value);
+            len += 1;
+            i = skip_ws(b, next);
+            match b.get(i) {
+                Some(b',') => i = skip_ws(b, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_ws(b, i) == b.len()).then_some(len)
+}
+
+/// The index of the first byte at or after `i` that is not JSON whitespace.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// A string opening at `i` with no escape or control character: its contents and the index after it.
+fn flat_string(line: &str, i: usize) -> Option<(&str, usize)> {
+    let b = line.as_bytes();
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let len = b.get(start..)?.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = start + len;
+    if b.get(end) != Some(&b'"') {
+        return None;
+    }
+    Some((line.get(start..end)?, end + 1))
+}
+
+/// A scalar value starting at `i` (a string as `flat_string` reads it, a number, `true`, `false`, `null`) and
+/// the index after it.
+fn flat_scalar(line: &str, i: usize) -> Option<(Val<'_>, usize)> {
+    let b = line.as_bytes();
+    let word = |w: &[u8], v: Val<'static>| b.get(i..i + w.len()).filter(|x| *x == w).map(|_| (v, i + w.len()));
+    match b.get(i)? {
+        b'"' => flat_string(line, i).map(|(s, next)| (Val::Str(s), next)),
+        b't' => word(b"true", Val::Bool(true)),
+        b'f' => word(b"false", Val::Bool(false)),
+        b'n' => word(b"null", Val::Null),
+        b'-' | b'0'..=b'9' => {
+            let end = number_end(b, i)?;
+            Some((Val::Num(line.get(i..end)?), end))
+        }
+        _ => None,
+    }
+}
+
+/// The end of a JSON number without an exponent starting at `i`, by JSON's grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)?`.
+fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
+    let digits = |mut i: usize| {
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        (i > start).then_some(i)
+    };
+    if b.get(i) == Some(&b'-') {
+        i += 1;
+    }
+    match b.get(i)? {
+        b'0' => i += 1,
+        b'1'..=b'9' => i = digits(i)?,
+        _ => return None,
+    }
+    if b.get(i) == Some(&b'.') {
+        i = digits(i + 1)?;
+    }
+    // An exponent is left to serde_json, which writes it in its own form (`1E3` as `1e+3`): the text is what the
+    // checks and their messages see.
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        return None;
+    }
+    Some(i)
 }
 
 /// Checks an event that did not come through the parser (decoded from the binary wire, say) against the parser's
@@ -952,6 +1139,12 @@ impl From<NumError> for Reason {
 mod tests {
     use super::*;
 
+    /// The fields `read_flat` reads, or `None`.
+    fn flat(line: &str) -> Option<Vec<(&str, Val<'_>)>> {
+        let mut fields = [("", Val::Null); FLAT_FIELDS_MAX];
+        read_flat(line, &mut fields).map(|n| fields[..n].to_vec())
+    }
+
     #[test]
     fn the_timestamp_range_is_the_parsers() {
         // Proves the bounds `validate` holds a decoded clock to are what the parser gives at the range's ends.
@@ -1070,6 +1263,238 @@ mod tests {
             r#"{"type":"trade","account":"a","symbol":"X","side":"buy","qty":"0","price":"2"}"#,
         ] {
             assert_eq!(reason(l), Reason::InvalidNumber, "{l}");
+        }
+    }
+
+    /// Lines every stream is made of, as producers write them.
+    const TYPICAL: &[&str] = &[
+        r#"{"type":"trade","account":"acct-0000042","symbol":"BTC-PERP","side":"buy","qty":"0.5","price":"64000.25","fee":"1.6"}"#,
+        r#"{"type":"trade","account":"a","symbol":"X","side":"sell","qty":1,"price":2.5,"margin_mode":"isolated","liquidation":true}"#,
+        r#"{"type":"price","symbol":"ETH-PERP","price":"3012.5"}"#,
+        r#"{ "type" : "deposit" , "account" : "a", "asset": "USDC", "amount": "1000" }"#,
+        r#"{"type":"withdraw","account":"a","asset":"USDC","amount":"10"}"#,
+        r#"{"type":"transfer","account":"a","symbol":"X","amount":"-10"}"#,
+        r#"{"type":"funding","symbol":"X","rate":"-0.0001"}"#,
+        r#"{"type":"settle","symbol":"F","price":1000}"#,
+        r#"{"type":"clock","time":"2026-12-02T08:00:00.5+01:00"}"#,
+        r#"{"type":"account_config","account":"a","margin":"portfolio"}"#,
+        r#"{"type":"insurance","amount":"-5"}"#,
+        r#"{"type":"risk","underlying":"BTC","buckets":7,"vol_up":"0.5","mm_factor":null}"#,
+        r#"{"type":"asset","asset":"BTC","haircut":"0.02"}"#,
+    ];
+
+    #[test]
+    fn typical_lines_take_the_fast_path() {
+        // Proves the lines a stream is made of are read in place (the fast path is what runs, not a fallback) and
+        // read as serde_json reads them: the same fields and values, the same event.
+        for line in TYPICAL {
+            let flat = flat(line).unwrap_or_else(|| panic!("not read in place: {line}"));
+            let fast = parse_fields(&flat).unwrap_or_else(|r| panic!("{line}: {r:?}"));
+            assert_eq!(Ok(fast), parse_line_full(line), "{line}");
+            let value: Value = serde_json::from_str(line).unwrap();
+            let mut fields = flat.clone();
+            fields.sort_by_key(|(k, _)| *k);
+            assert_eq!(fields, map_fields(value.as_object().unwrap()), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_leaves_what_is_outside_its_subset_to_serde_json() {
+        // Proves escapes, nesting, repeated fields, trailing text and malformed numbers are not read in place.
+        for line in [
+            r#"{"type":"price","symbol":"E\u0054H","price":"1"}"#,
+            r#"{"type":"perp","symbol":"X","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+            r#"{"type":"price","symbol":"X","symbol":"Y","price":"1"}"#,
+            r#"{"type":"price","symbol":"X","price":"1"} x"#,
+            r#"{"type":"price","symbol":"X","price":01}"#,
+            r#"{"type":"price","symbol":"X","price":1.}"#,
+            r#"{"type":"price","symbol":"X","price":-}"#,
+            r#"{"type":"price","symbol":"X","price":1e}"#,
+            r#"{"type":"settle","symbol":"F","price":1e3}"#,
+            r#"{"type":"price","symbol":"X","price":tru}"#,
+            "{\"type\":\"price\",\"symbol\":\"X\t\",\"price\":1}",
+            r#"{"type":"price","symbol":"X","price":"1",}"#,
+            r#"{"type":"price" "symbol":"X"}"#,
+            r#"["type"]"#,
+            "",
+        ] {
+            assert!(flat(line).is_none(), "{line}");
+            assert_eq!(parse_line(line), parse_line_full(line), "{line}");
+        }
+        // Within the subset but rejected: the full parser gives the message (here, the first unknown field in the
+        // map's order, not the line's).
+        let line = r#"{"type":"price","zz":1,"symbol":"X","aa":2,"price":"1"}"#;
+        assert!(flat(line).is_some());
+        assert_eq!(parse_line(line).unwrap_err().message, "unknown field `aa` in a `price` event");
+    }
+
+    /// Pieces lines are assembled from: field names (known, unknown, `type`) and values of every JSON kind, in the
+    /// forms that sit on the subset's edges.
+    const KEYS: &[&str] = &[
+        "type",
+        "account",
+        "symbol",
+        "side",
+        "qty",
+        "price",
+        "fee",
+        "margin_mode",
+        "liquidation",
+        "asset",
+        "amount",
+        "rate",
+        "time",
+        "margin",
+        "underlying",
+        "buckets",
+        "haircut",
+        "tiers",
+        "extra",
+        "",
+    ];
+    const VALUES: &[&str] = &[
+        r#""trade""#,
+        r#""price""#,
+        r#""deposit""#,
+        r#""risk""#,
+        r#""clock""#,
+        r#""insurance""#,
+        r#""account_config""#,
+        r#""buy""#,
+        r#""sell""#,
+        r#""isolated""#,
+        r#""portfolio""#,
+        r#""a""#,
+        r#""USDC""#,
+        r#""""#,
+        r#""\u0041""#,
+        r#""a\"b""#,
+        "\"\u{e9}t\u{e9}\"",
+        "\"\u{7f}\"",
+        r#""1""#,
+        r#""-1""#,
+        r#""0.5""#,
+        r#""1e3""#,
+        r#""NaN""#,
+        r#""2026-12-02T08:00:00Z""#,
+        "1",
+        "0",
+        "-0",
+        "-0.0",
+        "2.5",
+        "1e3",
+        "1E+2",
+        "1e-9",
+        "0.123456789",
+        "12345678901234567890",
+        "1e400",
+        "7",
+        "true",
+        "false",
+        "null",
+        "[]",
+        "{}",
+        r#"[{"imr":"0.1","mmr":"0.05"}]"#,
+        r#"{"im_max":"0.2"}"#,
+        "01",
+        "1.",
+        ".5",
+        "+1",
+        "- 1",
+        "tru",
+        "nul",
+    ];
+    const SPACES: &[&str] = &["", "", "", " ", "\t", "\r\n", "  "];
+
+    fn assemble(parts: &[(usize, usize, usize)], tail: usize) -> String {
+        let mut line = String::from("{");
+        for (n, (k, v, s)) in parts.iter().enumerate() {
+            if n > 0 {
+                line.push(',');
+            }
+            let sp = SPACES[s % SPACES.len()];
+            line.push_str(&format!("{sp}\"{}\"{sp}:{sp}{}", KEYS[k % KEYS.len()], VALUES[v % VALUES.len()]));
+        }
+        line.push('}');
+        line.push_str(["", " ", "\n", "x", ",", "}"][tail % 6]);
+        line
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        #[test]
+        fn the_fast_path_and_serde_json_agree(
+            parts in proptest::collection::vec((0usize..64, 0usize..64, 0usize..8), 0..10),
+            tail in 0usize..6,
+        ) {
+            // Proves `parse_line` (fast path first) and `parse_line_full` (serde_json) give the same event or the
+            // same rejection, message included, on lines assembled from known and unknown fields and values on
+            // the subset's edges; and that whatever the fast path reads, it reads as serde_json does.
+            let line = assemble(&parts, tail);
+            proptest::prop_assert_eq!(parse_line(&line), parse_line_full(&line), "{}", line);
+            if let Some(flat) = flat(&line) {
+                let value: Value = serde_json::from_str(&line).map_err(|e| {
+                    proptest::test_runner::TestCaseError::fail(format!("read in place, refused by serde_json: {e}: {line}"))
+                })?;
+                let mut fields = flat.clone();
+                fields.sort_by_key(|(k, _)| *k);
+                let object = value.as_object().ok_or_else(|| proptest::test_runner::TestCaseError::fail("not an object"))?;
+                proptest::prop_assert_eq!(fields, map_fields(object), "{}", line);
+            }
+        }
+
+        #[test]
+        fn typical_lines_varied_parse_alike(
+            which in 0usize..13,
+            changes in proptest::collection::vec((0usize..16, 0usize..64), 0..3),
+            order in proptest::collection::vec(0usize..16, 16),
+            space in 0usize..8,
+        ) {
+            // Proves the two readings agree (most of these are accepted) on typical lines with their fields
+            // reordered, spaced and some values swapped for values on the subset's edges.
+            let flat = flat(TYPICAL[which]).ok_or_else(|| proptest::test_runner::TestCaseError::fail("typical"))?;
+            let mut fields: Vec<(String, String)> = flat
+                .iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        Val::Str(s) => format!("{s:?}"),
+                        Val::Num(n) => (*n).to_owned(),
+                        Val::Bool(b) => b.to_string(),
+                        _ => "null".to_owned(),
+                    };
+                    ((*k).to_owned(), text)
+                })
+                .collect();
+            for (field, value) in &changes {
+                let n = fields.len();
+                fields[field % n].1 = VALUES[value % VALUES.len()].to_owned();
+            }
+            for (i, j) in order.iter().enumerate() {
+                let n = fields.len();
+                fields.swap(i % n, j % n);
+            }
+            let sp = SPACES[space % SPACES.len()];
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{sp}\"{k}\":{sp}{v}")).collect();
+            let line = format!("{{{}}}", body.join(","));
+            proptest::prop_assert_eq!(parse_line(&line), parse_line_full(&line), "{}", line);
+        }
+
+        #[test]
+        fn mutated_lines_parse_alike(which in 0usize..13, at in 0usize..200, byte in 0u8..128, cut in proptest::bool::ANY) {
+            // Proves the two readings agree on typical lines with one byte changed, inserted or cut off.
+            let mut bytes = TYPICAL[which].as_bytes().to_vec();
+            let at = at % (bytes.len() + 1);
+            if cut {
+                bytes.truncate(at);
+            } else if at < bytes.len() && byte % 2 == 0 {
+                bytes[at] = byte;
+            } else {
+                bytes.insert(at, byte);
+            }
+            if let Ok(line) = String::from_utf8(bytes) {
+                proptest::prop_assert_eq!(parse_line(&line), parse_line_full(&line), "{}", line);
+            }
         }
     }
 

@@ -11,7 +11,7 @@ pub mod view;
 
 pub use event::{
     Event, Fill, MarginMode, MarginModel, Name, OptionMargin, Right, Side, TierSpec, Timestamp, parse_line,
-    parse_value, validate,
+    parse_line_full, parse_value, validate,
 };
 pub use margin::{OptionTerms, PositionFigures, Tier, Tiers, UnitFigures};
 pub use num::{Amount, Price, Qty, Rate, Round};
