@@ -11,13 +11,14 @@
    published before the kill (it serves reads and publishes triggers throughout: replicas are peers).
 
 Usage: examples/cluster/measure.py [--events N] [--accounts N] [--partitions P] [--node-shards S]
-Needs target/release/vigil (cargo build --release) and a NATS server 2.10+ ($VIGIL_NATS_SERVER or PATH).
+Needs target/release/vigil (cargo build --release; or $VIGIL_BIN) and a NATS server 2.10+ ($VIGIL_NATS_SERVER or PATH).
 Loopback only. Prints one line per figure.
 """
 
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -29,7 +30,8 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VIGIL = os.path.join(ROOT, "target", "release", "vigil")
+# $VIGIL_BIN runs another build (an A/B of two commits).
+VIGIL = os.environ.get("VIGIL_BIN") or os.path.join(ROOT, "target", "release", "vigil")
 
 
 def free_port():
@@ -44,6 +46,18 @@ def status(port):
             return json.load(r)
     except Exception:
         return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds a live process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def wait(cond, secs, what):
@@ -132,16 +146,24 @@ def main():
         ports = [free_port() for _ in range(args.partitions)]
         nodes = [node(work, f"p{p}", cluster.urls, f"{p}/{args.partitions}", ports[p]) for p in range(args.partitions)]
         wait(lambda: all(status(p) for p in ports), 120, "the nodes")
+        procs = {"servers": cluster.procs, "nodes": nodes}
+        before = {k: sum(cpu_seconds(p.pid) for p in v) for k, v in procs.items()}
+        before["publisher"] = children_cpu()
         started = time.monotonic()
         pub = subprocess.run([VIGIL, "publish", events, "--nats", cluster.urls, "--partitions", str(args.partitions),
                               "--replicas", "3"], capture_output=True, text=True, check=True).stdout.strip()
         published = time.monotonic()
         wait(lambda: all((status(p) or {}).get("released") == last for p in ports), 600, "the nodes to catch up")
         done = time.monotonic()
+        used = {k: sum(cpu_seconds(p.pid) for p in v) - before[k] for k, v in procs.items()}
+        used["publisher"] = children_cpu() - before["publisher"]
         print(f"cluster publish alone: {pub}")
         print(f"cluster end to end (publish + {args.partitions} partitions applied): {last} events in "
               f"{done - started:.2f} s = {last / (done - started):.0f} events/s (publisher done at "
               f"{published - started:.2f} s)")
+        print(f"CPU seconds in that run: 3 servers {used['servers']:.2f}, {args.partitions} nodes {used['nodes']:.2f}, "
+              f"publisher {used['publisher']:.2f}; total {sum(used.values()):.2f} on {os.cpu_count()} cores in "
+              f"{done - started:.2f} s")
         for n in nodes:
             n.kill()
             n.wait()
