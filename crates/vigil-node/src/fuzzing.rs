@@ -76,7 +76,18 @@ pub fn wire_stream(data: &[u8]) {
 }
 
 /// The HTTP paths that read JSON: an events body (array or lines) and a check body; accepted events are applied.
+/// Each line also goes through both readings of the event parser, which must agree.
 pub fn json_body(data: &[u8]) {
+    // The event parser's fast path (flat lines read in place) and serde_json's reading agree on every line.
+    if let Ok(text) = std::str::from_utf8(data) {
+        for line in text.lines() {
+            assert_eq!(
+                vigil_model::parse_line(line),
+                vigil_model::parse_line_full(line),
+                "the two readings of {line:?}"
+            );
+        }
+    }
     let _ = check_fill("fuzz", data);
     let Ok(parsed) = parse_events(data) else { return };
     for p in parsed.iter().flatten() {
