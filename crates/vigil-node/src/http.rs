@@ -298,11 +298,13 @@ async fn status(State(hub): Shared) -> Response {
     if let Some(source) = hub.source.get() {
         let _ = write!(
             s,
-            "\"partition\":\"{}\",\"consumed\":{},\"stream_sequence\":{},\"lag_messages\":{},",
+            "\"partition\":\"{}\",\"consumed\":{},\"stream_sequence\":{},\"lag_messages\":{},\
+             \"fund_saved_sequence\":{},",
             source.partition,
             source.consumed.load(Ordering::Relaxed),
             source.stream_sequence.load(Ordering::Relaxed),
             source.lag_messages.load(Ordering::Relaxed),
+            source.fund_saved_sequence.load(Ordering::Relaxed),
         );
     }
     s.push_str("\"shards\":[");

@@ -47,7 +47,7 @@ pub struct Hub {
 
 /// The fund as of `through` (the released offset when it was last published), every fill up to it, and the fund
 /// after each movement since the node started (for a stress report's cut).
-#[derive(Default)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Insurance {
     pub(crate) fund: InsuranceFund,
     pub(crate) through: u64,
@@ -124,6 +124,18 @@ impl Hub {
         self.fund_through.send_replace(at.0);
         i.liquidations = liquidations;
         i.moves = vec![(at, fund)];
+    }
+
+    /// A copy of the fund, its fills and movements as shown (the cluster fold saves it with its own state).
+    pub(crate) fn insurance_copy(&self) -> Insurance {
+        crate::read(&self.insurance, "the insurance fund").clone()
+    }
+
+    /// Shows a saved fund, fills and movements (a restarted cluster node's fold resumes from them).
+    pub(crate) fn restore_insurance(&self, saved: Insurance) {
+        let through = saved.through;
+        *crate::write(&self.insurance, "the insurance fund") = saved;
+        self.fund_through.send_replace(through);
     }
 
     /// Released fills and the fund after each movement among them, as of `through`: shown, or in cluster mode

@@ -143,12 +143,18 @@ struct ServeNode {
 
 /// A cluster node; `replicas`: of the trigger and coverage streams it creates (3 on the 3-server cluster).
 fn serve(data: &Path, urls: &str, partition: &str, replicas: u8) -> ServeNode {
+    serve_with(data, urls, partition, replicas, &[])
+}
+
+/// [`serve`] with more arguments.
+fn serve_with(data: &Path, urls: &str, partition: &str, replicas: u8, more: &[&str]) -> ServeNode {
     let mut child = vigil()
         .args(["serve", "--data"])
         .arg(data)
         .args(["--ingest", "127.0.0.1:0", "--http", "127.0.0.1:0", "--shards", "2"])
         .args(["--checkpoint-events", "30000", "--source", urls, "--partition", partition])
         .args(["--adl-refresh-ms", "0", "--trigger-replicas", &replicas.to_string()])
+        .args(more)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(data.with_extension("log")).map_or_else(|_| Stdio::null(), Stdio::from))
         .spawn()
@@ -867,4 +873,100 @@ fn a_cluster_node_checkpoints_no_further_than_its_fills_coverage_is_stored() {
     wait_for(60, "the fund folded through the last offset", || {
         get(&http, &format!("{}/v1/insurance", node.base)).is_some_and(|(_, f)| f["offset"].as_u64() == Some(last))
     });
+}
+
+#[test]
+fn a_restarted_cluster_node_resumes_the_funds_fold_from_its_saved_state() {
+    // Proves a node's fold of the venue's fund resumes from its saved state (`fund-fold.bin`) rather than from
+    // VIGIL_FILLS's first message: the node saves its fold, is SIGKILLed, and every message the save covers is then
+    // purged from VIGIL_FILLS. Restarted, with the rest of the stream published, its fund and fills equal the
+    // replay's. A fold started over from the first message left would miss the purged fills (and stall on the gap
+    // before the restarted node's coverage).
+    let Some(binary) = nats_server() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_server, url) = single_server(binary, dir.path());
+    let mut lines = vigil_testkit::generate::generate(&vigil_testkit::generate::StreamConfig {
+        seed: 21,
+        events: 4_000,
+        accounts: 30,
+        bad_percent: 1,
+        portfolio_percent: 0,
+        liquidation_percent: 30,
+    });
+    let n = lines.len();
+    lines.splice(n / 3..n / 3, fund_drain());
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(&events, lines.join("\n") + "\n").expect("events");
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, lines[..lines.len() / 2].join("\n") + "\n").expect("first half");
+    let replay = vigil().arg("replay").arg(&events).output().expect("vigil replay");
+    assert!(replay.status.success());
+    let replay: Value = serde_json::from_slice(&replay.stdout).expect("replay document");
+    let replay_fills = replay["liquidations"].as_array().expect("liquidations");
+    let publish = |file: &Path| {
+        let published =
+            vigil().arg("publish").arg(file).args(["--nats", &url, "--partitions", "1"]).output().expect("publish");
+        assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    };
+    publish(&first);
+    let half = lines.len() as u64 / 2;
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let js = runtime.block_on(async {
+        async_nats::jetstream::new(vigil_node::cluster::publish::connect(&url).await.expect("connect"))
+    });
+    let fills_last = || {
+        runtime.block_on(async {
+            let mut stream = js.get_stream("VIGIL_FILLS").await.ok()?;
+            Some(stream.info().await.ok()?.state.last_sequence)
+        })
+    };
+    let http = Http::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let data = dir.path().join("node");
+    let fund = |node: &ServeNode| {
+        get(&http, &format!("{}/v1/insurance?after=0&limit=100000", node.base)).map(|(_, v)| v).unwrap_or(Value::Null)
+    };
+    let node = serve_with(&data, &url, "0/1", 1, &["--checkpoint-secs", "1"]);
+    wait_for(60, "the fund folded through the first half", || fund(&node)["offset"].as_u64() == Some(half));
+    let folded_fills = fund(&node)["liquidations"].as_array().map_or(0, Vec::len);
+    assert!(folded_fills > 20, "the first half should carry fills: {folded_fills}");
+    let mut saved = 0;
+    wait_for(60, "the fold saved through VIGIL_FILLS's last message", || {
+        saved = status(&http, &node).and_then(|s| s["fund_saved_sequence"].as_u64()).unwrap_or(0);
+        saved > 0 && Some(saved) == fills_last()
+    });
+    drop(node); // SIGKILL
+
+    // Every message the save covers is gone from the stream.
+    runtime.block_on(async {
+        let stream = js.get_stream("VIGIL_FILLS").await.expect("VIGIL_FILLS");
+        stream.purge().sequence(saved + 1).await.expect("purge what the save covers")
+    });
+    let node = serve_with(&data, &url, "0/1", 1, &["--checkpoint-secs", "1"]);
+    publish(&events);
+    let last = lines.len() as u64;
+    let mut got = Value::Null;
+    wait_for(120, "the fund folded through the last offset", || {
+        got = fund(&node);
+        got["offset"].as_u64() == Some(last)
+    });
+    assert_eq!(got["insurance_fund"], replay["insurance_fund"], "the resumed fold's fund differs from the replay's");
+    assert_eq!(got["liquidations"].as_array(), Some(replay_fills), "the resumed fold's fills differ from the replay's");
+    assert!(replay_fills.len() > folded_fills, "the second half should carry fills too");
+    // The log's fields are coloured: escape sequences out.
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+    let mut plain = String::with_capacity(log.len());
+    let mut rest = log.as_str();
+    while let Some(at) = rest.find('\u{1b}') {
+        plain.push_str(&rest[..at]);
+        rest = rest[at..].find('m').map_or("", |end| &rest[at + end + 1..]);
+    }
+    plain.push_str(rest);
+    let log = plain;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the fund's fold resumes from its saved state")
+                && l.contains(&format!("sequence={saved}"))),
+        "the restarted node should say it resumed from its save at sequence {saved}"
+    );
 }

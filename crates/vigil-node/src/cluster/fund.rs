@@ -227,7 +227,7 @@ pub struct Folded {
 }
 
 /// The venue's fund folded over every partition's coverage.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Fold {
     fund: InsuranceFund,
     /// Every fill and movement at or below it is in `fund`.
@@ -341,60 +341,187 @@ impl Fold {
     }
 }
 
-/// Folds `VIGIL_FILLS` from its first message for as long as the node runs: the venue's fund for
-/// `GET /v1/insurance` and the fund gauges, and its `deleverage` triggers published to `VIGIL_TRIGGERS` (each once:
-/// those at or below the last one the stream holds were published before, in order, by some node's fold).
-pub async fn fold_fund(js: jetstream::Context, partitions: u32, hub: Arc<Hub>) {
-    if let Err(e) = fold_loop(&js, partitions, &hub).await {
+/// Folds `VIGIL_FILLS` for as long as the node runs: the venue's fund for `GET /v1/insurance` and the fund gauges,
+/// and its `deleverage` triggers published to `VIGIL_TRIGGERS` (each once: those at or below the last one the
+/// stream holds were published before, in order, by some node's fold). The fold starts from the node's saved fold
+/// (`fund-fold.bin` in its data directory) when it has one for this stream, else from the stream's first message,
+/// and saves itself every `save_every` while messages come.
+pub async fn fold_fund(js: jetstream::Context, partitions: u32, hub: Arc<Hub>, saved: FoldFile) {
+    if let Err(e) = fold_loop(&js, partitions, &hub, &saved).await {
         crate::fatal(format!("folding the insurance fund from {FILLS_STREAM}: {e:#}"));
     }
 }
 
-async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>) -> anyhow::Result<()> {
+/// Where and how often a node saves its fold.
+pub struct FoldFile {
+    pub path: std::path::PathBuf,
+    pub save_every: Duration,
+    /// Shown in `/v1/status` as `fund_saved_sequence`.
+    pub status: Arc<super::source::SourceStatus>,
+}
+
+/// The file a node keeps its fold in, in its data directory.
+pub fn fold_file(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("fund-fold.bin")
+}
+
+/// The fold after one message of `VIGIL_FILLS`, with the fund, fills and movements it showed by then.
+#[derive(Serialize, Deserialize)]
+struct SavedFold {
+    /// The stream's creation time (nanoseconds since the epoch): a stream deleted and made again is another one.
+    stream_created: i128,
+    /// The last message folded.
+    sequence: u64,
+    partitions: u32,
+    fold: Fold,
+    shown: crate::hub::Insurance,
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced and renamed over it, then syncs the directory: a crash
+/// leaves the old file or the new one.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// The saved fold, if the file holds one for this stream (same creation time, a sequence it has stored, the same
+/// partition count); anything else is logged and ignored: the fold then starts from the stream's first message.
+fn read_saved(path: &std::path::Path, created: i128, last_sequence: u64, partitions: u32) -> Option<SavedFold> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "the saved fund fold is unreadable; folding from the start");
+            return None;
+        }
+    };
+    let saved: SavedFold = match vigil_store::codec::decode_value(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "the saved fund fold does not decode; folding from the start");
+            return None;
+        }
+    };
+    if saved.stream_created != created || saved.sequence > last_sequence || saved.partitions != partitions {
+        tracing::warn!(
+            saved_sequence = saved.sequence,
+            last_sequence,
+            "the saved fund fold is of another {FILLS_STREAM} (or partition count); folding from the start"
+        );
+        return None;
+    }
+    Some(saved)
+}
+
+async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>, file: &FoldFile) -> anyhow::Result<()> {
     let what = format!("finding {FILLS_STREAM}");
     let stream = super::retry(&what, || js.get_stream(FILLS_STREAM)).await?;
+    // As the server answered just now.
+    let info = stream.cached_info();
+    let (created, last_sequence) = (info.created.unix_timestamp_nanos(), info.state.last_sequence);
     let published =
         super::retry("reading the last stored deleverage trigger", || last_trigger_offset(js, FUND_TRIGGER_SUBJECT))
             .await?;
+    let (mut fold, mut sequence) = match read_saved(&file.path, created, last_sequence, partitions) {
+        Some(saved) => {
+            tracing::info!(
+                sequence = saved.sequence,
+                folded = saved.fold.folded().0,
+                "the fund's fold resumes from its saved state"
+            );
+            hub.restore_insurance(saved.shown);
+            file.status.fund_saved_sequence.store(saved.sequence, Ordering::Relaxed);
+            (saved.fold, saved.sequence)
+        }
+        None => (Fold::new(partitions), 0),
+    };
+    let deliver_policy = match sequence {
+        0 => consumer::DeliverPolicy::All,
+        s => consumer::DeliverPolicy::ByStartSequence { start_sequence: s + 1 },
+    };
     let config = consumer::pull::OrderedConfig {
         filter_subject: FILLS_SUBJECTS.to_owned(),
-        deliver_policy: consumer::DeliverPolicy::All,
+        deliver_policy,
         ..Default::default()
     };
     let what = format!("creating the fund's consumer on {FILLS_STREAM}");
     let consumer = super::retry(&what, || stream.create_consumer(config.clone())).await?;
     let mut messages =
         consumer.messages().await.map_err(|e| anyhow::anyhow!("reading {FILLS_STREAM}'s consumer: {e}"))?;
-    let mut fold = Fold::new(partitions);
     let gauges = m::GateMetrics::new();
     let refusals = metrics::counter!(m::CLUSTER_FUND_REFUSALS);
     let folded_gauge = metrics::gauge!(m::CLUSTER_FUND_FOLDED);
-    while let Some(message) = messages.next().await {
-        let message = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading {FILLS_STREAM}; the consumer resumes");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+    folded_gauge.set(fold.folded().0 as f64);
+    let (mut saved_sequence, mut saved_at) = (sequence, Instant::now());
+    loop {
+        // Waits for the next message at most until the next save is due (a quiet stream still gets its last
+        // messages saved).
+        let due = file.save_every.saturating_sub(saved_at.elapsed());
+        let next = match tokio::time::timeout(due, messages.next()).await {
+            Ok(Some(next)) => Some(next),
+            Ok(None) => anyhow::bail!("the consumer ended"),
+            Err(_) => None,
         };
-        let coverage = Coverage::decode(&message.payload)
-            .map_err(|e| anyhow::anyhow!("an undecodable message on {}: {e}", message.subject))?;
-        let folded = fold.take(coverage).map_err(|e| anyhow::anyhow!(e))?;
-        for (offset, why) in &folded.refused {
-            refusals.increment(1);
-            tracing::info!(offset = offset.0, why, "an insurance event refused by the venue's fund");
+        if let Some(message) = next {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading {FILLS_STREAM}; the consumer resumes");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let coverage = Coverage::decode(&message.payload)
+                .map_err(|e| anyhow::anyhow!("an undecodable message on {}: {e}", message.subject))?;
+            let folded = fold.take(coverage).map_err(|e| anyhow::anyhow!(e))?;
+            for (offset, why) in &folded.refused {
+                refusals.increment(1);
+                tracing::info!(offset = offset.0, why, "an insurance event refused by the venue's fund");
+            }
+            if let Some((_, f)) = folded.moves.last() {
+                gauges.fund(f);
+            }
+            for t in folded.triggers.iter().filter(|t| t.offset > published) {
+                publish_trigger(js, t).await;
+            }
+            folded_gauge.set(fold.folded().0 as f64);
+            hub.show_fund(folded.fills, folded.moves, fold.folded());
+            match message.info() {
+                Ok(info) => sequence = info.stream_sequence,
+                Err(e) => anyhow::bail!("a message of {FILLS_STREAM} without its stream sequence: {e}"),
+            }
         }
-        if let Some((_, f)) = folded.moves.last() {
-            gauges.fund(f);
+        if sequence > saved_sequence && saved_at.elapsed() >= file.save_every {
+            let saved = SavedFold {
+                stream_created: created,
+                sequence,
+                partitions,
+                fold: fold.clone(),
+                shown: hub.insurance_copy(),
+            };
+            let mut bytes = Vec::new();
+            // These types always encode: the codec's only failure is on decode.
+            let _ = vigil_store::codec::encode_value(&saved, &mut bytes);
+            let path = file.path.clone();
+            match tokio::task::spawn_blocking(move || write_whole(&path, &bytes)).await {
+                Ok(Ok(())) => {
+                    file.status.fund_saved_sequence.store(sequence, Ordering::Relaxed);
+                    saved_sequence = sequence;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "saving the fund's fold failed; it is tried again later"),
+                Err(e) => tracing::warn!(error = %e, "saving the fund's fold failed; it is tried again later"),
+            }
+            saved_at = Instant::now();
         }
-        for t in folded.triggers.iter().filter(|t| t.offset > published) {
-            publish_trigger(js, t).await;
-        }
-        folded_gauge.set(fold.folded().0 as f64);
-        hub.show_fund(folded.fills, folded.moves, fold.folded());
     }
-    anyhow::bail!("the consumer ended")
 }
 
 /// Publishes one trigger until stored (or found stored), before the next: the stream's last one then tells a

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 use vigil_model::liquidation::InsuranceFund;
 use vigil_model::{Event, Offset, Trigger};
 
-use super::fund::{FundFeed, fills_stream, fold_fund, publish_coverage};
+use super::fund::{FoldFile, FundFeed, fills_stream, fold_file, fold_fund, publish_coverage};
 use super::source::{NatsSource, SourceBatch, SourceStatus};
 use super::stress::JobAt;
 use super::trigger_subject;
@@ -65,11 +65,13 @@ pub(crate) fn start(
     let covered = Arc::new(AtomicU64::new(recovery.node_offset.0));
     let (fund_tx, fund_rx) = mpsc::unbounded_channel::<FundFeed>();
     let _ = hub.fund_sink.set(fund_tx.clone());
-    // The fund shown is the venue's, folded from VIGIL_FILLS's first message (not this partition's, restored):
-    // started empty before the fold starts showing.
+    // The fund shown is the venue's, folded from VIGIL_FILLS (not this partition's, restored): started empty
+    // before the fold (from its saved state, or the stream's first message) starts showing.
     hub.start_fund(Offset(0), InsuranceFund::default(), Vec::new());
     runtime.spawn(publish_coverage(js.clone(), partition, recovery.node_offset, fund_rx, Arc::clone(&covered)));
-    runtime.spawn(fold_fund(js, partition.count, Arc::clone(hub)));
+    let saved =
+        FoldFile { path: fold_file(&config.data), save_every: config.checkpoint_interval, status: Arc::clone(&status) };
+    runtime.spawn(fold_fund(js, partition.count, Arc::clone(hub), saved));
     tracing::info!(
         partition = %partition,
         start = recovery.start.0,

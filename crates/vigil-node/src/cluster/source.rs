@@ -35,6 +35,9 @@ pub struct SourceStatus {
     pub lag_messages: AtomicU64,
     /// The last offset of the last window applied.
     pub consumed: AtomicU64,
+    /// The `VIGIL_FILLS` message through which the fund's fold was last saved (`cluster::fund`, `fund-fold.bin`);
+    /// 0 before the first save.
+    pub fund_saved_sequence: AtomicU64,
 }
 
 impl SourceStatus {
@@ -44,6 +47,7 @@ impl SourceStatus {
             stream_sequence: AtomicU64::new(0),
             lag_messages: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            fund_saved_sequence: AtomicU64::new(0),
         }
     }
 }
