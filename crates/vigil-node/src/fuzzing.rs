@@ -8,7 +8,7 @@ use vigil_engine::{Config, Engine};
 use vigil_model::{Event, Offset, validate};
 use vigil_store::codec::{decode_event, encode_event};
 
-use crate::http::{check_fill, parse_events, to_items, token_matches};
+use crate::http::{check_fill, check_fills, parse_events, to_items, token_matches};
 use crate::intake::Item;
 use crate::wire::{WIRE_AUTH, WIRE_CHECKS, decode_batch, decode_checks};
 
@@ -75,7 +75,8 @@ pub fn wire_stream(data: &[u8]) {
     }
 }
 
-/// The HTTP paths that read JSON: an events body (array or lines) and a check body; accepted events are applied.
+/// The HTTP paths that read JSON: an events body (array or lines), a check body and a body of many checks; accepted
+/// events are applied.
 /// Each line also goes through both readings of the event parser, which must agree.
 pub fn json_body(data: &[u8]) {
     // The event parser's fast path (flat lines read in place) and serde_json's reading agree on every line.
@@ -89,6 +90,7 @@ pub fn json_body(data: &[u8]) {
         }
     }
     let _ = check_fill("fuzz", data);
+    let _ = check_fills(data, 1_000);
     let Ok(parsed) = parse_events(data) else { return };
     for p in parsed.iter().flatten() {
         assert_eq!(validate(p), Ok(()), "the parser and validate agree");

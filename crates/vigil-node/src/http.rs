@@ -32,6 +32,7 @@ use crate::intake::{Ack, IngestBatch, Item, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{Answer, Ask};
 use crate::replay::LINE_BYTES_MAX;
+use crate::wire::CheckAnswer;
 
 impl Hub {
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -170,6 +171,7 @@ pub fn router(hub: Arc<Hub>, body_bytes_max: usize, concurrency_max: usize) -> R
         .route("/v1/events", post(post_events))
         .route("/v1/accounts/{id}", get(get_account))
         .route("/v1/accounts/{id}/check", post(post_check))
+        .route("/v1/checks", post(post_checks))
         .route("/v1/instruments", get(get_instruments))
         .route("/v1/triggers", get(get_triggers))
         .route("/v1/triggers/stream", get(stream_triggers))
@@ -517,6 +519,62 @@ async fn post_check(State(hub): Shared, Path(id): Path<String>, Query(p): Query<
     }
 }
 
+/// Many checks in one request (`docs/api.md`): each as `POST /v1/accounts/{id}/check` answers it, in the body's
+/// order, every shard visited once for its part (as a check frame on the wire).
+async fn post_checks(State(hub): Shared, Query(p): Query<ReadParams>, body: Bytes) -> Response {
+    let node = match hub.node() {
+        Ok(n) => n,
+        Err(r) => return r.into_response(),
+    };
+    let started = Instant::now();
+    let checks = match check_fills(&body, hub.events_max) {
+        Ok(c) => c,
+        Err((status, r)) => return error(status, r.reason.as_str(), &r.message),
+    };
+    let refused = |r: Rejection| CheckAnswer::Refused { code: r.reason.as_str().to_owned(), message: r.message };
+    let checks: Vec<_> = checks.into_iter().map(|c| c.map_err(refused)).collect();
+    let n = checks.len() as u64;
+    let visit = crate::tcp::CheckVisit {
+        checker: &node.checker,
+        query_timeout: hub.query_timeout,
+        partition: hub.source.get().map(|s| s.partition),
+    };
+    let answers = crate::tcp::answer_checks(&visit, Offset(p.min_offset.unwrap_or(0)), checks).await;
+    static BATCH: OnceLock<(metrics::Histogram, metrics::Counter)> = OnceLock::new();
+    let (seconds, counted) = BATCH
+        .get_or_init(|| (metrics::histogram!(m::CHECK_SECONDS), metrics::counter!(m::CHECKS, "transport" => "http")));
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut out = String::with_capacity(answers.len() * 160 + 2);
+    out.push('[');
+    for (i, a) in answers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match a {
+            CheckAnswer::Answered { allowed, reason, equity, initial_margin, maintenance_margin, available } => {
+                seconds.record(elapsed);
+                let reason = reason.as_deref().map_or("null".into(), |r| serde_json::Value::from(r).to_string());
+                let _ = write!(
+                    out,
+                    "{{\"allowed\":{allowed},\"reason\":{reason},\"equity\":\"{equity}\",\"initial_margin\":\"{initial_margin}\",\
+                     \"maintenance_margin\":\"{maintenance_margin}\",\"available\":\"{available}\"}}"
+                );
+            }
+            CheckAnswer::Refused { code, message } => {
+                let _ = write!(
+                    out,
+                    "{{\"code\":{},\"message\":{}}}",
+                    serde_json::Value::from(code.as_str()),
+                    serde_json::Value::from(message.as_str())
+                );
+            }
+        }
+    }
+    out.push(']');
+    counted.increment(n);
+    json(StatusCode::OK, out)
+}
+
 /// Runs a stress request (`docs/api.md`, "Stress tests") on every shard at one offset; one at a time.
 async fn post_stress(State(hub): Shared, body: Bytes) -> Response {
     let request = match crate::stress::parse_request(&body) {
@@ -584,8 +642,48 @@ pub async fn scheduled_stress(hub: Arc<Hub>, every: Duration, request: vigil_eng
 /// Reads a check body `{symbol, side, qty, price, margin_mode?}` as the trade it would be, through the event
 /// parser (same validation, same reasons).
 pub fn check_fill(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejection> {
-    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| vigil_model::reject(Reason::InvalidEvent, format!("the body is not a JSON object: {e}")))?;
+    check_object(account, object)
+}
+
+/// Reads a `POST /v1/checks` body: a JSON array of checks, each a check body with its `account`. The body as a
+/// whole is refused only when it is not such an array (or holds more than `max`); each element that is no trade
+/// gets its own refusal, in its place.
+pub fn check_fills(
+    body: &[u8],
+    max: usize,
+) -> Result<Vec<Result<vigil_model::Fill, Rejection>>, (StatusCode, Rejection)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, vigil_model::reject(Reason::InvalidEvent, m));
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not a JSON array of checks: {e}")))?;
+    if list.is_empty() {
+        return Err(bad("the body holds no checks".into()));
+    }
+    if list.len() > max {
+        let r =
+            vigil_model::reject(Reason::InvalidEvent, format!("{} checks in one request; at most {max}", list.len()));
+        return Err((StatusCode::PAYLOAD_TOO_LARGE, r));
+    }
+    let one = |i: usize, v: serde_json::Value| {
+        let refuse = |m: String| vigil_model::reject(Reason::InvalidEvent, m);
+        let serde_json::Value::Object(mut object) = v else {
+            return Err(refuse(format!("check {i} is not a JSON object")));
+        };
+        match object.remove("account") {
+            Some(serde_json::Value::String(account)) => check_object(&account, object),
+            Some(_) => Err(refuse(format!("check {i}: `account` must be a string"))),
+            None => Err(refuse(format!("check {i}: missing field `account`"))),
+        }
+    };
+    Ok(list.into_iter().enumerate().map(|(i, v)| one(i, v)).collect())
+}
+
+/// A check body's object, with the account it is for, as the trade it would be.
+fn check_object(
+    account: &str,
+    mut object: serde_json::Map<String, serde_json::Value>,
+) -> Result<vigil_model::Fill, Rejection> {
     for key in ["type", "account"] {
         if object.contains_key(key) {
             return Err(vigil_model::reject(Reason::InvalidEvent, format!("unknown field `{key}` in a check")));

@@ -129,6 +129,10 @@ enum Command {
         /// frame, frames pipelined on one connection (0 = HTTP).
         #[arg(long, default_value_t = 0)]
         checks_wire: usize,
+        /// Send this many checks per HTTP request, to POST /v1/checks (0 or 1: one per request, to
+        /// POST /v1/accounts/{id}/check).
+        #[arg(long, default_value_t = 0)]
+        checks_batch: usize,
         /// Measure trigger latency through GET /v1/triggers/stream.
         #[arg(long)]
         triggers: bool,
@@ -334,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checks_rate,
             checks_secs,
             checks_wire,
+            checks_batch,
             triggers,
             skip_setup,
             producer,
@@ -372,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 checks_rate,
                 checks_secs,
                 checks_wire,
+                checks_batch,
                 triggers,
                 skip_setup,
                 progress: io::stderr().is_terminal(),

@@ -57,20 +57,40 @@ pub(crate) struct Listener {
     pub(crate) partition: Option<crate::cluster::Partition>,
 }
 
-/// Answers a check frame (docs/wire.md, "Checks"): the same check as `POST /v1/accounts/{id}/check`, each
-/// shard visited once for its part of the frame, the answers in the frame's order.
-async fn answer_checks(node: &Listener, min: Offset, fills: Vec<Fill>) -> Vec<CheckAnswer> {
+/// What answering many checks at once needs from the node (a check frame on the wire, `POST /v1/checks`).
+pub(crate) struct CheckVisit<'a> {
+    pub(crate) checker: &'a crate::pipeline::Checker,
+    pub(crate) query_timeout: Duration,
+    /// Cluster mode: the partition served; checks of other partitions' accounts are refused.
+    pub(crate) partition: Option<crate::cluster::Partition>,
+}
+
+/// Answers many checks (a check frame, docs/wire.md, "Checks"; or `POST /v1/checks`): the same check as
+/// `POST /v1/accounts/{id}/check`, each shard visited once for its part, the answers in the checks' order. A check
+/// already refused (`Err`, a body element that is no trade) keeps its refusal in its place.
+pub(crate) async fn answer_checks(
+    node: &CheckVisit<'_>,
+    min: Offset,
+    checks: Vec<Result<Fill, CheckAnswer>>,
+) -> Vec<CheckAnswer> {
     let refused =
         |code: &str, message: &str| CheckAnswer::Refused { code: code.to_owned(), message: message.to_owned() };
     let sequenced = node.checker.sequenced();
     if min > sequenced {
         let message = format!("min_offset {} is beyond the last sequenced offset {}", min.0, sequenced.0);
-        return fills.iter().map(|_| refused("offset_not_sequenced", &message)).collect();
+        return checks.iter().map(|_| refused("offset_not_sequenced", &message)).collect();
     }
     let shards = node.checker.shards();
-    let mut answers: Vec<Option<CheckAnswer>> = vec![None; fills.len()];
+    let mut answers: Vec<Option<CheckAnswer>> = vec![None; checks.len()];
     let mut parts: Vec<(Vec<usize>, Vec<Fill>)> = vec![(Vec::new(), Vec::new()); shards];
-    for (i, fill) in fills.into_iter().enumerate() {
+    for (i, check) in checks.into_iter().enumerate() {
+        let fill = match check {
+            Ok(fill) => fill,
+            Err(answer) => {
+                answers[i] = Some(answer);
+                continue;
+            }
+        };
         // The binary form skips the JSON parser: the fill is held to a trade's rules, as the HTTP body is.
         let event = Event::Trade(fill);
         if let Err(r) = vigil_model::validate(&event) {
@@ -155,7 +175,12 @@ pub(crate) async fn connection(mut stream: TcpStream, node: Listener) {
             let frame = match decode_checks(&body) {
                 Ok((min, fills)) => {
                     node.checks.increment(fills.len() as u64);
-                    checks_frame(&answer_checks(&node, min, fills).await)
+                    let visit = CheckVisit {
+                        checker: &node.checker,
+                        query_timeout: node.query_timeout,
+                        partition: node.partition,
+                    };
+                    checks_frame(&answer_checks(&visit, min, fills.into_iter().map(Ok).collect()).await)
                 }
                 Err(e) => {
                     let _ = stream.write_all(&error_frame(&e.to_string())).await;

@@ -764,3 +764,53 @@ fn binary_check_frames_answer_as_http_does_in_order_and_pipelined() {
         assert_eq!(client.read_checks().expect("answers"), answers[..n].to_vec());
     }
 }
+
+#[test]
+fn a_batch_of_checks_answers_each_as_its_single_check_does_in_order() {
+    // Proves `POST /v1/checks`: each element's answer equals `POST /v1/accounts/{id}/check` for the same check
+    // (figures, or the refusal's code), in the body's order across shards and accounts; an element that is no
+    // trade is refused in its place without failing the others; a body that is not an array of checks, or an empty
+    // one, is refused whole; `min_offset` beyond the sequenced offset refuses every element.
+    let (node, _dir) = start(&[]);
+    node.events(SETUP);
+    node.events(
+        r#"{"type":"deposit","account":"bob","asset":"USDC","amount":"50000"}
+{"type":"trade","account":"alice","symbol":"ETH","side":"buy","qty":"3","price":"3000"}"#,
+    );
+    let singles = [
+        ("alice", r#"{"symbol":"ETH","side":"buy","qty":"3","price":"3000"}"#),
+        ("bob", r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#),
+        ("alice", r#"{"symbol":"SOL","side":"buy","qty":"1","price":"3000"}"#),
+        ("bob", r#"{"symbol":"ETH","side":"up","qty":"1","price":"3000"}"#),
+        ("alice", r#"{"symbol":"ETH","side":"sell","qty":"0.5","price":"2990","margin_mode":"cross"}"#),
+    ];
+    let mut elements: Vec<String> = singles.iter().map(|(a, b)| format!(r#"{{"account":"{a}",{}"#, &b[1..])).collect();
+    elements.push(r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#.into()); // no account
+    elements.push("7".into());
+    let (status, batch) = node.post("/v1/checks?min_offset=6", format!("[{}]", elements.join(",")), None);
+    assert_eq!(status, StatusCode::OK, "{batch}");
+    let answers = batch.as_array().expect("an array of answers");
+    assert_eq!(answers.len(), elements.len());
+    for ((account, body), got) in singles.iter().zip(answers) {
+        let (status, single) = node.post(&format!("/v1/accounts/{account}/check?min_offset=6"), *body, None);
+        if status == StatusCode::OK {
+            assert_eq!(got, &single, "{account} {body}");
+        } else {
+            assert_eq!(got["code"], single["code"], "{account} {body}: {got} against {single}");
+        }
+    }
+    assert_eq!(answers[0]["reason"].as_str(), Some("insufficient_margin"), "{batch}");
+    assert_eq!(answers[1]["allowed"].as_bool(), Some(true), "{batch}");
+    assert_eq!(answers[2]["code"].as_str(), Some("unknown_symbol"), "{batch}");
+    assert_eq!(answers[3]["code"].as_str(), Some("invalid_event"), "{batch}");
+    assert_eq!(answers[5]["code"].as_str(), Some("invalid_event"), "{batch}");
+    assert_eq!(answers[6]["code"].as_str(), Some("invalid_event"), "{batch}");
+
+    let (status, e) = node.post("/v1/checks", r#"{"account":"alice"}"#, None);
+    assert_eq!((status, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_event")), "{e}");
+    let (status, e) = node.post("/v1/checks", "[]", None);
+    assert_eq!((status, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_event")), "{e}");
+    let (status, beyond) = node.post("/v1/checks?min_offset=1000000", format!("[{}]", elements[0]), None);
+    assert_eq!(status, StatusCode::OK, "{beyond}");
+    assert_eq!(beyond[0]["code"].as_str(), Some("offset_not_sequenced"), "{beyond}");
+}
