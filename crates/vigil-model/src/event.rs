@@ -729,6 +729,29 @@ pub fn parse_line(line: &str) -> Result<Event, Rejection> {
     parse_line_full(line)
 }
 
+/// A pre-trade check read in place: a flat JSON object of a trade's fields without `type`, its `account` given or
+/// inside it (`account: None`), as the fill it would be. `None` when the fast path does not read it, it names `type`
+/// (or `account` when one is given), or the checks reject it: the caller then reads it the full way, for the
+/// answer (and the message) the contract gives. Whatever it returns, the full way returns too.
+pub fn parse_flat_trade(text: &str, account: Option<&str>) -> Option<Fill> {
+    let mut fields = [("", Val::Null); FLAT_FIELDS_MAX];
+    let mut n = read_flat(text, &mut fields)?;
+    let named = |k: &str| fields[..n].iter().any(|(f, _)| *f == k);
+    if named("type") || (account.is_some() && named("account")) || n + 2 > FLAT_FIELDS_MAX {
+        return None;
+    }
+    fields[n] = ("type", Val::Str("trade"));
+    n += 1;
+    if let Some(a) = account {
+        fields[n] = ("account", Val::Str(a));
+        n += 1;
+    }
+    match parse_fields(&fields[..n]) {
+        Ok(Event::Trade(fill)) => Some(fill),
+        _ => None,
+    }
+}
+
 /// `parse_line` without the fast path: serde_json's `Value`, then the checks.
 pub fn parse_line_full(line: &str) -> Result<Event, Rejection> {
     let value: Value = serde_json::from_str(line).map_err(|e| shape_err(format!("malformed JSON: {e}")))?;
@@ -1496,6 +1519,37 @@ mod tests {
                 proptest::prop_assert_eq!(parse_line(&line), parse_line_full(&line), "{}", line);
             }
         }
+    }
+
+    #[test]
+    fn a_check_read_in_place_is_the_trade_the_full_reading_gives() {
+        // Proves `parse_flat_trade` returns only what the full reading of the same object (with `type` and the
+        // account added) accepts as a trade, and declines what that reading refuses or reads otherwise.
+        let bodies = [
+            (r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#, true),
+            (r#"{"symbol":"ETH","side":"sell","qty":0.5,"price":2990,"fee":"-0.1","margin_mode":"isolated"}"#, true),
+            (r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000","liquidation":true}"#, false),
+            (r#"{"symbol":"ETH","side":"buy","qty":"0","price":"3000"}"#, false),
+            (r#"{"symbol":"ETH","side":"long","qty":"1","price":"3000"}"#, false),
+            (r#"{"type":"trade","symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#, false),
+            (r#"{"account":"b","symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#, false),
+            (r#"{"symbol":"E\u0054H","side":"buy","qty":"1","price":"3000"}"#, false),
+            (r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000","x":1}"#, false),
+        ];
+        for (body, read) in bodies {
+            let fast = parse_flat_trade(body, Some("alice"));
+            assert_eq!(fast.is_some(), read, "{body}");
+            let full = format!(r#"{{"type":"trade","account":"alice",{}"#, &body[1..]);
+            if let Some(fill) = fast {
+                assert_eq!(parse_line_full(&full), Ok(Event::Trade(fill)), "{body}");
+            }
+        }
+        // The account inside the object (a batch element).
+        let element = r#"{"account":"bob","symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#;
+        let fill = parse_flat_trade(element, None).expect("read in place");
+        assert_eq!(fill.account, "bob");
+        assert_eq!(parse_flat_trade(r#"{"symbol":"ETH","side":"buy","qty":"1","price":"3000"}"#, None), None);
+        assert_eq!(parse_flat_trade(r#"{"account":"","symbol":"ETH","side":"buy","qty":"1","price":"3"}"#, None), None);
     }
 
     #[test]

@@ -10,8 +10,8 @@ pub mod reject;
 pub mod view;
 
 pub use event::{
-    Event, Fill, MarginMode, MarginModel, Name, OptionMargin, Right, Side, TierSpec, Timestamp, parse_line,
-    parse_line_full, parse_value, validate,
+    Event, Fill, MarginMode, MarginModel, Name, OptionMargin, Right, Side, TierSpec, Timestamp, parse_flat_trade,
+    parse_line, parse_line_full, parse_value, validate,
 };
 pub use margin::{OptionTerms, PositionFigures, Tier, Tiers, UnitFigures};
 pub use num::{Amount, Price, Qty, Rate, Round};

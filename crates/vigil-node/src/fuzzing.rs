@@ -8,7 +8,7 @@ use vigil_engine::{Config, Engine};
 use vigil_model::{Event, Offset, validate};
 use vigil_store::codec::{decode_event, encode_event};
 
-use crate::http::{check_fill, check_fills, parse_events, to_items, token_matches};
+use crate::http::{check_fill, check_fill_full, check_fills, check_fills_full, parse_events, to_items, token_matches};
 use crate::intake::Item;
 use crate::wire::{WIRE_AUTH, WIRE_CHECKS, decode_batch, decode_checks};
 
@@ -89,8 +89,10 @@ pub fn json_body(data: &[u8]) {
             );
         }
     }
-    let _ = check_fill("fuzz", data);
-    let _ = check_fills(data, 1_000);
+    // Check bodies: read in place where flat, or the full way; both give the same answer.
+    assert_eq!(check_fill("fuzz", data), check_fill_full("fuzz", data), "the two readings of a check body");
+    let (fast, full) = (check_fills(data, 1_000), check_fills_full(data, 1_000));
+    assert_eq!(fast.as_ref().map_err(|e| e.0), full.as_ref().map_err(|e| e.0), "the two readings of a body of checks");
     let Ok(parsed) = parse_events(data) else { return };
     for p in parsed.iter().flatten() {
         assert_eq!(validate(p), Ok(()), "the parser and validate agree");

@@ -642,6 +642,15 @@ pub async fn scheduled_stress(hub: Arc<Hub>, every: Duration, request: vigil_eng
 /// Reads a check body `{symbol, side, qty, price, margin_mode?}` as the trade it would be, through the event
 /// parser (same validation, same reasons).
 pub fn check_fill(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejection> {
+    // A flat body is read in place; anything else (and every refusal) the full way below.
+    if let Some(fill) = std::str::from_utf8(body).ok().and_then(|t| vigil_model::parse_flat_trade(t, Some(account))) {
+        return Ok(fill);
+    }
+    check_fill_full(account, body)
+}
+
+/// [`check_fill`] through serde_json's `Value` only.
+pub fn check_fill_full(account: &str, body: &[u8]) -> Result<vigil_model::Fill, Rejection> {
     let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| vigil_model::reject(Reason::InvalidEvent, format!("the body is not a JSON object: {e}")))?;
     check_object(account, object)
@@ -654,8 +663,24 @@ pub fn check_fills(
     body: &[u8],
     max: usize,
 ) -> Result<Vec<Result<vigil_model::Fill, Rejection>>, (StatusCode, Rejection)> {
+    check_fills_with(body, max, true)
+}
+
+/// [`check_fills`] with each element read through serde_json's `Value` only.
+pub fn check_fills_full(
+    body: &[u8],
+    max: usize,
+) -> Result<Vec<Result<vigil_model::Fill, Rejection>>, (StatusCode, Rejection)> {
+    check_fills_with(body, max, false)
+}
+
+fn check_fills_with(
+    body: &[u8],
+    max: usize,
+    in_place: bool,
+) -> Result<Vec<Result<vigil_model::Fill, Rejection>>, (StatusCode, Rejection)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, vigil_model::reject(Reason::InvalidEvent, m));
-    let list: Vec<serde_json::Value> =
+    let list: Vec<&serde_json::value::RawValue> =
         serde_json::from_slice(body).map_err(|e| bad(format!("the body is not a JSON array of checks: {e}")))?;
     if list.is_empty() {
         return Err(bad("the body holds no checks".into()));
@@ -665,9 +690,13 @@ pub fn check_fills(
             vigil_model::reject(Reason::InvalidEvent, format!("{} checks in one request; at most {max}", list.len()));
         return Err((StatusCode::PAYLOAD_TOO_LARGE, r));
     }
-    let one = |i: usize, v: serde_json::Value| {
+    let one = |i: usize, raw: &serde_json::value::RawValue| {
+        // A flat element is read in place; anything else (and every refusal) the full way.
+        if in_place && let Some(fill) = vigil_model::parse_flat_trade(raw.get(), None) {
+            return Ok(fill);
+        }
         let refuse = |m: String| vigil_model::reject(Reason::InvalidEvent, m);
-        let serde_json::Value::Object(mut object) = v else {
+        let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(raw.get()) else {
             return Err(refuse(format!("check {i} is not a JSON object")));
         };
         match object.remove("account") {
