@@ -462,13 +462,20 @@ async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>, fil
     folded_gauge.set(fold.folded().0 as f64);
     let (mut saved_sequence, mut saved_at) = (sequence, Instant::now());
     loop {
-        // Waits for the next message at most until the next save is due (a quiet stream still gets its last
-        // messages saved).
-        let due = file.save_every.saturating_sub(saved_at.elapsed());
-        let next = match tokio::time::timeout(due, messages.next()).await {
-            Ok(Some(next)) => Some(next),
-            Ok(None) => anyhow::bail!("the consumer ended"),
-            Err(_) => None,
+        // With messages not saved yet, waits for the next one at most until the save is due (a quiet stream
+        // still gets its last messages saved); with none, for as long as it takes.
+        let next = if sequence > saved_sequence {
+            let due = file.save_every.saturating_sub(saved_at.elapsed());
+            match tokio::time::timeout(due, messages.next()).await {
+                Ok(Some(next)) => Some(next),
+                Ok(None) => anyhow::bail!("the consumer ended"),
+                Err(_) => None,
+            }
+        } else {
+            match messages.next().await {
+                Some(next) => Some(next),
+                None => anyhow::bail!("the consumer ended"),
+            }
         };
         if let Some(message) = next {
             let message = match message {
