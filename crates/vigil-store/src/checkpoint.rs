@@ -160,7 +160,7 @@ impl SledStore {
         loop {
             match sled::Config::new().path(path).open() {
                 Ok(db) => return Ok(Self { db, path: path.to_owned() }),
-                Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 200 => {
+                Err(sled::Error::Io(e)) if lock_busy(&e) && tries < 200 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
@@ -179,6 +179,13 @@ impl SledStore {
             Tree::Node => Ok(self.db.open_tree(NODE_TREE)?),
         }
     }
+}
+
+/// Whether opening failed on sled's file lock being held. sled reports it as an `Other` error whose message holds
+/// the `WouldBlock` of `flock` ("could not acquire lock on …"), not as a `WouldBlock` error: matching the kind alone
+/// never retried (a reopen in the same process failed in CI).
+fn lock_busy(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 fn prefixed(prefix: &[u8], key: &[u8]) -> Vec<u8> {
@@ -320,6 +327,17 @@ impl CheckpointStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_held_is_recognised_in_the_form_sled_reports_it() {
+        // Proves the reopen retry matches sled 0.34.7's lock error (`config.rs`: an `Other` error whose message
+        // carries the `flock` error), which the first version, matching `WouldBlock` alone, never retried.
+        let flock = std::io::Error::from_raw_os_error(11);
+        let sled = std::io::Error::other(format!("could not acquire lock on {:?}: {:?}", "/tmp/x/db", flock));
+        assert!(lock_busy(&sled));
+        assert!(lock_busy(&std::io::Error::from(std::io::ErrorKind::WouldBlock)));
+        assert!(!lock_busy(&std::io::Error::other("no space left on device")));
+    }
 
     #[test]
     fn deltas_accumulate_and_survive_reopening() {
