@@ -167,7 +167,7 @@ fn journal_end(data: &Path) -> Offset {
 /// journaled, never acknowledged), answers a resend of the refused batch once, and takes new batches.
 fn restart_recovers(data: &Path, filler: &Path, stream: &Stream) {
     fs::remove_file(filler).expect("space freed");
-    let (mut node, addr) = start(data, &[]);
+    let (node, addr) = start(data, &[]);
     let mut resumed = Stream::new(&addr, stream.sequence, stream.acked);
     // The refused batch, resent with its number: journaled once whether or not it had reached the journal.
     assert!(resumed.client.send_as(PRODUCER, stream.sequence + 1, &batch(stream.sequence + 1)).is_ok());
@@ -175,7 +175,8 @@ fn restart_recovers(data: &Path, filler: &Path, stream: &Stream) {
     resumed.acked = Offset(stream.acked.0 + BATCH as u64);
     assert!(resumed.send(), "a batch after the restart is acknowledged");
     let _ = Command::new("kill").arg("-TERM").arg(node.id().to_string()).status();
-    assert!(node.wait().expect("exit").success());
+    let (code, stderr) = exited(node);
+    assert_eq!(code, Some(0), "the restarted node stops cleanly on SIGTERM: {stderr}");
     assert_eq!(journal_end(data), resumed.acked, "every batch once: nothing lost, nothing twice");
 }
 
