@@ -466,16 +466,14 @@ async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>, fil
         // still gets its last messages saved); with none, for as long as it takes.
         let next = if sequence > saved_sequence {
             let due = file.save_every.saturating_sub(saved_at.elapsed());
-            match tokio::time::timeout(due, messages.next()).await {
-                Ok(Some(next)) => Some(next),
-                Ok(None) => anyhow::bail!("the consumer ended"),
-                Err(_) => None,
-            }
+            tokio::time::timeout(due, messages.next()).await.ok()
         } else {
-            match messages.next().await {
-                Some(next) => Some(next),
-                None => anyhow::bail!("the consumer ended"),
-            }
+            Some(messages.next().await)
+        };
+        let next = match next {
+            Some(None) => anyhow::bail!("the consumer ended"),
+            Some(Some(next)) => Some(next),
+            None => None,
         };
         if let Some(message) = next {
             let message = match message {
@@ -518,12 +516,12 @@ async fn fold_loop(js: &jetstream::Context, partitions: u32, hub: &Arc<Hub>, fil
             // These types always encode: the codec's only failure is on decode.
             let _ = vigil_store::codec::encode_value(&saved, &mut bytes);
             let path = file.path.clone();
-            match tokio::task::spawn_blocking(move || write_whole(&path, &bytes)).await {
-                Ok(Ok(())) => {
+            let written = tokio::task::spawn_blocking(move || write_whole(&path, &bytes)).await;
+            match written.map_err(std::io::Error::other).and_then(|w| w) {
+                Ok(()) => {
                     file.status.fund_saved_sequence.store(sequence, Ordering::Relaxed);
                     saved_sequence = sequence;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "saving the fund's fold failed; it is tried again later"),
                 Err(e) => tracing::warn!(error = %e, "saving the fund's fold failed; it is tried again later"),
             }
             saved_at = Instant::now();
