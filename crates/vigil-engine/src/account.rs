@@ -121,21 +121,21 @@ pub struct Account {
     /// Changed since the last checkpoint delta.
     #[serde(skip)]
     pub dirty: bool,
-    /// A portfolio account's groups at its last evaluation (a cache for [`revalue_on_index_tick`]).
+    /// A portfolio account's groups at its last evaluation (what the engine's group tables are built from).
     #[serde(skip)]
     pub groups: GroupCache,
+    /// The rows this account has in the engine's group tables (indexed detection): underlying, row.
+    #[serde(skip)]
+    pub rows: Vec<(Slot, u32)>,
 }
 
-/// What a portfolio account's last exact evaluation charged for its groups, kept so that a tick of an
-/// underlying's index revalues that one group instead of the whole account ([`revalue_on_index_tick`]). Rebuilt by
-/// every evaluation ([`evaluate`]); valid only at the market epoch it was built at.
+/// A portfolio account's groups as its last evaluation formed and charged them: what indexed detection's group
+/// tables (`groups.rs`) are built from. Rebuilt by every evaluation ([`evaluate`]); its margins are those of that
+/// evaluation (a table row keeps the current one).
 #[derive(Clone, Debug, Default)]
 pub struct GroupCache {
     /// The market epoch of the evaluation that built it; `None` without groups.
     epoch: Option<u64>,
-    /// The cross unit's positions charged on their own: their IM and MM summed in position order.
-    ungrouped_im: Amount,
-    ungrouped_mm: Amount,
     groups: Vec<CachedGroup>,
     /// Every group's legs, group after group: slot, quantity, whether it is an option.
     legs: Vec<(Slot, Qty, bool)>,
@@ -152,6 +152,29 @@ struct CachedGroup {
     legs: std::ops::Range<u32>,
 }
 
+/// A group an index tick can revalue on its own: see [`GroupCache::index_only`].
+pub struct IndexOnlyGroup<'a> {
+    pub underlying: Slot,
+    pub epoch: u64,
+    pub margin: GroupMargin,
+    /// Its legs in position order: slot, quantity, whether it is an option.
+    pub legs: &'a [(Slot, Qty, bool)],
+}
+
+impl GroupCache {
+    /// The groups whose underlying's index moves nothing else of the account, as the last evaluation formed and
+    /// charged them.
+    pub fn index_only(&self) -> impl Iterator<Item = IndexOnlyGroup<'_>> {
+        let epoch = self.epoch.unwrap_or_default();
+        self.groups.iter().filter(|g| g.index_moves_only_this).map(move |g| IndexOnlyGroup {
+            underlying: g.underlying,
+            epoch,
+            margin: g.margin,
+            legs: &self.legs[g.legs.start as usize..g.legs.end as usize],
+        })
+    }
+}
+
 impl Account {
     pub fn new(id: &str) -> Self {
         Self {
@@ -164,6 +187,7 @@ impl Account {
             margin: MarginModel::Standard,
             dirty: false,
             groups: GroupCache::default(),
+            rows: Vec::new(),
         }
     }
 
@@ -337,24 +361,17 @@ fn evaluate_groups(market: &Market, acc: &mut Account) -> Vec<(Slot, GroupMargin
             }
         }
     }
-    let (ungrouped_im, ungrouped_mm) = (cross.initial_margin, cross.maintenance_margin);
     for (_, g) in &groups {
         cross.initial_margin = cross.initial_margin.saturating_add(g.initial_margin);
         cross.maintenance_margin = cross.maintenance_margin.saturating_add(g.maintenance_margin);
     }
     acc.cross = cross;
-    cache_groups(market, acc, &groups, ungrouped_im, ungrouped_mm);
+    cache_groups(market, acc, &groups);
     groups
 }
 
 /// Rebuilds the account's [`GroupCache`] from the evaluation that just charged `groups`.
-fn cache_groups(
-    market: &Market,
-    acc: &mut Account,
-    groups: &[(Slot, GroupMargin)],
-    ungrouped_im: Amount,
-    ungrouped_mm: Amount,
-) {
+fn cache_groups(market: &Market, acc: &mut Account, groups: &[(Slot, GroupMargin)]) {
     let cache = &mut acc.groups;
     cache.groups.clear();
     cache.legs.clear();
@@ -363,7 +380,6 @@ fn cache_groups(
         return;
     }
     cache.epoch = Some(market.epoch());
-    (cache.ungrouped_im, cache.ungrouped_mm) = (ungrouped_im, ungrouped_mm);
     for &(u, margin) in groups {
         let start = cache.legs.len() as u32;
         // The members in position order: the legs `portfolio_groups` formed the group from.
@@ -384,48 +400,6 @@ fn cache_groups(
             legs: start..cache.legs.len() as u32,
         });
     }
-}
-
-/// Indexed detection's fast path for a tick of `slot`'s price, for a portfolio account: when `slot` is the index
-/// of one of its groups and moves no other figure of the account, revalues that group from the cached legs, sums
-/// the cross unit's margins as [`evaluate`] does and advances the cross episode. That is exactly what a full
-/// evaluation computes: the account's other figures were computed at its last evaluation, at the same market
-/// epoch (no reference data, clock or parameter changed since), and every tick of a price it depends on since has
-/// re-evaluated it (a portfolio account with a group is re-evaluated on every tick of its prices). Returns false,
-/// changing nothing, when it does not apply (or the group cannot be formed at the new price: the full evaluation
-/// then charges its positions on their own).
-pub fn revalue_on_index_tick(
-    market: &Market,
-    acc: &mut Account,
-    slot: Slot,
-    offset: Offset,
-    triggers: &mut Vec<Trigger>,
-) -> bool {
-    let cache = &acc.groups;
-    if cache.epoch != Some(market.epoch()) {
-        return false;
-    }
-    let Some(gi) = cache.groups.iter().position(|g| g.underlying == slot) else { return false };
-    let group = &cache.groups[gi];
-    if !group.index_moves_only_this {
-        return false;
-    }
-    let members = &cache.legs[group.legs.start as usize..group.legs.end as usize];
-    let margin = member_group_margin(market, &mut market.vectors.borrow_mut(), slot, members.iter().map(|m| Some(*m)));
-    let Some(margin) = margin else { return false };
-    let cache = &mut acc.groups;
-    cache.groups[gi].margin = margin;
-    let (mut im, mut mm) = (cache.ungrouped_im, cache.ungrouped_mm);
-    for g in &cache.groups {
-        im = im.saturating_add(g.margin.initial_margin);
-        mm = mm.saturating_add(g.margin.maintenance_margin);
-    }
-    acc.cross.initial_margin = im;
-    acc.cross.maintenance_margin = mm;
-    // A group has an open cross position; the isolated units' figures did not move (stepping them again on the
-    // same figures changes nothing).
-    step_cross(acc, true, offset, triggers);
-    true
 }
 
 /// A position's figures as the account is charged: a grouped position's own margin is never used (its group's
@@ -629,7 +603,7 @@ const GROUPS_INLINE: usize = 8;
 const LEGS_INLINE: usize = 16;
 
 /// Advances the cross unit's episode on its cached figures, appending any triggers.
-fn step_cross(acc: &mut Account, has_positions: bool, offset: Offset, triggers: &mut Vec<Trigger>) {
+pub(crate) fn step_cross(acc: &mut Account, has_positions: bool, offset: Offset, triggers: &mut Vec<Trigger>) {
     let cross = acc.cross;
     for kind in acc.episode.step(&cross, has_positions).into_iter().flatten() {
         triggers.push(Trigger {

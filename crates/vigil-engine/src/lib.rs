@@ -8,6 +8,7 @@
 
 pub mod account;
 pub mod band;
+pub mod groups;
 pub mod market;
 pub mod sharded;
 pub mod stress;
@@ -151,6 +152,8 @@ pub struct Engine {
     offset: Offset,
     bands: Vec<Band>,
     popped: Vec<u32>,
+    /// Per underlying slot, the portfolio groups an index tick revalues on their own (indexed detection).
+    groups: Vec<groups::GroupTable>,
     /// Exact account evaluations so far (the cost detection pays).
     evaluations: u64,
     /// Accounts changed since the last `take_delta`.
@@ -244,6 +247,7 @@ impl Engine {
             offset: Offset(0),
             bands: Vec::new(),
             popped: Vec::new(),
+            groups: Vec::new(),
             evaluations: 0,
             dirty: Vec::new(),
             liquidation: None,
@@ -333,7 +337,8 @@ impl Engine {
     fn reband(&mut self, a: u32) {
         let acc = &mut self.accounts[a as usize];
         if self.detection == Detection::Indexed {
-            let always = band::always_reevaluated(&self.market, acc);
+            groups::GroupTable::sync(&mut self.groups, &self.market, acc, a);
+            let portfolio = band::always_reevaluated(&self.market, acc);
             band::compute(&self.market, acc, &mut self.bands);
             for (d, new) in acc.deps.iter_mut().zip(&self.bands) {
                 let idx = &mut self.index[d.slot as usize];
@@ -342,6 +347,8 @@ impl Engine {
                     idx.insert(a, *new);
                     d.band = *new;
                 }
+                // A slot whose ticks the account's group table row serves: neither banded nor always.
+                let always = portfolio && !acc.rows.iter().any(|(u, _)| *u == d.slot);
                 if d.always != always {
                     if always {
                         idx.always.push(a);
@@ -371,20 +378,15 @@ impl Engine {
         popped.extend(idx.lo.range((price.saturating_add(1), 0)..).map(|(_, a)| *a));
         popped.extend(idx.hi.range(..(price, 0)).map(|(_, a)| *a));
         popped.extend_from_slice(&idx.always);
+        // The groups a tick of this index revalues on their own; the accounts a row cannot serve join `popped`.
+        if let Some(table) = self.groups.get_mut(slot as usize).filter(|t| t.live() > 0) {
+            self.evaluations +=
+                table.tick(&self.market, slot, &mut self.accounts, offset, triggers, &mut popped, &mut self.dirty);
+        }
         popped.sort_unstable();
         popped.dedup();
         for &a in &popped {
-            // A portfolio account whose group this index moves (and nothing else of it): that group only.
-            let acc = &mut self.accounts[a as usize];
-            if account::revalue_on_index_tick(&self.market, acc, slot, offset, triggers) {
-                self.evaluations += 1;
-                if !acc.dirty {
-                    acc.dirty = true;
-                    self.dirty.push(a);
-                }
-            } else {
-                self.touch(a, offset, triggers);
-            }
+            self.touch(a, offset, triggers);
         }
         self.popped = popped;
     }
@@ -1198,10 +1200,7 @@ mod group_tick_tests {
         let (mut fast, mut t_fast) = engine(Detection::Indexed);
         let (mut full, mut t_full) = engine(Detection::Rescan);
         let btc = fast.market.slot("BTC").unwrap();
-        let applies = |e: &Engine, id: &str| {
-            let mut copy = e.accounts[e.ids[id] as usize].clone();
-            account::revalue_on_index_tick(&e.market, &mut copy, btc, Offset(0), &mut Vec::new())
-        };
+        let applies = |e: &Engine, id: &str| e.accounts[e.ids[id] as usize].rows.iter().any(|(u, _)| *u == btc);
         assert!(applies(&fast, "groups"));
         assert!(!applies(&fast, "collateral"));
         assert!(!applies(&fast, "isolated"));
@@ -1224,5 +1223,106 @@ mod group_tick_tests {
         assert_eq!(t_fast, t_full);
         assert!(t_fast.iter().any(|t| t.kind == TriggerKind::Liquidate), "the ticks must breach someone: {t_fast:?}");
         assert_eq!(fast.evaluations() - evaluations, 3 * prices.len() as u64);
+    }
+
+    #[test]
+    fn the_group_table_follows_every_change_of_the_accounts_and_the_market() {
+        // Proves the table's rows stay exactly what a full evaluation would charge while accounts and the market
+        // change between index ticks: a group growing past a row's legs (out of the table) and shrinking back (in
+        // again), a group closed (its row freed, the freed row reused by another account), a `risk` change (a new
+        // grid of 5 × 2 + 1 steps: the rows of the old epoch go to a full evaluation and the table then sums 33
+        // scenarios) and a clock move. After every event each account's cached figures equal a fresh
+        // evaluation's, and figures, episodes and triggers equal rescan detection's.
+        let (mut fast, mut t_fast) = engine(Detection::Indexed);
+        let (mut full, mut t_full) = engine(Detection::Rescan);
+        let btc = fast.market.slot("BTC").unwrap();
+        let in_table = |e: &Engine, id: &str| e.accounts[e.ids[id] as usize].rows.iter().any(|(u, _)| *u == btc);
+        let mut lines: Vec<String> = Vec::new();
+        for i in 0..10 {
+            let strike = 50_000 + 2_000 * i;
+            lines.push(format!(
+                r#"{{"type":"option","symbol":"W{i}","underlying":"BTC","right":"put","strike":"{strike}","expiry":"2027-03-26T08:00:00Z"}}"#
+            ));
+            lines.push(format!(r#"{{"type":"price","symbol":"W{i}","price":"{}"}}"#, 900 + 300 * i));
+        }
+        lines.push(r#"{"type":"deposit","account":"wide","asset":"USDC","amount":"40000"}"#.into());
+        lines.push(r#"{"type":"account_config","account":"wide","margin":"portfolio"}"#.into());
+        let step =
+            |fast: &mut Engine, t_fast: &mut Vec<Trigger>, full: &mut Engine, t_full: &mut Vec<Trigger>, l: &str| {
+                let event = parse_line(l).unwrap();
+                let offset = Offset(fast.offset().0 + 1);
+                let a = fast.apply(offset, &event, t_fast);
+                let b = full.apply(offset, &event, t_full);
+                assert_eq!(a, b, "{l}");
+                for acc in &fast.accounts {
+                    let mut fresh = acc.clone();
+                    evaluate(&fast.market, &mut fresh);
+                    assert_eq!(acc.cross, fresh.cross, "{} after {l}", acc.id);
+                    let other = &full.accounts[full.ids[&*acc.id] as usize];
+                    assert_eq!((acc.cross, acc.episode), (other.cross, other.episode), "{} after {l}", acc.id);
+                }
+                assert_eq!(t_fast, t_full, "after {l}");
+            };
+        let tick = |price: usize| format!(r#"{{"type":"price","symbol":"BTC","price":"{price}"}}"#);
+        for l in &lines {
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, l);
+        }
+        // Grows one leg at a time to 10 options (past ROW_LEGS = 8), a tick after each.
+        for i in 0..10 {
+            let side = if i % 2 == 0 { "sell" } else { "buy" };
+            let l = format!(
+                r#"{{"type":"trade","account":"wide","symbol":"W{i}","side":"{side}","qty":"1","price":"{}"}}"#,
+                900 + 300 * i
+            );
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, &l);
+            assert_eq!(in_table(&fast, "wide"), i < groups::ROW_LEGS, "{i} legs");
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, &tick(60_000 - 700 * i));
+        }
+        // Back under the limit: closing two legs puts the group in the table again.
+        for i in [9, 8] {
+            let side = if i % 2 == 0 { "buy" } else { "sell" };
+            let l = format!(
+                r#"{{"type":"trade","account":"wide","symbol":"W{i}","side":"{side}","qty":"1","price":"{}"}}"#,
+                900 + 300 * i
+            );
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, &l);
+        }
+        assert!(in_table(&fast, "wide"));
+        // Closing the "groups" account's BTC options and perp frees its row; a new account takes it.
+        let rows_before = fast.groups[btc as usize].allocated();
+        for l in [
+            r#"{"type":"trade","account":"groups","symbol":"C","side":"buy","qty":"2","price":"1500"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"P","side":"buy","qty":"1","price":"2500"}"#,
+            r#"{"type":"trade","account":"groups","symbol":"BTC-PERP","side":"sell","qty":"0.1","price":"60000"}"#,
+        ] {
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, l);
+        }
+        assert!(!in_table(&fast, "groups"));
+        for l in [
+            r#"{"type":"deposit","account":"late","asset":"USDC","amount":"3000"}"#,
+            r#"{"type":"account_config","account":"late","margin":"portfolio"}"#,
+            r#"{"type":"trade","account":"late","symbol":"W3","side":"sell","qty":"2","price":"1800"}"#,
+        ] {
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, l);
+        }
+        assert!(in_table(&fast, "late"));
+        assert_eq!(fast.groups[btc as usize].allocated(), rows_before, "the freed row is reused");
+        // A new grid and a later clock between ticks down through every account's margin and back.
+        let changes = [
+            r#"{"type":"risk","underlying":"BTC","price_range":"0.2","buckets":5}"#,
+            r#"{"type":"clock","time":"2026-12-20T00:00:00Z"}"#,
+            r#"{"type":"risk","underlying":"BTC","buckets":4,"vol_up":"0.6"}"#,
+        ];
+        let evaluations = fast.evaluations();
+        let mut ticks = 0;
+        for change in changes {
+            step(&mut fast, &mut t_fast, &mut full, &mut t_full, change);
+            for price in [52_000, 47_000, 41_000, 36_000, 44_000, 58_000, 66_000] {
+                step(&mut fast, &mut t_fast, &mut full, &mut t_full, &tick(price));
+                ticks += 1;
+            }
+        }
+        assert!(t_fast.iter().any(|t| t.kind == TriggerKind::Liquidate), "the ticks must breach someone: {t_fast:?}");
+        assert!(fast.evaluations() > evaluations + ticks, "ticks revalued the table's accounts");
     }
 }

@@ -284,40 +284,90 @@ pub enum Leg<'a> {
 }
 
 /// The most scenarios a grid has (`buckets` at its maximum).
-const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
+pub const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
 
-/// A group's legs summed for the grid: `Σ q × P` over its linear legs (exact, at 1e-16) and, for every scenario,
-/// `Σ q × Δ` over its options (a float dot product, legs added in their order).
-struct Sums {
-    n: usize,
-    exposure: i128,
-    options: [f64; SCENARIOS_MAX],
+/// What a group's margin takes from its legs besides its options' sums per scenario: the linear legs' exposure
+/// `Σ q × P` (exact, at 1e-16) with its part of every price step, the net short option quantity and the hedged
+/// linear quantity the contingencies charge. It stays the same while the legs' quantities, the linear legs' marks
+/// and the parameters do: a tick of the index moves only the options' sums and the index the contingencies are
+/// charged at, so a caller that keeps a group's shape revalues it from its options' vectors alone
+/// ([`group_margin_from`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupShape {
+    steps: LinearSteps,
+    short_options: i128,
+    hedged_linear: i128,
     any_option: bool,
 }
 
-impl Sums {
-    /// `None` if the linear exposure does not fit.
-    fn new(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Sums> {
-        let n = params.scenario_count().min(SCENARIOS_MAX);
-        let mut sums = Sums { n, exposure: 0, options: [0.0; SCENARIOS_MAX], any_option: false };
-        for leg in legs {
-            match leg {
-                Leg::Linear { qty, mark } => sums.exposure = sums.exposure.checked_add(qty.wide() * mark.wide())?,
-                Leg::Option { qty, vector } => {
-                    sums.any_option = true;
-                    let q = to_f64(qty.0);
-                    for (sum, d) in sums.options[..n].iter_mut().zip(&vector.deltas) {
-                        *sum += q * d;
+impl GroupShape {
+    /// The shape of `legs` under `params`; `None` if the linear exposure does not fit.
+    pub fn new(params: &RiskParams, legs: &[Leg<'_>]) -> Option<GroupShape> {
+        GroupShape::of_quantities(
+            params,
+            legs.iter().map(|leg| match leg {
+                Leg::Linear { qty, mark } => (*qty, Some(*mark)),
+                Leg::Option { qty, .. } => (*qty, None),
+            }),
+        )
+    }
+
+    /// The shape of a group whose legs are `(quantity, Some(mark))` for a perp or future and `(quantity, None)`
+    /// for an option; `None` if the linear exposure does not fit.
+    pub fn of_quantities(params: &RiskParams, legs: impl IntoIterator<Item = (Qty, Option<Price>)>) -> Option<Self> {
+        let (mut exposure, mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128, 0i128);
+        let mut any_option = false;
+        for (qty, mark) in legs {
+            match mark {
+                None => {
+                    any_option = true;
+                    short_options += (-qty.wide()).max(0);
+                }
+                Some(mark) => {
+                    exposure = exposure.checked_add(qty.wide() * mark.wide())?;
+                    if qty.0 > 0 {
+                        long_linear += qty.wide();
+                    } else {
+                        short_linear -= qty.wide();
                     }
                 }
             }
         }
-        Some(sums)
+        let steps = LinearSteps::new(exposure, params.price_range, params.buckets.max(1) as i32);
+        Some(GroupShape { steps, short_options, hedged_linear: long_linear.min(short_linear), any_option })
     }
+}
 
+/// An option leg's quantity as the dot products weigh it (in units, as a float).
+pub fn leg_weight(qty: Qty) -> f64 {
+    to_f64(qty.0)
+}
+
+/// Adds a group's option legs to `sums`, scenario by scenario: `Σ q × Δ`, the legs in their order, each term
+/// [`leg_weight`]` × Δ` added to what the earlier legs left (from zero). This is the options' part
+/// [`group_margin_from`] takes; a caller that keeps the vectors elsewhere must add in the same order to get the
+/// same bits.
+pub fn add_options(legs: &[Leg<'_>], sums: &mut [f64]) {
+    for leg in legs {
+        if let Leg::Option { qty, vector } = leg {
+            let q = leg_weight(*qty);
+            for (sum, d) in sums.iter_mut().zip(&vector.deltas) {
+                *sum += q * d;
+            }
+        }
+    }
+}
+
+/// A group's shape with its options' sums per scenario (a float dot product, legs added in their order).
+struct Sums<'a> {
+    shape: &'a GroupShape,
+    options: &'a [f64],
+}
+
+impl Sums<'_> {
     /// Scenario `i`'s options part at 1e-8, rounded toward the house (down).
     fn options_e8(&self, i: usize) -> Option<i128> {
-        if self.any_option { float_to_e8(self.options[i], Round::Floor) } else { Some(0) }
+        if self.shape.any_option { float_to_e8(*self.options.get(i)?, Round::Floor) } else { Some(0) }
     }
 
     /// Calls `each(i, pnl)` for every scenario of the grid in order, with its exact PnL at 1e-8 (the linear part
@@ -325,9 +375,8 @@ impl Sums {
     /// part floored once). `None` if a figure does not fit.
     fn for_each_exact(&self, params: &RiskParams, mut each: impl FnMut(usize, i128)) -> Option<()> {
         let b = params.buckets.max(1) as i32;
-        let steps = LinearSteps::new(self.exposure, params.price_range, b);
         for (step_index, k) in (-b..=b).enumerate() {
-            let linear = steps.at(k)?;
+            let linear = self.shape.steps.at(k)?;
             for case in 0..3 {
                 let i = step_index * 3 + case;
                 each(i, linear.checked_add(self.options_e8(i)?)?);
@@ -347,54 +396,50 @@ impl Sums {
     /// if `m` is the lowest `f`, the worst scenario has `f ≤ m + 2 + 2 × 8u × M` (`M` the largest `|k x₁| + |s|`):
     /// every scenario within `3 + 2⁻⁴⁸ × M` of `m` is a candidate. `None` (use the full scan) when a figure
     /// is not finite or large enough for the bound to matter.
+    ///
+    /// Both passes go step by step (three scenarios each) and recompute each scenario's float the same way, so
+    /// the first pass is branch-free and keeps no array of the floats.
     fn worst_by_bound(&self, params: &RiskParams) -> Option<(usize, i128)> {
         let b = params.buckets.max(1) as i32;
         let divisor = f64::from(b) * 1e16;
         // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
-        let step = self.exposure as f64 * params.price_range.0 as f64 / divisor;
-        let mut approx = [0.0f64; SCENARIOS_MAX];
-        let (mut lowest, mut largest) = (f64::INFINITY, 0.0f64);
-        for (i, a) in approx[..self.n].iter_mut().enumerate() {
-            let k = (i / 3) as i32 - b;
-            let linear = f64::from(k) * step;
-            let s = if self.any_option { self.options[i] * SCALE as f64 } else { 0.0 };
-            *a = linear + s;
-            let size = linear.abs() + s.abs();
-            // Below 4e18 every s takes float_to_e8's exact i64 path and no exact sum overflows (NaN is refused).
-            if size.is_nan() || size >= 4.0e18 {
-                return None;
+        let step = self.shape.steps.exposure as f64 * params.price_range.0 as f64 / divisor;
+        let any_option = self.shape.any_option;
+        let approx = |j: usize, s: f64| -> (f64, f64) {
+            let linear = f64::from(j as i32 - b) * step;
+            let s = if any_option { s * SCALE as f64 } else { 0.0 };
+            (linear + s, linear.abs() + s.abs())
+        };
+        let (mut lowest, mut largest, mut out_of_range) = (f64::INFINITY, 0.0f64, false);
+        for (j, scenarios) in self.options.chunks_exact(3).enumerate() {
+            for &s in scenarios {
+                let (a, size) = approx(j, s);
+                // Below 4e18 every s takes float_to_e8's exact i64 path and no exact sum overflows (NaN is refused).
+                out_of_range |= size.is_nan() || size >= 4.0e18;
+                lowest = lowest.min(a);
+                largest = largest.max(size);
             }
-            lowest = lowest.min(*a);
-            largest = largest.max(size);
+        }
+        if out_of_range {
+            return None;
         }
         let bound = lowest + 3.0 + largest * f64::powi(2.0, -48);
         let mut worst: Option<(usize, i128)> = None;
-        let mut linear_at: Option<(i32, i128)> = None;
-        for (i, a) in approx[..self.n].iter().enumerate() {
-            if *a > bound {
-                continue;
-            }
-            let k = (i / 3) as i32 - b;
-            let linear = match linear_at {
-                Some((at, l)) if at == k => l,
-                _ => {
-                    let l = if self.exposure == 0 {
-                        0
-                    } else {
-                        mul_div(
-                            self.exposure,
-                            i128::from(params.price_range.0) * i128::from(k),
-                            i128::from(b) * SCALE2,
-                            Round::Floor,
-                        )?
-                    };
-                    linear_at = Some((k, l));
-                    l
+        for (j, scenarios) in self.options.chunks_exact(3).enumerate() {
+            let mut linear: Option<i128> = None;
+            for (case, &s) in scenarios.iter().enumerate() {
+                if approx(j, s).0 > bound {
+                    continue;
                 }
-            };
-            let pnl = linear.checked_add(self.options_e8(i)?)?;
-            if worst.is_none_or(|(_, w)| pnl < w) {
-                worst = Some((i, pnl));
+                let l = match linear {
+                    Some(l) => l,
+                    None => *linear.insert(self.shape.steps.at(j as i32 - b)?),
+                };
+                let i = 3 * j + case;
+                let pnl = l.checked_add(self.options_e8(i)?)?;
+                if worst.is_none_or(|(_, w)| pnl < w) {
+                    worst = Some((i, pnl));
+                }
             }
         }
         worst
@@ -425,6 +470,7 @@ impl Sums {
 /// 128-bit division per group instead of one per step: with `exposure × price_range = q × d + r` (`d` the divisor,
 /// `0 ≤ r < d`), step `k` is `k × q + floor(k × r / d)`, and `k × r` fits 64 bits. Exactly `mul_div`'s answer
 /// (a test compares them); `mul_div` itself where the product does not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LinearSteps {
     exposure: i128,
     price_range: i128,
@@ -459,8 +505,11 @@ impl LinearSteps {
 /// The PnL of each scenario of the grid for a group's legs, at 1e-8, rounded toward the house (down): see
 /// [`Sums::for_each_exact`]. `None` if a figure does not fit.
 pub fn scenario_pnls(params: &RiskParams, legs: &[Leg<'_>]) -> Option<Vec<i128>> {
+    let shape = GroupShape::new(params, legs)?;
+    let mut options = vec![0.0; params.scenario_count()];
+    add_options(legs, &mut options);
     let mut out = Vec::with_capacity(params.scenario_count());
-    Sums::new(params, legs)?.for_each_exact(params, |_, pnl| out.push(pnl))?;
+    Sums { shape: &shape, options: &options }.for_each_exact(params, |_, pnl| out.push(pnl))?;
     Some(out)
 }
 
@@ -492,22 +541,34 @@ fn float_to_e8(x: f64, round: Round) -> Option<i128> {
 /// `future_contingency × U × min(total long, total short)`), `IM = scanning risk + contingencies` and
 /// `MM = mm_factor × IM`, each rounded up. `None` if a figure does not fit.
 pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    let (worst_i, worst_pnl) = Sums::new(params, legs)?.worst(params)?;
-    let scanning = worst_pnl.checked_neg()?.max(0);
-    let (mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128);
-    for leg in legs {
-        match leg {
-            Leg::Option { qty, .. } => short_options += (-qty.wide()).max(0),
-            Leg::Linear { qty, .. } if qty.0 > 0 => long_linear += qty.wide(),
-            Leg::Linear { qty, .. } => short_linear -= qty.wide(),
-        }
+    let shape = GroupShape::new(params, legs)?;
+    let mut options = [0.0f64; SCENARIOS_MAX];
+    let options = options.get_mut(..params.scenario_count())?;
+    add_options(legs, options);
+    group_margin_from(params, index, &shape, options)
+}
+
+/// [`group_margin`] from a group's [`GroupShape`] (under the same `params`) and its options' sums per scenario
+/// ([`add_options`]; one per scenario of the grid): the same figures, bit for bit, for a caller that keeps the
+/// shape between ticks of the index and the vectors in its own layout. `None` if a figure does not fit or
+/// `options` does not have one sum per scenario.
+pub fn group_margin_from(
+    params: &RiskParams,
+    index: Price,
+    shape: &GroupShape,
+    options: &[f64],
+) -> Option<GroupMargin> {
+    if options.len() != params.scenario_count() {
+        return None;
     }
+    let (worst_i, worst_pnl) = Sums { shape, options }.worst(params)?;
+    let scanning = worst_pnl.checked_neg()?.max(0);
     let charge = |rate: Rate, qty: i128| -> Option<i128> {
         // rate (1e-8) × U (1e-8) × qty (1e-8) → 1e-24; / 1e16 → 1e-8, up.
         mul_div(rate.wide() * index.wide(), qty, SCALE2, Round::Ceil)
     };
-    let contingency = charge(params.option_contingency, short_options)?
-        .checked_add(charge(params.future_contingency, long_linear.min(short_linear))?)?;
+    let contingency = charge(params.option_contingency, shape.short_options)?
+        .checked_add(charge(params.future_contingency, shape.hedged_linear)?)?;
     let im = scanning.checked_add(contingency)?;
     let mm = mul_div(im, params.mm_factor.wide(), SCALE_I128, Round::Ceil)?;
     Some(GroupMargin {
@@ -522,6 +583,12 @@ pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shape_and_sums(params: &RiskParams, legs: &[Leg<'_>]) -> (GroupShape, Vec<f64>) {
+        let mut options = vec![0.0; params.scenario_count()];
+        add_options(legs, &mut options);
+        (GroupShape::new(params, legs).unwrap(), options)
+    }
 
     fn p(s: &str) -> Price {
         Price::parse(s).unwrap()
@@ -774,7 +841,8 @@ mod tests {
                     mark: Price((next() % 10_000_000_000_000) as i64),
                 });
             }
-            let sums = Sums::new(&params, &legs).unwrap();
+            let (shape, options) = shape_and_sums(&params, &legs);
+            let sums = Sums { shape: &shape, options: &options };
             let scan = sums.worst_by_scan(&params);
             if let Some(found) = sums.worst_by_bound(&params) {
                 bounded += 1;
@@ -786,7 +854,8 @@ mod tests {
         // A non-finite delta: the bound steps aside and the group cannot be formed, as before.
         let nan = OptionVector { sigma: 0.5, deltas: vec![f64::NAN; 27] };
         let legs = [Leg::Option { qty: Qty::units(1), vector: &nan }];
-        let sums = Sums::new(&RiskParams::default(), &legs).unwrap();
+        let (shape, options) = shape_and_sums(&RiskParams::default(), &legs);
+        let sums = Sums { shape: &shape, options: &options };
         assert_eq!(sums.worst_by_bound(&RiskParams::default()), None);
         assert_eq!(group_margin(&RiskParams::default(), p("100"), &legs), None);
     }

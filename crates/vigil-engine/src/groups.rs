@@ -1,0 +1,340 @@
+//! Indexed detection's table of portfolio groups, one per underlying: what a tick of the underlying's index
+//! revalues, laid out so the tick streams through it.
+//!
+//! A portfolio account with a group is re-evaluated on every tick of a price it depends on (its figures are not
+//! monotone in them: no band is sound). When the index is the only figure of the account a tick moves (no balance
+//! in the asset, nothing charged on its own that follows it), the evaluation reduces to the group: the linear legs'
+//! marks, the quantities and the parameters are those of the account's last evaluation, so only the options' sums
+//! per scenario and the contingencies' index change. Such a group has a row here: the account, its option legs as
+//! (column, weight), its [`GroupShape`] and its current margin. A tick refreshes each option's vector once into a
+//! dense matrix (one column per option held), then goes down the rows: a few dot products against the matrix, the
+//! margin from the shape ([`group_margin_from`], the same code and bits as a full evaluation), the account's cross
+//! margins moved by the group's change and its episode stepped — one write to the account, no walk through its
+//! positions, balances or caches. The row's account is then not re-evaluated (its dependency on the index is
+//! neither banded nor in the slot's `always` list).
+//!
+//! Rows are derived state: rebuilt from each exact evaluation of the account ([`GroupTable::sync`]), never
+//! persisted, identical after a restore. A row applies only at the market epoch it was built at (any reference
+//! data, clock or parameter change since sends its account to a full evaluation, which rebuilds it), and only
+//! while every figure fits the fast path's arithmetic; otherwise its account is re-evaluated in full, as it was
+//! before the table existed.
+
+use vigil_model::portfolio::{GroupMargin, GroupShape, group_margin_from, leg_weight};
+use vigil_model::{Amount, Offset, Trigger};
+
+use crate::account::{Account, IndexOnlyGroup, step_cross};
+use crate::market::{Market, Slot};
+
+/// The most option legs a row holds; a larger group stays with the full evaluation.
+pub const ROW_LEGS: usize = 8;
+
+/// Figures the fast path moves must stay below this (2^100 at 1e-8), so that adding a group's change to the
+/// account's total gives exactly the sum a full evaluation computes (which saturates, and never gets near it).
+const SUM_LIMIT: i128 = 1 << 100;
+
+const FREE: u32 = u32::MAX;
+
+#[derive(Clone, Default)]
+pub struct GroupTable {
+    rows: Vec<Row>,
+    free: Vec<u32>,
+    live: u32,
+    /// Option slots with a column in `matrix`, and how many row legs refer to each.
+    columns: Vec<(Slot, u32)>,
+    /// Each column's scenario vector as of the last tick, `n` floats per column; `valid` per column.
+    matrix: Vec<f64>,
+    valid: Vec<bool>,
+    /// Sums for a grid of other than the default 27 scenarios.
+    scratch: Vec<f64>,
+}
+
+impl std::fmt::Debug for GroupTable {
+    /// Derived state that does not change what the engine computes: left out of the engine's debug form.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupTable")
+    }
+}
+
+#[derive(Clone)]
+struct Row {
+    /// The account, or [`FREE`].
+    account: u32,
+    /// The market epoch the row was built at.
+    epoch: u64,
+    legs: u8,
+    /// The option legs in position order: their column and weight ([`leg_weight`]).
+    columns: [u16; ROW_LEGS],
+    weights: [f64; ROW_LEGS],
+    shape: GroupShape,
+    /// The group's margin as the account's cross figures include it now.
+    margin: GroupMargin,
+}
+
+/// What a row is built from: the account's group and what its legs reduce to.
+struct Built {
+    epoch: u64,
+    legs: u8,
+    options: [(Slot, f64); ROW_LEGS],
+    shape: GroupShape,
+    margin: GroupMargin,
+}
+
+impl GroupTable {
+    /// Rows in use.
+    pub fn live(&self) -> u32 {
+        self.live
+    }
+
+    /// Rows allocated, in use or free.
+    pub fn allocated(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the account has a row for `underlying` after its evaluation: the group goes into the table when
+    /// it has at most [`ROW_LEGS`] options and a shape.
+    fn build(market: &Market, group: &IndexOnlyGroup<'_>) -> Option<Built> {
+        let options = group.legs.iter().filter(|(_, _, option)| *option).count();
+        if options > ROW_LEGS {
+            return None;
+        }
+        let params = market.risk_params(group.underlying);
+        let mut legs = Vec::with_capacity(group.legs.len());
+        for &(slot, qty, option) in group.legs {
+            legs.push((qty, if option { None } else { Some(market.price(slot)?) }));
+        }
+        let shape = GroupShape::of_quantities(&params, legs)?;
+        let mut built =
+            Built { epoch: group.epoch, legs: 0, options: [(0, 0.0); ROW_LEGS], shape, margin: group.margin };
+        for &(slot, qty, _) in group.legs.iter().filter(|(_, _, option)| *option) {
+            built.options[built.legs as usize] = (slot, leg_weight(qty));
+            built.legs += 1;
+        }
+        Some(built)
+    }
+
+    fn column(&mut self, slot: Slot) -> u16 {
+        if let Some(c) = self.columns.iter().position(|(s, _)| *s == slot) {
+            self.columns[c].1 += 1;
+            return c as u16;
+        }
+        if let Some(c) = self.columns.iter().position(|(_, refs)| *refs == 0) {
+            self.columns[c] = (slot, 1);
+            return c as u16;
+        }
+        self.columns.push((slot, 1));
+        (self.columns.len() - 1) as u16
+    }
+
+    fn release(&mut self, r: u32) {
+        let row = &self.rows[r as usize];
+        for &c in &row.columns[..row.legs as usize] {
+            self.columns[c as usize].1 -= 1;
+        }
+    }
+
+    fn put(&mut self, r: Option<u32>, account: u32, built: &Built) -> u32 {
+        if let Some(r) = r {
+            self.release(r);
+        }
+        let mut columns = [0u16; ROW_LEGS];
+        let mut weights = [0.0f64; ROW_LEGS];
+        for (i, &(slot, weight)) in built.options[..built.legs as usize].iter().enumerate() {
+            columns[i] = self.column(slot);
+            weights[i] = weight;
+        }
+        let row = Row {
+            account,
+            epoch: built.epoch,
+            legs: built.legs,
+            columns,
+            weights,
+            shape: built.shape,
+            margin: built.margin,
+        };
+        match r.or_else(|| self.free.pop()) {
+            Some(r) => {
+                if self.rows[r as usize].account == FREE {
+                    self.live += 1;
+                }
+                self.rows[r as usize] = row;
+                r
+            }
+            None => {
+                self.live += 1;
+                self.rows.push(row);
+                (self.rows.len() - 1) as u32
+            }
+        }
+    }
+
+    fn remove(&mut self, r: u32) {
+        self.release(r);
+        self.rows[r as usize].account = FREE;
+        self.rows[r as usize].legs = 0;
+        self.free.push(r);
+        self.live -= 1;
+    }
+
+    /// Brings account `a`'s rows in line with its evaluation that just ran: a row for each group its
+    /// `GroupCache` marks as moved alone by its index (and that fits a row), none for any other. `tables` is
+    /// indexed by underlying slot and grows as needed. Returns, through `acc.rows`, the underlyings the account
+    /// now has rows for.
+    pub fn sync(tables: &mut Vec<GroupTable>, market: &Market, acc: &mut Account, a: u32) {
+        let mut rows = std::mem::take(&mut acc.rows);
+        let mut wanted: Vec<(Slot, Built)> = Vec::new();
+        for group in acc.groups.index_only() {
+            if let Some(built) = GroupTable::build(market, &group) {
+                wanted.push((group.underlying, built));
+            }
+        }
+        rows.retain(|&(u, r)| {
+            let keep = wanted.iter().any(|(w, _)| *w == u);
+            if !keep {
+                tables[u as usize].remove(r);
+            }
+            keep
+        });
+        for (u, built) in &wanted {
+            if tables.len() <= *u as usize {
+                tables.resize_with(*u as usize + 1, GroupTable::default);
+            }
+            let existing = rows.iter().find(|(x, _)| x == u).map(|(_, r)| *r);
+            let r = tables[*u as usize].put(existing, a, built);
+            if existing.is_none() {
+                rows.push((*u, r));
+            }
+        }
+        acc.rows = rows;
+    }
+
+    /// Refreshes every column's vector into the matrix for the current prices; `n` scenarios each.
+    fn refresh(&mut self, market: &Market, n: usize) {
+        self.matrix.resize(self.columns.len() * n, 0.0);
+        self.valid.resize(self.columns.len(), false);
+        let mut cache = market.vectors.borrow_mut();
+        for (c, &(slot, refs)) in self.columns.iter().enumerate() {
+            self.valid[c] = false;
+            if refs == 0 || cache.refresh(market, slot).is_none() {
+                continue;
+            }
+            if let Some(v) = cache.get(slot).filter(|v| v.deltas.len() == n) {
+                self.matrix[c * n..(c + 1) * n].copy_from_slice(&v.deltas);
+                self.valid[c] = true;
+            }
+        }
+    }
+
+    /// A tick of this table's underlying `u` (its index now at the market's price): revalues every row's group
+    /// and updates its account, appending the accounts a row cannot serve (built at another epoch, an option
+    /// without a vector, a figure out of the fast path's range) to `full` for a full evaluation. Marks accounts
+    /// whose episode changed in `dirty`. Returns the number of accounts revalued.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tick(
+        &mut self,
+        market: &Market,
+        u: Slot,
+        accounts: &mut [Account],
+        offset: Offset,
+        triggers: &mut Vec<Trigger>,
+        full: &mut Vec<u32>,
+        dirty: &mut Vec<u32>,
+    ) -> u64 {
+        let live = self.rows.iter().filter(|r| r.account != FREE).map(|r| r.account);
+        let Some(index) = market.price(u) else {
+            full.extend(live);
+            return 0;
+        };
+        let params = market.risk_params(u);
+        let n = params.scenario_count();
+        self.refresh(market, n);
+        let epoch = market.epoch();
+        let mut revalued = 0;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for row in &mut self.rows {
+            if row.account == FREE {
+                continue;
+            }
+            let legs = &row.columns[..row.legs as usize];
+            if row.epoch != epoch || !legs.iter().all(|&c| self.valid.get(c as usize) == Some(&true)) {
+                full.push(row.account);
+                continue;
+            }
+            let margin = if n == DEFAULT_SCENARIOS {
+                option_sums::<DEFAULT_SCENARIOS>(row, &self.matrix)
+                    .and_then(|sums| group_margin_from(&params, index, &row.shape, &sums))
+            } else {
+                scratch.clear();
+                scratch.resize(n, 0.0);
+                let mut complete = true;
+                for (&c, &q) in legs.iter().zip(&row.weights) {
+                    let Some(column) = self.matrix.get(c as usize * n..(c as usize + 1) * n) else {
+                        complete = false;
+                        break;
+                    };
+                    for (s, d) in scratch.iter_mut().zip(column) {
+                        *s += q * d;
+                    }
+                }
+                if complete { group_margin_from(&params, index, &row.shape, &scratch) } else { None }
+            };
+            let Some(acc) = accounts.get_mut(row.account as usize) else {
+                debug_assert!(false, "invariant: a row's account exists");
+                continue;
+            };
+            let Some(margin) = margin.filter(|m| in_range(m.initial_margin) && in_range(m.maintenance_margin)) else {
+                full.push(row.account);
+                continue;
+            };
+            let cross = acc.cross;
+            if ![
+                cross.initial_margin,
+                cross.maintenance_margin,
+                row.margin.initial_margin,
+                row.margin.maintenance_margin,
+            ]
+            .into_iter()
+            .all(in_range)
+            {
+                full.push(row.account);
+                continue;
+            }
+            // Exact: every term of the full evaluation's sum is below 2^100, so it never saturated.
+            acc.cross.initial_margin =
+                Amount(cross.initial_margin.0 - row.margin.initial_margin.0 + margin.initial_margin.0);
+            acc.cross.maintenance_margin =
+                Amount(cross.maintenance_margin.0 - row.margin.maintenance_margin.0 + margin.maintenance_margin.0);
+            row.margin = margin;
+            let episode = acc.episode;
+            // A group has an open cross position; the isolated units' figures did not move.
+            step_cross(acc, true, offset, triggers);
+            if acc.episode != episode && !acc.dirty {
+                acc.dirty = true;
+                dirty.push(row.account);
+            }
+            revalued += 1;
+        }
+        self.scratch = scratch;
+        revalued
+    }
+}
+
+/// The default grid's scenario count (4 buckets: 9 price steps × 3 volatility cases).
+const DEFAULT_SCENARIOS: usize = 27;
+
+/// A row's options summed for every scenario, as [`vigil_model::portfolio::add_options`] sums a group's legs:
+/// from zero, legs in order, `weight × delta` added per scenario; the grid's size known, so the sums stay in
+/// registers.
+fn option_sums<const N: usize>(row: &Row, matrix: &[f64]) -> Option<[f64; N]> {
+    let mut sums = [0.0f64; N];
+    for (&c, &q) in row.columns[..row.legs as usize].iter().zip(&row.weights) {
+        let column = matrix.get(c as usize * N..(c as usize + 1) * N)?;
+        for (s, d) in sums.iter_mut().zip(column) {
+            *s += q * d;
+        }
+    }
+    Some(sums)
+}
+
+fn in_range(x: Amount) -> bool {
+    (0..SUM_LIMIT).contains(&x.0)
+}
