@@ -410,17 +410,24 @@ impl Sums<'_> {
             let s = if any_option { s * SCALE as f64 } else { 0.0 };
             (linear + s, linear.abs() + s.abs())
         };
-        let (mut lowest, mut largest, mut out_of_range) = (f64::INFINITY, 0.0f64, false);
+        // The lowest float is at each step's lowest options sum (`x ↦ linear + x × 1e8` is monotone in floats,
+        // rounding included), so one pass over the sums finds it; `largest` is bounded above by the largest linear
+        // part plus the largest options part, which only widens the candidates (a larger bound stays exact).
+        let (mut lowest, mut largest_s, mut not_a_number) = (f64::INFINITY, 0.0f64, false);
         for (j, scenarios) in self.options.chunks_exact(3).enumerate() {
+            let mut least = f64::INFINITY;
             for &s in scenarios {
-                let (a, size) = approx(j, s);
-                // Below 4e18 every s takes float_to_e8's exact i64 path and no exact sum overflows (NaN is refused).
-                out_of_range |= size.is_nan() || size >= 4.0e18;
-                lowest = lowest.min(a);
-                largest = largest.max(size);
+                not_a_number |= s.is_nan();
+                least = if s < least { s } else { least };
+                largest_s = if s.abs() > largest_s { s.abs() } else { largest_s };
             }
+            let (a, _) = approx(j, least);
+            lowest = if a < lowest { a } else { lowest };
         }
-        if out_of_range {
+        let (largest_linear, _) = approx(0, 0.0);
+        let largest = largest_linear.abs() + if any_option { largest_s * SCALE as f64 } else { 0.0 };
+        // Below 4e18 every s takes float_to_e8's exact i64 path and no exact sum overflows (NaN is refused).
+        if not_a_number || largest.is_nan() || largest >= 4.0e18 || lowest.is_nan() {
             return None;
         }
         let bound = lowest + 3.0 + largest * f64::powi(2.0, -48);
