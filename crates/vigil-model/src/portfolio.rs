@@ -284,7 +284,9 @@ pub enum Leg<'a> {
 }
 
 /// The most scenarios a grid has (`buckets` at its maximum).
-pub const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
+pub const SCENARIOS_MAX: usize = 3 * STEPS_MAX;
+/// The most price steps a grid has.
+const STEPS_MAX: usize = 2 * BUCKETS_MAX as usize + 1;
 
 /// What a group's margin takes from its legs besides its options' sums per scenario: the linear legs' exposure
 /// `Σ q × P` (exact, at 1e-16) with its part of every price step, the net short option quantity and the hedged
@@ -295,6 +297,8 @@ pub const SCENARIOS_MAX: usize = 3 * (2 * BUCKETS_MAX as usize + 1);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupShape {
     steps: LinearSteps,
+    /// The linear part of one price step as a float, at 1e-8 (for the bounded search).
+    step_f64: F64Bits,
     short_options: i128,
     hedged_linear: i128,
     any_option: bool,
@@ -333,10 +337,25 @@ impl GroupShape {
                 }
             }
         }
-        let steps = LinearSteps::new(exposure, params.price_range, params.buckets.max(1) as i32);
-        Some(GroupShape { steps, short_options, hedged_linear: long_linear.min(short_linear), any_option })
+        let buckets = params.buckets.max(1) as i32;
+        let steps = LinearSteps::new(exposure, params.price_range, buckets);
+        // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
+        let step_f64 = F64Bits(exposure as f64 * params.price_range.0 as f64 / (f64::from(buckets) * 1e16));
+        Some(GroupShape { steps, step_f64, short_options, hedged_linear: long_linear.min(short_linear), any_option })
     }
 }
+
+/// A float compared by its bits, so that a shape is `Eq` (the same bits are the same step).
+#[derive(Clone, Copy, Debug)]
+struct F64Bits(f64);
+
+impl PartialEq for F64Bits {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for F64Bits {}
 
 /// An option leg's quantity as the dot products weigh it (in units, as a float).
 pub fn leg_weight(qty: Qty) -> f64 {
@@ -397,13 +416,11 @@ impl Sums<'_> {
     /// every scenario within `3 + 2⁻⁴⁸ × M` of `m` is a candidate. `None` (use the full scan) when a figure
     /// is not finite or large enough for the bound to matter.
     ///
-    /// Both passes go step by step (three scenarios each) and recompute each scenario's float the same way, so
-    /// the first pass is branch-free and keeps no array of the floats.
+    /// Both passes go step by step (three scenarios each) and compute each scenario's float the same way; the
+    /// first keeps each step's lowest, so the second skips the steps with no candidate.
     fn worst_by_bound(&self, params: &RiskParams) -> Option<(usize, i128)> {
         let b = params.buckets.max(1) as i32;
-        let divisor = f64::from(b) * 1e16;
-        // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
-        let step = self.shape.steps.exposure as f64 * params.price_range.0 as f64 / divisor;
+        let step = self.shape.step_f64.0;
         let any_option = self.shape.any_option;
         let approx = |j: usize, s: f64| -> (f64, f64) {
             let linear = f64::from(j as i32 - b) * step;
@@ -414,7 +431,8 @@ impl Sums<'_> {
         // rounding included), so one pass over the sums finds it; `largest` is bounded above by the largest linear
         // part plus the largest options part, which only widens the candidates (a larger bound stays exact).
         let (mut lowest, mut largest_s, mut not_a_number) = (f64::INFINITY, 0.0f64, false);
-        for (j, scenarios) in self.options.chunks_exact(3).enumerate() {
+        let mut step_lowest = [0.0f64; STEPS_MAX];
+        for ((j, scenarios), at_step) in self.options.chunks_exact(3).enumerate().zip(&mut step_lowest) {
             let mut least = f64::INFINITY;
             for &s in scenarios {
                 not_a_number |= s.is_nan();
@@ -422,6 +440,7 @@ impl Sums<'_> {
                 largest_s = if s.abs() > largest_s { s.abs() } else { largest_s };
             }
             let (a, _) = approx(j, least);
+            *at_step = a;
             lowest = if a < lowest { a } else { lowest };
         }
         let (largest_linear, _) = approx(0, 0.0);
@@ -432,7 +451,10 @@ impl Sums<'_> {
         }
         let bound = lowest + 3.0 + largest * f64::powi(2.0, -48);
         let mut worst: Option<(usize, i128)> = None;
-        for (j, scenarios) in self.options.chunks_exact(3).enumerate() {
+        for ((j, scenarios), at_step) in self.options.chunks_exact(3).enumerate().zip(step_lowest) {
+            if at_step > bound {
+                continue;
+            }
             let mut linear: Option<i128> = None;
             for (case, &s) in scenarios.iter().enumerate() {
                 if approx(j, s).0 > bound {
@@ -571,6 +593,10 @@ pub fn group_margin_from(
     let (worst_i, worst_pnl) = Sums { shape, options }.worst(params)?;
     let scanning = worst_pnl.checked_neg()?.max(0);
     let charge = |rate: Rate, qty: i128| -> Option<i128> {
+        if qty == 0 {
+            // What the division gives, without its six steps (a group hedged one way only charges nothing here).
+            return Some(0);
+        }
         // rate (1e-8) × U (1e-8) × qty (1e-8) → 1e-24; / 1e16 → 1e-8, up.
         mul_div(rate.wide() * index.wide(), qty, SCALE2, Round::Ceil)
     };
