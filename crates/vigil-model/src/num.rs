@@ -43,26 +43,39 @@ fn round_step(round: Round, frac_positive: bool, at_least_half: bool) -> i8 {
     }
 }
 
-/// `n / 1e8` and its remainder, by long division in 32-bit digits: every step divides a value below 2^59 by a
-/// 64-bit constant, which compiles to a multiplication (a 128-bit division is a library call several times slower,
-/// and dividing by 1e8 or 1e16 is what every figure does once or twice).
-const fn divrem_e8(n: u128) -> (u128, u128) {
-    const D: u64 = SCALE as u64;
-    let hi = (n >> 64) as u64;
-    let (q_hi, r) = (hi / D, hi % D);
-    // r < 1e8 < 2^27: each partial dividend is below 1e8 × 2^32 < 2^59, each partial quotient below 2^32.
-    let mid = (r << 32) | ((n >> 32) as u64 & 0xffff_ffff);
-    let (q_mid, r) = (mid / D, mid % D);
-    let lo = (r << 32) | (n as u64 & 0xffff_ffff);
-    let (q_lo, r) = (lo / D, lo % D);
-    (((q_hi as u128) << 64) + ((q_mid as u128) << 32) + q_lo as u128, r as u128)
+/// `n / d` and its remainder for a divisor `d` with `m = floor(2^128 / d)`, by Barrett reduction: `n × m / 2^128`
+/// (the top half of a 256-bit product, from four 64-bit multiplications) is the quotient or one less, because it
+/// falls short of `n / d` by `n × (2^128 / d − m) / 2^128 < 1`; one compare corrects it. No division instruction and
+/// no library call (a 128-bit division is one, several times slower, and dividing by 1e8 or 1e16 is what every
+/// figure does once or twice). `n ≤ 2^127` (a magnitude of an `i128`), which keeps every partial sum in 128 bits.
+const fn divrem_barrett(n: u128, d: u128, m: u128) -> (u128, u128) {
+    let (n1, n0) = (n >> 64, n & (u64::MAX as u128));
+    let (m1, m0) = (m >> 64, m & (u64::MAX as u128));
+    // n1 ≤ 2^63 and m1 < 2^38 (d ≥ 1e8): n1 × m0 < 2^127, n0 × m1 < 2^102, so the sum fits.
+    let mid = n1 * m0 + n0 * m1 + ((n0 * m0) >> 64);
+    let q = n1 * m1 + (mid >> 64);
+    let r = n - q * d;
+    if r >= d { (q + 1, r - d) } else { (q, r) }
 }
 
-/// `n / 1e16` and its remainder: two divisions by 1e8 (`n = (q × 1e8 + r₂) × 1e8 + r₁`).
+/// `floor(2^128 / d)`, computed as `(2^128 − 1) / d` (the same unless `d` divides 2^128, which 1e8 and 1e16 do not).
+const fn reciprocal(d: u128) -> u128 {
+    u128::MAX / d
+}
+
+const E8: u128 = SCALE as u128;
+const E16: u128 = E8 * E8;
+const M_E8: u128 = reciprocal(E8);
+const M_E16: u128 = reciprocal(E16);
+
+/// `n / 1e8` and its remainder (`n ≤ 2^127`).
+const fn divrem_e8(n: u128) -> (u128, u128) {
+    divrem_barrett(n, E8, M_E8)
+}
+
+/// `n / 1e16` and its remainder (`n ≤ 2^127`).
 const fn divrem_e16(n: u128) -> (u128, u128) {
-    let (q1, r1) = divrem_e8(n);
-    let (q, r2) = divrem_e8(q1);
-    (q, r2 * SCALE as u128 + r1)
+    divrem_barrett(n, E16, M_E16)
 }
 
 /// `n / d` rounded as asked; `None` if `d == 0` or the quotient overflows.
@@ -361,6 +374,44 @@ mod tests {
             return q;
         }
         q + i128::from(round_step(round, (r > 0) == (d > 0), r.unsigned_abs() * 2 >= d.unsigned_abs()))
+    }
+
+    #[test]
+    fn barrett_reduction_matches_plain_division() {
+        // Proves the quotient and remainder by 1e8 and 1e16 equal u128's own division over the whole domain
+        // (0 to 2^127): the ends, every power of two and its neighbours, multiples of the divisor and their
+        // neighbours up to the top, and random values of every magnitude.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let top = 1u128 << 127;
+        let mut cases = vec![0u128, 1, top, top - 1, u64::MAX as u128, u64::MAX as u128 + 1];
+        for bit in 0..127 {
+            let p = 1u128 << bit;
+            cases.extend([p - 1, p, p + 1]);
+        }
+        for d in [E8, E16] {
+            for k in [1u128, 2, 3, 1 << 20, 1 << 50, 1 << 64, top / d - 1, top / d] {
+                for off in [0u128, 1, d / 2, d - 1] {
+                    cases.extend([k * d + off, (k * d).saturating_sub(off + 1)]);
+                }
+            }
+        }
+        for _ in 0..200_000 {
+            let bits = next() % 128;
+            cases.push(((u128::from(next()) << 64 | u128::from(next())) >> (127 - bits)).min(top));
+        }
+        // The domain ends at 2^127 (the largest |i128|); the neighbours of the top multiples past it are left out.
+        cases.retain(|n| *n <= top);
+        assert!(cases.len() > 200_000 && cases.contains(&top));
+        for n in cases {
+            assert_eq!(divrem_e8(n), (n / E8, n % E8), "{n} / 1e8");
+            assert_eq!(divrem_e16(n), (n / E16, n % E16), "{n} / 1e16");
+        }
     }
 
     #[test]
