@@ -416,7 +416,7 @@ mod tests {
 
     #[test]
     fn division_by_the_scales_matches_plain_division() {
-        // Proves the digit-wise fast paths for 1e8 and 1e16 give the quotient and rounding of a plain i128
+        // Proves the Barrett fast paths for 1e8 and 1e16 give the quotient and rounding of a plain i128
         // division: at the extremes, around multiples and halves of the divisor, and over random values of every
         // magnitude, in the three rounding modes.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
