@@ -90,8 +90,8 @@ impl GroupTable {
         self.rows.len()
     }
 
-    /// Whether the account has a row for `underlying` after its evaluation: the group goes into the table when
-    /// it has at most [`ROW_LEGS`] options and a shape.
+    /// The row a group gets from its account's evaluation; `None` (no row: the account stays with the full
+    /// evaluation for this underlying) past [`ROW_LEGS`] options, or without a shape.
     fn build(market: &Market, group: &IndexOnlyGroup<'_>) -> Option<Built> {
         let options = group.legs.iter().filter(|(_, _, option)| *option).count();
         if options > ROW_LEGS {
