@@ -34,13 +34,22 @@ const SUM_LIMIT: i128 = 1 << 100;
 
 const FREE: u32 = u32::MAX;
 
+/// The most columns (option slots) a table numbers.
+const COLUMNS_MAX: usize = u16::MAX as usize + 1;
+const NO_COLUMN: u32 = u32::MAX;
+
 #[derive(Clone, Default)]
 pub struct GroupTable {
     rows: Vec<Row>,
     free: Vec<u32>,
     live: u32,
-    /// Option slots with a column in `matrix`, and how many row legs refer to each.
-    columns: Vec<(Slot, u32)>,
+    /// The columns of `matrix`: each an option slot and how many row legs refer to it.
+    columns: Vec<Column>,
+    /// Per option slot, its column ([`NO_COLUMN`] without one). A column no leg refers to keeps its slot until
+    /// another slot takes it.
+    column_of: Vec<u32>,
+    /// Columns no leg refers to (each listed once), for reuse.
+    free_columns: Vec<u16>,
     /// Each column's scenario vector as of the last tick, `n` floats per column; `valid` per column.
     matrix: Vec<f64>,
     valid: Vec<bool>,
@@ -53,6 +62,14 @@ impl std::fmt::Debug for GroupTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GroupTable")
     }
+}
+
+#[derive(Clone, Copy)]
+struct Column {
+    slot: Slot,
+    refs: u32,
+    /// In `free_columns`.
+    listed_free: bool,
 }
 
 #[derive(Clone)]
@@ -112,23 +129,52 @@ impl GroupTable {
         Some(built)
     }
 
+    /// Whether `built`'s options all have, or can get, a column: one per option slot held, numbered in 16 bits.
+    /// (Conservative: a free column that could be reused is not counted.)
+    fn has_columns_for(&self, built: &Built) -> bool {
+        let new = built.options[..built.legs as usize]
+            .iter()
+            .filter(|(slot, _)| self.column_of.get(*slot as usize).is_none_or(|c| *c == NO_COLUMN))
+            .count();
+        self.columns.len() + new <= COLUMNS_MAX
+    }
+
+    /// Option `slot`'s column, taking a reference to it: its own if it has one, else a column no row refers to
+    /// any more, else a new one.
     fn column(&mut self, slot: Slot) -> u16 {
-        if let Some(c) = self.columns.iter().position(|(s, _)| *s == slot) {
-            self.columns[c].1 += 1;
+        let s = slot as usize;
+        if let Some(&c) = self.column_of.get(s).filter(|c| **c != NO_COLUMN) {
+            self.columns[c as usize].refs += 1;
             return c as u16;
         }
-        if let Some(c) = self.columns.iter().position(|(_, refs)| *refs == 0) {
-            self.columns[c] = (slot, 1);
-            return c as u16;
+        if self.column_of.len() <= s {
+            self.column_of.resize(s + 1, NO_COLUMN);
         }
-        self.columns.push((slot, 1));
-        (self.columns.len() - 1) as u16
+        while let Some(c) = self.free_columns.pop() {
+            let column = &mut self.columns[c as usize];
+            column.listed_free = false;
+            if column.refs == 0 {
+                self.column_of[column.slot as usize] = NO_COLUMN;
+                *column = Column { slot, refs: 1, listed_free: false };
+                self.column_of[s] = u32::from(c);
+                return c;
+            }
+        }
+        self.columns.push(Column { slot, refs: 1, listed_free: false });
+        let c = (self.columns.len() - 1) as u16;
+        self.column_of[s] = u32::from(c);
+        c
     }
 
     fn release(&mut self, r: u32) {
         let row = &self.rows[r as usize];
         for &c in &row.columns[..row.legs as usize] {
-            self.columns[c as usize].1 -= 1;
+            let column = &mut self.columns[c as usize];
+            column.refs -= 1;
+            if column.refs == 0 && !column.listed_free {
+                column.listed_free = true;
+                self.free_columns.push(c);
+            }
         }
     }
 
@@ -198,8 +244,18 @@ impl GroupTable {
             if tables.len() <= *u as usize {
                 tables.resize_with(*u as usize + 1, GroupTable::default);
             }
+            let table = &mut tables[*u as usize];
             let existing = rows.iter().find(|(x, _)| x == u).map(|(_, r)| *r);
-            let r = tables[*u as usize].put(existing, a, built);
+            if !table.has_columns_for(built) {
+                // Columns are numbered in 16 bits: past that many options held on one underlying, a group that
+                // needs a new column stays with the full evaluation.
+                if let Some(r) = existing {
+                    table.remove(r);
+                    rows.retain(|(x, _)| x != u);
+                }
+                continue;
+            }
+            let r = table.put(existing, a, built);
             if existing.is_none() {
                 rows.push((*u, r));
             }
@@ -212,7 +268,7 @@ impl GroupTable {
         self.matrix.resize(self.columns.len() * n, 0.0);
         self.valid.resize(self.columns.len(), false);
         let mut cache = market.vectors.borrow_mut();
-        for (c, &(slot, refs)) in self.columns.iter().enumerate() {
+        for (c, &Column { slot, refs, .. }) in self.columns.iter().enumerate() {
             self.valid[c] = false;
             if refs == 0 || cache.refresh(market, slot).is_none() {
                 continue;
@@ -337,4 +393,85 @@ fn option_sums<const N: usize>(row: &Row, matrix: &[f64]) -> Option<[f64; N]> {
 
 fn in_range(x: Amount) -> bool {
     (0..SUM_LIMIT).contains(&x.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_model::Qty;
+    use vigil_model::portfolio::RiskParams;
+
+    fn built(slots: &[Slot]) -> Built {
+        let shape = GroupShape::of_quantities(&RiskParams::default(), slots.iter().map(|_| (Qty::units(1), None)))
+            .expect("a shape");
+        let mut b = Built { epoch: 0, legs: 0, options: [(0, 0.0); ROW_LEGS], shape, margin: no_margin() };
+        for &s in slots {
+            b.options[b.legs as usize] = (s, 1.0);
+            b.legs += 1;
+        }
+        b
+    }
+
+    fn no_margin() -> GroupMargin {
+        GroupMargin {
+            scanning_risk: Amount::ZERO,
+            contingency: Amount::ZERO,
+            initial_margin: Amount::ZERO,
+            maintenance_margin: Amount::ZERO,
+            worst: RiskParams::default().scenario(0),
+        }
+    }
+
+    /// Every live row's legs point at columns of their own slots, and each column's count is its legs.
+    fn consistent(t: &GroupTable) {
+        let mut refs = vec![0u32; t.columns.len()];
+        for row in t.rows.iter().filter(|r| r.account != FREE) {
+            for &c in &row.columns[..row.legs as usize] {
+                refs[c as usize] += 1;
+                assert_eq!(t.column_of[t.columns[c as usize].slot as usize], u32::from(c));
+            }
+        }
+        assert_eq!(refs, t.columns.iter().map(|c| c.refs).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn columns_are_shared_released_and_reused() {
+        // Proves a column belongs to one option slot at a time: shared by the rows holding the slot, free once no
+        // row does, taken back by its slot or reused by another, and never handed out while a row refers to it.
+        let mut t = GroupTable::default();
+        let a = t.put(None, 0, &built(&[10, 11]));
+        let b = t.put(None, 1, &built(&[11]));
+        assert_eq!(t.columns.len(), 2);
+        consistent(&t);
+        t.remove(a);
+        consistent(&t);
+        // Slot 10's column is free; slot 12 takes it, slot 10 then needs a new one.
+        t.put(None, 2, &built(&[12]));
+        assert_eq!(t.columns.len(), 2);
+        t.put(None, 3, &built(&[10]));
+        assert_eq!(t.columns.len(), 3);
+        consistent(&t);
+        // Row b's group changes: slot 11's column is released (free), then taken back by the same slot in the same
+        // rebuild; its stale free entry is skipped when slot 13 needs a column.
+        t.put(Some(b), 1, &built(&[11, 12]));
+        t.put(None, 4, &built(&[13]));
+        assert_eq!(t.columns.len(), 4);
+        consistent(&t);
+        assert_eq!(t.live(), 4);
+    }
+
+    #[test]
+    fn an_underlying_with_more_options_held_than_columns_keeps_the_rest_out_of_the_table() {
+        // Proves the 16-bit column numbers never wrap: past 65 536 option slots held, a group needing a new
+        // column is refused a row, while one on slots that have columns still gets one.
+        let mut t = GroupTable::default();
+        for s in 0..COLUMNS_MAX as Slot {
+            let b = built(&[s]);
+            assert!(t.has_columns_for(&b));
+            t.put(None, s, &b);
+        }
+        assert!(!t.has_columns_for(&built(&[COLUMNS_MAX as Slot])));
+        assert!(t.has_columns_for(&built(&[0, 65_535])));
+        consistent(&t);
+    }
 }
