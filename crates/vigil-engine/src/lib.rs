@@ -1190,6 +1190,23 @@ mod group_tick_tests {
         (e, t)
     }
 
+    /// Whether account `id` has a row in `slot`'s group table.
+    fn in_table(e: &Engine, id: &str, slot: Slot) -> bool {
+        e.accounts[e.ids[id] as usize].rows.iter().any(|(u, _)| *u == slot)
+    }
+
+    /// Every account of `fast` (indexed) has the cached cross figures a fresh evaluation gives, and the figures
+    /// and episodes of the same account in `full` (rescan).
+    fn assert_as_rescan(fast: &Engine, full: &Engine, when: &str) {
+        for acc in &fast.accounts {
+            let mut fresh = acc.clone();
+            evaluate(&fast.market, &mut fresh);
+            assert_eq!(acc.cross, fresh.cross, "{} {when}", acc.id);
+            let other = &full.accounts[full.ids[&*acc.id] as usize];
+            assert_eq!((acc.cross, acc.episode), (other.cross, other.episode), "{} {when}", acc.id);
+        }
+    }
+
     #[test]
     fn an_index_tick_revalues_only_the_groups_it_moves_and_equals_a_full_evaluation() {
         // Proves the fast path of an index tick (one group revalued from the cached legs) gives exactly the figures
@@ -1200,10 +1217,9 @@ mod group_tick_tests {
         let (mut fast, mut t_fast) = engine(Detection::Indexed);
         let (mut full, mut t_full) = engine(Detection::Rescan);
         let btc = fast.market.slot("BTC").unwrap();
-        let applies = |e: &Engine, id: &str| e.accounts[e.ids[id] as usize].rows.iter().any(|(u, _)| *u == btc);
-        assert!(applies(&fast, "groups"));
-        assert!(!applies(&fast, "collateral"));
-        assert!(!applies(&fast, "isolated"));
+        assert!(in_table(&fast, "groups", btc));
+        assert!(!in_table(&fast, "collateral", btc));
+        assert!(!in_table(&fast, "isolated", btc));
         let prices = ["59000", "57000", "52000", "45000", "40000", "47000", "61000", "64000", "30000", "60000"];
         let evaluations = fast.evaluations();
         for (i, price) in prices.iter().enumerate() {
@@ -1212,13 +1228,7 @@ mod group_tick_tests {
             let offset = Offset(100 + i as u64);
             fast.apply(offset, &event, &mut t_fast).unwrap();
             full.apply(offset, &event, &mut t_full).unwrap();
-            for acc in &fast.accounts {
-                let mut fresh = acc.clone();
-                evaluate(&fast.market, &mut fresh);
-                assert_eq!(acc.cross, fresh.cross, "{} at {price}", acc.id);
-                let other = &full.accounts[full.ids[&*acc.id] as usize];
-                assert_eq!((acc.cross, acc.episode), (other.cross, other.episode), "{} at {price}", acc.id);
-            }
+            assert_as_rescan(&fast, &full, &format!("at {price}"));
         }
         assert_eq!(t_fast, t_full);
         assert!(t_fast.iter().any(|t| t.kind == TriggerKind::Liquidate), "the ticks must breach someone: {t_fast:?}");
@@ -1236,7 +1246,6 @@ mod group_tick_tests {
         let (mut fast, mut t_fast) = engine(Detection::Indexed);
         let (mut full, mut t_full) = engine(Detection::Rescan);
         let btc = fast.market.slot("BTC").unwrap();
-        let in_table = |e: &Engine, id: &str| e.accounts[e.ids[id] as usize].rows.iter().any(|(u, _)| *u == btc);
         let mut lines: Vec<String> = Vec::new();
         for i in 0..10 {
             let strike = 50_000 + 2_000 * i;
@@ -1254,13 +1263,7 @@ mod group_tick_tests {
                 let a = fast.apply(offset, &event, t_fast);
                 let b = full.apply(offset, &event, t_full);
                 assert_eq!(a, b, "{l}");
-                for acc in &fast.accounts {
-                    let mut fresh = acc.clone();
-                    evaluate(&fast.market, &mut fresh);
-                    assert_eq!(acc.cross, fresh.cross, "{} after {l}", acc.id);
-                    let other = &full.accounts[full.ids[&*acc.id] as usize];
-                    assert_eq!((acc.cross, acc.episode), (other.cross, other.episode), "{} after {l}", acc.id);
-                }
+                assert_as_rescan(fast, full, &format!("after {l}"));
                 assert_eq!(t_fast, t_full, "after {l}");
             };
         let tick = |price: usize| format!(r#"{{"type":"price","symbol":"BTC","price":"{price}"}}"#);
@@ -1275,7 +1278,7 @@ mod group_tick_tests {
                 900 + 300 * i
             );
             step(&mut fast, &mut t_fast, &mut full, &mut t_full, &l);
-            assert_eq!(in_table(&fast, "wide"), i < groups::ROW_LEGS, "{i} legs");
+            assert_eq!(in_table(&fast, "wide", btc), i < groups::ROW_LEGS, "{i} legs");
             step(&mut fast, &mut t_fast, &mut full, &mut t_full, &tick(60_000 - 700 * i));
         }
         // Back under the limit: closing two legs puts the group in the table again.
@@ -1287,7 +1290,7 @@ mod group_tick_tests {
             );
             step(&mut fast, &mut t_fast, &mut full, &mut t_full, &l);
         }
-        assert!(in_table(&fast, "wide"));
+        assert!(in_table(&fast, "wide", btc));
         // Closing the "groups" account's BTC options and perp frees its row; a new account takes it.
         let rows_before = fast.groups[btc as usize].allocated();
         for l in [
@@ -1297,7 +1300,7 @@ mod group_tick_tests {
         ] {
             step(&mut fast, &mut t_fast, &mut full, &mut t_full, l);
         }
-        assert!(!in_table(&fast, "groups"));
+        assert!(!in_table(&fast, "groups", btc));
         for l in [
             r#"{"type":"deposit","account":"late","asset":"USDC","amount":"3000"}"#,
             r#"{"type":"account_config","account":"late","margin":"portfolio"}"#,
@@ -1305,7 +1308,7 @@ mod group_tick_tests {
         ] {
             step(&mut fast, &mut t_fast, &mut full, &mut t_full, l);
         }
-        assert!(in_table(&fast, "late"));
+        assert!(in_table(&fast, "late", btc));
         assert_eq!(fast.groups[btc as usize].allocated(), rows_before, "the freed row is reused");
         // A new grid and a later clock between ticks down through every account's margin and back.
         let changes = [
