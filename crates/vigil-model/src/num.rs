@@ -367,6 +367,16 @@ pub fn format_fixed(raw: i128) -> String {
 mod tests {
     use super::*;
 
+    /// A xorshift64 sequence from `seed` (test inputs).
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
     /// The plain division the fast paths replace.
     fn div_round_reference(n: i128, d: i128, round: Round) -> i128 {
         let (q, r) = (n / d, n % d);
@@ -381,13 +391,7 @@ mod tests {
         // Proves the quotient and remainder by 1e8 and 1e16 equal u128's own division over the whole domain
         // (0 to 2^127): the ends, every power of two and its neighbours, multiples of the divisor and their
         // neighbours up to the top, and random values of every magnitude.
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let top = 1u128 << 127;
         let mut cases = vec![0u128, 1, top, top - 1, u64::MAX as u128, u64::MAX as u128 + 1];
         for bit in 0..127 {
@@ -419,13 +423,7 @@ mod tests {
         // Proves the Barrett fast paths for 1e8 and 1e16 give the quotient and rounding of a plain i128
         // division: at the extremes, around multiples and halves of the divisor, and over random values of every
         // magnitude, in the three rounding modes.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut cases = vec![0, 1, -1, i128::MAX, i128::MIN, i128::MAX - 1, i128::MIN + 1];
         for d in [SCALE_I128, SCALE2] {
             for k in [1i128, 2, 3, 1 << 40, 1 << 90] {
@@ -439,7 +437,7 @@ mod tests {
         for _ in 0..20_000 {
             let bits = next() % 127;
             let v = ((u128::from(next()) << 64 | u128::from(next())) >> (127 - bits)) as i128;
-            cases.push(if next() % 2 == 0 { v } else { -v });
+            cases.push(if next().is_multiple_of(2) { v } else { -v });
         }
         for n in cases {
             for d in [SCALE_I128, SCALE2] {
