@@ -10,6 +10,7 @@ pub mod account;
 pub mod band;
 pub mod groups;
 pub mod market;
+mod prefetch;
 pub mod sharded;
 pub mod stress;
 

@@ -14,12 +14,12 @@ use vigil_model::num::{Round, SCALE_I128, mul_div};
 use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
-use crate::Engine;
 use crate::account::{
     Exposure, Position, Term, portfolio_exposure, portfolio_groups, portfolio_groups_reusing, standard_terms,
     terms_exposure,
 };
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+use crate::{Engine, prefetch};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
 pub type Relative = i64;
@@ -402,6 +402,10 @@ impl Plan {
     }
 }
 
+/// How many accounts ahead the pass prefetches accounts' records, and their balances and positions (`prefetch`).
+const PREFETCH_FAR: usize = 16;
+const PREFETCH_NEAR: usize = 8;
+
 /// Accounts between two progress reports of [`Engine::stress`].
 const PROGRESS_EVERY: usize = 1 << 14;
 
@@ -437,6 +441,17 @@ impl Engine {
         let mut deltas: Vec<i128> = Vec::new();
         let mut groups = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
+            // The record of an account FAR places ahead, then the balances and positions of one NEAR places ahead
+            // (its record is in cache by then): their loads overlap instead of waiting on each other.
+            if let Some(far) = self.accounts.get(i + PREFETCH_FAR) {
+                prefetch::value(&far.balances);
+                prefetch::value(&far.positions);
+                prefetch::value(&far.margin);
+            }
+            if let Some(near) = self.accounts.get(i + PREFETCH_NEAR) {
+                prefetch::slice(&near.balances);
+                prefetch::slice(&near.positions);
+            }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
             let b = if standard {
                 terms.clear();
