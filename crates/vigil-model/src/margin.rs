@@ -9,7 +9,7 @@ use ethnum::I256;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{OptionMargin, Right, TierSpec};
-use crate::num::{Amount, Price, Qty, Rate, Round, SCALE_I128, SCALE2, e16_to_e8, mul_div};
+use crate::num::{Amount, Price, Qty, Rate, Round, SCALE_I128, SCALE2, checked_mul, div, e16_to_e8, mul_div};
 use crate::reject::{Reason, Rejection, reject};
 
 /// One validated tier with its derived maintenance amount.
@@ -117,10 +117,11 @@ pub struct PositionFigures {
 }
 
 /// `(a × b + c) / d` exactly, rounded once; saturates (conservatively for the caller) only past `i128`.
+#[inline]
 fn mul_add_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
-    if let Some(x) = a.checked_mul(b).and_then(|p| p.checked_add(c)) {
-        // d > 0 (callers pass a positive scale) and x × 1 fits: a division that cannot fail.
-        return mul_div(x, 1, d, round).expect("invariant: x / d with d > 0 and x an i128 is an i128");
+    if let Some(x) = checked_mul(a, b).and_then(|p| p.checked_add(c)) {
+        // d > 0 (callers pass a positive scale): a division that cannot fail.
+        return div(x, d, round).expect("invariant: x / d with d > 0 and x an i128 is an i128");
     }
     let x = I256::from(a) * I256::from(b) + I256::from(c);
     let q = match round {
@@ -131,9 +132,10 @@ fn mul_add_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
 }
 
 /// `a × b × c / d` exactly, rounded once (`d > 0`).
+#[inline]
 fn mul3_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
-    if let Some(p) = a.checked_mul(b).and_then(|p| p.checked_mul(c)) {
-        return mul_div(p, 1, d, round).expect("invariant: p / d with d > 0 and p an i128 is an i128");
+    if let Some(p) = checked_mul(a, b).and_then(|p| checked_mul(p, c)) {
+        return div(p, d, round).expect("invariant: p / d with d > 0 and p an i128 is an i128");
     }
     let x = I256::from(a) * I256::from(b) * I256::from(c);
     let q = match round {
@@ -144,6 +146,7 @@ fn mul3_div(a: i128, b: i128, c: i128, d: i128, round: Round) -> i128 {
 }
 
 /// Unrealized PnL `q × p − cost`, rounded down, at 1e-8.
+#[inline]
 pub fn unrealized_pnl(q: Qty, cost_e16: i128, mark: Price) -> Amount {
     Amount(e16_to_e8(q.wide() * mark.wide() - cost_e16, Round::Floor))
 }
@@ -162,10 +165,12 @@ pub fn linear_figures(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> Pos
 }
 
 /// [`linear_figures`] without the initial margin (left at zero): what a stress test needs, one division less.
+#[inline]
 pub fn linear_value_mm(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
     linear::<false>(q, cost_e16, mark, tiers)
 }
 
+#[inline]
 fn linear<const IM: bool>(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -> PositionFigures {
     let upnl = unrealized_pnl(q, cost_e16, mark);
     if q.0 == 0 {

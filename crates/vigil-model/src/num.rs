@@ -68,27 +68,32 @@ const E16: u128 = E8 * E8;
 const M_E8: u128 = reciprocal(E8);
 const M_E16: u128 = reciprocal(E16);
 
-/// `n / 1e8` and its remainder (`n ≤ 2^127`).
-const fn divrem_e8(n: u128) -> (u128, u128) {
-    divrem_barrett(n, E8, M_E8)
-}
-
-/// `n / 1e16` and its remainder (`n ≤ 2^127`).
-const fn divrem_e16(n: u128) -> (u128, u128) {
-    divrem_barrett(n, E16, M_E16)
+/// `n / d` for `d` = 1e8 or 1e16 (`m` its [`reciprocal`]), rounded as asked: the quotient always exists, and rounding
+/// it one step cannot overflow (|n| / 1e8 + 1 ≤ |n| whenever the remainder is not zero).
+#[inline(always)]
+fn div_scale(n: i128, d: u128, m: u128, round: Round) -> i128 {
+    let (q, r) = divrem_barrett(n.unsigned_abs(), d, m);
+    // |n| ≤ 2^127, so q < 2^127 / 1e8 fits; the truncated quotient and remainder take n's sign.
+    let q = if n < 0 { -(q as i128) } else { q as i128 };
+    if r == 0 {
+        return q;
+    }
+    q + i128::from(round_step(round, n > 0, 2 * r >= d))
 }
 
 /// `n / d` rounded as asked; `None` if `d == 0` or the quotient overflows.
+#[inline]
 fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
-    if d == SCALE_I128 || d == SCALE2 {
-        let (q, r) = if d == SCALE_I128 { divrem_e8(n.unsigned_abs()) } else { divrem_e16(n.unsigned_abs()) };
-        // |n| ≤ 2^127, so q < 2^127 / 1e8 fits; the truncated quotient and remainder take n's sign.
-        let q = if n < 0 { -(q as i128) } else { q as i128 };
-        if r == 0 {
-            return Some(q);
-        }
-        return Some(q + i128::from(round_step(round, n > 0, 2 * r >= d as u128)));
+    if d == SCALE_I128 {
+        return Some(div_scale(n, E8, M_E8, round));
     }
+    if d == SCALE2 {
+        return Some(div_scale(n, E16, M_E16, round));
+    }
+    div_round_general(n, d, round)
+}
+
+fn div_round_general(n: i128, d: i128, round: Round) -> Option<i128> {
     if d == 0 {
         return None;
     }
@@ -101,6 +106,17 @@ fn div_round_i128(n: i128, d: i128, round: Round) -> Option<i128> {
     // Exact quotient is q + r/d with |r/d| < 1; the sign of the fraction is sign(r) * sign(d).
     let half = r.unsigned_abs().checked_mul(2).is_none_or(|twice| twice >= d.unsigned_abs());
     q.checked_add(i128::from(round_step(round, (r > 0) == (d > 0), half)))
+}
+
+/// `a × b` if it fits `i128`. When the operands' magnitudes have 129 or more leading zero bits between them the
+/// product is below 2^127 and fits, which two bit counts tell: the common case skips `checked_mul`'s full
+/// overflow test (a library call for `i128`).
+#[inline(always)]
+pub fn checked_mul(a: i128, b: i128) -> Option<i128> {
+    if a.unsigned_abs().leading_zeros() + b.unsigned_abs().leading_zeros() >= 129 {
+        return Some(a.wrapping_mul(b));
+    }
+    a.checked_mul(b)
 }
 
 fn div_round_i256(n: I256, d: I256, round: Round) -> Option<I256> {
@@ -116,8 +132,9 @@ fn div_round_i256(n: I256, d: I256, round: Round) -> Option<I256> {
 }
 
 /// `a × b / d`, rounded once. Exact for every `i128` input; `None` only if `d == 0` or the result does not fit.
+#[inline]
 pub fn mul_div(a: i128, b: i128, d: i128, round: Round) -> Option<i128> {
-    if let Some(p) = a.checked_mul(b) {
+    if let Some(p) = checked_mul(a, b) {
         return div_round_i128(p, d, round);
     }
     let p = I256::from(a) * I256::from(b);
@@ -131,15 +148,15 @@ pub fn div_wide(n: I256, d: I256, round: Round) -> Option<i128> {
 }
 
 /// `n / d` rounded once; `None` if `d == 0`.
+#[inline]
 pub fn div(n: i128, d: i128, round: Round) -> Option<i128> {
     div_round_i128(n, d, round)
 }
 
 /// A raw 1e-16 product rounded to 1e-8.
+#[inline]
 pub fn e16_to_e8(n: i128, round: Round) -> i128 {
-    // The divisor is a positive constant: the quotient exists, and rounding it one step cannot overflow because
-    // |n / 1e8| + 1 <= |n| for every n the step applies to (a non-zero remainder needs |n| >= 1).
-    div_round_i128(n, SCALE_I128, round).expect("invariant: dividing by 1e8 and rounding cannot fail")
+    div_scale(n, E8, M_E8, round)
 }
 
 macro_rules! fixed64 {
@@ -413,9 +430,35 @@ mod tests {
         cases.retain(|n| *n <= top);
         assert!(cases.len() > 200_000 && cases.contains(&top));
         for n in cases {
-            assert_eq!(divrem_e8(n), (n / E8, n % E8), "{n} / 1e8");
-            assert_eq!(divrem_e16(n), (n / E16, n % E16), "{n} / 1e16");
+            assert_eq!(divrem_barrett(n, E8, M_E8), (n / E8, n % E8), "{n} / 1e8");
+            assert_eq!(divrem_barrett(n, E16, M_E16), (n / E16, n % E16), "{n} / 1e16");
         }
+    }
+
+    #[test]
+    fn checked_mul_matches_the_standard_one() {
+        // The leading-zeros shortcut must give `i128::checked_mul`'s answer everywhere: at the powers of two
+        // around the 129-bit boundary (both signs, i128::MIN included) and for random operands of every size.
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut values = vec![0i128, 1, -1, i128::MAX, i128::MIN, i128::MIN + 1];
+        for bit in 0..127 {
+            let p = 1i128 << bit;
+            values.extend([p - 1, p, p + 1, -p + 1, -p, -p - 1]);
+        }
+        for _ in 0..2_000 {
+            let bits = next() % 128;
+            let v = ((u128::from(next()) << 64 | u128::from(next())) >> (127 - bits)) as i128;
+            values.extend([v, -v]);
+        }
+        let mut fast = 0;
+        for (i, a) in values.iter().enumerate() {
+            for b in values.iter().skip(i % 7).step_by(7) {
+                assert_eq!(checked_mul(*a, *b), a.checked_mul(*b), "{a} × {b}");
+                fast += usize::from(a.unsigned_abs().leading_zeros() + b.unsigned_abs().leading_zeros() >= 129);
+            }
+        }
+        // Both paths were taken many times.
+        assert!(fast > 10_000, "{fast}");
     }
 
     #[test]
