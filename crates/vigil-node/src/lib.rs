@@ -8,6 +8,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod handoff;
 pub mod http;
+pub mod httpc;
 pub mod hub;
 pub mod inspect;
 pub mod intake;

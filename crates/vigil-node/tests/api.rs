@@ -390,6 +390,17 @@ fn vigil_load_drives_a_running_node() {
     assert!(streamed > 0, "the workload breaches: {report}");
     assert_eq!(streamed, after_setup as u64, "the stream saw every trigger of the measured run");
 
+    // Checks over HTTP, 10 per request to POST /v1/checks (each answered in place, none refused).
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t", "--skip-setup"])
+        .args(["--accounts", "200", "--events", "0", "--checks-rate", "500", "--checks-secs", "1"])
+        .args(["--checks-batch", "10"])
+        .output()
+        .expect("vigil load runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("checks: 500 in") && report.contains(", 0 errors"), "{report}");
+
     // Checks over the binary path, 50 per frame, on the authenticated connection; the node has the setup.
     let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t", "--skip-setup"])
