@@ -115,10 +115,12 @@ impl GroupTable {
             return None;
         }
         let params = market.risk_params(group.underlying);
-        let mut legs = Vec::with_capacity(group.legs.len());
-        for &(slot, qty, option) in group.legs {
-            legs.push((qty, if option { None } else { Some(market.price(slot)?) }));
+        // A perp or future without a mark has no row (its account stays with the full evaluation); past this
+        // check every linear leg has one, so `None` below marks the options alone.
+        if group.legs.iter().any(|&(slot, _, option)| !option && market.price(slot).is_none()) {
+            return None;
         }
+        let legs = group.legs.iter().map(|&(slot, qty, option)| (qty, market.price(slot).filter(|_| !option)));
         let shape = GroupShape::of_quantities(&params, legs)?;
         let mut built =
             Built { epoch: group.epoch, legs: 0, options: [(0, 0.0); ROW_LEGS], shape, margin: group.margin };
