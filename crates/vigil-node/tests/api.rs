@@ -368,14 +368,22 @@ fn vigil_load_drives_a_running_node() {
     // without error, the trigger stream read, and the node's state moved by exactly that many events.
     let (node, _dir) = start(&["--token", "t"]);
     let http = node.base.trim_start_matches("http://").to_owned();
-    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t"])
-        .args(["--accounts", "200", "--events", "20000", "--near", "20", "--volatility", "0.003", "--rate", "40000"])
-        .args(["--checks-rate", "200", "--checks-secs", "1", "--triggers", "--batch", "500"])
-        .output()
-        .expect("vigil load runs");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    // `vigil load` against this node with `args` (split at spaces) after the addresses and token; its report, once
+    // it succeeded.
+    let load = |args: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t"])
+            .args(args.split_whitespace())
+            .output()
+            .expect("vigil load runs");
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+        report
+    };
+    let report = load(concat!(
+        "--accounts 200 --events 20000 --near 20 --volatility 0.003 --rate 40000 --batch 500 ",
+        "--checks-rate 200 --checks-secs 1 --triggers"
+    ));
     assert!(report.contains("ingest: 20000 events"), "{report}");
     assert!(report.contains("checks: 200 in") && report.contains(", 0 errors"), "{report}");
     let streamed: u64 = report
@@ -391,25 +399,11 @@ fn vigil_load_drives_a_running_node() {
     assert_eq!(streamed, after_setup as u64, "the stream saw every trigger of the measured run");
 
     // Checks over HTTP, 10 per request to POST /v1/checks (each answered in place, none refused).
-    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t", "--skip-setup"])
-        .args(["--accounts", "200", "--events", "0", "--checks-rate", "500", "--checks-secs", "1"])
-        .args(["--checks-batch", "10"])
-        .output()
-        .expect("vigil load runs");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report = load("--skip-setup --accounts 200 --events 0 --checks-rate 500 --checks-secs 1 --checks-batch 10");
     assert!(report.contains("checks: 500 in") && report.contains(", 0 errors"), "{report}");
 
     // Checks over the binary path, 50 per frame, on the authenticated connection; the node has the setup.
-    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["load", "--ingest", &node.ingest, "--http", &http, "--token", "t", "--skip-setup"])
-        .args(["--accounts", "200", "--events", "0", "--checks-rate", "5000", "--checks-secs", "1"])
-        .args(["--checks-wire", "50"])
-        .output()
-        .expect("vigil load runs");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report = load("--skip-setup --accounts 200 --events 0 --checks-rate 5000 --checks-secs 1 --checks-wire 50");
     assert!(report.contains("checks: 5000 in") && report.contains(", 0 errors"), "{report}");
     // The node's CPU over the run, from its own metric, per check (a checks-only run), and the generator's.
     let per_check: f64 = report
