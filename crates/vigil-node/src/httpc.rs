@@ -54,7 +54,7 @@ impl Pool {
             Some(c) => c,
             None => Conn::connect(&self.addr).await?,
         };
-        let answer = match conn.exchange(&self.addr, self.authorization.as_deref(), path, body).await {
+        let (answer, reusable) = match conn.exchange(&self.addr, self.authorization.as_deref(), path, body).await {
             Ok(a) => a,
             Err(_) if !fresh => {
                 conn = Conn::connect(&self.addr).await?;
@@ -62,10 +62,10 @@ impl Pool {
             }
             Err(e) => return Err(e),
         };
-        if answer.1 {
+        if reusable {
             crate::lock(&self.idle, "the connection pool").push(conn);
         }
-        Ok(answer.0)
+        Ok(answer)
     }
 }
 
