@@ -90,6 +90,50 @@ fn a_crash_by_hand() {
 }
 
 #[test]
+fn an_equity_at_the_margin_is_told_by_the_rounded_margins() {
+    // Proves the pass's margin bound (it sums unrounded margins instead of rounding each) hands a unit it cannot
+    // tell to the exact figures, on both sides. BTC and ETH −10% take both perps from 100 to 90; each position of
+    // 0.33333339 loses 3.3333339 and its MM is 0.33333339 × 90 × 0.01 = 0.300000051, rounded up to 0.30000006.
+    // - even: one position, equity 3.63333396 − 3.3333339 = 0.30000006 = MM: not liquidatable (the bound's band
+    //   is [0.300000051, 1.300000051): it cannot tell).
+    // - under: two positions, equity 7.26666791 − 6.6666678 = 0.60000011 against MM 2 × 0.30000006 = 0.60000012:
+    //   liquidatable, though the unrounded sum 0.600000102 is below the equity.
+    let book = r#"
+        {"type":"asset","asset":"BTC","haircut":"0.1"}
+        {"type":"asset","asset":"ETH","haircut":"0.1"}
+        {"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.02","mmr":"0.01"}]}
+        {"type":"perp","symbol":"ETH-PERP","underlying":"ETH","tiers":[{"imr":"0.02","mmr":"0.01"}]}
+        {"type":"price","symbol":"BTC","price":"100"}
+        {"type":"price","symbol":"ETH","price":"100"}
+        {"type":"price","symbol":"BTC-PERP","price":"100"}
+        {"type":"price","symbol":"ETH-PERP","price":"100"}
+        {"type":"deposit","account":"even","asset":"USDC","amount":"3.63333396"}
+        {"type":"trade","account":"even","symbol":"BTC-PERP","side":"buy","qty":"0.33333339","price":"100"}
+        {"type":"deposit","account":"under","asset":"USDC","amount":"7.26666791"}
+        {"type":"trade","account":"under","symbol":"BTC-PERP","side":"buy","qty":"0.33333339","price":"100"}
+        {"type":"trade","account":"under","symbol":"ETH-PERP","side":"buy","qty":"0.33333339","price":"100"}
+    "#;
+    let request =
+        parse_request(br#"{"scenarios":[{"name":"dip","moves":{"BTC":"-0.1","ETH":"-0.1"}}],"top":2}"#).unwrap();
+    for shards in [1, 2] {
+        let report = stress(&lines(book), shards, &request);
+        assert_eq!(report.result.now.liquidatable, 0);
+        let p = &report.result.scenarios[0];
+        assert_eq!((p.liquidatable, p.newly_liquidatable, p.bankrupt), (1, 1, 0), "{shards} shards");
+        let after: Vec<(&str, Amount, Amount)> =
+            p.top.iter().map(|t| (t.account.as_str(), t.after.equity, t.after.maintenance_margin)).collect();
+        assert_eq!(
+            after,
+            [
+                ("under", amount("0.60000011"), amount("0.60000012")),
+                ("even", amount("0.30000006"), amount("0.30000006"))
+            ],
+            "{shards} shards"
+        );
+    }
+}
+
+#[test]
 fn a_grid_gives_the_loss_curve() {
     // Proves a grid runs one scenario per step (from, to and the steps between, exactly), and that the curve's
     // shortfall grows as BTC falls: at +0.2 nobody is short, at −0.4 alice and dave are deeper under water.

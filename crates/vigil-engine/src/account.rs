@@ -1,13 +1,14 @@
 //! One account's state and its evaluation: positions, balances, cached figures, liquidation episodes.
 
 use vigil_model::margin::{
-    bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures, linear_value_mm,
-    liquidation_price, option_figures,
+    MM_E24_UNKNOWN, ValueMm, bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures,
+    linear_value_mm, linear_value_mm_e24, liquidation_price, mm_from_e24, option_figures, option_value_mm_e24,
 };
+use vigil_model::num::{SCALE2, checked_mul};
 use vigil_model::portfolio::{GroupMargin, Leg, group_margin};
 use vigil_model::{
-    AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, PositionFigures, PositionView, Qty, Trigger,
-    TriggerKind, UnitFigures,
+    AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, OptionTerms, PositionFigures, PositionView, Price,
+    Qty, Rate, Tiers, Trigger, TriggerKind, UnitFigures,
 };
 
 use serde::{Deserialize, Serialize};
@@ -215,18 +216,12 @@ pub fn position_figures(market: &Market, p: &Position) -> PositionFigures {
 
 /// The figures of `qty` of instrument `slot` opened at `cost_e16`, at `market`'s prices.
 pub fn figures_at(market: &Market, slot: Slot, qty: Qty, cost_e16: i128) -> PositionFigures {
-    figures::<true>(market, slot, qty, cost_e16)
-}
-
-/// [`figures_at`], with the initial margin of a perp or future left out (zero) when `IM` is false.
-fn figures<const IM: bool>(market: &Market, slot: Slot, qty: Qty, cost_e16: i128) -> PositionFigures {
     let (Some(inst), Some(mark)) = (market.instrument(slot), market.price(slot)) else {
         return PositionFigures::default();
     };
     match &inst.kind {
         InstrumentKind::Perp | InstrumentKind::Future => match &inst.tiers {
-            Some(t) if IM => linear_figures(qty, cost_e16, mark, t),
-            Some(t) => linear_value_mm(qty, cost_e16, mark, t),
+            Some(t) => linear_figures(qty, cost_e16, mark, t),
             None => PositionFigures::default(),
         },
         InstrumentKind::Option { underlying, terms } => match market.price(*underlying) {
@@ -236,88 +231,265 @@ fn figures<const IM: bool>(market: &Market, slot: Slot, qty: Qty, cost_e16: i128
     }
 }
 
-/// One term of a standard-margin account's [`Exposure`] at some prices: a balance's collateral value, or a
-/// position's value and maintenance margin. A stress test keeps an account's terms at current prices and, under a
-/// scenario, recomputes only the terms whose prices it moves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Term {
-    pub value: Amount,
-    pub maintenance_margin: Amount,
-    /// A balance's amount, or a position's cost (Σ qty × price over its fills, at 1e-16).
-    amount: i128,
-    /// An isolated position's wallet (zero otherwise).
-    wallet: Amount,
-    qty: Qty,
-    pub slot: Slot,
-    unit: Unit,
+/// How one market values each slot for a standard-margin [`Exposure`]: a balance in it (the asset's index price
+/// and haircut) and a position in it (a perp's or future's mark and tiers, an option's mark, terms and underlying
+/// index). Read from the market once, so a stress pass reads one small entry per balance or position instead of
+/// the market's entries; the figures are those of [`balance_value`] and [`figures_at`], bit for bit.
+pub struct Valuation<'a> {
+    slots: Vec<SlotValue<'a>>,
 }
 
-/// Where a term counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Unit {
-    /// A balance: the cross unit's collateral.
-    Balance,
-    Cross,
-    /// An isolated position: its own unit, with its wallet.
-    Isolated,
+#[derive(Clone, Copy)]
+struct SlotValue<'a> {
+    /// A balance's index price (`None`: it counts nothing) and haircut.
+    price: Option<Price>,
+    haircut: Rate,
+    position: PositionRule<'a>,
 }
 
-impl Term {
-    fn balance(market: &Market, slot: Slot, amount: Amount) -> Term {
-        Term {
-            value: balance_value(market, slot, amount),
-            maintenance_margin: Amount::ZERO,
-            amount: amount.0,
-            wallet: Amount::ZERO,
-            qty: Qty::ZERO,
-            slot,
-            unit: Unit::Balance,
+/// How a position in the slot is valued and margined.
+#[derive(Clone, Copy)]
+enum PositionRule<'a> {
+    /// No figures: not an instrument, or a figure it needs (mark, tiers, underlying index) is missing.
+    Nothing,
+    Linear {
+        mark: Price,
+        tiers: &'a Tiers,
+    },
+    Option {
+        mark: Price,
+        underlying: Price,
+        terms: &'a OptionTerms,
+    },
+}
+
+impl<'a> Valuation<'a> {
+    pub fn new(market: &'a Market) -> Self {
+        let slots = (0..market.slots() as Slot)
+            .map(|slot| {
+                let position = match (market.instrument(slot), market.price(slot)) {
+                    (Some(inst), Some(mark)) => match &inst.kind {
+                        InstrumentKind::Perp | InstrumentKind::Future => match &inst.tiers {
+                            Some(tiers) => PositionRule::Linear { mark, tiers },
+                            None => PositionRule::Nothing,
+                        },
+                        InstrumentKind::Option { underlying, terms } => match market.price(*underlying) {
+                            Some(underlying) => PositionRule::Option { mark, underlying, terms },
+                            None => PositionRule::Nothing,
+                        },
+                    },
+                    _ => PositionRule::Nothing,
+                };
+                SlotValue { price: market.price(slot), haircut: market.haircut(slot), position }
+            })
+            .collect();
+        Self { slots }
+    }
+
+    /// A balance's collateral value: [`balance_value`].
+    #[inline]
+    fn balance(&self, slot: Slot, amount: Amount) -> Amount {
+        if slot == QUOTE {
+            return amount;
+        }
+        match self.slots.get(slot as usize) {
+            Some(SlotValue { price: Some(p), haircut, .. }) => collateral_value(amount, *p, *haircut),
+            _ => Amount::ZERO,
         }
     }
 
-    fn position(market: &Market, slot: Slot, qty: Qty, cost_e16: i128, wallet: Amount, unit: Unit) -> Term {
-        // An exposure has no use for initial margin.
-        let f = figures::<false>(market, slot, qty, cost_e16);
-        Term { value: f.value, maintenance_margin: f.maintenance_margin, amount: cost_e16, wallet, qty, slot, unit }
+    /// A position's value and maintenance margin: those of [`figures_at`].
+    #[inline]
+    fn position(&self, p: &Position) -> (Amount, Amount) {
+        let f = match self.slots.get(p.slot as usize).map(|s| s.position) {
+            Some(PositionRule::Linear { mark, tiers }) => linear_value_mm(p.qty, p.cost_e16, mark, tiers),
+            Some(PositionRule::Option { mark, underlying, terms }) => {
+                option_figures(p.qty, p.cost_e16, mark, underlying, terms)
+            }
+            Some(PositionRule::Nothing) | None => PositionFigures::default(),
+        };
+        (f.value, f.maintenance_margin)
     }
 
-    /// The same term at `market`'s prices.
-    pub fn at(&self, market: &Market) -> Term {
-        match self.unit {
-            Unit::Balance => Term::balance(market, self.slot, Amount(self.amount)),
-            unit => Term::position(market, self.slot, self.qty, self.amount, self.wallet, unit),
+    /// A position's value and its maintenance margin unrounded (see [`ValueMm`]).
+    #[inline]
+    fn position_unrounded(&self, p: &Position) -> ValueMm {
+        match self.slots.get(p.slot as usize).map(|s| s.position) {
+            Some(PositionRule::Linear { mark, tiers }) => linear_value_mm_e24(p.qty, p.cost_e16, mark, tiers),
+            Some(PositionRule::Option { mark, underlying, terms }) => {
+                option_value_mm_e24(p.qty, mark, underlying, terms)
+            }
+            Some(PositionRule::Nothing) | None => ValueMm { value: Amount::ZERO, mm_e24: 0 },
         }
     }
 }
 
-/// A standard-margin account's terms at `market`'s prices: its balances, then its positions, in their order.
-pub fn standard_terms<'a>(
-    market: &'a Market,
-    balances: &'a [(Slot, Amount)],
-    positions: &'a [Position],
-) -> impl Iterator<Item = Term> + 'a {
-    let balances = balances.iter().map(|(slot, amount)| Term::balance(market, *slot, *amount));
-    balances.chain(positions.iter().map(|p| match p.mode {
-        MarginMode::Cross => Term::position(market, p.slot, p.qty, p.cost_e16, Amount::ZERO, Unit::Cross),
-        MarginMode::Isolated => Term::position(market, p.slot, p.qty, p.cost_e16, p.wallet, Unit::Isolated),
-    }))
-}
-
-/// The [`Exposure`] the terms of a standard-margin account add up to: the cross unit (balances and cross
-/// positions) and each isolated position's unit.
-pub fn terms_exposure(terms: impl IntoIterator<Item = Term>) -> Exposure {
+/// A standard-margin account's [`Exposure`] at `valuation`'s prices: the cross unit (balances and cross positions)
+/// and each isolated position's unit.
+pub fn standard_exposure(valuation: &Valuation, acc: &Account) -> Exposure {
     let mut out = Exposure::default();
-    let (mut equity, mut mm) = (Amount::ZERO, Amount::ZERO);
-    for t in terms {
-        if t.unit == Unit::Isolated {
-            out.add_unit(t.wallet.saturating_add(t.value), t.maintenance_margin);
-        } else {
-            equity = equity.saturating_add(t.value);
-            mm = mm.saturating_add(t.maintenance_margin);
+    let mut equity =
+        acc.balances.iter().fold(Amount::ZERO, |e, (slot, amount)| e.saturating_add(valuation.balance(*slot, *amount)));
+    let mut mm = Amount::ZERO;
+    for p in &acc.positions {
+        let (value, margin) = valuation.position(p);
+        match p.mode {
+            MarginMode::Cross => {
+                equity = equity.saturating_add(value);
+                mm = mm.saturating_add(margin);
+            }
+            MarginMode::Isolated => out.add_unit(p.wallet.saturating_add(value), margin),
         }
     }
     out.add_unit(equity, mm);
     out
+}
+
+/// What a stress test counts of an account at some prices: an [`Exposure`] without its maintenance margin, which
+/// only the top list shows ([`exposure`] computes it for the accounts listed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub equity: Amount,
+    pub liquidatable: bool,
+    pub bankrupt: bool,
+    pub shortfall: Amount,
+}
+
+impl Standing {
+    /// Adds a unit the way [`Exposure::add_unit`] does.
+    fn add_unit(&mut self, equity: Amount, liquidatable: bool) {
+        self.equity = self.equity.saturating_add(equity);
+        self.liquidatable |= liquidatable;
+        if equity.is_negative() {
+            self.bankrupt = true;
+            self.shortfall = self.shortfall.saturating_sub(equity);
+        }
+    }
+}
+
+impl From<Exposure> for Standing {
+    fn from(e: Exposure) -> Self {
+        Self { equity: e.equity, liquidatable: e.liquidatable, bankrupt: e.bankrupt, shortfall: e.shortfall }
+    }
+}
+
+/// Whether a unit with `equity`, whose positions' unrounded margins sum to `mm_e24` with `n` of them not whole
+/// (not multiples of 1e16), is liquidatable (MM > 0 and equity below it), when the bound tells: its MM, the sum
+/// of each position's margin rounded up, lies in `[S / 1e16, S / 1e16 + n)` for `S = mm_e24`. `None` when the
+/// equity lies within that range (or a product does not fit): only the rounded margins can tell.
+fn liquidatable_by_bound(equity: Amount, mm_e24: i128, n: u32) -> Option<bool> {
+    if n == 0 {
+        // Every margin is whole: MM = S / 1e16 exactly.
+        return Some(is_liquidatable(equity, Amount(mm_e24 / SCALE2)));
+    }
+    let e = checked_mul(equity.0, SCALE2)?;
+    if mm_e24 > 0 && e < mm_e24 {
+        // equity < S / 1e16 ≤ MM, and MM > 0.
+        return Some(true);
+    }
+    // equity ≥ S / 1e16 + n > MM.
+    (e >= mm_e24.checked_add(i128::from(n) * SCALE2)?).then_some(false)
+}
+
+/// A standard-margin account's [`Standing`] at `valuation`'s prices, from its terms' unrounded margins (no
+/// division per position); each term is appended to `terms` (balances, then positions: a balance's margin is
+/// zero). `None` when a unit's margin must be rounded to tell whether it is liquidatable (its equity is within a
+/// few 1e-8 of it): then [`standard_exposure`] says, and `terms` is complete all the same.
+pub fn standard_standing(valuation: &Valuation, acc: &Account, terms: &mut Vec<ValueMm>) -> Option<Standing> {
+    let mut units = Units::default();
+    for (slot, amount) in &acc.balances {
+        let value = valuation.balance(*slot, *amount);
+        terms.push(ValueMm { value, mm_e24: 0 });
+        units.balance(value);
+    }
+    for p in &acc.positions {
+        let t = valuation.position_unrounded(p);
+        terms.push(t);
+        units.position(p, t);
+    }
+    units.finish()
+}
+
+/// The same account's [`Standing`] at `valuation`'s prices, given its `terms` at other prices (from
+/// [`standard_standing`]): a term of a slot `moves` names is recomputed, and `changed` told its slot and its
+/// value's change; the others are taken as they are. `None` as [`standard_standing`].
+pub fn standard_standing_moved(
+    valuation: &Valuation,
+    acc: &Account,
+    terms: &[ValueMm],
+    moves: &[bool],
+    mut changed: impl FnMut(Slot, i128),
+) -> Option<Standing> {
+    let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
+    let (balances, positions) = terms.split_at(acc.balances.len().min(terms.len()));
+    let mut units = Units::default();
+    for ((slot, amount), before) in acc.balances.iter().zip(balances) {
+        let mut value = before.value;
+        if moved(*slot) {
+            value = valuation.balance(*slot, *amount);
+            changed(*slot, value.0 - before.value.0);
+        }
+        units.balance(value);
+    }
+    for (p, before) in acc.positions.iter().zip(positions) {
+        let mut t = *before;
+        if moved(p.slot) {
+            t = valuation.position_unrounded(p);
+            changed(p.slot, t.value.0 - before.value.0);
+        }
+        units.position(p, t);
+    }
+    units.finish()
+}
+
+/// A standard-margin account's units added up term by term from unrounded margins: the isolated ones as they come
+/// (one position each: its margin rounded is the unit's), the cross unit at the end.
+#[derive(Default)]
+struct Units {
+    out: Standing,
+    /// The cross unit's equity and the sum of its unrounded margins.
+    equity: Amount,
+    mm_e24: i128,
+    /// A margin or their sum did not fit `i128`.
+    unknown: bool,
+    /// How many of the cross unit's margins are not zero (each may be rounded up by up to 1e-8).
+    fractional: u32,
+}
+
+impl Units {
+    #[inline(always)]
+    fn balance(&mut self, value: Amount) {
+        self.equity = self.equity.saturating_add(value);
+    }
+
+    #[inline(always)]
+    fn position(&mut self, p: &Position, t: ValueMm) {
+        self.unknown |= t.mm_e24 == MM_E24_UNKNOWN;
+        match p.mode {
+            MarginMode::Cross => {
+                self.equity = self.equity.saturating_add(t.value);
+                let (sum, overflow) = self.mm_e24.overflowing_add(t.mm_e24);
+                self.mm_e24 = sum;
+                self.unknown |= overflow;
+                // Counted as not whole unless zero: telling which are whole would take the divisions the bound
+                // saves.
+                self.fractional += u32::from(t.mm_e24 != 0);
+            }
+            MarginMode::Isolated => {
+                let equity = p.wallet.saturating_add(t.value);
+                self.out.add_unit(equity, is_liquidatable(equity, mm_from_e24(t.mm_e24)));
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn finish(mut self) -> Option<Standing> {
+        if self.unknown {
+            return None;
+        }
+        self.out.add_unit(self.equity, liquidatable_by_bound(self.equity, self.mm_e24, self.fractional)?);
+        Some(self.out)
+    }
 }
 
 /// Value of the account's collateral: the quote as is, other assets at index price with haircut (an asset with
@@ -444,7 +616,7 @@ impl Exposure {
 /// cached figure is read or written).
 pub fn exposure(market: &Market, acc: &Account) -> Exposure {
     if acc.margin == MarginModel::Standard {
-        return terms_exposure(standard_terms(market, &acc.balances, &acc.positions));
+        return standard_exposure(&Valuation::new(market), acc);
     }
     portfolio_exposure(market, acc, &portfolio_groups(market, &acc.positions, acc.margin))
 }
@@ -770,5 +942,46 @@ pub fn view(market: &Market, acc: &Account) -> AccountView {
             views.sort_by(|a, b| a.underlying.cmp(&b.underlying));
             views
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bound decides a unit only as rounding each margin would, and leaves undecided only equities within the
+    /// bound's width of the sum, or below a sum that is not positive (every combination of a few margins, whole
+    /// and not, around every equity near their rounded total).
+    #[test]
+    fn the_margin_bound_agrees_with_rounding_each_margin() {
+        let d = SCALE2;
+        let ys = [0, 1, d - 1, d, d + 1, 3 * d, 5 * d / 2, 7 * d + 12_345, -d / 2];
+        let mut undecided = 0;
+        for a in ys {
+            for b in ys {
+                for c in ys {
+                    let margins = [a, b, c];
+                    let exact: i128 = margins.iter().map(|y| mm_from_e24(*y).0).sum();
+                    let sum: i128 = margins.iter().sum();
+                    let fractional = margins.iter().filter(|y| **y != 0).count() as u32;
+                    for equity in (exact - 6)..=(exact + 6) {
+                        let equity = Amount(equity);
+                        let truth = is_liquidatable(equity, Amount(exact));
+                        match liquidatable_by_bound(equity, sum, fractional) {
+                            Some(told) => assert_eq!(told, truth, "{margins:?} at equity {equity:?}"),
+                            None => {
+                                undecided += 1;
+                                // Within the band, or below a sum that is not positive (MM may then be zero).
+                                let below = equity.0 * d < sum + i128::from(fractional) * d;
+                                assert!(below && (equity.0 * d >= sum || sum <= 0), "{margins:?} at {equity:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(undecided > 0, "the grid reaches the undecided band");
+        // Past i128: left to the exact figures.
+        assert_eq!(liquidatable_by_bound(Amount(i128::MAX / 2), 5 * d, 1), None);
     }
 }

@@ -15,8 +15,8 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
-    Exposure, Position, Term, portfolio_exposure, portfolio_groups, portfolio_groups_reusing, standard_terms,
-    terms_exposure,
+    Exposure, Position, Standing, Valuation, portfolio_exposure, portfolio_groups, portfolio_groups_reusing,
+    standard_exposure, standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 use crate::{Engine, prefetch};
@@ -336,35 +336,35 @@ fn reported_assets(s: &Scenario) -> Vec<String> {
 }
 
 /// A candidate for the top list, ordered so that the heap's smallest is the first to drop: the smallest loss, and
-/// among equal losses the largest account id (ids are unique: the exposures never decide).
-struct Ranked {
+/// among equal losses the largest account id (ids are unique).
+struct Ranked<'a> {
     loss: Amount,
-    id: Reverse<Box<str>>,
-    before: Exposure,
-    after: Exposure,
+    id: Reverse<&'a str>,
+    /// The account's place in the shard.
+    index: usize,
 }
 
-impl Ranked {
-    fn key(&self) -> (Amount, &Reverse<Box<str>>) {
+impl Ranked<'_> {
+    fn key(&self) -> (Amount, &Reverse<&str>) {
         (self.loss, &self.id)
     }
 }
 
-impl PartialEq for Ranked {
+impl PartialEq for Ranked<'_> {
     fn eq(&self, other: &Self) -> bool {
         self.key() == other.key()
     }
 }
 
-impl Eq for Ranked {}
+impl Eq for Ranked<'_> {}
 
-impl PartialOrd for Ranked {
+impl PartialOrd for Ranked<'_> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Ranked {
+impl Ord for Ranked<'_> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.key().cmp(&other.key())
     }
@@ -435,9 +435,11 @@ impl Engine {
             .collect();
         let mut heaps: Vec<BinaryHeap<Reverse<Ranked>>> =
             (0..scenarios.len()).map(|_| BinaryHeap::with_capacity(top + 1)).collect();
+        let valuation = Valuation::new(market);
+        let valuations: Vec<Valuation> = shocked.iter().map(Valuation::new).collect();
         let mut now = Part::default();
         // Per account: its terms at current prices (standard margin), and a scenario's changes by reported asset.
-        let mut terms: Vec<Term> = Vec::new();
+        let mut terms = Vec::new();
         let mut deltas: Vec<i128> = Vec::new();
         let mut groups = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
@@ -453,33 +455,30 @@ impl Engine {
                 prefetch::slice(&near.positions);
             }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
-            let b = if standard {
+            let b: Standing = if standard {
                 terms.clear();
-                terms.extend(standard_terms(market, &acc.balances, &acc.positions));
-                terms_exposure(terms.iter().copied())
+                standard_standing(&valuation, acc, &mut terms)
+                    .unwrap_or_else(|| standard_exposure(&valuation, acc).into())
             } else {
                 groups = portfolio_groups(market, &acc.positions, acc.margin);
-                portfolio_exposure(market, acc, &groups)
+                portfolio_exposure(market, acc, &groups).into()
             };
             now.accounts += 1;
             now.liquidatable += u64::from(b.liquidatable);
             now.bankrupt += u64::from(b.bankrupt);
             now.shortfall = now.shortfall.saturating_add(b.shortfall);
-            for (k, (plan, after_market)) in plans.iter().zip(&shocked).enumerate() {
+            for (k, ((plan, after_market), after_valuation)) in plans.iter().zip(&shocked).zip(&valuations).enumerate()
+            {
                 deltas.clear();
                 deltas.resize(plan.names.len(), 0);
-                let a = if standard {
+                let a: Standing = if standard {
                     // Only the terms whose prices the scenario moves are recomputed; the rest are as they are now.
-                    terms_exposure(terms.iter().map(|t| {
-                        if !plan.moves[t.slot as usize] {
-                            return *t;
+                    standard_standing_moved(after_valuation, acc, &terms, &plan.moves, |slot, change| {
+                        if let Some(x) = plan.follows[slot as usize] {
+                            deltas[x] += change;
                         }
-                        let m = t.at(after_market);
-                        if let Some(x) = plan.follows[t.slot as usize] {
-                            deltas[x] += m.value.0 - t.value.0;
-                        }
-                        m
-                    }))
+                    })
+                    .unwrap_or_else(|| standard_exposure(after_valuation, acc).into())
                 } else if acc
                     .balances
                     .iter()
@@ -496,7 +495,7 @@ impl Engine {
                     let after_groups = portfolio_groups_reusing(after_market, &acc.positions, acc.margin, |u| {
                         (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m))
                     });
-                    portfolio_exposure(after_market, acc, &after_groups)
+                    portfolio_exposure(after_market, acc, &after_groups).into()
                 } else {
                     // Nothing the account holds moves: its groups, margin and values are as they are now.
                     b
@@ -521,7 +520,7 @@ impl Engine {
                     if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.loss) {
                         continue;
                     }
-                    heap.push(Reverse(Ranked { loss, id: Reverse(acc.id.clone()), before: b, after: a }));
+                    heap.push(Reverse(Ranked { loss, id: Reverse(&acc.id), index: i }));
                     if heap.len() > top {
                         heap.pop();
                     }
@@ -532,12 +531,29 @@ impl Engine {
             }
         }
         progress(self.accounts.len());
-        for (part, heap) in parts.iter_mut().zip(heaps) {
+        // The accounts listed, with their margins (the pass counted without them): each evaluated afresh, before
+        // and after, as the pass evaluated it.
+        let exposure = |valuation: &Valuation, market: &Market, acc: &crate::account::Account| -> Exposure {
+            if acc.margin == vigil_model::MarginModel::Standard {
+                standard_exposure(valuation, acc)
+            } else {
+                portfolio_exposure(market, acc, &portfolio_groups(market, &acc.positions, acc.margin))
+            }
+        };
+        for (k, (part, heap)) in parts.iter_mut().zip(heaps).enumerate() {
             let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
             ranked.sort_unstable_by(|x, y| y.cmp(x));
             part.top = ranked
                 .into_iter()
-                .map(|r| TopAccount { account: r.id.0.into(), loss: r.loss, before: r.before, after: r.after })
+                .map(|r| {
+                    let acc = &self.accounts[r.index];
+                    TopAccount {
+                        account: r.id.0.into(),
+                        loss: r.loss,
+                        before: exposure(&valuation, market, acc),
+                        after: exposure(&valuations[k], &shocked[k], acc),
+                    }
+                })
                 .collect();
         }
         Ok(ShardStress { now, scenarios: parts })
