@@ -509,7 +509,7 @@ impl Engine {
                 for (loss, d) in part.assets.iter_mut().zip(&deltas) {
                     if *d < 0 {
                         loss.loss = loss.loss.saturating_sub(Amount(*d));
-                    } else {
+                    } else if *d > 0 {
                         loss.gain = loss.gain.saturating_add(Amount(*d));
                     }
                 }
