@@ -612,11 +612,11 @@ impl Exposure {
     }
 }
 
-/// The account's [`Exposure`] at `market`'s prices, computed afresh like [`evaluate`] but changing nothing (no
-/// cached figure is read or written).
-pub fn exposure(market: &Market, acc: &Account) -> Exposure {
+/// The account's [`Exposure`] at `market`'s prices (`valuation` is the market's), computed afresh like
+/// [`evaluate`] but changing nothing (no cached figure is read or written).
+pub fn exposure(valuation: &Valuation, market: &Market, acc: &Account) -> Exposure {
     if acc.margin == MarginModel::Standard {
-        return standard_exposure(&Valuation::new(market), acc);
+        return standard_exposure(valuation, acc);
     }
     portfolio_exposure(market, acc, &portfolio_groups(market, &acc.positions, acc.margin))
 }

@@ -15,7 +15,7 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
-    Exposure, Position, Standing, Valuation, portfolio_exposure, portfolio_groups, portfolio_groups_reusing,
+    Exposure, Position, Standing, Valuation, exposure, portfolio_exposure, portfolio_groups, portfolio_groups_reusing,
     standard_exposure, standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
@@ -532,14 +532,7 @@ impl Engine {
         }
         progress(self.accounts.len());
         // The accounts listed, with their margins (the pass counted without them): each evaluated afresh, before
-        // and after, as the pass evaluated it.
-        let exposure = |valuation: &Valuation, market: &Market, acc: &crate::account::Account| -> Exposure {
-            if acc.margin == vigil_model::MarginModel::Standard {
-                standard_exposure(valuation, acc)
-            } else {
-                portfolio_exposure(market, acc, &portfolio_groups(market, &acc.positions, acc.margin))
-            }
-        };
+        // and after, to the same figures the pass would have computed.
         for (k, (part, heap)) in parts.iter_mut().zip(heaps).enumerate() {
             let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
             ranked.sort_unstable_by(|x, y| y.cmp(x));
