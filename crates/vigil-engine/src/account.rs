@@ -376,7 +376,8 @@ impl From<Exposure> for Standing {
 /// Whether a unit with `equity`, whose positions' unrounded margins sum to `mm_e24` with `n` of them not whole
 /// (not multiples of 1e16), is liquidatable (MM > 0 and equity below it), when the bound tells: its MM, the sum
 /// of each position's margin rounded up, lies in `[S / 1e16, S / 1e16 + n)` for `S = mm_e24`. `None` when the
-/// equity lies within that range (or a product does not fit): only the rounded margins can tell.
+/// equity lies within that range, or below an `S` that is not positive (MM may then be zero), or a product does
+/// not fit: only the rounded margins can tell. (`n` may over-count: a wider range is still a bound.)
 fn liquidatable_by_bound(equity: Amount, mm_e24: i128, n: u32) -> Option<bool> {
     if n == 0 {
         // Every margin is whole: MM = S / 1e16 exactly.
