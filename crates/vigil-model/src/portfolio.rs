@@ -12,7 +12,7 @@
 //! holding it; an account's group is then a few dot products ([`group_margin`]).
 
 use crate::event::{Right, Timestamp};
-use crate::num::{Amount, Price, Qty, Rate, Round, SCALE, SCALE_I128, SCALE2, mul_div};
+use crate::num::{Amount, Price, Qty, Rate, Round, SCALE, SCALE_I128, SCALE2, div, mul_div};
 
 /// The volatility range implied volatilities are searched in, and clamped to.
 pub const SIGMA_MIN: f64 = 0.001;
@@ -570,6 +570,9 @@ fn float_to_e8(x: f64, round: Round) -> Option<i128> {
 /// `future_contingency × U × min(total long, total short)`), `IM = scanning risk + contingencies` and
 /// `MM = mm_factor × IM`, each rounded up. `None` if a figure does not fit.
 pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
+    if let Some(margin) = linear_group_margin(params, index, legs) {
+        return Some(margin);
+    }
     let shape = GroupShape::new(params, legs)?;
     let mut options = [0.0f64; SCENARIOS_MAX];
     let options = options.get_mut(..params.scenario_count())?;
@@ -591,6 +594,47 @@ pub fn group_margin_from(
         return None;
     }
     let (worst_i, worst_pnl) = Sums { shape, options }.worst(params)?;
+    margin_of_worst(params, index, (shape.short_options, shape.hedged_linear), (worst_i, worst_pnl))
+}
+
+/// [`group_margin`] of a group without options, where the grid's first worst scenario is at one end: the linear
+/// PnL `floor(E × R × k / (buckets × 1e16))` (`E = Σ q × P`, `R` the price range) is monotone in the step `k`, so
+/// with `E ≥ 0` the first lowest is the bottom step's first case; with `E × R ≤ −buckets × 1e16` every step
+/// lowers it by at least one unit, so the lowest is the top step's first case, alone. At the ends the step is
+/// `floor(∓E × R / 1e16)`: one division by 1e16, no search. `None` (the search decides) otherwise: an option leg,
+/// a short exposure that moves by less than a unit a step (equal steps: the first of them is the worst), or a
+/// figure that does not fit.
+fn linear_group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
+    let (mut exposure, mut long, mut short) = (0i128, 0i128, 0i128);
+    for leg in legs {
+        let Leg::Linear { qty, mark } = leg else { return None };
+        exposure = exposure.checked_add(qty.wide() * mark.wide())?;
+        if qty.0 > 0 {
+            long += qty.wide();
+        } else {
+            short -= qty.wide();
+        }
+    }
+    let b = params.buckets.max(1);
+    let base = exposure.checked_mul(i128::from(params.price_range.0))?;
+    let worst = if base >= 0 {
+        (0, div(-base, SCALE2, Round::Floor)?)
+    } else if base <= -(i128::from(b) * SCALE2) {
+        (6 * b as usize, div(base, SCALE2, Round::Floor)?)
+    } else {
+        return None;
+    };
+    margin_of_worst(params, index, (0, long.min(short)), worst)
+}
+
+/// A group's margin from its worst scenario (index, PnL) and the quantities its contingencies charge (net short
+/// options, hedged linear).
+fn margin_of_worst(
+    params: &RiskParams,
+    index: Price,
+    (short_options, hedged_linear): (i128, i128),
+    (worst_i, worst_pnl): (usize, i128),
+) -> Option<GroupMargin> {
     let scanning = worst_pnl.checked_neg()?.max(0);
     let charge = |rate: Rate, qty: i128| -> Option<i128> {
         if qty == 0 {
@@ -600,8 +644,8 @@ pub fn group_margin_from(
         // rate (1e-8) × U (1e-8) × qty (1e-8) → 1e-24; / 1e16 → 1e-8, up.
         mul_div(rate.wide() * index.wide(), qty, SCALE2, Round::Ceil)
     };
-    let contingency = charge(params.option_contingency, shape.short_options)?
-        .checked_add(charge(params.future_contingency, shape.hedged_linear)?)?;
+    let contingency = charge(params.option_contingency, short_options)?
+        .checked_add(charge(params.future_contingency, hedged_linear)?)?;
     let im = scanning.checked_add(contingency)?;
     let mm = mul_div(im, params.mm_factor.wide(), SCALE_I128, Round::Ceil)?;
     Some(GroupMargin {
@@ -922,5 +966,45 @@ mod tests {
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        /// A group without options takes the shortcut only where the full search finds the same worst scenario, and
+        /// then gives the same margin to the bit: one to three linear legs, long, short and hedged, every bucket
+        /// count, price ranges from tiny (steps below a unit: no shortcut for a short exposure) to the largest.
+        #[test]
+        fn the_linear_shortcut_is_the_full_search(
+            legs in proptest::collection::vec((-(1i64 << 40)..(1i64 << 40), 1i64..(1i64 << 46)), 1..4),
+            buckets in 1u32..=20,
+            range in 1i64..=100_000_000,
+            index in 1i64..(1i64 << 46),
+        ) {
+            let params = RiskParams { buckets, price_range: Rate(range), ..RiskParams::default() };
+            let legs: Vec<Leg<'_>> = legs.iter().map(|(q, m)| Leg::Linear { qty: Qty(*q), mark: Price(*m) }).collect();
+            let shape = GroupShape::new(&params, &legs).unwrap();
+            let full = group_margin_from(&params, Price(index), &shape, &vec![0.0; params.scenario_count()]);
+            if let Some(short) = linear_group_margin(&params, Price(index), &legs) {
+                proptest::prop_assert_eq!(Some(short), full);
+            }
+            proptest::prop_assert_eq!(group_margin(&params, Price(index), &legs), full);
+        }
+    }
+
+    #[test]
+    fn the_linear_shortcut_leaves_small_short_steps_and_options_to_the_search() {
+        let params = RiskParams::default();
+        // A short of 1e-8 at 1e-8: E × R far below a unit a step.
+        let tiny = [Leg::Linear { qty: Qty(-1), mark: Price(1) }];
+        assert_eq!(linear_group_margin(&params, Price(1), &tiny), None);
+        // Long or flat: always the bottom step.
+        let long = [Leg::Linear { qty: q("1"), mark: p("100") }];
+        let m = linear_group_margin(&params, p("100"), &long).unwrap();
+        assert_eq!((m.worst.k, m.scanning_risk), (-4, Amount::parse("16").unwrap()));
+        // Short by a unit or more a step: the top step.
+        let short = [Leg::Linear { qty: q("-1"), mark: p("100") }];
+        let m = linear_group_margin(&params, p("100"), &short).unwrap();
+        assert_eq!((m.worst.k, m.scanning_risk), (4, Amount::parse("16").unwrap()));
     }
 }
