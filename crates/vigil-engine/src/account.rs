@@ -671,8 +671,23 @@ pub fn portfolio_groups_reusing(
     model: MarginModel,
     reuse: impl Fn(Slot) -> Option<Option<GroupMargin>>,
 ) -> Vec<(Slot, GroupMargin)> {
+    let mut out = Vec::new();
+    portfolio_groups_into(market, positions, model, reuse, &mut out);
+    out
+}
+
+/// [`portfolio_groups_reusing`] into `out` (cleared first), for a caller that evaluates many accounts with one
+/// buffer.
+pub fn portfolio_groups_into(
+    market: &Market,
+    positions: &[Position],
+    model: MarginModel,
+    reuse: impl Fn(Slot) -> Option<Option<GroupMargin>>,
+    out: &mut Vec<(Slot, GroupMargin)>,
+) {
+    out.clear();
     if model != MarginModel::Portfolio {
-        return Vec::new();
+        return;
     }
     let grouped = |p: &&Position| p.is_open() && p.mode == MarginMode::Cross;
     // The groups' underlyings in slot order, without allocating for the usual handful.
@@ -699,7 +714,6 @@ pub fn portfolio_groups_reusing(
         &mut underlyings
     };
     underlyings.sort_unstable();
-    let mut out = Vec::new();
     let mut cache = market.vectors.borrow_mut();
     for &u in underlyings.iter() {
         if let Some(kept) = reuse(u) {
@@ -715,7 +729,6 @@ pub fn portfolio_groups_reusing(
             out.push((u, g));
         }
     }
-    out
 }
 
 /// A grouped position as its group's leg needs it: slot, quantity, whether it is an option; `None` without an

@@ -15,8 +15,8 @@ use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
-    Exposure, Position, Standing, Valuation, exposure, portfolio_exposure, portfolio_groups, portfolio_groups_reusing,
-    standard_exposure, standard_standing, standard_standing_moved,
+    Exposure, Position, Standing, Valuation, exposure, portfolio_exposure, portfolio_groups_into, standard_exposure,
+    standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 use crate::{Engine, prefetch};
@@ -441,7 +441,8 @@ impl Engine {
         // Per account: its terms at current prices (standard margin), and a scenario's changes by reported asset.
         let mut terms = Vec::new();
         let mut deltas: Vec<i128> = Vec::new();
-        let mut groups = Vec::new();
+        // A portfolio account's groups at current prices and under a scenario (buffers reused account to account).
+        let (mut groups, mut after_groups) = (Vec::new(), Vec::new());
         for (i, acc) in self.accounts.iter().enumerate() {
             // The record of an account FAR places ahead, then the balances and positions of one NEAR places ahead
             // (its record is in cache by then): their loads overlap instead of waiting on each other.
@@ -460,7 +461,7 @@ impl Engine {
                 standard_standing(&valuation, acc, &mut terms)
                     .unwrap_or_else(|| standard_exposure(&valuation, acc).into())
             } else {
-                groups = portfolio_groups(market, &acc.positions, acc.margin);
+                portfolio_groups_into(market, &acc.positions, acc.margin, |_| None, &mut groups);
                 portfolio_exposure(market, acc, &groups).into()
             };
             now.accounts += 1;
@@ -492,9 +493,8 @@ impl Engine {
                     let moved = |u: Slot| {
                         acc.positions.iter().any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
                     };
-                    let after_groups = portfolio_groups_reusing(after_market, &acc.positions, acc.margin, |u| {
-                        (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m))
-                    });
+                    let reuse = |u| (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m));
+                    portfolio_groups_into(after_market, &acc.positions, acc.margin, reuse, &mut after_groups);
                     portfolio_exposure(after_market, acc, &after_groups).into()
                 } else {
                     // Nothing the account holds moves: its groups, margin and values are as they are now.
