@@ -307,18 +307,34 @@ pub struct GroupShape {
 impl GroupShape {
     /// The shape of `legs` under `params`; `None` if the linear exposure does not fit.
     pub fn new(params: &RiskParams, legs: &[Leg<'_>]) -> Option<GroupShape> {
-        GroupShape::of_quantities(
-            params,
-            legs.iter().map(|leg| match leg {
-                Leg::Linear { qty, mark } => (*qty, Some(*mark)),
-                Leg::Option { qty, .. } => (*qty, None),
-            }),
-        )
+        GroupShape::of_quantities(params, leg_quantities(legs))
     }
 
     /// The shape of a group whose legs are `(quantity, Some(mark))` for a perp or future and `(quantity, None)`
     /// for an option; `None` if the linear exposure does not fit.
     pub fn of_quantities(params: &RiskParams, legs: impl IntoIterator<Item = (Qty, Option<Price>)>) -> Option<Self> {
+        let LegTotals { exposure, short_options, hedged_linear, any_option } = LegTotals::of(legs)?;
+        let buckets = params.buckets.max(1) as i32;
+        let steps = LinearSteps::new(exposure, params.price_range, buckets);
+        // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
+        let step_f64 = F64Bits(exposure as f64 * params.price_range.0 as f64 / (f64::from(buckets) * 1e16));
+        Some(GroupShape { steps, step_f64, short_options, hedged_linear, any_option })
+    }
+}
+
+/// What a group's legs add up to: the linear exposure `Σ q × P` (exact, at 1e-16), the net short option quantity,
+/// the hedged linear quantity (`min(total long, total short)`), and whether any leg is an option.
+struct LegTotals {
+    exposure: i128,
+    short_options: i128,
+    hedged_linear: i128,
+    any_option: bool,
+}
+
+impl LegTotals {
+    /// From legs `(quantity, Some(mark))` for a perp or future and `(quantity, None)` for an option; `None` if the
+    /// exposure does not fit.
+    fn of(legs: impl IntoIterator<Item = (Qty, Option<Price>)>) -> Option<Self> {
         let (mut exposure, mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128, 0i128);
         let mut any_option = false;
         for (qty, mark) in legs {
@@ -337,12 +353,16 @@ impl GroupShape {
                 }
             }
         }
-        let buckets = params.buckets.max(1) as i32;
-        let steps = LinearSteps::new(exposure, params.price_range, buckets);
-        // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
-        let step_f64 = F64Bits(exposure as f64 * params.price_range.0 as f64 / (f64::from(buckets) * 1e16));
-        Some(GroupShape { steps, step_f64, short_options, hedged_linear: long_linear.min(short_linear), any_option })
+        Some(LegTotals { exposure, short_options, hedged_linear: long_linear.min(short_linear), any_option })
     }
+}
+
+/// A group's legs as [`GroupShape::of_quantities`] and [`LegTotals::of`] take them.
+fn leg_quantities<'a>(legs: &'a [Leg<'_>]) -> impl Iterator<Item = (Qty, Option<Price>)> + 'a {
+    legs.iter().map(|leg| match leg {
+        Leg::Linear { qty, mark } => (*qty, Some(*mark)),
+        Leg::Option { qty, .. } => (*qty, None),
+    })
 }
 
 /// A float compared by its bits, so that a shape is `Eq` (the same bits are the same step).
@@ -605,16 +625,8 @@ pub fn group_margin_from(
 /// a short exposure that moves by less than a unit a step (equal steps: the first of them is the worst), or a
 /// figure that does not fit.
 fn linear_group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    let (mut exposure, mut long, mut short) = (0i128, 0i128, 0i128);
-    for leg in legs {
-        let Leg::Linear { qty, mark } = leg else { return None };
-        exposure = exposure.checked_add(qty.wide() * mark.wide())?;
-        if qty.0 > 0 {
-            long += qty.wide();
-        } else {
-            short -= qty.wide();
-        }
-    }
+    let totals = LegTotals::of(leg_quantities(legs)).filter(|t| !t.any_option)?;
+    let exposure = totals.exposure;
     let b = params.buckets.max(1);
     let base = exposure.checked_mul(i128::from(params.price_range.0))?;
     let worst = if base >= 0 {
@@ -624,7 +636,7 @@ fn linear_group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> O
     } else {
         return None;
     };
-    margin_of_worst(params, index, (0, long.min(short)), worst)
+    margin_of_worst(params, index, (0, totals.hedged_linear), worst)
 }
 
 /// A group's margin from its worst scenario (index, PnL) and the quantities its contingencies charge (net short
