@@ -100,28 +100,62 @@ async fn send_round(
     subject: &str,
     round: Vec<(HeaderMap, Bytes)>,
 ) -> (u64, u64, u64, Vec<(HeaderMap, Bytes)>) {
-    let mut acks = Vec::with_capacity(round.len());
-    for (headers, body) in round {
-        let ack = js.publish_with_headers(subject.to_owned(), headers.clone(), body.clone()).await;
-        acks.push((ack, headers, body));
+    let mut pending = Vec::with_capacity(round.len());
+    for (headers, body) in &round {
+        let sent = js.publish_with_headers(subject.to_owned(), headers.clone(), body.clone()).await;
+        pending.push(async move {
+            match sent {
+                Ok(future) => future.await.map(|a| a.duplicate).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
     }
     let (mut duplicates, mut stored, mut failed, mut retry) = (0, 0, 0, Vec::new());
-    for (ack, headers, body) in acks {
-        let result = match ack {
-            Ok(future) => future.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+    let mut first_error = None;
+    for (result, message) in all_acks(pending).await.into_iter().zip(round) {
         match result {
-            Ok(a) if a.duplicate => duplicates += 1,
-            Ok(_) => stored += 1,
+            Ok(true) => duplicates += 1,
+            Ok(false) => stored += 1,
             Err(e) => {
                 if !e.contains("10158") {
                     failed += 1;
-                    tracing::warn!(error = %e, "publishing a trigger failed; sending it again");
+                    first_error.get_or_insert(e);
                 }
-                retry.push((headers, body));
+                retry.push(message);
             }
         }
     }
+    if let Some(error) = first_error {
+        tracing::warn!(%error, failed, "publishing triggers failed; sending them again");
+    }
     (duplicates, stored, failed, retry)
+}
+
+/// Awaits a round's acks together, in order. An ack's timeout starts when it is first polled, so awaiting them one
+/// after another would wait a timeout per lost ack: a round lost to a leader election (1 024 acks that never come)
+/// would take 1 024 × 5 s before any trigger was sent again. Together, the round waits one timeout.
+async fn all_acks<T, F: std::future::Future<Output = T>>(pending: Vec<F>) -> Vec<T> {
+    futures_util::future::join_all(pending).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::all_acks;
+
+    /// Acks that never come, each timing out as async-nats's do (the timer starts at the first poll): a round of
+    /// them waits one timeout, not one per ack (tokio's paused clock: no wall-clock time is measured).
+    #[tokio::test(start_paused = true)]
+    async fn a_round_whose_acks_are_all_lost_waits_one_timeout() {
+        let timeout = Duration::from_secs(5);
+        let lost = (0..1024).map(|i| async move {
+            let never = std::future::pending::<()>();
+            tokio::time::timeout(timeout, never).await.map_err(|_| i)
+        });
+        let started = tokio::time::Instant::now();
+        let results = all_acks(lost.collect()).await;
+        assert_eq!(started.elapsed(), timeout);
+        assert_eq!(results, (0..1024).map(Err).collect::<Vec<Result<(), i32>>>());
+    }
 }
