@@ -98,7 +98,7 @@ def node(work, name, urls, partition, http):
     log = open(os.path.join(work, f"{name}.log"), "w")
     return subprocess.Popen(
         [VIGIL, "serve", "--data", os.path.join(work, name), "--ingest", "127.0.0.1:0", "--http", f"127.0.0.1:{http}",
-         "--source", urls, "--partition", partition, "--adl-refresh-ms", "0", "--shards", SHARDS],
+         "--source", urls, "--partition", partition, "--adl-refresh-ms", "0", "--shards", SHARDS] + os.environ.get("VIGIL_NODE_ARGS", "").split(),
         stdout=subprocess.DEVNULL, stderr=log)
 
 

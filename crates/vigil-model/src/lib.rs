@@ -25,10 +25,27 @@ pub const QUOTE_DEFAULT: &str = "USDC";
 
 /// The shard an account belongs to among `shards`: FNV-1a of the id, so it never changes between builds or runs.
 pub fn shard_of(account: &str, shards: usize) -> usize {
+    (fnv1a(account.as_bytes()) % shards.max(1) as u64) as usize
+}
+
+/// FNV-1a (64-bit) of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in account.as_bytes() {
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (h % shards.max(1) as u64) as usize
+    h
+}
+
+/// An account's mixed hash: FNV-1a of its UTF-8 bytes, then MurmurHash3's 64-bit finalizer (`fmix64`). Stable
+/// across builds and runs; its bits are independent of [`shard_of`]'s choice (FNV-1a's own high bits are not mixed
+/// enough for short, similar names: `a0`…`a1999` split 85/15 on them).
+pub fn account_hash(account: &str) -> u64 {
+    let mut h = fnv1a(account.as_bytes());
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }

@@ -74,17 +74,7 @@ pub fn trigger_subject(index: u32) -> String {
 /// the finalizer keeps the two choices independent, so a partition's accounts spread over all of its node's shards;
 /// FNV-1a's own high bits are not mixed enough for short, similar names: `a0`…`a1999` split 85/15 on them.)
 pub fn partition_of(account: &str, count: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in account.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    (h % u64::from(count.max(1))) as u32
+    (vigil_model::account_hash(account) % u64::from(count.max(1))) as u32
 }
 
 /// Which partition a node serves: `index` of `count`.
