@@ -12,6 +12,7 @@
 
 Usage: examples/cluster/measure.py [--events N] [--accounts N] [--partitions P] [--node-shards S]
 Needs target/release/vigil (cargo build --release; or $VIGIL_BIN) and a NATS server 2.10+ ($VIGIL_NATS_SERVER or PATH).
+$VIGIL_NODE_ARGS adds options to every cluster node's `vigil serve` (e.g. "--checkpoint-events 100000000").
 Loopback only. Prints one line per figure.
 """
 
