@@ -192,7 +192,11 @@ fn describe() {
     describe_histogram!(JOURNAL_BATCH, Unit::Count, "Records per journal commit (group commit size).");
     describe_counter!(JOURNAL_FAILURES, "Journal write or fdatasync failures (the node exits after one).");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Duration of writing one shard's checkpoint delta.");
-    describe_histogram!(CHECKPOINT_BYTES, Unit::Bytes, "Bytes one shard's checkpoint wrote: the account chunks it rewrote, its records and the market.");
+    describe_histogram!(
+        CHECKPOINT_BYTES,
+        Unit::Bytes,
+        "Bytes one shard's checkpoint wrote: the account chunks it rewrote, its records and the market."
+    );
     describe_counter!(CHECKPOINT_FAILURES, "Checkpoint writes that failed (the journal keeps everything).");
     describe_gauge!(CHECKPOINT_OFFSET, "Watermark of a shard's last checkpoint, by shard.");
     describe_gauge!(STORE_BYTES, Unit::Bytes, "Size of the sled checkpoint store on disk.");
