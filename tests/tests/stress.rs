@@ -134,6 +134,50 @@ fn an_equity_at_the_margin_is_told_by_the_rounded_margins() {
 }
 
 #[test]
+fn an_assets_loss_is_the_change_in_its_rounded_values_under_either_margin_model() {
+    // Proves `loss_by_asset` sums each term's value after less its value now, both rounded as values are, for a
+    // portfolio account as for a standard one. A long 0.5 BTC-PERP bought at 100, marked at 100.00000003: its value
+    // is 0.000000015 → 0.00000001 (rounded down). BTC −20% moves the mark to 80.000000024 → 80.00000002, where the
+    // value is −9.99999999 exactly: a loss of 10.00000000. (The move alone, 0.5 × −20.00000001 = −10.000000005,
+    // rounds to −10.00000001: the figure a portfolio account reported before, a unit of 1e-8 apart.)
+    let book = |model: &str| {
+        let mut text = String::from(
+            r#"
+            {"type":"asset","asset":"BTC","haircut":"0.1"}
+            {"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}
+            {"type":"price","symbol":"BTC","price":"100"}
+            {"type":"price","symbol":"BTC-PERP","price":"100"}
+            {"type":"deposit","account":"alice","asset":"USDC","amount":"100"}
+        "#,
+        );
+        if model == "portfolio" {
+            text.push_str(r#"{"type":"account_config","account":"alice","margin":"portfolio"}"#);
+            text.push('\n');
+        }
+        text.push_str(
+            r#"
+            {"type":"trade","account":"alice","symbol":"BTC-PERP","side":"buy","qty":"0.5","price":"100"}
+            {"type":"price","symbol":"BTC-PERP","price":"100.00000003"}
+        "#,
+        );
+        lines(&text)
+    };
+    let request = parse_request(br#"{"scenarios":[{"moves":{"BTC":"-0.2"}}],"top":1}"#).unwrap();
+    for model in ["standard", "portfolio"] {
+        for shards in [1, 2] {
+            let report = stress(&book(model), shards, &request);
+            let p = &report.result.scenarios[0];
+            assert_eq!(
+                (p.assets[0].asset.as_str(), p.assets[0].loss, p.assets[0].gain),
+                ("BTC", amount("10"), Amount::ZERO),
+                "{model}, {shards} shards"
+            );
+            assert_eq!(p.top[0].loss, amount("10"), "{model}, {shards} shards");
+        }
+    }
+}
+
+#[test]
 fn a_grid_gives_the_loss_curve() {
     // Proves a grid runs one scenario per step (from, to and the steps between, exactly), and that the curve's
     // shortfall grows as BTC falls: at +0.2 nobody is short, at −0.4 alice and dave are deeper under water.

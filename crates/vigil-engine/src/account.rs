@@ -624,11 +624,29 @@ pub fn exposure(valuation: &Valuation, market: &Market, acc: &Account) -> Exposu
 
 /// A portfolio account's [`Exposure`] at `market`'s prices, given its groups' margins at those prices.
 pub fn portfolio_exposure(market: &Market, acc: &Account, groups: &[(Slot, GroupMargin)]) -> Exposure {
+    portfolio_exposure_valued(market, acc, groups, |_| {})
+}
+
+/// [`portfolio_exposure`], telling `value` each term's value as it adds it: every balance's collateral value, then
+/// every position's value, in the account's order (a stress test takes a scenario's change by asset from them).
+pub fn portfolio_exposure_valued(
+    market: &Market,
+    acc: &Account,
+    groups: &[(Slot, GroupMargin)],
+    mut value: impl FnMut(Amount),
+) -> Exposure {
     let mut out = Exposure::default();
-    let mut cross = UnitFigures { equity: collateral(market, &acc.balances), ..UnitFigures::default() };
+    let mut equity = Amount::ZERO;
+    for (slot, amount) in &acc.balances {
+        let v = balance_value(market, *slot, *amount);
+        value(v);
+        equity = equity.saturating_add(v);
+    }
+    let mut cross = UnitFigures { equity, ..UnitFigures::default() };
     for p in &acc.positions {
         let grouped = in_group(market, groups, p);
         let f = charged_figures(market, p, grouped);
+        value(f.value);
         match p.mode {
             MarginMode::Cross => {
                 cross.equity = cross.equity.saturating_add(f.value);

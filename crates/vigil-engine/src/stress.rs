@@ -9,16 +9,15 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use vigil_model::margin::collateral_value;
 use vigil_model::num::{Round, SCALE_I128, mul_div};
 use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
-    Exposure, Position, Standing, Valuation, exposure, portfolio_exposure, portfolio_groups_into, standard_exposure,
+    Exposure, Standing, Valuation, exposure, portfolio_exposure_valued, portfolio_groups_into, standard_exposure,
     standard_standing, standard_standing_moved,
 };
-use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
+use crate::market::{Entry, InstrumentKind, Market, Slot};
 use crate::{Engine, prefetch};
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
@@ -443,6 +442,8 @@ impl Engine {
         let mut deltas: Vec<i128> = Vec::new();
         // A portfolio account's groups at current prices and under a scenario (buffers reused account to account).
         let (mut groups, mut after_groups) = (Vec::new(), Vec::new());
+        // A portfolio account's terms' values at current prices: its balances', then its positions'.
+        let mut values: Vec<Amount> = Vec::new();
         for (i, acc) in self.accounts.iter().enumerate() {
             // The record of an account FAR places ahead, then the balances and positions of one NEAR places ahead
             // (its record is in cache by then): their loads overlap instead of waiting on each other.
@@ -462,7 +463,8 @@ impl Engine {
                     .unwrap_or_else(|| standard_exposure(&valuation, acc).into())
             } else {
                 portfolio_groups_into(market, &acc.positions, acc.margin, |_| None, &mut groups);
-                portfolio_exposure(market, acc, &groups).into()
+                values.clear();
+                portfolio_exposure_valued(market, acc, &groups, |v| values.push(v)).into()
             };
             now.accounts += 1;
             now.liquidatable += u64::from(b.liquidatable);
@@ -487,7 +489,6 @@ impl Engine {
                     .chain(acc.positions.iter().map(|p| p.slot))
                     .any(|s| plan.moves[s as usize])
                 {
-                    value_deltas(market, after_market, &acc.balances, &acc.positions, &plan.follows, &mut deltas);
                     // A group none of whose members the scenario moves (a member's `moves` covers its underlying's
                     // index too) keeps its margin.
                     let moved = |u: Slot| {
@@ -495,7 +496,18 @@ impl Engine {
                     };
                     let reuse = |u| (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m));
                     portfolio_groups_into(after_market, &acc.positions, acc.margin, reuse, &mut after_groups);
-                    portfolio_exposure(after_market, acc, &after_groups).into()
+                    // A term's change is its value after less its value now, both rounded as values are: what a
+                    // standard account's terms report (`standard_standing_moved`).
+                    let slots = acc.balances.iter().map(|(s, _)| *s).chain(acc.positions.iter().map(|p| p.slot));
+                    let mut terms_now = slots.zip(&values);
+                    portfolio_exposure_valued(after_market, acc, &after_groups, |after| {
+                        if let Some((slot, now)) = terms_now.next()
+                            && let Some(x) = plan.follows[slot as usize]
+                        {
+                            deltas[x] += after.0 - now.0;
+                        }
+                    })
+                    .into()
                 } else {
                     // Nothing the account holds moves: its groups, margin and values are as they are now.
                     b
@@ -550,35 +562,6 @@ impl Engine {
                 .collect();
         }
         Ok(ShardStress { now, scenarios: parts })
-    }
-}
-
-/// Adds to `deltas[k]` the change in value of the account's positions on reported asset `k` and of its collateral
-/// in it, between `before` and `after` (for portfolio accounts, whose values come from their groups' evaluation).
-fn value_deltas(
-    before: &Market,
-    after: &Market,
-    balances: &[(Slot, Amount)],
-    positions: &[Position],
-    follows: &[Option<usize>],
-    deltas: &mut [i128],
-) {
-    for (slot, amount) in balances {
-        if *slot == QUOTE {
-            continue;
-        }
-        let Some(k) = follows[*slot as usize] else { continue };
-        if let (Some(p0), Some(p1)) = (before.price(*slot), after.price(*slot)) {
-            let h = before.haircut(*slot);
-            deltas[k] += collateral_value(*amount, p1, h).0 - collateral_value(*amount, p0, h).0;
-        }
-    }
-    for h in positions {
-        let Some(k) = follows[h.slot as usize] else { continue };
-        if let (Some(m0), Some(m1)) = (before.price(h.slot), after.price(h.slot)) {
-            // Linear and option values both move by q × Δmark (rounded down, like every value).
-            deltas[k] += vigil_model::num::e16_to_e8(h.qty.wide() * (m1.wide() - m0.wide()), Round::Floor);
-        }
     }
 }
 
