@@ -304,7 +304,8 @@ impl CheckpointStore for SledStore {
         // The changed accounts by chunk. A store's accounts still under a key each join them (their keys removed
         // in the same batch), the changed version winning.
         let mut chunks: BTreeMap<u32, Vec<Entry>> = BTreeMap::new();
-        for (id, value) in accounts {
+        // Latest first: of an id given twice in one delta the later wins, as a second insert into a batch would.
+        for (id, value) in accounts.iter().rev() {
             chunks.entry(chunk_of(id)).or_default().push((id.as_bytes(), value.as_slice()));
         }
         let legacy: Vec<(sled::IVec, sled::IVec)> = tree.scan_prefix(PREFIX_ACCOUNT).collect::<Result<_, _>>()?;
@@ -315,7 +316,7 @@ impl CheckpointStore for SledStore {
             chunks.entry(chunk_of(text)).or_default().push((id, value));
         }
         for (chunk, mut changed) in chunks {
-            // A stable sort: of an id given twice (changed, then legacy), the first is kept.
+            // A stable sort: of an id given more than once (changed, latest first, then legacy), the first is kept.
             changed.sort_by(|x, y| x.0.cmp(y.0));
             changed.dedup_by(|later, first| later.0 == first.0);
             let key = chunk_key(chunk);
@@ -478,7 +479,9 @@ mod tests {
             .unwrap();
             let both = Records { triggers: vec![t("k2", "t2")], liquidations: vec![t("k2", "l2")] };
             s.write(0, Offset(20), b"m2", &[("alice", b"a2".to_vec())], &both).unwrap();
-            s.write(1, Offset(15), b"m1", &[("carol", b"c1".to_vec())], &Records::default()).unwrap();
+            // An id twice in one delta: the later version wins.
+            s.write(1, Offset(15), b"m1", &[("carol", b"c0".to_vec()), ("carol", b"c1".to_vec())], &Records::default())
+                .unwrap();
             // The same identity again (a trigger re-emitted by recovery) keeps one copy.
             s.put_records(Tree::Shard(0), &triggers(&[t("k1", "t1"), t("k3", "t3")])).unwrap();
             // The node's tree: its value and records, apart from the shards'.
