@@ -313,12 +313,17 @@ impl GroupShape {
     /// The shape of a group whose legs are `(quantity, Some(mark))` for a perp or future and `(quantity, None)`
     /// for an option; `None` if the linear exposure does not fit.
     pub fn of_quantities(params: &RiskParams, legs: impl IntoIterator<Item = (Qty, Option<Price>)>) -> Option<Self> {
-        let LegTotals { exposure, short_options, hedged_linear, any_option } = LegTotals::of(legs)?;
+        Some(GroupShape::from_totals(params, &LegTotals::of(legs)?))
+    }
+
+    /// The shape of a group whose legs add up to `totals`.
+    fn from_totals(params: &RiskParams, totals: &LegTotals) -> Self {
+        let &LegTotals { exposure, short_options, hedged_linear, any_option } = totals;
         let buckets = params.buckets.max(1) as i32;
         let steps = LinearSteps::new(exposure, params.price_range, buckets);
         // Exposure at 1e-16 × range at 1e-8 / (buckets × 1e16): the step at 1e-8.
         let step_f64 = F64Bits(exposure as f64 * params.price_range.0 as f64 / (f64::from(buckets) * 1e16));
-        Some(GroupShape { steps, step_f64, short_options, hedged_linear, any_option })
+        GroupShape { steps, step_f64, short_options, hedged_linear, any_option }
     }
 }
 
@@ -590,10 +595,11 @@ fn float_to_e8(x: f64, round: Round) -> Option<i128> {
 /// `future_contingency × U × min(total long, total short)`), `IM = scanning risk + contingencies` and
 /// `MM = mm_factor × IM`, each rounded up. `None` if a figure does not fit.
 pub fn group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    if let Some(margin) = linear_group_margin(params, index, legs) {
+    let totals = LegTotals::of(leg_quantities(legs))?;
+    if let Some(margin) = linear_group_margin(params, index, &totals) {
         return Some(margin);
     }
-    let shape = GroupShape::new(params, legs)?;
+    let shape = GroupShape::from_totals(params, &totals);
     let mut options = [0.0f64; SCENARIOS_MAX];
     let options = options.get_mut(..params.scenario_count())?;
     add_options(legs, options);
@@ -624,8 +630,10 @@ pub fn group_margin_from(
 /// `floor(∓E × R / 1e16)`: one division by 1e16, no search. `None` (the search decides) otherwise: an option leg,
 /// a short exposure that moves by less than a unit a step (equal steps: the first of them is the worst), or a
 /// figure that does not fit.
-fn linear_group_margin(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
-    let totals = LegTotals::of(leg_quantities(legs)).filter(|t| !t.any_option)?;
+fn linear_group_margin(params: &RiskParams, index: Price, totals: &LegTotals) -> Option<GroupMargin> {
+    if totals.any_option {
+        return None;
+    }
     let exposure = totals.exposure;
     let b = params.buckets.max(1);
     let base = exposure.checked_mul(i128::from(params.price_range.0))?;
@@ -980,6 +988,11 @@ mod tests {
         }
     }
 
+    /// [`linear_group_margin`] of `legs`.
+    fn linear(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
+        linear_group_margin(params, index, &LegTotals::of(leg_quantities(legs))?)
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
 
@@ -997,7 +1010,7 @@ mod tests {
             let legs: Vec<Leg<'_>> = legs.iter().map(|(q, m)| Leg::Linear { qty: Qty(*q), mark: Price(*m) }).collect();
             let shape = GroupShape::new(&params, &legs).unwrap();
             let full = group_margin_from(&params, Price(index), &shape, &vec![0.0; params.scenario_count()]);
-            if let Some(short) = linear_group_margin(&params, Price(index), &legs) {
+            if let Some(short) = linear(&params, Price(index), &legs) {
                 proptest::prop_assert_eq!(Some(short), full);
             }
             proptest::prop_assert_eq!(group_margin(&params, Price(index), &legs), full);
@@ -1009,14 +1022,14 @@ mod tests {
         let params = RiskParams::default();
         // A short of 1e-8 at 1e-8: E × R far below a unit a step.
         let tiny = [Leg::Linear { qty: Qty(-1), mark: Price(1) }];
-        assert_eq!(linear_group_margin(&params, Price(1), &tiny), None);
+        assert_eq!(linear(&params, Price(1), &tiny), None);
         // Long or flat: always the bottom step.
         let long = [Leg::Linear { qty: q("1"), mark: p("100") }];
-        let m = linear_group_margin(&params, p("100"), &long).unwrap();
+        let m = linear(&params, p("100"), &long).unwrap();
         assert_eq!((m.worst.k, m.scanning_risk), (-4, Amount::parse("16").unwrap()));
         // Short by a unit or more a step: the top step.
         let short = [Leg::Linear { qty: q("-1"), mark: p("100") }];
-        let m = linear_group_margin(&params, p("100"), &short).unwrap();
+        let m = linear(&params, p("100"), &short).unwrap();
         assert_eq!((m.worst.k, m.scanning_risk), (4, Amount::parse("16").unwrap()));
     }
 }
