@@ -200,24 +200,41 @@ pub struct BodyError {
     pub what: String,
 }
 
-/// The records of a message body, in order.
-pub fn records(body: &[u8]) -> Result<Vec<(Offset, &[u8])>, BodyError> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < body.len() {
-        let header = body.get(at..at + 12).ok_or_else(|| BodyError { at, what: "a truncated record header".into() })?;
+/// The records of a message body, in order (an error ends them: the rest of the body does not decode).
+pub fn records(body: &[u8]) -> Records<'_> {
+    Records { body, at: 0 }
+}
+
+/// The iterator of [`records`]: reads each record in place, allocating nothing.
+pub struct Records<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<(Offset, &'a [u8]), BodyError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let at = self.at;
+        if at >= self.body.len() {
+            return None;
+        }
+        let Some(header) = self.body.get(at..at + 12) else {
+            self.at = self.body.len();
+            return Some(Err(BodyError { at, what: "a truncated record header".into() }));
+        };
         let mut offset = [0u8; 8];
         offset.copy_from_slice(&header[..8]);
         let mut len = [0u8; 4];
         len.copy_from_slice(&header[8..]);
         let len = u32::from_le_bytes(len) as usize;
-        let record = body
-            .get(at + 12..at + 12 + len)
-            .ok_or_else(|| BodyError { at, what: format!("a record of {len} bytes past the end") })?;
-        out.push((Offset(u64::from_le_bytes(offset)), record));
-        at += 12 + len;
+        let Some(record) = self.body.get(at + 12..at + 12 + len) else {
+            self.at = self.body.len();
+            return Some(Err(BodyError { at, what: format!("a record of {len} bytes past the end") }));
+        };
+        self.at = at + 12 + len;
+        Some(Ok((Offset(u64::from_le_bytes(offset)), record)))
     }
-    Ok(out)
 }
 
 /// The sequencer item of a record: the event, or the rejection the publisher gave unreadable input.
@@ -262,10 +279,16 @@ mod tests {
         let mut body = Vec::new();
         push_record(Offset(7), b"abc", &mut body);
         push_record(Offset(9), b"", &mut body);
-        let got = records(&body).expect("decodes");
+        let all = |body| records(body).collect::<Result<Vec<_>, _>>();
+        let got = all(&body).expect("decodes");
         assert_eq!(got, vec![(Offset(7), &b"abc"[..]), (Offset(9), &b""[..])]);
-        assert!(records(&body[..body.len() - 1]).is_err());
-        assert!(records(&body[..5]).is_err());
+        assert!(all(&body[..body.len() - 1]).is_err());
+        assert!(all(&body[..5]).is_err());
+        // The records before the damage are read; nothing after it.
+        let mut cut = records(&body[..body.len() - 1]);
+        assert_eq!(cut.next().map(|r| r.is_ok()), Some(true));
+        assert_eq!(cut.next().map(|r| r.is_err()), Some(true));
+        assert!(cut.next().is_none());
         assert_eq!(Window::parse("3-9"), Some(Window { first: Offset(3), last: Offset(9) }));
         assert_eq!(Window::parse("9-3"), None);
     }

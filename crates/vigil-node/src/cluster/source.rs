@@ -2,7 +2,6 @@
 //! with an ordered consumer from the window holding its checkpoint watermark + 1, assembled into windows and
 //! handed to the sequencer in offset order. The stream is the journal: the node writes none of its own.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -129,10 +128,7 @@ pub async fn start_sequence(stream: &mut stream::Stream, after: Offset) -> anyho
 /// The consumer of one partition, assembling windows.
 pub struct Feed {
     messages: consumer::pull::Ordered,
-    /// Partition records waiting for their window's close, by offset.
-    waiting: BTreeMap<Offset, Item>,
-    /// Every offset up to this one has been handed over.
-    handed: Offset,
+    windows: Windows,
     status: std::sync::Arc<SourceStatus>,
 }
 
@@ -173,7 +169,7 @@ pub async fn open(source: &NatsSource, after: Offset, status: std::sync::Arc<Sou
     check_filters(&consumer.cached_info().config.filter_subjects, &filters)?;
     tracing::info!(partition = %source.partition, after = after.0, start_sequence = start, "consuming");
     let messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("reading the partition's consumer: {e}"))?;
-    Ok(Feed { messages, waiting: BTreeMap::new(), handed: after, status })
+    Ok(Feed { messages, windows: Windows::new(after), status })
 }
 
 /// A server that does not know `filter_subjects` (NATS < 2.10) drops the field silently: the consumer it returns
@@ -228,23 +224,73 @@ impl Feed {
                 );
             }
             let closes = message.subject.as_str() == BROADCAST_SUBJECT;
-            for (offset, record) in records(&message.payload)? {
-                if offset <= self.handed || offset < window.first || offset > window.last {
-                    continue; // handed over already (a resent or re-cut window), or not this window's
-                }
-                let item = item_of(record).map_err(|e| anyhow::anyhow!("offset {}: {e}", offset.0))?;
-                self.waiting.insert(offset, item);
+            if let Some(batch) = self.windows.add(window, closes, &message.payload)? {
+                self.status.consumed.store(batch.through.0, Ordering::Relaxed);
+                return Ok(Some(batch));
             }
-            if !closes {
-                continue;
-            }
-            let rest = self.waiting.split_off(&window.last.next());
-            let ready = std::mem::replace(&mut self.waiting, rest);
-            let items: Vec<(Offset, Item)> = ready.into_iter().filter(|(o, _)| *o > self.handed).collect();
-            self.handed = self.handed.max(window.last);
-            self.status.consumed.store(self.handed.0, Ordering::Relaxed);
-            return Ok(Some(SourceBatch { items, through: self.handed }));
         }
+    }
+}
+
+/// The events of the windows not closed yet, assembled into batches in offset order.
+///
+/// A window's events come in its partitions' messages and then the broadcast subject's, which closes it; each
+/// message's records are in offset order. A message resent (the publisher's restart) or a window re-cut brings
+/// offsets again: each is handed over once.
+pub struct Windows {
+    /// Records of open windows in arrival order: runs each in offset order, possibly overlapping.
+    waiting: Vec<(Offset, Item)>,
+    /// Every offset up to this one has been handed over.
+    handed: Offset,
+}
+
+/// The most events a batch reserves room for up front (a window's length bounds its events).
+const RESERVE_MAX: u64 = 1 << 16;
+
+impl Windows {
+    pub fn new(handed: Offset) -> Self {
+        Self { waiting: Vec::new(), handed }
+    }
+
+    /// Adds a message's records of `window` (those after the offsets handed over); when the message `closes` the
+    /// window, returns the events up to its last offset, in offset order, each once. A body that does not decode
+    /// adds nothing.
+    pub fn add(&mut self, window: Window, closes: bool, body: &[u8]) -> anyhow::Result<Option<SourceBatch>> {
+        if self.waiting.is_empty() {
+            // One allocation for the window instead of a doubling series of them (each fresh memory to fault in).
+            let len = (window.last.0 - window.first.0).saturating_add(1).min(RESERVE_MAX);
+            self.waiting.reserve(len as usize);
+        }
+        let before = self.waiting.len();
+        if let Err(e) = self.push_records(window, body) {
+            self.waiting.truncate(before);
+            return Err(e);
+        }
+        if !closes {
+            return Ok(None);
+        }
+        // Stable, and linear on sorted runs: the partitions' messages, then the broadcast one, merge.
+        if !self.waiting.is_sorted_by_key(|(o, _)| *o) {
+            self.waiting.sort_by_key(|(o, _)| *o);
+        }
+        self.waiting.dedup_by_key(|(o, _)| *o);
+        let cut = self.waiting.partition_point(|(o, _)| *o <= window.last);
+        let rest = self.waiting.split_off(cut);
+        let items = std::mem::replace(&mut self.waiting, rest);
+        self.handed = self.handed.max(window.last);
+        Ok(Some(SourceBatch { items, through: self.handed }))
+    }
+
+    fn push_records(&mut self, window: Window, body: &[u8]) -> anyhow::Result<()> {
+        for record in records(body) {
+            let (offset, record) = record?;
+            if offset <= self.handed || offset < window.first || offset > window.last {
+                continue; // handed over already (a resent or re-cut window), or not this window's
+            }
+            let item = item_of(record).map_err(|e| anyhow::anyhow!("offset {}: {e}", offset.0))?;
+            self.waiting.push((offset, item));
+        }
+        Ok(())
     }
 }
 
@@ -258,6 +304,73 @@ mod tests {
         assert_eq!(version_of("v2.15.1"), Some((2, 15)));
         assert_eq!(version_of("2.11.0-beta.1"), Some((2, 11)));
         assert!(version_of("2.9.10").is_some_and(|v| v < SERVER_MIN));
+    }
+
+    /// A message body of clock events at `offsets` (any event does: the assembly reads offsets, not contents).
+    fn body(offsets: impl IntoIterator<Item = u64>) -> Vec<u8> {
+        let mut body = Vec::new();
+        for o in offsets {
+            let mut record = Vec::new();
+            let event = vigil_model::Event::Clock { time: vigil_model::Timestamp(i128::from(o)) };
+            vigil_store::codec::encode_event(&event, &mut record).expect("encodes");
+            super::super::push_record(Offset(o), &record, &mut body);
+        }
+        body
+    }
+
+    fn offsets(batch: &SourceBatch) -> Vec<u64> {
+        batch.items.iter().map(|(o, _)| o.0).collect()
+    }
+
+    fn window(first: u64, last: u64) -> Window {
+        Window { first: Offset(first), last: Offset(last) }
+    }
+
+    #[test]
+    fn a_window_is_handed_over_in_offset_order_when_its_broadcast_message_closes_it() {
+        let mut w = Windows::new(Offset(0));
+        // The partition's events of window 1..=10 in two messages, then the broadcast events.
+        assert!(w.add(window(1, 10), false, &body([2, 3, 7])).expect("adds").is_none());
+        assert!(w.add(window(1, 10), false, &body([8])).expect("adds").is_none());
+        let batch = w.add(window(1, 10), true, &body([1, 4, 5, 6, 9, 10])).expect("adds").expect("closed");
+        assert_eq!(offsets(&batch), (1..=10).collect::<Vec<_>>());
+        assert_eq!(batch.through, Offset(10));
+        // A window with no broadcast events closes with an empty broadcast message.
+        w.add(window(11, 12), false, &body([11, 12])).expect("adds");
+        let batch = w.add(window(11, 12), true, &[]).expect("adds").expect("closed");
+        assert_eq!((offsets(&batch), batch.through), (vec![11, 12], Offset(12)));
+    }
+
+    #[test]
+    fn resent_and_recut_windows_hand_each_offset_over_once() {
+        let mut w = Windows::new(Offset(4));
+        // Offsets up to the watermark are skipped; so are offsets outside the message's window.
+        w.add(window(1, 8), false, &body([2, 5, 6, 9])).expect("adds");
+        // The publisher restarted and resent the window (re-cut from 3): its partition message again.
+        w.add(window(3, 8), false, &body([5, 6])).expect("adds");
+        let batch = w.add(window(3, 8), true, &body([3, 7, 8])).expect("adds").expect("closed");
+        assert_eq!(offsets(&batch), vec![5, 6, 7, 8]);
+        // The old window's broadcast message, arriving again after: nothing left to hand over.
+        let batch = w.add(window(1, 8), true, &body([1, 3, 4, 7, 8])).expect("adds").expect("closed");
+        assert_eq!((offsets(&batch), batch.through), (vec![], Offset(8)));
+        // A later window's partition message before an earlier window closes waits for its own close.
+        w.add(window(11, 12), false, &body([11])).expect("adds");
+        let batch = w.add(window(9, 10), true, &body([9, 10])).expect("adds").expect("closed");
+        assert_eq!(offsets(&batch), vec![9, 10]);
+        let batch = w.add(window(11, 12), true, &body([12])).expect("adds").expect("closed");
+        assert_eq!(offsets(&batch), vec![11, 12]);
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_adds_nothing() {
+        let mut w = Windows::new(Offset(0));
+        w.add(window(1, 4), false, &body([1])).expect("adds");
+        let mut damaged = body([2, 3]);
+        damaged.pop();
+        let Err(err) = w.add(window(1, 4), false, &damaged) else { panic!("a damaged body is refused") };
+        assert!(err.to_string().contains("undecodable message body"), "{err}");
+        let batch = w.add(window(1, 4), true, &body([4])).expect("adds").expect("closed");
+        assert_eq!(offsets(&batch), vec![1, 4]);
     }
 
     #[test]
