@@ -292,11 +292,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.replicas = replicas as usize;
             config.window_events = window_events.max(1);
             config.duplicate_window = std::time::Duration::from_secs(duplicate_secs.max(1));
-            let input: Box<dyn io::BufRead + Send> = if file.as_os_str() == "-" {
-                Box::new(io::BufReader::new(io::stdin()))
+            let input: Box<dyn io::Read + Send> = if file.as_os_str() == "-" {
+                Box::new(io::stdin())
             } else {
-                let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-                Box::new(io::BufReader::with_capacity(1 << 20, f))
+                Box::new(std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?)
             };
             let runtime = runtime()?;
             let started = std::time::Instant::now();
@@ -308,10 +307,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "nothing to publish: the stream holds offsets 1..={} of this input", summary.last.0)?;
                 return Ok(());
             }
+            let resends = match summary.resends {
+                0 => String::new(),
+                n => format!(", resent one window at a time {n} time(s)"),
+            };
             writeln!(
                 out,
-                "published offsets {}..={} ({events} events, {} windows, {} messages, {} duplicates) in {secs:.2} s \
-                 ({:.0} events/s)",
+                "published offsets {}..={} ({events} events, {} windows, {} messages, {} duplicates{resends}) in \
+                 {secs:.2} s ({:.0} events/s)",
                 summary.resumed_after.0 + 1,
                 summary.last.0,
                 summary.windows,

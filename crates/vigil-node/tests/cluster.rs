@@ -970,3 +970,135 @@ fn a_restarted_cluster_node_resumes_the_funds_fold_from_its_saved_state() {
         "the restarted node should say it resumed from its save at sequence {saved}"
     );
 }
+
+/// Every closing message of `VIGIL_EVENTS` comes after every message of its window, and the closed windows hold every
+/// offset `1..=last`: what a node relies on. Returns how many closes the stream holds.
+async fn assert_stream_whole(url: &str, last: u64) -> usize {
+    use futures_util::StreamExt;
+    use vigil_node::cluster::{BROADCAST_SUBJECT, EVENTS_STREAM, WINDOW_HEADER, Window, records};
+    let client = async_nats::connect(url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
+    let end = stream.info().await.expect("info").state.last_sequence;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut seen: BTreeMap<(u64, u64), BTreeSet<u64>> = BTreeMap::new();
+    let mut covered = BTreeSet::new();
+    let mut closes = 0;
+    loop {
+        let m = messages.next().await.expect("a message").expect("readable");
+        let sequence = m.info().expect("info").stream_sequence;
+        let Some(header) = m.headers.as_ref().and_then(|h| h.get(WINDOW_HEADER)) else {
+            // Another writer's message (the test's): not the publisher's.
+            assert!(!m.subject.as_str().starts_with("vigil.ev.p") && m.subject.as_str() != BROADCAST_SUBJECT);
+            if sequence == end {
+                break;
+            }
+            continue;
+        };
+        let w = Window::parse(header.as_str()).expect("window");
+        let offsets = seen.entry((w.first.0, w.last.0)).or_default();
+        for r in records(&m.payload) {
+            offsets.insert(r.expect("record").0.0);
+        }
+        if m.subject.as_str() == BROADCAST_SUBJECT {
+            let want: BTreeSet<u64> = (w.first.0..=w.last.0).collect();
+            assert_eq!(offsets, &want, "window {header} closed at stream sequence {sequence} with offsets missing");
+            covered.extend(want);
+            closes += 1;
+        }
+        if sequence == end {
+            break;
+        }
+    }
+    assert_eq!(covered, (1..=last).collect::<BTreeSet<u64>>(), "the closed windows do not cover every offset");
+    closes
+}
+
+#[test]
+fn a_publisher_that_finds_a_message_it_sends_ahead_stored_already_resends_one_window_at_a_time_and_the_stream_stays_whole()
+ {
+    use vigil_model::Offset;
+    use vigil_node::cluster::{WINDOW_HEADER, Window, partition_of, partition_subject, push_record};
+    let Some(binary) = nats_server() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, url) = single_server(binary, dir.path());
+    let events = dir.path().join("events.jsonl");
+    let out = vigil().args(["gen", "--accounts", "300", "--events", "3000", "-o"]).arg(&events).output().expect("gen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&events).expect("read");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    // A publisher that died after storing one partition message of its first window (offsets 1-50) and not the
+    // close: that message, exactly as the publisher cuts it, is in the stream. The restarted publisher sends it
+    // ahead again with the rest of the window; JetStream answers it as a duplicate, and the messages sent after it
+    // (expecting the stream one message longer) are refused.
+    let window = Window { first: Offset(1), last: Offset(50) };
+    let mut body = Vec::new();
+    let mut first = None;
+    for (i, line) in lines[..50].iter().enumerate() {
+        let event = vigil_model::parse_line(line).expect("a generated line parses");
+        if event.account().is_some_and(|a| partition_of(a, 2) == 0) {
+            let mut record = Vec::new();
+            vigil_store::codec::encode_event(&event, &mut record).expect("encodes");
+            push_record(Offset(i as u64 + 1), &record, &mut body);
+            first.get_or_insert(i as u64 + 1);
+        }
+    }
+    let first = first.expect("partition 0 has an event among the first 50");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(&url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        vigil_node::cluster::publish::events_stream(&js, 1, Duration::from_secs(120)).await.expect("stream");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(WINDOW_HEADER, window.header().as_str());
+        headers.insert("Nats-Msg-Id", format!("{first}.{}", window.header()).as_str());
+        let ack = js.publish_with_headers(partition_subject(0), headers, body.into()).await.expect("publish");
+        assert!(!ack.await.expect("stored").duplicate);
+    });
+    let mut config = vigil_node::cluster::publish::PublishConfig::new(&url, 2);
+    config.window_events = 50; // many windows, several of them sent ahead at once
+    let input = std::fs::File::open(&events).expect("open");
+    let summary = runtime.block_on(vigil_node::cluster::publish::publish(input, &config, |_| {})).expect("published");
+    assert_eq!(summary.last.0, lines.len() as u64);
+    assert_eq!(summary.duplicates, 1, "{summary:?}");
+    assert!(summary.resends >= 1, "no window was resent one at a time: {summary:?}");
+    let closes = runtime.block_on(assert_stream_whole(&url, lines.len() as u64));
+    assert_eq!(closes as u64, summary.windows, "{summary:?}");
+}
+
+#[test]
+fn a_publisher_reading_a_pipe_publishes_what_it_has_when_the_pipe_pauses() {
+    let Some(binary) = nats_server() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, url) = single_server(binary, dir.path());
+    let events = dir.path().join("events.jsonl");
+    let out = vigil().args(["gen", "--accounts", "50", "--events", "100", "-o"]).arg(&events).output().expect("gen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&events).expect("read");
+    let count = text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let (input, mut writer) = std::io::pipe().expect("pipe");
+    let config = vigil_node::cluster::publish::PublishConfig::new(&url, 2);
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publisher = {
+        let published = std::sync::Arc::clone(&published);
+        runtime.spawn(async move {
+            vigil_node::cluster::publish::publish(input, &config, |s| {
+                published.store(s.last.0, std::sync::atomic::Ordering::Release)
+            })
+            .await
+        })
+    };
+    // Fewer lines than the reader hands over at once, and then nothing: they are published without waiting for more
+    // (the pipe stays open).
+    writer.write_all(text.as_bytes()).expect("write");
+    writer.flush().expect("flush");
+    wait_for(60, "the lines before the pause stored", || published.load(std::sync::atomic::Ordering::Acquire) == count);
+    drop(writer);
+    let summary = runtime.block_on(publisher).expect("joined").expect("published");
+    assert_eq!(summary.last.0, count);
+}

@@ -2,17 +2,22 @@
 //! exactly as `vigil replay` counts them (an unreadable line takes its offset as a rejection), so a partitioned
 //! cluster and a replay of the same input agree offset for offset.
 //!
-//! Each window is published whole before the next: its partition messages, their PubAcks, then its closing message
-//! on the broadcast subject and that PubAck. The stream therefore never holds a closed window with a message missing,
-//! and a restart resumes after the last closed window (the last message on the broadcast subject), re-cutting the
+//! The stream never holds a closed window with a message missing. `vigil publish` keeps up to [`WINDOWS_AHEAD`]
+//! windows in flight, each message stored only right after the one sent before it (`Nats-Expected-Last-Sequence`:
+//! [`Pipeline`]); the node's forwarder, and `vigil publish` after a failure, publish a window whole before the next:
+//! its partition messages, their PubAcks, then its closing message on the broadcast subject and that PubAck
+//! ([`publish_window`]). A restart resumes after the last closed window (the last message on the broadcast subject), re-cutting the
 //! window it was in the middle of: messages cut the same way deduplicate (`Nats-Msg-Id`), and a node applies an
 //! offset once whatever the stream holds twice.
 
-use std::io::BufRead;
+use std::collections::VecDeque;
+use std::io::{BufReader, Read};
 use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::HeaderMap;
+use async_nats::header::NATS_EXPECTED_LAST_SEQUENCE;
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
 use vigil_model::{Offset, Reason, parse_line};
@@ -65,6 +70,8 @@ pub struct PublishSummary {
     pub messages: u64,
     /// Messages the stream already held (a resend after a crash).
     pub duplicates: u64,
+    /// Times the windows sent ahead were resent one at a time (a message or an ack lost, a resend after a crash).
+    pub resends: u64,
 }
 
 /// Connects to the first reachable of a comma-separated list of `nats://` addresses, retrying for
@@ -156,11 +163,12 @@ fn prepare(line: Result<&str, String>, partitions: u32) -> Line {
 /// Reads `input` on this thread, skipping the first `skip` offsets, and sends the prepared lines (in chunks) to
 /// `tx`. Returns when the input ends or the receiver is gone.
 fn read_input(
-    mut input: impl BufRead,
+    input: impl Read,
     skip: u64,
     partitions: u32,
     tx: tokio::sync::mpsc::Sender<Vec<Line>>,
 ) -> anyhow::Result<()> {
+    let mut input = BufReader::with_capacity(1 << 20, input);
     let mut buf = Vec::with_capacity(1024);
     let mut offset = 0u64;
     let mut chunk = Vec::with_capacity(256);
@@ -179,8 +187,9 @@ fn read_input(
             std::str::from_utf8(&buf).map_err(|e| format!("line is not UTF-8: {e}"))
         };
         chunk.push(prepare(line, partitions));
-        // Hand over at once when the reader would block (a pipe): the window may be waiting for it.
-        if chunk.len() >= 256 || input.fill_buf().map(|b| b.is_empty()).unwrap_or(true) {
+        // Hand over at once when nothing more is buffered (a pipe would block, or the input ends): the window may be
+        // waiting for these lines, and the next may not come for a while.
+        if chunk.len() >= 256 || input.buffer().is_empty() {
             if tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
                 return Ok(());
             }
@@ -275,14 +284,8 @@ async fn send_window(js: &jetstream::Context, messages: &[Outgoing]) -> Result<u
     Ok(duplicates + u64::from(ack.duplicate))
 }
 
-/// Publishes one window: partition messages, their acks, then the closing message and its ack. A failure (a
-/// leader election, a lost connection) resends the whole window until [`super::STARTUP_RETRY`] passes: the
-/// messages keep their ids, so what was stored the first time deduplicates.
-pub(crate) async fn publish_window(
-    js: &jetstream::Context,
-    cut: Cut,
-    summary: &mut PublishSummary,
-) -> anyhow::Result<()> {
+/// A window's messages, ready to send: its partition messages (those with events), then its close.
+fn outgoing(cut: Cut) -> (Window, Vec<Outgoing>) {
     let window = Window { first: cut.first, last: cut.last };
     let partitions = cut.bodies.len() as u32;
     let mut messages = Vec::with_capacity(cut.bodies.len() + 1);
@@ -304,19 +307,169 @@ pub(crate) async fn publish_window(
         headers: headers(window, partitions, first, count, &id),
         body: Bytes::from(body),
     });
+    (window, messages)
+}
+
+/// Publishes one window: partition messages, their acks, then the closing message and its ack. A failure (a
+/// leader election, a lost connection) resends the whole window until [`super::STARTUP_RETRY`] passes: the
+/// messages keep their ids, so what was stored the first time deduplicates.
+pub(crate) async fn publish_window(
+    js: &jetstream::Context,
+    cut: Cut,
+    summary: &mut PublishSummary,
+) -> anyhow::Result<()> {
+    let (window, messages) = outgoing(cut);
+    publish_messages(js, window, &messages, summary).await
+}
+
+async fn publish_messages(
+    js: &jetstream::Context,
+    window: Window,
+    messages: &[Outgoing],
+    summary: &mut PublishSummary,
+) -> anyhow::Result<()> {
     let what = format!("publishing window {}", window.header());
-    let duplicates = super::retry(&what, || send_window(js, &messages)).await?;
-    summary.messages += messages.len() as u64;
+    let duplicates = super::retry(&what, || send_window(js, messages)).await?;
     summary.duplicates += duplicates;
+    stored(summary, window, messages.len());
+    Ok(())
+}
+
+fn stored(summary: &mut PublishSummary, window: Window, messages: usize) {
+    summary.messages += messages as u64;
     summary.windows += 1;
     summary.last = window.last;
-    Ok(())
+}
+
+/// Windows `vigil publish` sends before the acks of the first of them are in.
+const WINDOWS_AHEAD: usize = 4;
+
+/// A window sent ahead, its acks not all in.
+struct Ahead {
+    window: Window,
+    messages: Vec<Outgoing>,
+    acks: Vec<PublishAckFuture>,
+}
+
+/// `vigil publish`'s sender: windows pipelined, without waiting for a window's acks before the next is sent, and
+/// still never a close in the stream with a message of its window missing.
+///
+/// Each message carries `Nats-Expected-Last-Sequence`: the stream's last sequence once every message sent before it
+/// is stored. JetStream stores a message only if the stream's last sequence (counting the messages it is storing)
+/// is that one, so a message lost (a leader election, a lost connection) makes every message sent after it be
+/// refused as well: the stream holds a prefix of what was sent, in order, the invariant of the careful way. The
+/// publisher is the stream's only writer (`docs/cluster.md`). At the first ack that fails or says duplicate (a
+/// resend after a restart: the stream did not grow), every window not known stored is resent the careful way
+/// ([`publish_window`]: what the stream holds deduplicates), and the stream's last sequence is read again.
+struct Pipeline<'a> {
+    js: &'a jetstream::Context,
+    stream: stream::Stream,
+    /// The stream's last sequence once every message sent is stored.
+    last_sequence: u64,
+    ahead: VecDeque<Ahead>,
+}
+
+impl<'a> Pipeline<'a> {
+    async fn new(js: &'a jetstream::Context, stream: stream::Stream) -> anyhow::Result<Self> {
+        let mut p = Self { js, stream, last_sequence: 0, ahead: VecDeque::new() };
+        p.last_sequence = p.stream_last_sequence().await?;
+        Ok(p)
+    }
+
+    async fn stream_last_sequence(&self) -> anyhow::Result<u64> {
+        let info = super::retry("reading the stream's last sequence", || self.stream.get_info()).await?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Sends a window; completes the oldest windows beyond [`WINDOWS_AHEAD`].
+    async fn send(
+        &mut self,
+        cut: Cut,
+        summary: &mut PublishSummary,
+        progress: &mut impl FnMut(&PublishSummary),
+    ) -> anyhow::Result<()> {
+        let (window, messages) = outgoing(cut);
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let mut headers = m.headers.clone();
+            headers.insert(NATS_EXPECTED_LAST_SEQUENCE, self.last_sequence.to_string().as_str());
+            match self.js.publish_with_headers(m.subject.clone(), headers, m.body.clone()).await {
+                Ok(ack) => {
+                    acks.push(ack);
+                    self.last_sequence += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, window = %window.header(), "publishing ahead; resending the careful way");
+                    break;
+                }
+            }
+        }
+        let complete = acks.len() == messages.len();
+        self.ahead.push_back(Ahead { window, messages, acks });
+        if !complete {
+            return self.resend(summary, progress).await;
+        }
+        while self.ahead.len() > WINDOWS_AHEAD {
+            self.complete_oldest(summary, progress).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the acks of every window sent.
+    async fn finish(
+        &mut self,
+        summary: &mut PublishSummary,
+        progress: &mut impl FnMut(&PublishSummary),
+    ) -> anyhow::Result<()> {
+        while !self.ahead.is_empty() {
+            self.complete_oldest(summary, progress).await?;
+        }
+        Ok(())
+    }
+
+    async fn complete_oldest(
+        &mut self,
+        summary: &mut PublishSummary,
+        progress: &mut impl FnMut(&PublishSummary),
+    ) -> anyhow::Result<()> {
+        let Some(Ahead { window, messages, acks }) = self.ahead.pop_front() else { return Ok(()) };
+        for ack in acks {
+            let stored = match ack.await {
+                Ok(a) if !a.duplicate => continue,
+                Ok(_) => "stored already".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(window = %window.header(), ack = %stored, "a window sent ahead was not stored in order; resending the careful way");
+            self.ahead.push_front(Ahead { window, messages, acks: Vec::new() });
+            return self.resend(summary, progress).await;
+        }
+        stored(summary, window, messages.len());
+        progress(summary);
+        Ok(())
+    }
+
+    /// Resends every window not known stored, one at a time, then reads where the stream ends.
+    async fn resend(
+        &mut self,
+        summary: &mut PublishSummary,
+        progress: &mut impl FnMut(&PublishSummary),
+    ) -> anyhow::Result<()> {
+        summary.resends += 1;
+        // The acks still outstanding are dropped: their messages were sent before the resends on this connection,
+        // so the server has taken each of them, stored or refused, before it answers the first resend.
+        for Ahead { window, messages, .. } in std::mem::take(&mut self.ahead) {
+            publish_messages(self.js, window, &messages, summary).await?;
+            progress(summary);
+        }
+        self.last_sequence = self.stream_last_sequence().await?;
+        Ok(())
+    }
 }
 
 /// Publishes `input` (JSON Lines) to the events stream, resuming after the last closed window it already holds.
 /// `progress` is called after each window with what was published so far.
 pub async fn publish(
-    input: impl BufRead + Send + 'static,
+    input: impl Read + Send + 'static,
     config: &PublishConfig,
     mut progress: impl FnMut(&PublishSummary),
 ) -> anyhow::Result<PublishSummary> {
@@ -342,8 +495,9 @@ pub async fn publish(
         .name("vigil-publish-read".into())
         .spawn(move || read_input(input, resumed_after.0, partitions, tx))
         .context("starting the input reader")?;
+    let mut pipeline = Pipeline::new(&js, stream).await?;
     let mut cut = Cut::new(resumed_after.next(), partitions);
-    let mut queued: std::collections::VecDeque<Line> = std::collections::VecDeque::new();
+    let mut queued: VecDeque<Line> = VecDeque::new();
     let mut ended = false;
     loop {
         if queued.is_empty() && !ended {
@@ -353,11 +507,11 @@ pub async fn publish(
                 match tokio::time::timeout(config.idle, rx.recv()).await {
                     Ok(n) => n,
                     Err(_) => {
-                        // The input paused: close what is cut.
+                        // The input paused: close what is cut, and see it stored.
                         let next_first = cut.last.next();
                         let full = std::mem::replace(&mut cut, Cut::new(next_first, partitions));
-                        publish_window(&js, full, &mut summary).await?;
-                        progress(&summary);
+                        pipeline.send(full, &mut summary, &mut progress).await?;
+                        pipeline.finish(&mut summary, &mut progress).await?;
                         continue;
                     }
                 }
@@ -378,13 +532,13 @@ pub async fn publish(
         if (window_full || (ended && queued.is_empty())) && cut.events > 0 {
             let next_first = cut.last.next();
             let full = std::mem::replace(&mut cut, Cut::new(next_first, partitions));
-            publish_window(&js, full, &mut summary).await?;
-            progress(&summary);
+            pipeline.send(full, &mut summary, &mut progress).await?;
         }
         if ended && queued.is_empty() && cut.events == 0 {
             break;
         }
     }
+    pipeline.finish(&mut summary, &mut progress).await?;
     reader.join().map_err(|_| anyhow::anyhow!("the input reader panicked"))??;
     client.flush().await.context("flushing the NATS connection")?;
     Ok(summary)
