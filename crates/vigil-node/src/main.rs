@@ -56,8 +56,9 @@ enum Command {
         settings: Box<NodeSettings>,
     },
     /// Publishes a JSON Lines event stream to NATS JetStream for partitioned cluster nodes (docs/cluster.md):
-    /// offsets, windows per partition, each window stored before the next; resumes after the stream's last
-    /// closed window.
+    /// offsets, windows per partition, a window's close stored only after all its messages (windows sent ahead,
+    /// each message expecting the stream's last sequence; the stream must have no other writer); resumes after the
+    /// stream's last closed window.
     Publish {
         /// The event stream (`-` for standard input).
         file: PathBuf,
