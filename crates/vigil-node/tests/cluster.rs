@@ -976,7 +976,7 @@ fn a_restarted_cluster_node_resumes_the_funds_fold_from_its_saved_state() {
 async fn assert_stream_whole(url: &str, last: u64) -> usize {
     use futures_util::StreamExt;
     use vigil_node::cluster::{BROADCAST_SUBJECT, EVENTS_STREAM, WINDOW_HEADER, Window, records};
-    let client = async_nats::connect(url).await.expect("connect");
+    let client = vigil_node::cluster::publish::connect(url).await.expect("connect");
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
     let end = stream.info().await.expect("info").state.last_sequence;
@@ -1050,7 +1050,7 @@ fn a_publisher_that_finds_a_message_it_sends_ahead_stored_already_resends_one_wi
     let first = first.expect("partition 0 has an event among the first 50");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
-        let client = async_nats::connect(&url).await.expect("connect");
+        let client = vigil_node::cluster::publish::connect(&url).await.expect("connect");
         let js = async_nats::jetstream::new(client);
         vigil_node::cluster::publish::events_stream(&js, 1, Duration::from_secs(120)).await.expect("stream");
         let mut headers = async_nats::HeaderMap::new();
