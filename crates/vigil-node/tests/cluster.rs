@@ -971,6 +971,19 @@ fn a_restarted_cluster_node_resumes_the_funds_fold_from_its_saved_state() {
     );
 }
 
+/// A `vigil gen` stream of `events` events over `accounts` accounts in `dir`: its path and its text.
+fn generated(dir: &Path, accounts: u32, events: u32) -> (PathBuf, String) {
+    let path = dir.join("events.jsonl");
+    let out = vigil()
+        .args(["gen", "--accounts", &accounts.to_string(), "--events", &events.to_string(), "-o"])
+        .arg(&path)
+        .output()
+        .expect("gen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&path).expect("read");
+    (path, text)
+}
+
 /// Every closing message of `VIGIL_EVENTS` comes after every message of its window, and the closed windows hold every
 /// offset `1..=last`: what a node relies on. Returns how many closes the stream holds.
 async fn assert_stream_whole(url: &str, last: u64) -> usize {
@@ -1026,10 +1039,7 @@ fn a_publisher_that_finds_a_message_it_sends_ahead_stored_already_resends_one_wi
     let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let (_server, url) = single_server(binary, dir.path());
-    let events = dir.path().join("events.jsonl");
-    let out = vigil().args(["gen", "--accounts", "300", "--events", "3000", "-o"]).arg(&events).output().expect("gen");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = std::fs::read_to_string(&events).expect("read");
+    let (events, text) = generated(dir.path(), 300, 3000);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     // A publisher that died after storing one partition message of its first window (offsets 1-50) and not the
     // close: that message, exactly as the publisher cuts it, is in the stream. The restarted publisher sends it
@@ -1075,10 +1085,7 @@ fn a_publisher_reading_a_pipe_publishes_what_it_has_when_the_pipe_pauses() {
     let Some(binary) = nats_server() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let (_server, url) = single_server(binary, dir.path());
-    let events = dir.path().join("events.jsonl");
-    let out = vigil().args(["gen", "--accounts", "50", "--events", "100", "-o"]).arg(&events).output().expect("gen");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = std::fs::read_to_string(&events).expect("read");
+    let (_, text) = generated(dir.path(), 50, 100);
     let count = text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (input, mut writer) = std::io::pipe().expect("pipe");

@@ -409,10 +409,7 @@ impl<'a> Pipeline<'a> {
         if !complete {
             return self.resend(summary, progress).await;
         }
-        while self.ahead.len() > WINDOWS_AHEAD {
-            self.complete_oldest(summary, progress).await?;
-        }
-        Ok(())
+        self.complete_down_to(WINDOWS_AHEAD, summary, progress).await
     }
 
     /// Waits for the acks of every window sent.
@@ -421,7 +418,17 @@ impl<'a> Pipeline<'a> {
         summary: &mut PublishSummary,
         progress: &mut impl FnMut(&PublishSummary),
     ) -> anyhow::Result<()> {
-        while !self.ahead.is_empty() {
+        self.complete_down_to(0, summary, progress).await
+    }
+
+    /// Completes the oldest windows until at most `ahead` are in flight.
+    async fn complete_down_to(
+        &mut self,
+        ahead: usize,
+        summary: &mut PublishSummary,
+        progress: &mut impl FnMut(&PublishSummary),
+    ) -> anyhow::Result<()> {
+        while self.ahead.len() > ahead {
             self.complete_oldest(summary, progress).await?;
         }
         Ok(())
