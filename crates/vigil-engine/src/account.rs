@@ -1,10 +1,11 @@
 //! One account's state and its evaluation: positions, balances, cached figures, liquidation episodes.
 
 use vigil_model::margin::{
-    MM_E24_UNKNOWN, ValueMm, bankruptcy_price, collateral_value, entry_price, is_liquidatable, linear_figures,
-    linear_value_mm, linear_value_mm_e24, liquidation_price, mm_from_e24, option_figures, option_value_mm_e24,
+    MM_E24_UNKNOWN, ScaledTiers, ValueMm, bankruptcy_price, collateral_value, entry_price, is_liquidatable,
+    linear_figures, linear_value_mm, linear_value_mm_e24, linear_value_mm_e24_scaled, liquidation_price, mm_from_e24,
+    option_figures, option_value_mm_e24,
 };
-use vigil_model::num::{SCALE2, checked_mul};
+use vigil_model::num::{Round, SCALE_I128, SCALE2, checked_mul, div};
 use vigil_model::portfolio::{GroupMargin, Leg, group_margin};
 use vigil_model::{
     AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, OptionTerms, PositionFigures, PositionView, Price,
@@ -239,22 +240,24 @@ pub struct Valuation<'a> {
     slots: Vec<SlotValue<'a>>,
 }
 
-#[derive(Clone, Copy)]
 struct SlotValue<'a> {
     /// A balance's index price (`None`: it counts nothing) and haircut.
     price: Option<Price>,
     haircut: Rate,
+    /// `price × (1 − haircut)` at 1e-16: a positive balance's value is `⌊balance × it / 1e16⌋`.
+    discounted_e16: Option<i128>,
     position: PositionRule<'a>,
 }
 
 /// How a position in the slot is valued and margined.
-#[derive(Clone, Copy)]
 enum PositionRule<'a> {
     /// No figures: not an instrument, or a figure it needs (mark, tiers, underlying index) is missing.
     Nothing,
     Linear {
         mark: Price,
         tiers: &'a Tiers,
+        /// The same tiers scaled once (`None` if they do not scale within `i128`: then `tiers` values).
+        scaled: Option<ScaledTiers>,
     },
     Option {
         mark: Price,
@@ -270,7 +273,7 @@ impl<'a> Valuation<'a> {
                 let position = match (market.instrument(slot), market.price(slot)) {
                     (Some(inst), Some(mark)) => match &inst.kind {
                         InstrumentKind::Perp | InstrumentKind::Future => match &inst.tiers {
-                            Some(tiers) => PositionRule::Linear { mark, tiers },
+                            Some(tiers) => PositionRule::Linear { mark, tiers, scaled: ScaledTiers::new(tiers) },
                             None => PositionRule::Nothing,
                         },
                         InstrumentKind::Option { underlying, terms } => match market.price(*underlying) {
@@ -280,7 +283,10 @@ impl<'a> Valuation<'a> {
                     },
                     _ => PositionRule::Nothing,
                 };
-                SlotValue { price: market.price(slot), haircut: market.haircut(slot), position }
+                let (price, haircut) = (market.price(slot), market.haircut(slot));
+                // Both below 2^63: the product fits.
+                let discounted_e16 = price.map(|p| p.wide() * (SCALE_I128 - haircut.wide()));
+                SlotValue { price, haircut, discounted_e16, position }
             })
             .collect();
         Self { slots }
@@ -293,7 +299,15 @@ impl<'a> Valuation<'a> {
             return amount;
         }
         match self.slots.get(slot as usize) {
-            Some(SlotValue { price: Some(p), haircut, .. }) => collateral_value(amount, *p, *haircut),
+            Some(SlotValue { price: Some(p), haircut, discounted_e16, .. }) => {
+                // `collateral_value`'s product for a positive balance, formed once per slot instead of per balance.
+                match discounted_e16.filter(|_| amount.0 >= 0).and_then(|d| checked_mul(amount.0, d)) {
+                    Some(x) => Amount(
+                        div(x, SCALE2, Round::Floor).expect("invariant: a division by 1e16 always has a quotient"),
+                    ),
+                    None => collateral_value(amount, *p, *haircut),
+                }
+            }
             _ => Amount::ZERO,
         }
     }
@@ -301,10 +315,10 @@ impl<'a> Valuation<'a> {
     /// A position's value and maintenance margin: those of [`figures_at`].
     #[inline]
     fn position(&self, p: &Position) -> (Amount, Amount) {
-        let f = match self.slots.get(p.slot as usize).map(|s| s.position) {
-            Some(PositionRule::Linear { mark, tiers }) => linear_value_mm(p.qty, p.cost_e16, mark, tiers),
+        let f = match self.slots.get(p.slot as usize).map(|s| &s.position) {
+            Some(PositionRule::Linear { mark, tiers, .. }) => linear_value_mm(p.qty, p.cost_e16, *mark, tiers),
             Some(PositionRule::Option { mark, underlying, terms }) => {
-                option_figures(p.qty, p.cost_e16, mark, underlying, terms)
+                option_figures(p.qty, p.cost_e16, *mark, *underlying, terms)
             }
             Some(PositionRule::Nothing) | None => PositionFigures::default(),
         };
@@ -314,10 +328,15 @@ impl<'a> Valuation<'a> {
     /// A position's value and its maintenance margin unrounded (see [`ValueMm`]).
     #[inline]
     fn position_unrounded(&self, p: &Position) -> ValueMm {
-        match self.slots.get(p.slot as usize).map(|s| s.position) {
-            Some(PositionRule::Linear { mark, tiers }) => linear_value_mm_e24(p.qty, p.cost_e16, mark, tiers),
+        match self.slots.get(p.slot as usize).map(|s| &s.position) {
+            Some(PositionRule::Linear { mark, scaled: Some(scaled), .. }) => {
+                linear_value_mm_e24_scaled(p.qty, p.cost_e16, *mark, scaled)
+            }
+            Some(PositionRule::Linear { mark, tiers, scaled: None }) => {
+                linear_value_mm_e24(p.qty, p.cost_e16, *mark, tiers)
+            }
             Some(PositionRule::Option { mark, underlying, terms }) => {
-                option_value_mm_e24(p.qty, mark, underlying, terms)
+                option_value_mm_e24(p.qty, *mark, *underlying, terms)
             }
             Some(PositionRule::Nothing) | None => ValueMm { value: Amount::ZERO, mm_e24: 0 },
         }

@@ -217,6 +217,58 @@ pub fn linear_value_mm_e24(q: Qty, cost_e16: i128, mark: Price, tiers: &Tiers) -
     ValueMm { value, mm_e24: mm_e24.filter(|y| *y != MM_E24_UNKNOWN).unwrap_or(MM_E24_UNKNOWN) }
 }
 
+/// A tier table scaled once for valuing many positions of one instrument (a stress pass): each tier's bound at
+/// 1e-16 (the last one unbounded, as [`Tiers::index_for`] treats it) and its maintenance amount at 1e-24, so that
+/// [`linear_value_mm_e24_scaled`] scales nothing per position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaledTiers(Box<[ScaledTier]>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScaledTier {
+    /// `max_notional × 1e8`; `i128::MAX` for the last tier.
+    bound_e16: i128,
+    mmr: i128,
+    /// `−cumₜ × 1e8`.
+    neg_cum_e24: i128,
+}
+
+impl ScaledTiers {
+    /// `None` if a maintenance amount at 1e-24 does not fit `i128` (then value with [`linear_value_mm_e24`]).
+    pub fn new(tiers: &Tiers) -> Option<Self> {
+        let last = tiers.0.len().checked_sub(1)?;
+        tiers
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let bound_e16 = match t.max_notional {
+                    Some(m) if i < last => m.wide() * SCALE_I128,
+                    _ => i128::MAX,
+                };
+                let neg_cum_e24 = checked_mul(t.cum_e16, SCALE_I128)?.checked_neg()?;
+                Some(ScaledTier { bound_e16, mmr: t.mmr.wide(), neg_cum_e24 })
+            })
+            .collect::<Option<Box<[_]>>>()
+            .map(Self)
+    }
+}
+
+/// [`linear_value_mm_e24`] with the tiers scaled once: the same figures, bit for bit.
+#[inline]
+pub fn linear_value_mm_e24_scaled(q: Qty, cost_e16: i128, mark: Price, tiers: &ScaledTiers) -> ValueMm {
+    let value = unrealized_pnl(q, cost_e16, mark);
+    if q.0 == 0 {
+        return ValueMm { value, mm_e24: 0 };
+    }
+    let notional_e16 = q.wide().abs() * mark.wide();
+    // The last tier's bound is i128::MAX: the search always stops.
+    let t = tiers.0.iter().find(|t| t.bound_e16 >= notional_e16).unwrap_or(&tiers.0[tiers.0.len() - 1]);
+    // A rate is at most 1 (1e8 < 2^27): a notional below 2^100 keeps the product below 2^127.
+    let product = if notional_e16 >> 100 == 0 { Some(notional_e16 * t.mmr) } else { checked_mul(notional_e16, t.mmr) };
+    let mm_e24 = product.and_then(|p| p.checked_add(t.neg_cum_e24));
+    ValueMm { value, mm_e24: mm_e24.filter(|y| *y != MM_E24_UNKNOWN).unwrap_or(MM_E24_UNKNOWN) }
+}
+
 /// [`option_figures`]' value, and its MM unrounded: `|q| × (mm × U + m)` at 1e-24 for a short, zero for a long.
 pub fn option_value_mm_e24(q: Qty, mark: Price, underlying: Price, terms: &OptionTerms) -> ValueMm {
     let value = Amount(e16_to_e8(q.wide() * mark.wide(), Round::Floor));
@@ -612,6 +664,33 @@ mod tests {
             if let (Some(ys), Some(scaled)) = (ys, scaled) {
                 proptest::prop_assert!(scaled >= ys && scaled - ys < 2 * SCALE2, "{scaled} against {ys}");
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4096))]
+
+        /// Tiers scaled once give the figures of the tiers as they are, bit for bit: every tier, notionals past
+        /// `i128` at 1e-24, a last tier with a bound and without one.
+        #[test]
+        fn scaled_tiers_value_as_the_tiers(
+            q in proptest::prop_oneof![-(1i64 << 42)..(1i64 << 42), proptest::num::i64::ANY],
+            entry in 1i64..(1i64 << 48),
+            mark in proptest::prop_oneof![1i64..(1i64 << 48), 1i64..i64::MAX],
+            bounded_last in proptest::bool::ANY,
+        ) {
+            let table = if bounded_last {
+                tiers(&[(Some("50000"), "0.01", "0.005"), (Some("250000"), "1", "1")])
+            } else {
+                binance()
+            };
+            let scaled = ScaledTiers::new(&table).ok_or_else(|| proptest::test_runner::TestCaseError::fail("scaled"))?;
+            let (q, mark) = (Qty(q), Price(mark));
+            let cost = q.wide().saturating_mul(i128::from(entry));
+            proptest::prop_assert_eq!(
+                linear_value_mm_e24_scaled(q, cost, mark, &scaled),
+                linear_value_mm_e24(q, cost, mark, &table)
+            );
         }
     }
 
