@@ -521,3 +521,45 @@ fn merging_is_independent_of_how_accounts_are_split() {
     let g = Grid { underlying: "BTC".into(), from: -50_000_000, to: 50_000_000, steps: 21 };
     assert_eq!((g.step(0), g.step(1), g.step(10), g.step(20)), (-50_000_000, -45_000_000, 0, 50_000_000));
 }
+
+#[test]
+fn a_book_cut_into_pieces_that_threads_take_in_turn_gives_each_shards_own_answer() {
+    // Proves the offline runner's division of work: with two pieces or more of `CHUNK` accounts per shard, taken by
+    // the threads in whatever order they come, the report equals each shard's own pass (`Engine::stress`, one
+    // thread over its accounts in order) merged: counts, shortfall, losses by asset and the top lists, for
+    // standard and portfolio accounts.
+    let accounts = 5 * vigil_node::stress::CHUNK;
+    let config = StreamConfig {
+        seed: 7,
+        events: 4 * accounts,
+        accounts,
+        bad_percent: 0,
+        portfolio_percent: 3,
+        liquidation_percent: 0,
+    };
+    let stream = generate(&config);
+    let request = Request {
+        scenarios: vec![Scenario {
+            name: "crash".into(),
+            moves: vec![("BTC".into(), -40_000_000), ("ETH".into(), -50_000_000)],
+            vol: vec![("BTC".into(), 50_000_000)],
+        }],
+        grids: vec![Grid { underlying: "BTC".into(), from: -50_000_000, to: 50_000_000, steps: 5 }],
+        top: 50,
+    };
+    let mut sharded = book(&stream, 2);
+    assert!(
+        sharded.shards().iter().all(|s| s.account_count() > vigil_node::stress::CHUNK),
+        "vacuous: a shard in one piece: {:?}",
+        sharded.shards().iter().map(|s| s.account_count()).collect::<Vec<_>>()
+    );
+    let scenarios = request.expand();
+    let own = merge_shards(
+        sharded.shards().iter().map(|s| s.stress(&scenarios, request.top, &mut |_| {}).expect("valid")).collect(),
+        request.top,
+    );
+    let offset = sharded.offset();
+    let report = run(sharded.shards_mut(), offset, &request, false).expect("valid");
+    assert_eq!(report.result, own);
+    assert!(own.scenarios.iter().all(|p| p.top.len() == 50 && p.liquidatable > 0), "vacuous: {own:?}");
+}

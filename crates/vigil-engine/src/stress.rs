@@ -13,12 +13,15 @@ use vigil_model::num::{Round, SCALE_I128, mul_div};
 use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
+use crate::account::Account;
 use crate::account::{
     Exposure, Standing, Valuation, exposure, portfolio_exposure_valued, portfolio_groups_into, standard_exposure,
     standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, Slot};
 use crate::{Engine, prefetch};
+use vigil_model::margin::ValueMm;
+use vigil_model::portfolio::GroupMargin;
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
 pub type Relative = i64;
@@ -339,7 +342,8 @@ fn reported_assets(s: &Scenario) -> Vec<String> {
 struct Ranked<'a> {
     loss: Amount,
     id: Reverse<&'a str>,
-    /// The account's place in the shard.
+    /// The account's shard (its [`Pass`] among those [`finish`] is given) and place in it.
+    shard: usize,
     index: usize,
 }
 
@@ -409,74 +413,117 @@ const PREFETCH_NEAR: usize = 8;
 const PROGRESS_EVERY: usize = 1 << 14;
 
 impl Engine {
+    /// The market as each scenario moves it ([`shock`]): refused (before computing anything) if a scenario names
+    /// an unknown asset or must reprice an option before any clock.
+    pub fn shock_all(&self, scenarios: &[Scenario]) -> Result<Vec<Market>, StressError> {
+        scenarios.iter().map(|s| shock(&self.market, s)).collect()
+    }
+
     /// This shard's part of every scenario, at its current state; `progress` is told how many accounts are done
-    /// as it goes. Changes nothing. Refused (before computing anything) if a scenario names an unknown asset or
-    /// must reprice an option before any clock.
-    ///
-    /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
-    /// evaluated at current prices, then at each scenario's prices while it is in cache. A standard account is
-    /// evaluated as terms (balances, positions); a scenario recomputes only the terms whose prices it moves.
+    /// as it goes. Changes nothing. Refused as [`Engine::shock_all`].
     pub fn stress(
         &self,
         scenarios: &[Scenario],
         top: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<ShardStress, StressError> {
-        let market = &self.market;
-        let shocked: Vec<Market> = scenarios.iter().map(|s| shock(market, s)).collect::<Result<_, _>>()?;
-        let plans: Vec<Plan> = scenarios.iter().zip(&shocked).map(|(s, after)| Plan::new(market, after, s)).collect();
-        let mut parts: Vec<Part> = plans
-            .iter()
-            .map(|p| Part {
-                assets: p.names.iter().map(|a| AssetLoss { asset: a.clone(), ..AssetLoss::default() }).collect(),
-                ..Part::default()
-            })
-            .collect();
-        let mut heaps: Vec<BinaryHeap<Reverse<Ranked>>> =
-            (0..scenarios.len()).map(|_| BinaryHeap::with_capacity(top + 1)).collect();
-        let valuation = Valuation::new(market);
-        let valuations: Vec<Valuation> = shocked.iter().map(Valuation::new).collect();
-        let mut now = Part::default();
-        // Per account: its terms at current prices (standard margin), and a scenario's changes by reported asset.
-        let mut terms = Vec::new();
-        let mut deltas: Vec<i128> = Vec::new();
-        // A portfolio account's groups at current prices and under a scenario (buffers reused account to account).
-        let (mut groups, mut after_groups) = (Vec::new(), Vec::new());
-        // A portfolio account's terms' values at current prices: its balances', then its positions'.
-        let mut values: Vec<Amount> = Vec::new();
-        for (i, acc) in self.accounts.iter().enumerate() {
+        let shocked = self.shock_all(scenarios)?;
+        let pass = Pass::new(0, self, scenarios, &shocked);
+        let markets = Markets { now: &self.market, shocked: &shocked };
+        let mut tally = Tally::new(&pass, top);
+        let n = self.accounts.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + PROGRESS_EVERY).min(n);
+            pass.run(markets, start..end, &mut tally);
+            progress(end);
+            start = end;
+        }
+        progress(n);
+        Ok(finish(std::slice::from_ref(&pass), &[markets], vec![tally], top))
+    }
+}
+
+/// A stress request over one shard's accounts, ready to run: what each scenario reports and which slots' figures
+/// it changes, and the valuations at current and moved prices. Read-only, so any number of threads may
+/// [`Pass::run`] it over disjoint ranges of accounts at once, each with its own copy of the shard's [`Markets`].
+///
+/// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
+/// evaluated at current prices, then at each scenario's prices while it is in cache. A standard account is
+/// evaluated as terms (balances, positions); a scenario recomputes only the terms whose prices it moves.
+pub struct Pass<'a> {
+    /// Its place among the passes [`finish`] is given.
+    shard: usize,
+    accounts: &'a [Account],
+    plans: Vec<Plan>,
+    valuation: Valuation<'a>,
+    valuations: Vec<Valuation<'a>>,
+}
+
+impl<'a> Pass<'a> {
+    /// `shocked`: the market under each of `scenarios` ([`Engine::shock_all`]), in order; `shard`: the pass's
+    /// place among those [`finish`] will be given.
+    pub fn new(shard: usize, engine: &'a Engine, scenarios: &[Scenario], shocked: &'a [Market]) -> Self {
+        let market = &engine.market;
+        let plans = scenarios.iter().zip(shocked).map(|(s, after)| Plan::new(market, after, s)).collect();
+        Pass {
+            shard,
+            accounts: &engine.accounts,
+            plans,
+            valuation: Valuation::new(market),
+            valuations: shocked.iter().map(Valuation::new).collect(),
+        }
+    }
+
+    /// The shard's accounts: [`Pass::run`] takes ranges of `0..accounts()`.
+    pub fn accounts(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Adds the accounts of `range` (places in the shard) to `tally`; `markets` are the shard's (a portfolio
+    /// account is evaluated against them).
+    pub fn run(&self, markets: Markets, range: std::ops::Range<usize>, tally: &mut Tally<'a>) {
+        let market = markets.now;
+        let accounts = self.accounts;
+        let (valuation, plans, top) = (&self.valuation, &self.plans, tally.top);
+        let shard = self.shard;
+        let Tally { now, parts, heaps, scratch, .. } = tally;
+        let Scratch { terms, deltas, groups, after_groups, values } = scratch;
+        let end = range.end.min(accounts.len());
+        for i in range.start..end {
+            let acc = &accounts[i];
             // The record of an account FAR places ahead, then the balances and positions of one NEAR places ahead
             // (its record is in cache by then): their loads overlap instead of waiting on each other.
-            if let Some(far) = self.accounts.get(i + PREFETCH_FAR) {
+            if let Some(far) = accounts.get(i + PREFETCH_FAR) {
                 prefetch::value(&far.balances);
                 prefetch::value(&far.positions);
                 prefetch::value(&far.margin);
             }
-            if let Some(near) = self.accounts.get(i + PREFETCH_NEAR) {
+            if let Some(near) = accounts.get(i + PREFETCH_NEAR) {
                 prefetch::slice(&near.balances);
                 prefetch::slice(&near.positions);
             }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
             let b: Standing = if standard {
                 terms.clear();
-                standard_standing(&valuation, acc, &mut terms)
-                    .unwrap_or_else(|| standard_exposure(&valuation, acc).into())
+                standard_standing(valuation, acc, terms).unwrap_or_else(|| standard_exposure(valuation, acc).into())
             } else {
-                portfolio_groups_into(market, &acc.positions, acc.margin, |_| None, &mut groups);
+                portfolio_groups_into(market, &acc.positions, acc.margin, |_| None, groups);
                 values.clear();
-                portfolio_exposure_valued(market, acc, &groups, |v| values.push(v)).into()
+                portfolio_exposure_valued(market, acc, groups, |v| values.push(v)).into()
             };
             now.accounts += 1;
             now.liquidatable += u64::from(b.liquidatable);
             now.bankrupt += u64::from(b.bankrupt);
             now.shortfall = now.shortfall.saturating_add(b.shortfall);
-            for (k, ((plan, after_market), after_valuation)) in plans.iter().zip(&shocked).zip(&valuations).enumerate()
+            for (k, ((plan, after_market), after_valuation)) in
+                plans.iter().zip(markets.shocked).zip(&self.valuations).enumerate()
             {
                 deltas.clear();
                 deltas.resize(plan.names.len(), 0);
                 let a: Standing = if standard {
                     // Only the terms whose prices the scenario moves are recomputed; the rest are as they are now.
-                    standard_standing_moved(after_valuation, acc, &terms, &plan.moves, |slot, change| {
+                    standard_standing_moved(after_valuation, acc, terms, &plan.moves, |slot, change| {
                         if let Some(x) = plan.follows[slot as usize] {
                             deltas[x] += change;
                         }
@@ -495,12 +542,12 @@ impl Engine {
                         acc.positions.iter().any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
                     };
                     let reuse = |u| (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m));
-                    portfolio_groups_into(after_market, &acc.positions, acc.margin, reuse, &mut after_groups);
+                    portfolio_groups_into(after_market, &acc.positions, acc.margin, reuse, after_groups);
                     // A term's change is its value after less its value now, both rounded as values are: what a
                     // standard account's terms report (`standard_standing_moved`).
                     let slots = acc.balances.iter().map(|(s, _)| *s).chain(acc.positions.iter().map(|p| p.slot));
-                    let mut terms_now = slots.zip(&values);
-                    portfolio_exposure_valued(after_market, acc, &after_groups, |after| {
+                    let mut terms_now = slots.zip(values.iter());
+                    portfolio_exposure_valued(after_market, acc, after_groups, |after| {
                         if let Some((slot, now)) = terms_now.next()
                             && let Some(x) = plan.follows[slot as usize]
                         {
@@ -518,7 +565,7 @@ impl Engine {
                 part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
                 part.bankrupt += u64::from(a.bankrupt);
                 part.shortfall = part.shortfall.saturating_add(a.shortfall);
-                for (loss, d) in part.assets.iter_mut().zip(&deltas) {
+                for (loss, d) in part.assets.iter_mut().zip(deltas.iter()) {
                     if *d < 0 {
                         loss.loss = loss.loss.saturating_sub(Amount(*d));
                     } else if *d > 0 {
@@ -532,37 +579,110 @@ impl Engine {
                     if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.loss) {
                         continue;
                     }
-                    heap.push(Reverse(Ranked { loss, id: Reverse(&acc.id), index: i }));
+                    heap.push(Reverse(Ranked { loss, id: Reverse(&acc.id), shard, index: i }));
                     if heap.len() > top {
                         heap.pop();
                     }
                 }
             }
-            if (i + 1) % PROGRESS_EVERY == 0 {
-                progress(i + 1);
+        }
+    }
+}
+
+/// A shard's market and the market under each scenario, for a portfolio account's groups (a market caches the
+/// option vectors it computes, so each thread evaluates against its own copy) and the listed accounts' figures.
+#[derive(Clone, Copy)]
+pub struct Markets<'m> {
+    pub now: &'m Market,
+    pub shocked: &'m [Market],
+}
+
+/// What passes over some accounts have counted so far: at current prices, and each scenario's part with its
+/// largest losses still as candidates. One per thread; [`finish`] adds them up. Every figure is a count or a sum
+/// of non-negative amounts, so the totals do not depend on how the accounts were split or in which order.
+pub struct Tally<'a> {
+    top: usize,
+    now: Part,
+    parts: Vec<Part>,
+    heaps: Vec<BinaryHeap<Reverse<Ranked<'a>>>>,
+    scratch: Scratch,
+}
+
+/// Buffers a pass reuses from account to account.
+#[derive(Default)]
+struct Scratch {
+    /// A standard account's terms at current prices.
+    terms: Vec<ValueMm>,
+    /// A scenario's changes by reported asset.
+    deltas: Vec<i128>,
+    /// A portfolio account's groups at current prices and under a scenario.
+    groups: Vec<(Slot, GroupMargin)>,
+    after_groups: Vec<(Slot, GroupMargin)>,
+    /// A portfolio account's terms' values at current prices: its balances', then its positions'.
+    values: Vec<Amount>,
+}
+
+impl<'a> Tally<'a> {
+    /// An empty tally for `pass`'s scenarios (any pass of the same request: they report the same assets).
+    pub fn new(pass: &Pass, top: usize) -> Self {
+        Tally {
+            top,
+            now: Part::default(),
+            parts: pass
+                .plans
+                .iter()
+                .map(|p| Part {
+                    assets: p.names.iter().map(|a| AssetLoss { asset: a.clone(), ..AssetLoss::default() }).collect(),
+                    ..Part::default()
+                })
+                .collect(),
+            heaps: (0..pass.plans.len()).map(|_| BinaryHeap::with_capacity(top + 1)).collect(),
+            scratch: Scratch::default(),
+        }
+    }
+}
+
+/// The request's answer over every account `tallies` counted, from `passes` (one per shard, in the order their
+/// tallies' candidates name them; a tally may hold accounts of several) and their shards' `markets` (in the same
+/// order): the counts and sums added up, and the
+/// `top` largest losses, each account then evaluated afresh, before and after, to list its margins (the pass
+/// counted without them).
+pub fn finish(passes: &[Pass], markets: &[Markets], tallies: Vec<Tally>, top: usize) -> ShardStress {
+    let n = passes.first().map_or(0, |p| p.plans.len());
+    let mut now = Part::default();
+    let mut parts: Vec<Part> = Vec::with_capacity(n);
+    let mut candidates: Vec<Vec<Ranked>> = (0..n).map(|_| Vec::new()).collect();
+    for t in tallies {
+        now = merge([now, t.now], 0);
+        if parts.is_empty() {
+            parts = t.parts;
+        } else {
+            for (p, q) in parts.iter_mut().zip(t.parts) {
+                *p = merge([std::mem::take(p), q], 0);
             }
         }
-        progress(self.accounts.len());
-        // The accounts listed, with their margins (the pass counted without them): each evaluated afresh, before
-        // and after, to the same figures the pass would have computed.
-        for (k, (part, heap)) in parts.iter_mut().zip(heaps).enumerate() {
-            let mut ranked: Vec<Ranked> = heap.into_iter().map(|Reverse(r)| r).collect();
-            ranked.sort_unstable_by(|x, y| y.cmp(x));
-            part.top = ranked
-                .into_iter()
-                .map(|r| {
-                    let acc = &self.accounts[r.index];
-                    TopAccount {
-                        account: r.id.0.into(),
-                        loss: r.loss,
-                        before: exposure(&valuation, market, acc),
-                        after: exposure(&valuations[k], &shocked[k], acc),
-                    }
-                })
-                .collect();
+        for (c, heap) in candidates.iter_mut().zip(t.heaps) {
+            c.extend(heap.into_iter().map(|Reverse(r)| r));
         }
-        Ok(ShardStress { now, scenarios: parts })
     }
+    for (k, (part, mut ranked)) in parts.iter_mut().zip(candidates).enumerate() {
+        ranked.sort_unstable_by(|x, y| y.cmp(x));
+        ranked.truncate(top);
+        part.top = ranked
+            .into_iter()
+            .filter_map(|r| {
+                let (pass, markets) = (passes.get(r.shard)?, markets.get(r.shard)?);
+                let acc = pass.accounts.get(r.index)?;
+                Some(TopAccount {
+                    account: r.id.0.into(),
+                    loss: r.loss,
+                    before: exposure(&pass.valuation, markets.now, acc),
+                    after: exposure(pass.valuations.get(k)?, markets.shocked.get(k)?, acc),
+                })
+            })
+            .collect();
+    }
+    ShardStress { now, scenarios: parts }
 }
 
 /// Merges the shards' parts of one scenario (in any order) into the book's.

@@ -450,7 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let config = vigil_engine::Config { quote, ..vigil_engine::Config::default() };
             let loaded = std::time::Instant::now();
-            let mut book = load_book(input.as_deref(), data.as_deref(), &config, usize::from(shards))?;
+            let book = load_book(input.as_deref(), data.as_deref(), &config, usize::from(shards))?;
             let accounts: usize = book.engines.iter().map(vigil_engine::Engine::account_count).sum();
             eprintln!(
                 "book: {accounts} accounts at offset {} on {} shard(s), loaded in {:.2} s",
@@ -463,7 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut report = None;
             for _ in 0..runs {
                 let started = std::time::Instant::now();
-                let mut r = vigil_node::stress::run(&mut book.engines, book.offset, &request, progress)?;
+                let mut r = vigil_node::stress::run(&book.engines, book.offset, &request, progress)?;
                 r.fund = Some(book.fund);
                 let took = started.elapsed();
                 best = Some(best.map_or(took, |b| b.min(took)));

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use vigil_engine::Engine;
 use vigil_engine::account::Exposure;
-use vigil_engine::stress::{Grid, Part, Relative, Request, Scenario, ShardStress, StressError, merge_shards};
+use vigil_engine::market::Market;
+use vigil_engine::stress::{
+    Grid, Markets, Part, Pass, Relative, Request, Scenario, ShardStress, StressError, Tally, finish, merge_shards,
+};
 use vigil_model::num::parse_fixed;
 use vigil_model::{Offset, Price};
 
@@ -325,23 +328,48 @@ mod doc {
     }
 }
 
-/// Runs `request` over `engines` (the shards of one book, all at `offset`), one thread per shard. With
-/// `progress`, the accounts done are shown on standard error while it runs.
-pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: bool) -> Result<Report, StressError> {
+/// Accounts per piece of work in [`run`]: small enough that a thread on a slower core takes fewer pieces (the
+/// threads finish together), large enough that taking one costs nothing next to evaluating it.
+pub const CHUNK: usize = 4096;
+
+/// Runs `request` over `engines` (the shards of one book, all at `offset`) on as many threads as shards. The
+/// shards' accounts are cut into pieces of [`CHUNK`] that the threads take in turn, whichever shard a piece is
+/// of: on a machine whose cores run at different speeds (a virtual machine's neighbours), a thread per shard
+/// would wait for the slowest. With `progress`, the accounts done are shown on standard error while it runs.
+pub fn run(engines: &[Engine], offset: Offset, request: &Request, progress: bool) -> Result<Report, StressError> {
     request.validate()?;
     let scenarios = request.expand();
-    let done: Vec<AtomicUsize> = engines.iter().map(|_| AtomicUsize::new(0)).collect();
-    let total: usize = engines.iter().map(|e| e.account_count()).sum();
+    let shocked = engines.iter().map(|e| e.shock_all(&scenarios)).collect::<Result<Vec<_>, _>>()?;
+    let passes: Vec<Pass> =
+        engines.iter().zip(&shocked).enumerate().map(|(i, (e, s))| Pass::new(i, e, &scenarios, s)).collect();
+    // Each thread's own copy of every shard's markets (a market caches what it computes: not shared).
+    let copies: Vec<Vec<(Market, Vec<Market>)>> = (0..passes.len())
+        .map(|_| engines.iter().zip(&shocked).map(|(e, s)| (e.market().clone(), s.clone())).collect())
+        .collect();
+    let Some(first) = passes.first() else {
+        return Ok(Report { offset, request: request.clone(), result: merge_shards(Vec::new(), 0), fund: None });
+    };
+    let pieces: Vec<(usize, std::ops::Range<usize>)> = passes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| (0..p.accounts()).step_by(CHUNK).map(move |s| (i, s..(s + CHUNK).min(p.accounts()))))
+        .collect();
+    let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let total: usize = passes.iter().map(Pass::accounts).sum();
     let started = Instant::now();
-    let results: Vec<Result<ShardStress, StressError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = engines
-            .iter_mut()
-            .zip(&done)
-            .map(|(engine, done)| {
-                let scenarios = &scenarios;
+    let tallies: Vec<Tally> = std::thread::scope(|scope| {
+        let handles: Vec<_> = copies
+            .into_iter()
+            .map(|copy| {
+                let (passes, pieces, next, done) = (&passes, &pieces, &next, &done);
                 scope.spawn(move || {
-                    let engine: &Engine = engine;
-                    engine.stress(scenarios, request.top, &mut |n| done.store(n, Ordering::Relaxed))
+                    let markets: Vec<Markets> = copy.iter().map(|(now, s)| Markets { now, shocked: s }).collect();
+                    let mut tally = Tally::new(first, request.top);
+                    while let Some((shard, range)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        passes[*shard].run(markets[*shard], range.clone(), &mut tally);
+                        done.fetch_add(range.len(), Ordering::Relaxed);
+                    }
+                    tally
                 })
             })
             .collect();
@@ -351,8 +379,8 @@ pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: 
                 eprint!(
                     "\rstress: {} scenario(s), {}/{total} accounts ({} shards), {:.1} s   ",
                     scenarios.len(),
-                    done.iter().map(|d| d.load(Ordering::Relaxed)).sum::<usize>(),
-                    handles.len(),
+                    done.load(Ordering::Relaxed),
+                    engines.len(),
                     started.elapsed().as_secs_f64()
                 );
                 let _ = std::io::stderr().flush();
@@ -362,13 +390,14 @@ pub fn run(engines: &mut [Engine], offset: Offset, request: &Request, progress: 
         handles
             .into_iter()
             .map(|h| match h.join() {
-                Ok(r) => r,
+                Ok(t) => t,
                 Err(panic) => std::panic::resume_unwind(panic),
             })
             .collect()
     });
-    let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(Report { offset, request: request.clone(), result: merge_shards(parts, request.top), fund: None })
+    let markets: Vec<Markets> =
+        engines.iter().zip(&shocked).map(|(e, s)| Markets { now: e.market(), shocked: s }).collect();
+    Ok(Report { offset, request: request.clone(), result: finish(&passes, &markets, tallies, request.top), fund: None })
 }
 
 /// Draws each grid's loss curve (shortfall, and liquidatable accounts on a second axis, against the move) into an

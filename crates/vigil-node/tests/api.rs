@@ -474,10 +474,10 @@ fn stress_tests_on_a_running_node_are_cut_at_one_offset() {
     assert!(mid_stream >= 1, "no report was cut mid-stream ({} reports)", reports.len());
     let parsed = vigil_node::stress::parse_request(request.as_bytes()).expect("valid");
     let offline = |upto: usize| {
-        let mut book =
+        let book =
             vigil_node::book::replay(lines[..upto].join("\n").as_bytes(), &vigil_engine::Config::default(), 2, false)
                 .expect("replays");
-        let mut report = vigil_node::stress::run(&mut book.engines, book.offset, &parsed, false).expect("runs");
+        let mut report = vigil_node::stress::run(&book.engines, book.offset, &parsed, false).expect("runs");
         report.fund = Some(book.fund);
         report.to_json()
     };
