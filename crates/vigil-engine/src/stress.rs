@@ -9,19 +9,17 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use vigil_model::margin::ValueMm;
 use vigil_model::num::{Round, SCALE_I128, mul_div};
-use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
+use vigil_model::portfolio::{GroupMargin, black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
-use crate::account::Account;
 use crate::account::{
-    Exposure, Standing, Valuation, exposure, portfolio_exposure_valued, portfolio_groups_into, standard_exposure,
-    standard_standing, standard_standing_moved,
+    Account, Exposure, Standing, Valuation, exposure, portfolio_exposure_valued, portfolio_groups_into,
+    standard_exposure, standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, Slot};
 use crate::{Engine, prefetch};
-use vigil_model::margin::ValueMm;
-use vigil_model::portfolio::GroupMargin;
 
 /// A relative change at 1e-8 (`-0.3` = −30%).
 pub type Relative = i64;
@@ -644,9 +642,8 @@ impl<'a> Tally<'a> {
 
 /// The request's answer over every account `tallies` counted, from `passes` (one per shard, in the order their
 /// tallies' candidates name them; a tally may hold accounts of several) and their shards' `markets` (in the same
-/// order): the counts and sums added up, and the
-/// `top` largest losses, each account then evaluated afresh, before and after, to list its margins (the pass
-/// counted without them).
+/// order): the counts and sums added up, and the `top` largest losses, each account then evaluated afresh, before
+/// and after, to list its margins (the pass counted without them).
 pub fn finish(passes: &[Pass], markets: &[Markets], tallies: Vec<Tally>, top: usize) -> ShardStress {
     let n = passes.first().map_or(0, |p| p.plans.len());
     let mut now = Part::default();
