@@ -563,3 +563,68 @@ fn a_book_cut_into_pieces_that_threads_take_in_turn_gives_each_shards_own_answer
     assert_eq!(report.result, own);
     assert!(own.scenarios.iter().all(|p| p.top.len() == 50 && p.liquidatable > 0), "vacuous: {own:?}");
 }
+
+#[test]
+fn every_accounts_figures_in_the_pass_are_those_of_a_fresh_evaluation() {
+    // Proves the pass's shortcuts exact (terms recomputed only where a scenario moves them, margins bounded before
+    // they are rounded, groups of perps and futures margined from their sums, groups nothing moves kept): on random
+    // books with every account listed, each account's loss is its equity now less under the scenario as evaluated
+    // afresh (`exposure`, which lists the accounts), and the counts and shortfall, now and under each scenario, add
+    // up those fresh figures, for standard and portfolio accounts alike.
+    let scenarios = vec![
+        Scenario {
+            name: "crash".into(),
+            moves: vec![("BTC".into(), -40_000_000), ("ETH".into(), -50_000_000)],
+            vol: vec![("BTC".into(), 50_000_000)],
+        },
+        Scenario { name: "rally".into(), moves: vec![("ETH".into(), 30_000_000)], vol: vec![] },
+        Scenario { name: "vol".into(), moves: vec![], vol: vec![("BTC".into(), -40_000_000)] },
+        Scenario { name: "tremor".into(), moves: vec![("BTC".into(), -1)], vol: vec![] },
+    ];
+    let request = Request { scenarios, grids: vec![], top: 1000 };
+    let (mut grouped, mut liquidatable) = (0, 0);
+    for seed in 1..=10u64 {
+        let config = StreamConfig {
+            seed,
+            events: 3000,
+            accounts: 60,
+            bad_percent: 2,
+            portfolio_percent: 8,
+            liquidation_percent: 0,
+        };
+        let stream = generate(&config);
+        let sharded = book(&stream, 2);
+        grouped += sharded.shards().iter().flat_map(|s| s.views()).filter(|v| !v.groups.is_empty()).count();
+        let report = stress(&stream, 2, &request).result;
+        let count = |part: &Part, f: &dyn Fn(&vigil_engine::stress::TopAccount) -> bool| {
+            part.top.iter().filter(|t| f(t)).count() as u64
+        };
+        for (scenario, part) in request.scenarios.iter().zip(&report.scenarios) {
+            let name = &scenario.name;
+            assert_eq!(part.top.len() as u64, part.accounts, "seed {seed} {name}: every account is listed");
+            for t in &part.top {
+                assert_eq!(
+                    t.loss,
+                    t.before.equity.saturating_sub(t.after.equity),
+                    "seed {seed} {name} {}: the pass's loss is not the fresh equities' difference",
+                    t.account
+                );
+            }
+            assert_eq!(part.liquidatable, count(part, &|t| t.after.liquidatable), "seed {seed} {name}");
+            assert_eq!(part.bankrupt, count(part, &|t| t.after.bankrupt), "seed {seed} {name}");
+            assert_eq!(
+                part.newly_liquidatable,
+                count(part, &|t| t.after.liquidatable && !t.before.liquidatable),
+                "seed {seed} {name}"
+            );
+            let shortfall = part.top.iter().fold(Amount::ZERO, |s, t| s.saturating_add(t.after.shortfall));
+            assert_eq!(part.shortfall, shortfall, "seed {seed} {name}");
+            assert_eq!(report.now.liquidatable, count(part, &|t| t.before.liquidatable), "seed {seed} {name} now");
+            assert_eq!(report.now.bankrupt, count(part, &|t| t.before.bankrupt), "seed {seed} {name} now");
+            let shortfall = part.top.iter().fold(Amount::ZERO, |s, t| s.saturating_add(t.before.shortfall));
+            assert_eq!(report.now.shortfall, shortfall, "seed {seed} {name} now");
+            liquidatable += part.liquidatable;
+        }
+    }
+    assert!(grouped > 50 && liquidatable > 50, "vacuous: {grouped} accounts with groups, {liquidatable} liquidatable");
+}

@@ -6,7 +6,7 @@ use vigil_model::margin::{
     option_figures, option_value_mm_e24,
 };
 use vigil_model::num::{Round, SCALE_I128, SCALE2, checked_mul, div};
-use vigil_model::portfolio::{GroupMargin, Leg, group_margin};
+use vigil_model::portfolio::{GroupMargin, Leg, LinearTotals, RiskParams, group_margin, linear_group_margin_of};
 use vigil_model::{
     AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, OptionTerms, PositionFigures, PositionView, Price,
     Qty, Rate, Tiers, Trigger, TriggerKind, UnitFigures,
@@ -247,6 +247,10 @@ struct SlotValue<'a> {
     /// `price × (1 − haircut)` at 1e-16: a positive balance's value is `⌊balance × it / 1e16⌋`.
     discounted_e16: Option<i128>,
     position: PositionRule<'a>,
+    /// An instrument's portfolio group: its underlying ([`Market::group_of`]).
+    underlying: Option<Slot>,
+    /// As an underlying: its index (a group without one is not formed) and its portfolio parameters.
+    group: (Option<Price>, RiskParams),
 }
 
 /// How a position in the slot is valued and margined.
@@ -286,7 +290,8 @@ impl<'a> Valuation<'a> {
                 let (price, haircut) = (market.price(slot), market.haircut(slot));
                 // Both below 2^63: the product fits.
                 let discounted_e16 = price.map(|p| p.wide() * (SCALE_I128 - haircut.wide()));
-                SlotValue { price, haircut, discounted_e16, position }
+                let group = (price, market.risk_params(slot));
+                SlotValue { price, haircut, discounted_e16, position, underlying: market.group_of(slot), group }
             })
             .collect();
         Self { slots }
@@ -323,6 +328,39 @@ impl<'a> Valuation<'a> {
             Some(PositionRule::Nothing) | None => PositionFigures::default(),
         };
         (f.value, f.maintenance_margin)
+    }
+
+    /// The group an open cross position of a portfolio account is in: its instrument's underlying.
+    #[inline]
+    fn group_of(&self, p: &Position) -> Option<Slot> {
+        self.slots
+            .get(p.slot as usize)
+            .and_then(|s| s.underlying)
+            .filter(|_| p.is_open() && p.mode == MarginMode::Cross)
+    }
+
+    /// Adds a grouped position to its group's sums: a perp's or future's quantity at its mark; anything else (an
+    /// option, or a figure missing) leaves the group to [`group_margin_at`].
+    #[inline]
+    fn add_leg(&self, p: &Position, sums: &mut GroupSums) {
+        match self.slots.get(p.slot as usize).map(|s| &s.position) {
+            Some(PositionRule::Linear { mark, .. }) => {
+                if let Some(t) = &mut sums.linear
+                    && t.add(p.qty, *mark).is_none()
+                {
+                    sums.linear = None;
+                }
+            }
+            _ => sums.general = true,
+        }
+    }
+
+    /// The margin of the group of underlying `u` whose legs are all perps and futures, added up in `linear`
+    /// (`None`: the exposure did not fit): [`group_margin_at`]'s, bit for bit. `None` when the group is not formed.
+    #[inline]
+    fn linear_group(&self, u: Slot, linear: Option<LinearTotals>) -> Option<GroupMargin> {
+        let (index, params) = &self.slots.get(u as usize)?.group;
+        linear_group_margin_of(params, (*index)?, &linear?)
     }
 
     /// A position's value and its maintenance margin unrounded (see [`ValueMm`]).
@@ -462,6 +500,199 @@ pub fn standard_standing_moved(
     units.finish()
 }
 
+/// A portfolio account's terms at a stress pass's current prices ([`portfolio_standing`]), kept for its scenarios
+/// ([`portfolio_standing_moved`]): every balance's and position's own figures, the groups its cross positions
+/// form and their margins. Reused from account to account.
+#[derive(Default)]
+pub struct PortfolioTerms {
+    /// Balances, then positions: each position's own value and unrounded margin, whether or not a group charges it.
+    terms: Vec<ValueMm>,
+    /// Per position, its group's place in `groups`, or [`NO_GROUP`] (not an open cross position of an underlying).
+    group: Vec<u32>,
+    /// The groups by underlying, in the order the positions name them, each with its margin at current prices
+    /// (`None`: not formed, its positions keep their own figures).
+    groups: Vec<(Slot, Option<GroupMargin>)>,
+    /// The groups' margins under a scenario.
+    after: Vec<Option<GroupMargin>>,
+    /// Each group's legs added up at the prices being evaluated.
+    sums: Vec<GroupSums>,
+}
+
+const NO_GROUP: u32 = u32::MAX;
+
+/// A group's legs added up as they are met: its perps and futures at their marks (`None` once the exposure does
+/// not fit); `general` once a leg is anything else, which leaves the group to [`group_margin_at`].
+#[derive(Clone, Copy, Default)]
+struct GroupSums {
+    linear: Option<LinearTotals>,
+    general: bool,
+}
+
+impl GroupSums {
+    const EMPTY: Self = Self { linear: Some(LinearTotals::ZERO), general: false };
+}
+
+/// The margins of `groups` (those `revalue` names, all if `None`) at `valuation`'s prices (those of `market`),
+/// their legs added up in `sums`: a group of perps and futures from its sums; any other through
+/// [`group_margin_at`].
+fn group_margins(
+    valuation: &Valuation,
+    market: &Market,
+    positions: &[Position],
+    groups: &[(Slot, Option<GroupMargin>)],
+    sums: &[GroupSums],
+    margins: &mut [Option<GroupMargin>],
+    revalue: Option<&[bool]>,
+) {
+    let mut cache = None;
+    for (g, (((u, _), s), margin)) in groups.iter().zip(sums).zip(margins.iter_mut()).enumerate() {
+        if revalue.is_some_and(|r| !r.get(g).copied().unwrap_or(false)) {
+            continue;
+        }
+        *margin = if s.general {
+            let cache = cache.get_or_insert_with(|| market.vectors.borrow_mut());
+            group_margin_at(market, cache, positions, *u)
+        } else {
+            valuation.linear_group(*u, s.linear)
+        };
+    }
+}
+
+/// The margin of underlying `u`'s group among `positions` at `market`'s prices: its open cross positions in the
+/// underlying, in order, revalued under `u`'s grid (`None`: not formed, as [`portfolio_groups`] leaves it out).
+fn group_margin_at(market: &Market, cache: &mut VectorCache, positions: &[Position], u: Slot) -> Option<GroupMargin> {
+    let members = positions
+        .iter()
+        .filter(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot) == Some(u))
+        .map(|p| group_member(market, p));
+    member_group_margin(market, cache, u, members)
+}
+
+/// A portfolio account's [`Standing`] at `valuation`'s prices (those of `market`), from its terms' unrounded
+/// margins and its groups' margins; the terms and groups are kept in `kept` for [`portfolio_standing_moved`].
+/// `None` when a unit's margin must be rounded to tell whether it is liquidatable: then [`portfolio_exposure`]
+/// says, and `kept` is complete all the same. The figures are [`portfolio_exposure`]'s, bit for bit.
+pub fn portfolio_standing(
+    valuation: &Valuation,
+    market: &Market,
+    acc: &Account,
+    kept: &mut PortfolioTerms,
+) -> Option<Standing> {
+    let PortfolioTerms { terms, group, groups, after, sums } = kept;
+    terms.clear();
+    group.clear();
+    groups.clear();
+    sums.clear();
+    for p in &acc.positions {
+        let g = valuation.group_of(p).map_or(NO_GROUP, |u| {
+            let g = groups.iter().position(|(s, _)| *s == u).unwrap_or_else(|| {
+                groups.push((u, None));
+                sums.push(GroupSums::EMPTY);
+                groups.len() - 1
+            });
+            valuation.add_leg(p, &mut sums[g]);
+            g as u32
+        });
+        group.push(g);
+    }
+    if !groups.is_empty() {
+        after.clear();
+        after.resize(groups.len(), None);
+        group_margins(valuation, market, &acc.positions, groups, sums, after, None);
+        for ((_, margin), m) in groups.iter_mut().zip(after.iter()) {
+            *margin = *m;
+        }
+    }
+    let mut units = Units::default();
+    for (slot, amount) in &acc.balances {
+        let value = valuation.balance(*slot, *amount);
+        terms.push(ValueMm { value, mm_e24: 0 });
+        units.balance(value);
+    }
+    for (p, g) in acc.positions.iter().zip(group.iter()) {
+        let t = valuation.position_unrounded(p);
+        terms.push(t);
+        match groups.get(*g as usize) {
+            Some((_, Some(_))) => units.grouped(t.value),
+            _ => units.position(p, t),
+        }
+    }
+    for (_, margin) in groups.iter() {
+        if let Some(m) = margin {
+            units.group(m.maintenance_margin);
+        }
+    }
+    units.finish()
+}
+
+/// The same account's [`Standing`] at `valuation`'s prices (those of `market`), given what
+/// [`portfolio_standing`] kept at other prices: a term of a slot `moves` names is recomputed, and `changed` told
+/// its slot and its value's change, the others taken as they are; a group is revalued when `moves` names one of
+/// its positions' slots (a position's covers its underlying's index too), else keeps its margin. `None` as
+/// [`portfolio_standing`]; the figures are [`portfolio_exposure`]'s at `market`, bit for bit.
+pub fn portfolio_standing_moved(
+    valuation: &Valuation,
+    market: &Market,
+    acc: &Account,
+    kept: &mut PortfolioTerms,
+    moves: &[bool],
+    mut changed: impl FnMut(Slot, i128),
+) -> Option<Standing> {
+    let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
+    let PortfolioTerms { terms, group, groups, after, sums } = kept;
+    after.clear();
+    after.extend(groups.iter().map(|(_, m)| *m));
+    if !groups.is_empty() {
+        let mut revalue = [false; GROUPS_INLINE];
+        let mut spilled = Vec::new();
+        let revalue: &mut [bool] = if groups.len() <= GROUPS_INLINE {
+            &mut revalue[..groups.len()]
+        } else {
+            spilled.resize(groups.len(), false);
+            &mut spilled
+        };
+        for (p, g) in acc.positions.iter().zip(group.iter()) {
+            if let Some(r) = revalue.get_mut(*g as usize) {
+                *r |= moved(p.slot);
+            }
+        }
+        if revalue.iter().any(|r| *r) {
+            sums.iter_mut().for_each(|s| *s = GroupSums::EMPTY);
+            for (p, g) in acc.positions.iter().zip(group.iter()) {
+                if let Some(s) = sums.get_mut(*g as usize) {
+                    valuation.add_leg(p, s);
+                }
+            }
+            group_margins(valuation, market, &acc.positions, groups, sums, after, Some(revalue));
+        }
+    }
+    let (balances, positions) = terms.split_at(acc.balances.len().min(terms.len()));
+    let mut units = Units::default();
+    for ((slot, amount), before) in acc.balances.iter().zip(balances) {
+        let mut value = before.value;
+        if moved(*slot) {
+            value = valuation.balance(*slot, *amount);
+            changed(*slot, value.0 - before.value.0);
+        }
+        units.balance(value);
+    }
+    for ((p, before), g) in acc.positions.iter().zip(positions).zip(group.iter()) {
+        let mut t = *before;
+        if moved(p.slot) {
+            t = valuation.position_unrounded(p);
+            changed(p.slot, t.value.0 - before.value.0);
+        }
+        match after.get(*g as usize) {
+            Some(Some(_)) => units.grouped(t.value),
+            _ => units.position(p, t),
+        }
+    }
+    for m in after.iter().flatten() {
+        units.group(m.maintenance_margin);
+    }
+    units.finish()
+}
+
 /// A standard-margin account's units added up term by term from unrounded margins: the isolated ones as they come
 /// (one position each: its margin rounded is the unit's), the cross unit at the end.
 #[derive(Default)]
@@ -499,6 +730,21 @@ impl Units {
                 let equity = p.wallet.saturating_add(t.value);
                 self.out.add_unit(equity, is_liquidatable(equity, mm_from_e24(t.mm_e24)));
             }
+        }
+    }
+
+    /// A cross position a portfolio group charges: its value counts, its own margin does not.
+    #[inline(always)]
+    fn grouped(&mut self, value: Amount) {
+        self.equity = self.equity.saturating_add(value);
+    }
+
+    /// A portfolio group's margin, charged to the cross unit: whole (rounded already), so it widens no bound.
+    #[inline(always)]
+    fn group(&mut self, mm: Amount) {
+        match mm.0.checked_mul(SCALE2).and_then(|m| self.mm_e24.checked_add(m)) {
+            Some(sum) => self.mm_e24 = sum,
+            None => self.unknown = true,
         }
     }
 
@@ -643,29 +889,15 @@ pub fn exposure(valuation: &Valuation, market: &Market, acc: &Account) -> Exposu
 
 /// A portfolio account's [`Exposure`] at `market`'s prices, given its groups' margins at those prices.
 pub fn portfolio_exposure(market: &Market, acc: &Account, groups: &[(Slot, GroupMargin)]) -> Exposure {
-    portfolio_exposure_valued(market, acc, groups, |_| {})
-}
-
-/// [`portfolio_exposure`], telling `value` each term's value as it adds it: every balance's collateral value, then
-/// every position's value, in the account's order (a stress test takes a scenario's change by asset from them).
-pub fn portfolio_exposure_valued(
-    market: &Market,
-    acc: &Account,
-    groups: &[(Slot, GroupMargin)],
-    mut value: impl FnMut(Amount),
-) -> Exposure {
     let mut out = Exposure::default();
     let mut equity = Amount::ZERO;
     for (slot, amount) in &acc.balances {
-        let v = balance_value(market, *slot, *amount);
-        value(v);
-        equity = equity.saturating_add(v);
+        equity = equity.saturating_add(balance_value(market, *slot, *amount));
     }
     let mut cross = UnitFigures { equity, ..UnitFigures::default() };
     for p in &acc.positions {
         let grouped = in_group(market, groups, p);
         let f = charged_figures(market, p, grouped);
-        value(f.value);
         match p.mode {
             MarginMode::Cross => {
                 cross.equity = cross.equity.saturating_add(f.value);
@@ -696,35 +928,9 @@ fn in_group(market: &Market, groups: &[(Slot, GroupMargin)], p: &Position) -> bo
 /// figure it needs is missing (an index, a mark, or the clock for an option), which the events that open
 /// positions and switch models refuse to let happen.
 pub fn portfolio_groups(market: &Market, positions: &[Position], model: MarginModel) -> Vec<(Slot, GroupMargin)> {
-    portfolio_groups_reusing(market, positions, model, |_| None)
-}
-
-/// [`portfolio_groups`], taking the group of underlying `u` as `reuse(u)` says when it says `Some` (the margin of
-/// the same group computed at prices that agree with `market`'s on everything the group depends on; `Some(None)`
-/// for a group that could not be formed there) instead of revaluing it.
-pub fn portfolio_groups_reusing(
-    market: &Market,
-    positions: &[Position],
-    model: MarginModel,
-    reuse: impl Fn(Slot) -> Option<Option<GroupMargin>>,
-) -> Vec<(Slot, GroupMargin)> {
     let mut out = Vec::new();
-    portfolio_groups_into(market, positions, model, reuse, &mut out);
-    out
-}
-
-/// [`portfolio_groups_reusing`] into `out` (cleared first), for a caller that evaluates many accounts with one
-/// buffer.
-pub fn portfolio_groups_into(
-    market: &Market,
-    positions: &[Position],
-    model: MarginModel,
-    reuse: impl Fn(Slot) -> Option<Option<GroupMargin>>,
-    out: &mut Vec<(Slot, GroupMargin)>,
-) {
-    out.clear();
     if model != MarginModel::Portfolio {
-        return;
+        return out;
     }
     let grouped = |p: &&Position| p.is_open() && p.mode == MarginMode::Cross;
     // The groups' underlyings in slot order, without allocating for the usual handful.
@@ -753,19 +959,11 @@ pub fn portfolio_groups_into(
     underlyings.sort_unstable();
     let mut cache = market.vectors.borrow_mut();
     for &u in underlyings.iter() {
-        if let Some(kept) = reuse(u) {
-            out.extend(kept.map(|g| (u, g)));
-            continue;
-        }
-        let members = positions
-            .iter()
-            .filter(grouped)
-            .filter(|p| market.group_of(p.slot) == Some(u))
-            .map(|p| group_member(market, p));
-        if let Some(g) = member_group_margin(market, &mut cache, u, members) {
+        if let Some(g) = group_margin_at(market, &mut cache, positions, u) {
             out.push((u, g));
         }
     }
+    out
 }
 
 /// A grouped position as its group's leg needs it: slot, quantity, whether it is an option; `None` without an

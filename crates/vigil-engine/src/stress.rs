@@ -11,11 +11,11 @@ use std::collections::BinaryHeap;
 
 use vigil_model::margin::ValueMm;
 use vigil_model::num::{Round, SCALE_I128, mul_div};
-use vigil_model::portfolio::{GroupMargin, black76, implied_vol, years_to_expiry};
+use vigil_model::portfolio::{black76, implied_vol, years_to_expiry};
 use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
-    Account, Exposure, Standing, Valuation, exposure, portfolio_exposure_valued, portfolio_groups_into,
+    Account, Exposure, PortfolioTerms, Standing, Valuation, exposure, portfolio_standing, portfolio_standing_moved,
     standard_exposure, standard_standing, standard_standing_moved,
 };
 use crate::market::{Entry, InstrumentKind, Market, Slot};
@@ -486,7 +486,7 @@ impl<'a> Pass<'a> {
         let (valuation, plans, top) = (&self.valuation, &self.plans, tally.top);
         let shard = self.shard;
         let Tally { now, parts, heaps, scratch, .. } = tally;
-        let Scratch { terms, deltas, groups, after_groups, values } = scratch;
+        let Scratch { terms, deltas, portfolio } = scratch;
         let end = range.end.min(accounts.len());
         for i in range.start..end {
             let acc = &accounts[i];
@@ -506,9 +506,8 @@ impl<'a> Pass<'a> {
                 terms.clear();
                 standard_standing(valuation, acc, terms).unwrap_or_else(|| standard_exposure(valuation, acc).into())
             } else {
-                portfolio_groups_into(market, &acc.positions, acc.margin, |_| None, groups);
-                values.clear();
-                portfolio_exposure_valued(market, acc, groups, |v| values.push(v)).into()
+                portfolio_standing(valuation, market, acc, portfolio)
+                    .unwrap_or_else(|| exposure(valuation, market, acc).into())
             };
             now.accounts += 1;
             now.liquidatable += u64::from(b.liquidatable);
@@ -527,35 +526,20 @@ impl<'a> Pass<'a> {
                         }
                     })
                     .unwrap_or_else(|| standard_exposure(after_valuation, acc).into())
-                } else if acc
-                    .balances
-                    .iter()
-                    .map(|(s, _)| *s)
-                    .chain(acc.positions.iter().map(|p| p.slot))
-                    .any(|s| plan.moves[s as usize])
-                {
-                    // A group none of whose members the scenario moves (a member's `moves` covers its underlying's
-                    // index too) keeps its margin.
-                    let moved = |u: Slot| {
-                        acc.positions.iter().any(|p| plan.moves[p.slot as usize] && market.group_of(p.slot) == Some(u))
-                    };
-                    let reuse = |u| (!moved(u)).then(|| groups.iter().find(|(g, _)| *g == u).map(|(_, m)| *m));
-                    portfolio_groups_into(after_market, &acc.positions, acc.margin, reuse, after_groups);
-                    // A term's change is its value after less its value now, both rounded as values are: what a
-                    // standard account's terms report (`standard_standing_moved`).
-                    let slots = acc.balances.iter().map(|(s, _)| *s).chain(acc.positions.iter().map(|p| p.slot));
-                    let mut terms_now = slots.zip(values.iter());
-                    portfolio_exposure_valued(after_market, acc, after_groups, |after| {
-                        if let Some((slot, now)) = terms_now.next()
-                            && let Some(x) = plan.follows[slot as usize]
-                        {
-                            deltas[x] += after.0 - now.0;
-                        }
-                    })
-                    .into()
                 } else {
-                    // Nothing the account holds moves: its groups, margin and values are as they are now.
-                    b
+                    portfolio_standing_moved(
+                        after_valuation,
+                        after_market,
+                        acc,
+                        portfolio,
+                        &plan.moves,
+                        |slot, change| {
+                            if let Some(x) = plan.follows[slot as usize] {
+                                deltas[x] += change;
+                            }
+                        },
+                    )
+                    .unwrap_or_else(|| exposure(after_valuation, after_market, acc).into())
                 };
                 let part = &mut parts[k];
                 part.accounts += 1;
@@ -613,11 +597,8 @@ struct Scratch {
     terms: Vec<ValueMm>,
     /// A scenario's changes by reported asset.
     deltas: Vec<i128>,
-    /// A portfolio account's groups at current prices and under a scenario.
-    groups: Vec<(Slot, GroupMargin)>,
-    after_groups: Vec<(Slot, GroupMargin)>,
-    /// A portfolio account's terms' values at current prices: its balances', then its positions'.
-    values: Vec<Amount>,
+    /// A portfolio account's terms and groups at current prices.
+    portfolio: PortfolioTerms,
 }
 
 impl<'a> Tally<'a> {

@@ -340,7 +340,8 @@ impl LegTotals {
     /// From legs `(quantity, Some(mark))` for a perp or future and `(quantity, None)` for an option; `None` if the
     /// exposure does not fit.
     fn of(legs: impl IntoIterator<Item = (Qty, Option<Price>)>) -> Option<Self> {
-        let (mut exposure, mut short_options, mut long_linear, mut short_linear) = (0i128, 0i128, 0i128, 0i128);
+        let mut linear = LinearTotals::default();
+        let mut short_options = 0i128;
         let mut any_option = false;
         for (qty, mark) in legs {
             match mark {
@@ -348,18 +349,61 @@ impl LegTotals {
                     any_option = true;
                     short_options += (-qty.wide()).max(0);
                 }
-                Some(mark) => {
-                    exposure = exposure.checked_add(qty.wide() * mark.wide())?;
-                    if qty.0 > 0 {
-                        long_linear += qty.wide();
-                    } else {
-                        short_linear -= qty.wide();
-                    }
-                }
+                Some(mark) => linear.add(qty, mark)?,
             }
         }
-        Some(LegTotals { exposure, short_options, hedged_linear: long_linear.min(short_linear), any_option })
+        Some(LegTotals { short_options, any_option, ..linear.totals() })
     }
+}
+
+/// A group's perp and future legs added up, leg by leg: what [`linear_group_margin_of`] takes for a group without
+/// options, so that a caller holding the legs in its own layout need not form [`Leg`]s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearTotals {
+    /// `Σ q × P`, exact at 1e-16.
+    exposure: i128,
+    long: i128,
+    short: i128,
+}
+
+impl LinearTotals {
+    /// No leg yet.
+    pub const ZERO: Self = Self { exposure: 0, long: 0, short: 0 };
+
+    /// Adds a leg of `qty` at `mark`; `None` if the exposure no longer fits (the group is then not formed).
+    #[inline]
+    pub fn add(&mut self, qty: Qty, mark: Price) -> Option<()> {
+        // Each product of two i64 fits; the quantities' sums stay far from i128's bounds.
+        self.exposure = self.exposure.checked_add(qty.wide() * mark.wide())?;
+        if qty.0 > 0 {
+            self.long += qty.wide();
+        } else {
+            self.short -= qty.wide();
+        }
+        Some(())
+    }
+
+    fn totals(&self) -> LegTotals {
+        LegTotals {
+            exposure: self.exposure,
+            short_options: 0,
+            hedged_linear: self.long.min(self.short),
+            any_option: false,
+        }
+    }
+}
+
+/// [`group_margin`] of a group of perps and futures only, from its legs added up in order ([`LinearTotals::add`]):
+/// the same figures, bit for bit.
+pub fn linear_group_margin_of(params: &RiskParams, index: Price, totals: &LinearTotals) -> Option<GroupMargin> {
+    let totals = totals.totals();
+    if let Some(margin) = linear_group_margin(params, index, &totals) {
+        return Some(margin);
+    }
+    let shape = GroupShape::from_totals(params, &totals);
+    // No option adds to a scenario: every sum is zero.
+    let options = [0.0f64; SCENARIOS_MAX];
+    group_margin_from(params, index, &shape, options.get(..params.scenario_count())?)
 }
 
 /// A group's legs as [`GroupShape::of_quantities`] and [`LegTotals::of`] take them.
@@ -1014,7 +1058,28 @@ mod tests {
                 proptest::prop_assert_eq!(Some(short), full);
             }
             proptest::prop_assert_eq!(group_margin(&params, Price(index), &legs), full);
+            proptest::prop_assert_eq!(linear_of(&params, Price(index), &legs), full);
         }
+    }
+
+    /// [`linear_group_margin_of`] of `legs` (all linear), added up leg by leg.
+    fn linear_of(params: &RiskParams, index: Price, legs: &[Leg<'_>]) -> Option<GroupMargin> {
+        let mut totals = LinearTotals::default();
+        for leg in legs {
+            let Leg::Linear { qty, mark } = leg else { panic!("an option leg") };
+            totals.add(*qty, *mark)?;
+        }
+        linear_group_margin_of(params, index, &totals)
+    }
+
+    #[test]
+    fn a_linear_group_whose_exposure_does_not_fit_is_not_formed_either_way() {
+        let params = RiskParams::default();
+        let big = Leg::Linear { qty: Qty(i64::MAX), mark: Price(i64::MAX) };
+        // Three legs of nearly 2^126 each: their sum is beyond i128.
+        assert_eq!(group_margin(&params, p("100"), &[big, big, big]), None);
+        assert_eq!(linear_of(&params, p("100"), &[big, big, big]), None);
+        assert!(linear_of(&params, p("100"), &[big]).is_some() == group_margin(&params, p("100"), &[big]).is_some());
     }
 
     #[test]
