@@ -1,6 +1,7 @@
 //! Stress tests (`portfolio-margin.md`, "Stress tests"): a worked example with every figure by hand, the refusals,
-//! and random books checked two ways: the answer is the same for every shard count, and it equals what the naive
-//! reference model says after the scenario's moved prices are replayed into it as price events.
+//! and random books checked three ways: the answer is the same for every shard count; it equals what the naive
+//! reference model says after the scenario's moved prices are replayed into it as price events; and every account's
+//! figures in the pass are those of a fresh evaluation (the pass's shortcuts change nothing).
 
 use vigil_engine::stress::{Grid, Part, Request, Scenario, merge_shards, shock};
 use vigil_engine::{Config, Sharded};
