@@ -447,8 +447,9 @@ impl Engine {
 /// [`Pass::run`] it over disjoint ranges of accounts at once, each with its own copy of the shard's [`Markets`].
 ///
 /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
-/// evaluated at current prices, then at each scenario's prices while it is in cache. A standard account is
-/// evaluated as terms (balances, positions); a scenario recomputes only the terms whose prices it moves.
+/// evaluated at current prices, then at each scenario's prices while it is in cache. An account is evaluated as
+/// terms (balances, positions; a portfolio account's groups too); a scenario recomputes only the terms and groups
+/// whose prices it moves.
 pub struct Pass<'a> {
     /// Its place among the passes [`finish`] is given.
     shard: usize,
