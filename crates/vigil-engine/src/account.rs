@@ -449,17 +449,63 @@ fn liquidatable_by_bound(equity: Amount, mm_e24: i128, n: u32) -> Option<bool> {
     (e >= mm_e24.checked_add(i128::from(n) * SCALE2)?).then_some(false)
 }
 
+/// Adds the account's balances to `units` at `valuation`'s prices, appending each as a term (its margin zero).
+#[inline(always)]
+fn balance_terms(valuation: &Valuation, acc: &Account, terms: &mut Vec<ValueMm>, units: &mut Units) {
+    for (slot, amount) in &acc.balances {
+        let value = valuation.balance(*slot, *amount);
+        terms.push(ValueMm { value, mm_e24: 0 });
+        units.balance(value);
+    }
+}
+
+/// Adds the account's balances to `units` at `valuation`'s prices, given their terms at other prices (`before`):
+/// a balance `moved` names is revalued and `changed` told its slot and its value's change, the others taken as
+/// they are.
+#[inline(always)]
+fn balances_moved(
+    valuation: &Valuation,
+    acc: &Account,
+    before: &[ValueMm],
+    moved: impl Fn(Slot) -> bool,
+    changed: &mut impl FnMut(Slot, i128),
+    units: &mut Units,
+) {
+    for ((slot, amount), before) in acc.balances.iter().zip(before) {
+        let mut value = before.value;
+        if moved(*slot) {
+            value = valuation.balance(*slot, *amount);
+            changed(*slot, value.0 - before.value.0);
+        }
+        units.balance(value);
+    }
+}
+
+/// A position's term at `valuation`'s prices, given its term at other prices: revalued (and `changed` told its
+/// slot and its value's change) if `moved`, else as it was.
+#[inline(always)]
+fn position_moved(
+    valuation: &Valuation,
+    p: &Position,
+    before: ValueMm,
+    moved: bool,
+    changed: &mut impl FnMut(Slot, i128),
+) -> ValueMm {
+    if !moved {
+        return before;
+    }
+    let t = valuation.position_unrounded(p);
+    changed(p.slot, t.value.0 - before.value.0);
+    t
+}
+
 /// A standard-margin account's [`Standing`] at `valuation`'s prices, from its terms' unrounded margins (no
 /// division per position); each term is appended to `terms` (balances, then positions: a balance's margin is
 /// zero). `None` when a unit's margin must be rounded to tell whether it is liquidatable (its equity is within a
 /// few 1e-8 of it): then [`standard_exposure`] says, and `terms` is complete all the same.
 pub fn standard_standing(valuation: &Valuation, acc: &Account, terms: &mut Vec<ValueMm>) -> Option<Standing> {
     let mut units = Units::default();
-    for (slot, amount) in &acc.balances {
-        let value = valuation.balance(*slot, *amount);
-        terms.push(ValueMm { value, mm_e24: 0 });
-        units.balance(value);
-    }
+    balance_terms(valuation, acc, terms, &mut units);
     for p in &acc.positions {
         let t = valuation.position_unrounded(p);
         terms.push(t);
@@ -481,21 +527,9 @@ pub fn standard_standing_moved(
     let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
     let (balances, positions) = terms.split_at(acc.balances.len().min(terms.len()));
     let mut units = Units::default();
-    for ((slot, amount), before) in acc.balances.iter().zip(balances) {
-        let mut value = before.value;
-        if moved(*slot) {
-            value = valuation.balance(*slot, *amount);
-            changed(*slot, value.0 - before.value.0);
-        }
-        units.balance(value);
-    }
+    balances_moved(valuation, acc, balances, moved, &mut changed, &mut units);
     for (p, before) in acc.positions.iter().zip(positions) {
-        let mut t = *before;
-        if moved(p.slot) {
-            t = valuation.position_unrounded(p);
-            changed(p.slot, t.value.0 - before.value.0);
-        }
-        units.position(p, t);
+        units.position(p, position_moved(valuation, p, *before, moved(p.slot), &mut changed));
     }
     units.finish()
 }
@@ -507,12 +541,14 @@ pub fn standard_standing_moved(
 pub struct PortfolioTerms {
     /// Balances, then positions: each position's own value and unrounded margin, whether or not a group charges it.
     terms: Vec<ValueMm>,
-    /// Per position, its group's place in `groups`, or [`NO_GROUP`] (not an open cross position of an underlying).
+    /// Per position, its group's place in `underlyings`, or [`NO_GROUP`] (not an open cross position of an
+    /// underlying).
     group: Vec<u32>,
-    /// The groups by underlying, in the order the positions name them, each with its margin at current prices
-    /// (`None`: not formed, its positions keep their own figures).
-    groups: Vec<(Slot, Option<GroupMargin>)>,
-    /// The groups' margins under a scenario.
+    /// The groups' underlyings, in the order the positions name them.
+    underlyings: Vec<Slot>,
+    /// Each group's margin at current prices (`None`: not formed, its positions keep their own figures), and under
+    /// a scenario.
+    now: Vec<Option<GroupMargin>>,
     after: Vec<Option<GroupMargin>>,
     /// Each group's legs added up at the prices being evaluated.
     sums: Vec<GroupSums>,
@@ -532,20 +568,20 @@ impl GroupSums {
     const EMPTY: Self = Self { linear: Some(LinearTotals::ZERO), general: false };
 }
 
-/// The margins of `groups` (those `revalue` names, all if `None`) at `valuation`'s prices (those of `market`),
-/// their legs added up in `sums`: a group of perps and futures from its sums; any other through
-/// [`group_margin_at`].
+/// The margins of the groups of `underlyings` (those `revalue` names, all if `None`) at `valuation`'s prices
+/// (those of `market`), their legs added up in `sums`: a group of perps and futures from its sums; any other
+/// through [`group_margin_at`].
 fn group_margins(
     valuation: &Valuation,
     market: &Market,
     positions: &[Position],
-    groups: &[(Slot, Option<GroupMargin>)],
+    underlyings: &[Slot],
     sums: &[GroupSums],
     margins: &mut [Option<GroupMargin>],
     revalue: Option<&[bool]>,
 ) {
     let mut cache = None;
-    for (g, (((u, _), s), margin)) in groups.iter().zip(sums).zip(margins.iter_mut()).enumerate() {
+    for (g, ((u, s), margin)) in underlyings.iter().zip(sums).zip(margins.iter_mut()).enumerate() {
         if revalue.is_some_and(|r| !r.get(g).copied().unwrap_or(false)) {
             continue;
         }
@@ -578,49 +614,37 @@ pub fn portfolio_standing(
     acc: &Account,
     kept: &mut PortfolioTerms,
 ) -> Option<Standing> {
-    let PortfolioTerms { terms, group, groups, after, sums } = kept;
+    let PortfolioTerms { terms, group, underlyings, now, sums, .. } = kept;
     terms.clear();
     group.clear();
-    groups.clear();
+    underlyings.clear();
+    now.clear();
     sums.clear();
     for p in &acc.positions {
         let g = valuation.group_of(p).map_or(NO_GROUP, |u| {
-            let g = groups.iter().position(|(s, _)| *s == u).unwrap_or_else(|| {
-                groups.push((u, None));
+            let g = underlyings.iter().position(|s| *s == u).unwrap_or_else(|| {
+                underlyings.push(u);
+                now.push(None);
                 sums.push(GroupSums::EMPTY);
-                groups.len() - 1
+                underlyings.len() - 1
             });
             valuation.add_leg(p, &mut sums[g]);
             g as u32
         });
         group.push(g);
     }
-    if !groups.is_empty() {
-        after.clear();
-        after.resize(groups.len(), None);
-        group_margins(valuation, market, &acc.positions, groups, sums, after, None);
-        for ((_, margin), m) in groups.iter_mut().zip(after.iter()) {
-            *margin = *m;
-        }
+    if !underlyings.is_empty() {
+        group_margins(valuation, market, &acc.positions, underlyings, sums, now, None);
     }
     let mut units = Units::default();
-    for (slot, amount) in &acc.balances {
-        let value = valuation.balance(*slot, *amount);
-        terms.push(ValueMm { value, mm_e24: 0 });
-        units.balance(value);
-    }
+    balance_terms(valuation, acc, terms, &mut units);
     for (p, g) in acc.positions.iter().zip(group.iter()) {
         let t = valuation.position_unrounded(p);
         terms.push(t);
-        match groups.get(*g as usize) {
-            Some((_, Some(_))) => units.grouped(t.value),
-            _ => units.position(p, t),
-        }
+        units.charged(p, t, now.get(*g as usize));
     }
-    for (_, margin) in groups.iter() {
-        if let Some(m) = margin {
-            units.group(m.maintenance_margin);
-        }
+    for m in now.iter().flatten() {
+        units.group(m.maintenance_margin);
     }
     units.finish()
 }
@@ -639,16 +663,16 @@ pub fn portfolio_standing_moved(
     mut changed: impl FnMut(Slot, i128),
 ) -> Option<Standing> {
     let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
-    let PortfolioTerms { terms, group, groups, after, sums } = kept;
+    let PortfolioTerms { terms, group, underlyings, now, after, sums } = kept;
     after.clear();
-    after.extend(groups.iter().map(|(_, m)| *m));
-    if !groups.is_empty() {
+    after.extend_from_slice(now);
+    if !underlyings.is_empty() {
         let mut revalue = [false; GROUPS_INLINE];
         let mut spilled = Vec::new();
-        let revalue: &mut [bool] = if groups.len() <= GROUPS_INLINE {
-            &mut revalue[..groups.len()]
+        let revalue: &mut [bool] = if underlyings.len() <= GROUPS_INLINE {
+            &mut revalue[..underlyings.len()]
         } else {
-            spilled.resize(groups.len(), false);
+            spilled.resize(underlyings.len(), false);
             &mut spilled
         };
         for (p, g) in acc.positions.iter().zip(group.iter()) {
@@ -663,29 +687,15 @@ pub fn portfolio_standing_moved(
                     valuation.add_leg(p, s);
                 }
             }
-            group_margins(valuation, market, &acc.positions, groups, sums, after, Some(revalue));
+            group_margins(valuation, market, &acc.positions, underlyings, sums, after, Some(revalue));
         }
     }
     let (balances, positions) = terms.split_at(acc.balances.len().min(terms.len()));
     let mut units = Units::default();
-    for ((slot, amount), before) in acc.balances.iter().zip(balances) {
-        let mut value = before.value;
-        if moved(*slot) {
-            value = valuation.balance(*slot, *amount);
-            changed(*slot, value.0 - before.value.0);
-        }
-        units.balance(value);
-    }
+    balances_moved(valuation, acc, balances, moved, &mut changed, &mut units);
     for ((p, before), g) in acc.positions.iter().zip(positions).zip(group.iter()) {
-        let mut t = *before;
-        if moved(p.slot) {
-            t = valuation.position_unrounded(p);
-            changed(p.slot, t.value.0 - before.value.0);
-        }
-        match after.get(*g as usize) {
-            Some(Some(_)) => units.grouped(t.value),
-            _ => units.position(p, t),
-        }
+        let t = position_moved(valuation, p, *before, moved(p.slot), &mut changed);
+        units.charged(p, t, after.get(*g as usize));
     }
     for m in after.iter().flatten() {
         units.group(m.maintenance_margin);
@@ -733,10 +743,14 @@ impl Units {
         }
     }
 
-    /// A cross position a portfolio group charges: its value counts, its own margin does not.
+    /// A position of a portfolio account, whose `group`'s margin (if the group is formed) charges it instead of
+    /// its own: then only its value counts.
     #[inline(always)]
-    fn grouped(&mut self, value: Amount) {
-        self.equity = self.equity.saturating_add(value);
+    fn charged(&mut self, p: &Position, t: ValueMm, group: Option<&Option<GroupMargin>>) {
+        match group {
+            Some(Some(_)) => self.equity = self.equity.saturating_add(t.value),
+            _ => self.position(p, t),
+        }
     }
 
     /// A portfolio group's margin, charged to the cross unit: whole (rounded already), so it widens no bound.
