@@ -97,8 +97,10 @@ pub struct Dep {
     pub slot: Slot,
     pub refs: u32,
     pub index: u32,
-    /// The safe band this account has in the slot's ordered indexes (indexed detection only).
+    /// The safe band this account has in the slot's index (indexed detection only).
     pub band: Band,
+    /// The stamp the band's edges carry in the slot's index (0: never banded).
+    pub stamp: u32,
     /// In the slot's `always` list instead of its band indexes: a portfolio account with a group, re-evaluated on
     /// every change of the price (indexed detection only).
     pub always: bool,

@@ -2,8 +2,8 @@
 //!
 //! After an exact evaluation, each account gets for every price slot it depends on a band `[lo, hi]` such that,
 //! while **every** one of its prices stays inside its band, none of its margin units can change episode state.
-//! A tick then re-evaluates exactly the accounts whose band it leaves, found through ordered indexes; everything
-//! else provably has nothing to report.
+//! A tick then re-evaluates exactly the accounts whose band it leaves, found through per-slot heaps of band edges
+//! (`index`); everything else provably has nothing to report.
 //!
 //! Why it is exact. A unit's cushion `g = equity − MM` is a sum of per-slot terms (collateral, a perp's PnL and
 //! MM, an option's value and MM split into its mark term and its underlying term), each monotone with a bounded
@@ -192,8 +192,8 @@ fn unit_bands(
 /// Whether the account is re-evaluated on every change of any price it depends on rather than banded: a portfolio
 /// account with a group. A group's figures are not monotone in its prices (a short straddle loses both ways) and
 /// move with the implied volatilities its marks carry: no band as cheap as a re-evaluation is sound. Such an
-/// account sits in its slots' `always` lists, not in their band indexes (keeping it out of the ordered indexes
-/// saves their churn on every tick).
+/// account sits in its slots' `always` lists, not in their band indexes (which saves their churn on
+/// every tick).
 pub fn always_reevaluated(market: &Market, acc: &Account) -> bool {
     acc.margin == vigil_model::MarginModel::Portfolio
         && acc.positions.iter().any(|p| p.is_open() && p.mode == MarginMode::Cross && market.group_of(p.slot).is_some())

@@ -9,6 +9,7 @@
 pub mod account;
 pub mod band;
 pub mod groups;
+mod index;
 pub mod market;
 mod prefetch;
 pub mod sharded;
@@ -16,7 +17,7 @@ pub mod stress;
 
 pub use sharded::{Sharded, merged_views};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use vigil_model::liquidation::{LiquidationFill, liquidation_outcome};
 use vigil_model::margin::{apply_fill, credit_from_e16, funding_credit, pretrade_allowed};
@@ -27,6 +28,7 @@ use vigil_model::{
 
 use crate::account::{Account, Dep, Position, evaluate, evaluate_and_detect, view};
 use crate::band::Band;
+use crate::index::{Side, SlotIndex};
 use crate::market::{Entry, InstrumentKind, Market, QUOTE, Slot};
 
 /// How a price tick finds the accounts it may push over a threshold.
@@ -61,34 +63,6 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self { quote: vigil_model::QUOTE_DEFAULT.to_owned(), detection: Detection::default() }
-    }
-}
-
-/// Per price slot, the accounts' safe bands ordered by lower and by upper edge, and the accounts re-evaluated on
-/// every change of the price (`band::always_reevaluated`).
-#[derive(Clone, Debug, Default)]
-struct SlotIndex {
-    lo: BTreeSet<(i64, u32)>,
-    hi: BTreeSet<(i64, u32)>,
-    always: Vec<u32>,
-}
-
-impl SlotIndex {
-    fn remove(&mut self, a: u32, band: Band) {
-        if let Some(lo) = band.lo {
-            self.lo.remove(&(lo, a));
-        }
-        if let Some(hi) = band.hi {
-            self.hi.remove(&(hi, a));
-        }
-    }
-    fn insert(&mut self, a: u32, band: Band) {
-        if let Some(lo) = band.lo {
-            self.lo.insert((lo, a));
-        }
-        if let Some(hi) = band.hi {
-            self.hi.insert((hi, a));
-        }
     }
 }
 
@@ -153,6 +127,8 @@ pub struct Engine {
     offset: Offset,
     bands: Vec<Band>,
     popped: Vec<u32>,
+    /// A tick's crossed band edges (scratch).
+    crossed: Vec<(Side, index::Edge)>,
     /// Per underlying slot, the portfolio groups an index tick revalues on their own (indexed detection).
     groups: Vec<groups::GroupTable>,
     /// Exact account evaluations so far (the cost detection pays).
@@ -204,7 +180,8 @@ fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
         return;
     }
     let list = &mut dependents[slot as usize];
-    push_exact(&mut acc.deps, Dep { slot, refs: 1, index: list.len() as u32, band: Band::default(), always: false });
+    let index = list.len() as u32;
+    push_exact(&mut acc.deps, Dep { slot, refs: 1, index, band: Band::default(), stamp: 0, always: false });
     list.push(a);
 }
 
@@ -218,7 +195,7 @@ fn remove_dep(dependents: &mut [Vec<u32>], index: &mut [SlotIndex], accounts: &m
     if acc.deps[i].refs > 0 {
         return;
     }
-    index[slot as usize].remove(a, acc.deps[i].band);
+    index[slot as usize].drop_band(acc.deps[i].band);
     if acc.deps[i].always {
         let always = &mut index[slot as usize].always;
         if let Some(k) = always.iter().position(|x| *x == a) {
@@ -248,6 +225,7 @@ impl Engine {
             offset: Offset(0),
             bands: Vec::new(),
             popped: Vec::new(),
+            crossed: Vec::new(),
             groups: Vec::new(),
             evaluations: 0,
             dirty: Vec::new(),
@@ -336,30 +314,50 @@ impl Engine {
 
     /// Recomputes an account's bands (indexed detection) from its fresh figures and updates the indexes.
     fn reband(&mut self, a: u32) {
+        if self.detection != Detection::Indexed {
+            return;
+        }
         let acc = &mut self.accounts[a as usize];
-        if self.detection == Detection::Indexed {
-            groups::GroupTable::sync(&mut self.groups, &self.market, acc, a);
-            let portfolio = band::always_reevaluated(&self.market, acc);
-            band::compute(&self.market, acc, &mut self.bands);
-            for (d, new) in acc.deps.iter_mut().zip(&self.bands) {
-                let idx = &mut self.index[d.slot as usize];
-                if d.band != *new {
-                    idx.remove(a, d.band);
-                    idx.insert(a, *new);
-                    d.band = *new;
+        groups::GroupTable::sync(&mut self.groups, &self.market, acc, a);
+        let portfolio = band::always_reevaluated(&self.market, acc);
+        band::compute(&self.market, acc, &mut self.bands);
+        let mut rebuild = false;
+        for (d, new) in acc.deps.iter_mut().zip(&self.bands) {
+            let idx = &mut self.index[d.slot as usize];
+            if d.band != *new {
+                d.stamp = idx.reband(a, d.band, *new);
+                d.band = *new;
+                rebuild |= idx.needs_rebuild();
+            }
+            // A slot whose ticks the account's group table row serves: neither banded nor always.
+            let always = portfolio && !acc.rows.iter().any(|(u, _)| *u == d.slot);
+            if d.always != always {
+                if always {
+                    idx.always.push(a);
+                } else if let Some(k) = idx.always.iter().position(|x| *x == a) {
+                    idx.always.swap_remove(k);
                 }
-                // A slot whose ticks the account's group table row serves: neither banded nor always.
-                let always = portfolio && !acc.rows.iter().any(|(u, _)| *u == d.slot);
-                if d.always != always {
-                    if always {
-                        idx.always.push(a);
-                    } else if let Some(k) = idx.always.iter().position(|x| *x == a) {
-                        idx.always.swap_remove(k);
-                    }
-                    d.always = always;
+                d.always = always;
+            }
+        }
+        if rebuild {
+            for i in 0..self.accounts[a as usize].deps.len() {
+                let slot = self.accounts[a as usize].deps[i].slot;
+                if self.index[slot as usize].needs_rebuild() {
+                    self.rebuild_index(slot);
                 }
             }
         }
+    }
+
+    /// Rebuilds a slot's band index from its dependents' bands (dropping the stale edges).
+    fn rebuild_index(&mut self, slot: Slot) {
+        let accounts = &self.accounts;
+        let bands = self.dependents[slot as usize].iter().filter_map(|&a| {
+            let d = accounts[a as usize].deps.iter().find(|d| d.slot == slot)?;
+            Some((a, d.stamp, d.band))
+        });
+        self.index[slot as usize].rebuild(bands);
     }
 
     /// Brings an account's cached figures up to current prices (no episode change): with indexed detection they
@@ -373,11 +371,15 @@ impl Engine {
     /// Indexed tick: pops the accounts whose band `price` leaves, and the slot's `always` accounts, and
     /// re-evaluates exactly those.
     fn tick(&mut self, slot: Slot, price: i64, offset: Offset, triggers: &mut Vec<Trigger>) {
-        let idx = &self.index[slot as usize];
         let mut popped = std::mem::take(&mut self.popped);
+        let mut crossed = std::mem::take(&mut self.crossed);
         popped.clear();
-        popped.extend(idx.lo.range((price.saturating_add(1), 0)..).map(|(_, a)| *a));
-        popped.extend(idx.hi.range(..(price, 0)).map(|(_, a)| *a));
+        crossed.clear();
+        let accounts = &self.accounts;
+        let live = |a: u32, stamp: u32| accounts[a as usize].deps.iter().any(|d| d.slot == slot && d.stamp == stamp);
+        let idx = &mut self.index[slot as usize];
+        idx.cross(price, live, &mut crossed);
+        popped.extend(crossed.iter().map(|(_, e)| e.account));
         popped.extend_from_slice(&idx.always);
         // The groups a tick of this index revalues on their own; the accounts a row cannot serve join `popped`.
         if let Some(table) = self.groups.get_mut(slot as usize).filter(|t| t.live() > 0) {
@@ -389,7 +391,14 @@ impl Engine {
         for &a in &popped {
             self.touch(a, offset, triggers);
         }
+        // An account whose band on this slot came out unchanged keeps its edge (it is popped again next tick).
+        for &(side, e) in &crossed {
+            if self.accounts[e.account as usize].deps.iter().any(|d| d.slot == slot && d.stamp == e.stamp) {
+                self.index[slot as usize].restore(side, e);
+            }
+        }
         self.popped = popped;
+        self.crossed = crossed;
     }
 
     /// Counts for monitoring, from the cached figures (with indexed detection, those of each unit's last exact
