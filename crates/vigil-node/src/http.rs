@@ -140,7 +140,7 @@ pub fn to_items(parsed: Vec<Result<Event, Rejection>>) -> Vec<(Item, Vec<u8>)> {
     parsed
         .into_iter()
         .map(|p| {
-            let mut record = Vec::new();
+            let mut record = Vec::with_capacity(64); // a trade's record fits
             let item = match p {
                 Ok(event) => match encode_event(&event, &mut record) {
                     Ok(()) => Item::Event(event),

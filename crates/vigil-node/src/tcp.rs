@@ -201,7 +201,7 @@ pub(crate) async fn connection(mut stream: TcpStream, node: Listener) {
         };
         let mut items = Vec::with_capacity(events.len());
         for event in events {
-            let mut record = Vec::new();
+            let mut record = Vec::with_capacity(64);
             // The binary form skips the JSON parser: hold each event to its rules. One that breaks them takes its
             // offset as a rejection, exactly as its JSON line would.
             if let Err(rejection) = vigil_model::validate(&event) {

@@ -38,13 +38,15 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<EVENT_BYTES_MAX>()
 }
 
-/// Encodes any serde value (a checkpoint delta, say): the value version byte, then bincode (no size limit).
+/// Encodes any serde value (a checkpoint delta, say): the value version byte, then bincode (no size limit). Written
+/// in place at the end of `out`; on an error `out` is as it was.
 pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
     out.push(VALUE_VERSION);
-    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    out.extend_from_slice(&bytes);
-    Ok(())
+    bincode::serde::encode_into_std_write(value, &mut *out, bincode::config::standard()).map(drop).map_err(|e| {
+        out.truncate(start);
+        CodecError::Malformed(e.to_string())
+    })
 }
 
 /// Decodes a value written by [`encode_value`].
@@ -145,12 +147,15 @@ pub fn decode_untrusted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<
     Ok(value)
 }
 
-/// Encodes one event: version byte, then bincode.
+/// Encodes one event: version byte, then bincode. Written in place at the end of `out` (no buffer of its own); on
+/// an error `out` is as it was.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let start = out.len();
     out.push(CODEC_VERSION);
-    let bytes = bincode::serde::encode_to_vec(event, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
-    out.extend_from_slice(&bytes);
-    Ok(())
+    bincode::serde::encode_into_std_write(event, &mut *out, config()).map(drop).map_err(|e| {
+        out.truncate(start);
+        CodecError::Malformed(e.to_string())
+    })
 }
 
 /// Decodes one event written by [`encode_event`], refusing anything else.
