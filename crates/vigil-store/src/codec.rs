@@ -249,6 +249,25 @@ mod tests {
         assert_eq!(again, payload);
     }
 
+    #[test]
+    fn a_value_that_fails_to_encode_leaves_the_buffer_as_it_was() {
+        // Proves the in-place encoding takes back what it wrote when it fails part way: the caller's earlier bytes
+        // stay, nothing after them (a publisher appends records to one buffer). Bincode does not fail on any type
+        // of ours (it does not apply its size limit when encoding), so the value fails on purpose after one field.
+        struct FailsAfterOneField;
+        impl serde::Serialize for FailsAfterOneField {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::{Error, SerializeTuple};
+                let mut t = s.serialize_tuple(2)?;
+                t.serialize_element(&u64::MAX)?;
+                Err(S::Error::custom("refused on purpose"))
+            }
+        }
+        let mut out = b"earlier".to_vec();
+        assert!(encode_value(&FailsAfterOneField, &mut out).is_err());
+        assert_eq!(out, b"earlier");
+    }
+
     const GOLDEN_EVENT_RECORD: &str = "0e0000009fe215e40700000000000000010701610455534443fc00a3e111";
     const GOLDEN_REJECTED: &str = "fe696e76616c69645f6576656e743a20626164";
     const GOLDEN_STAMPED: &str = "fd026777030000000000000002000000010701610455534443fc00a3e111";
