@@ -514,7 +514,7 @@ impl Engine {
                 let a = self.ids.get(account.as_str()).copied();
                 let before = a.map_or(Amount::ZERO, |a| self.accounts[a as usize].balance(asset));
                 let after = before.checked_add(*amount).ok_or_else(|| out_of_range("the balance"))?;
-                let a = self.account_or_create(account);
+                let a = a.unwrap_or_else(|| self.create_account(account));
                 self.set_balance(a, asset, after);
                 self.touch(a, offset, triggers);
                 Ok(())
@@ -546,7 +546,7 @@ impl Engine {
             Event::Trade(fill) => {
                 let a = self.ids.get(fill.account.as_str()).copied();
                 let plan = self.plan_fill(a.map(|a| &self.accounts[a as usize]), fill)?;
-                let a = self.account_or_create(&fill.account);
+                let a = a.unwrap_or_else(|| self.create_account(&fill.account));
                 self.commit_fill(a, &plan);
                 self.touch(a, offset, triggers);
                 Ok(())
@@ -744,10 +744,9 @@ impl Engine {
         self.ids.get(id).copied().ok_or_else(|| reject(Reason::UnknownAccount, format!("unknown account {id:?}")))
     }
 
-    fn account_or_create(&mut self, id: &str) -> u32 {
-        if let Some(&a) = self.ids.get(id) {
-            return a;
-        }
+    /// A new account (the caller found none with this id).
+    fn create_account(&mut self, id: &str) -> u32 {
+        debug_assert!(!self.ids.contains_key(id), "invariant: one account per id");
         let a = self.accounts.len() as u32;
         self.accounts.push(Account::new(id));
         self.ids.insert(Box::from(id), a);
