@@ -10,8 +10,11 @@
 //! rebuilds them from the slot's dependents, which bounds their size and the work stale edges cost to amortised
 //! O(1) per re-band.
 //!
-//! Stamps are per slot and never reused while an edge carrying them can be in a heap: a rebuild keeps only live
-//! edges, and it comes at least once per `live + SLACK` re-bands, far fewer than the 2^32 stamps a slot has.
+//! Why it stays exact: a live edge is always in its heap (pushed when its band was set, put back by the tick that
+//! popped it if the re-evaluation left the band as it was), so no account a tick should find is missed; a stale
+//! edge taken for live could only re-evaluate its account once more, which changes nothing. Stamps are per slot;
+//! one comes back only after 2^32 re-bands on the slot, and rebuilds (which keep only live edges) come far more
+//! often than that whenever edges are pushed.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
