@@ -185,6 +185,11 @@ fn add_dep(dependents: &mut [Vec<u32>], acc: &mut Account, a: u32, slot: Slot) {
     list.push(a);
 }
 
+/// Whether band edges stamped `stamp` on `slot` are still the account's (live, not stale).
+fn holds_edge(acc: &Account, slot: Slot, stamp: u32) -> bool {
+    acc.deps.iter().any(|d| d.slot == slot && d.stamp == stamp)
+}
+
 fn remove_dep(dependents: &mut [Vec<u32>], index: &mut [SlotIndex], accounts: &mut [Account], a: u32, slot: Slot) {
     let acc = &mut accounts[a as usize];
     let Some(i) = acc.deps.iter().position(|d| d.slot == slot) else {
@@ -376,9 +381,8 @@ impl Engine {
         popped.clear();
         crossed.clear();
         let accounts = &self.accounts;
-        let live = |a: u32, stamp: u32| accounts[a as usize].deps.iter().any(|d| d.slot == slot && d.stamp == stamp);
         let idx = &mut self.index[slot as usize];
-        idx.cross(price, live, &mut crossed);
+        idx.cross(price, |a, stamp| holds_edge(&accounts[a as usize], slot, stamp), &mut crossed);
         popped.extend(crossed.iter().map(|(_, e)| e.account));
         popped.extend_from_slice(&idx.always);
         // The groups a tick of this index revalues on their own; the accounts a row cannot serve join `popped`.
@@ -393,7 +397,7 @@ impl Engine {
         }
         // An account whose band on this slot came out unchanged keeps its edge (it is popped again next tick).
         for &(side, e) in &crossed {
-            if self.accounts[e.account as usize].deps.iter().any(|d| d.slot == slot && d.stamp == e.stamp) {
+            if holds_edge(&self.accounts[e.account as usize], slot, e.stamp) {
                 self.index[slot as usize].restore(side, e);
             }
         }

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 use vigil_engine::market::{Entry, InstrumentKind, Market};
 use vigil_model::{Event, LiquidationRecord, Offset, Reason, Rejection, RejectionRecord, Right, Trigger, parse_line};
-use vigil_store::codec::{encode_event, encode_rejected_input};
+use vigil_store::codec::{RECORD_RESERVE, encode_event, encode_rejected_input};
 
 pub use crate::hub::{Hub, HubConfig, Node};
 use crate::intake::{Ack, IngestBatch, Item, Refusal};
@@ -140,7 +140,7 @@ pub fn to_items(parsed: Vec<Result<Event, Rejection>>) -> Vec<(Item, Vec<u8>)> {
     parsed
         .into_iter()
         .map(|p| {
-            let mut record = Vec::with_capacity(64); // a trade's record fits
+            let mut record = Vec::with_capacity(RECORD_RESERVE);
             let item = match p {
                 Ok(event) => match encode_event(&event, &mut record) {
                     Ok(()) => Item::Event(event),

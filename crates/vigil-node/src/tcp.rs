@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use vigil_model::{Event, Fill, Offset, shard_of};
-use vigil_store::codec::{encode_event, encode_rejected_input};
+use vigil_store::codec::{RECORD_RESERVE, encode_event, encode_rejected_input};
 
 use crate::http::token_matches;
 use crate::intake::{Ack, IngestBatch, Item};
@@ -201,7 +201,7 @@ pub(crate) async fn connection(mut stream: TcpStream, node: Listener) {
         };
         let mut items = Vec::with_capacity(events.len());
         for event in events {
-            let mut record = Vec::with_capacity(64);
+            let mut record = Vec::with_capacity(RECORD_RESERVE);
             // The binary form skips the JSON parser: hold each event to its rules. One that breaks them takes its
             // offset as a rejection, exactly as its JSON line would.
             if let Err(rejection) = vigil_model::validate(&event) {

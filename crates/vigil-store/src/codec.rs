@@ -41,9 +41,23 @@ fn config() -> impl bincode::config::Config {
 /// Encodes any serde value (a checkpoint delta, say): the value version byte, then bincode (no size limit). Written
 /// in place at the end of `out`; on an error `out` is as it was.
 pub fn encode_value<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    encode_versioned(VALUE_VERSION, value, bincode::config::standard(), out)
+}
+
+/// Room a caller may reserve for one event's record: a trade's fits (a price's is about 20 bytes), so
+/// [`encode_event`] writes it without growing the buffer.
+pub const RECORD_RESERVE: usize = 64;
+
+/// `version`, then `value` in bincode with `config`, appended to `out`; on an error `out` is truncated back.
+fn encode_versioned<T: serde::Serialize>(
+    version: u8,
+    value: &T,
+    config: impl bincode::config::Config,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     let start = out.len();
-    out.push(VALUE_VERSION);
-    bincode::serde::encode_into_std_write(value, &mut *out, bincode::config::standard()).map(drop).map_err(|e| {
+    out.push(version);
+    bincode::serde::encode_into_std_write(value, &mut *out, config).map(drop).map_err(|e| {
         out.truncate(start);
         CodecError::Malformed(e.to_string())
     })
@@ -150,12 +164,7 @@ pub fn decode_untrusted<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<
 /// Encodes one event: version byte, then bincode. Written in place at the end of `out` (no buffer of its own); on
 /// an error `out` is as it was.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    let start = out.len();
-    out.push(CODEC_VERSION);
-    bincode::serde::encode_into_std_write(event, &mut *out, config()).map(drop).map_err(|e| {
-        out.truncate(start);
-        CodecError::Malformed(e.to_string())
-    })
+    encode_versioned(CODEC_VERSION, event, config(), out)
 }
 
 /// Decodes one event written by [`encode_event`], refusing anything else.
@@ -251,8 +260,9 @@ mod tests {
 
     #[test]
     fn a_value_that_fails_to_encode_leaves_the_buffer_as_it_was() {
-        // Proves the in-place encoding takes back what it wrote when it fails part way: the caller's earlier bytes
-        // stay, nothing after them (a publisher appends records to one buffer). Bincode does not fail on any type
+        // Proves the in-place encoding (`encode_versioned`, which events share) takes back what it wrote when it
+        // fails part way: the caller's earlier bytes stay, nothing after them (a publisher appends records to one
+        // buffer). Bincode does not fail on any type
         // of ours (it does not apply its size limit when encoding), so the value fails on purpose after one field.
         struct FailsAfterOneField;
         impl serde::Serialize for FailsAfterOneField {

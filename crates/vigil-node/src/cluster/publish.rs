@@ -21,7 +21,7 @@ use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
 use vigil_model::{Offset, Reason, parse_line};
-use vigil_store::codec::{encode_event, encode_rejected_input};
+use vigil_store::codec::{RECORD_RESERVE, encode_event, encode_rejected_input};
 
 use super::{
     BROADCAST_SUBJECT, COUNT_HEADER, EVENT_SUBJECTS, EVENTS_STREAM, FIRST_HEADER, PARTITIONS_HEADER, WINDOW_HEADER,
@@ -140,8 +140,7 @@ fn prepare(line: Result<&str, String>, partitions: u32) -> Line {
         Ok(text) => parse_line(text),
         Err(message) => Err(vigil_model::reject(Reason::InvalidEvent, message)),
     };
-    // Room for a trade's record (a price's is about 20 bytes): encoded in place, without growing.
-    let mut record = Vec::with_capacity(64);
+    let mut record = Vec::with_capacity(RECORD_RESERVE);
     let event = match parsed {
         Ok(event) => match encode_event(&event, &mut record) {
             Ok(()) => Ok(event),
