@@ -361,7 +361,8 @@ fn tally(units: &[Units]) -> (u64, u64, i128) {
 #[test]
 fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
     // Proves, on random books (standard and portfolio accounts, options with expiries, isolated positions,
-    // collateral), for several scenarios each: the answer is identical for 1, 2 and 5 shards; and its counts,
+    // collateral), for several scenarios each: the answer is identical for 1, 2 and 5 shards, and each scenario
+    // asked alone gives its part of it; and its counts,
     // shortfall and every account's equity and MM under the scenario (the top list holds them all) equal the
     // reference model's after the scenario's moved prices are appended to the stream as price events (the
     // reference has its own margin code; portfolio figures within the float tolerance). The moved prices are
@@ -400,6 +401,16 @@ fn random_books_agree_across_shards_and_with_the_reference_at_moved_prices() {
         for shards in [2, 5] {
             let many = stress(&stream, shards, &request);
             assert_eq!(many.result, one.result, "seed {seed}: {shards} shards differ from 1");
+        }
+        // A request of one scenario takes its own path (both evaluations in one pass over a standard account):
+        // each scenario asked alone gives its part of the request of four, on one shard and on two.
+        for (k, scenario) in scenarios.iter().enumerate() {
+            let alone = Request { scenarios: vec![scenario.clone()], grids: vec![], top: 1000 };
+            for shards in [1, 2] {
+                let answer = stress(&stream, shards, &alone);
+                assert_eq!(answer.result.now, one.result.now, "seed {seed} {} alone", scenario.name);
+                assert_eq!(answer.result.scenarios, [one.result.scenarios[k].clone()], "seed {seed} {}", scenario.name);
+            }
         }
         let sharded = book(&stream, 1);
         let market = sharded.shards()[0].market();

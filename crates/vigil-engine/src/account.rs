@@ -536,6 +536,39 @@ pub fn standard_standing_moved(
     units.finish()
 }
 
+/// A standard-margin account's [`Standing`] at `before`'s prices and at `after`'s, in one pass over its balances
+/// and positions: what [`standard_standing`] and then [`standard_standing_moved`] give, without keeping the terms
+/// between them (a request of one scenario needs them once). A term of a slot `moves` names is revalued at `after`
+/// and `changed` told its slot and its value's change; the others count the same at both. Each `None` as
+/// [`standard_standing`]'s.
+pub fn standard_standing_pair(
+    before: &Valuation,
+    after: &Valuation,
+    acc: &Account,
+    moves: &[bool],
+    mut changed: impl FnMut(Slot, i128),
+) -> (Option<Standing>, Option<Standing>) {
+    let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
+    let (mut now, mut then) = (Units::default(), Units::default());
+    for (slot, amount) in &acc.balances {
+        let value = before.balance(*slot, *amount);
+        now.balance(value);
+        if moved(*slot) {
+            let moved_value = after.balance(*slot, *amount);
+            changed(*slot, moved_value.0 - value.0);
+            then.balance(moved_value);
+        } else {
+            then.balance(value);
+        }
+    }
+    for p in &acc.positions {
+        let t = before.position_unrounded(p);
+        now.position(p, t);
+        then.position(p, position_moved(after, p, t, moved(p.slot), &mut changed));
+    }
+    (now.finish(), then.finish())
+}
+
 /// A portfolio account's terms at a stress pass's current prices ([`portfolio_standing`]), kept for its scenarios
 /// ([`portfolio_standing_moved`]): every balance's and position's own figures, the groups its cross positions
 /// form and their margins. Reused from account to account.

@@ -16,7 +16,7 @@ use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
     Account, Exposure, PortfolioTerms, Standing, Valuation, exposure, portfolio_standing, portfolio_standing_moved,
-    standard_exposure, standard_standing, standard_standing_moved,
+    standard_exposure, standard_standing, standard_standing_moved, standard_standing_pair,
 };
 use crate::market::{Entry, InstrumentKind, Market, Slot};
 use crate::{Engine, prefetch};
@@ -303,6 +303,17 @@ pub struct Part {
     pub top: Vec<TopAccount>,
 }
 
+impl Part {
+    /// Counts an account at current prices (the request's `now`).
+    #[inline(always)]
+    fn add(&mut self, standing: Standing) {
+        self.accounts += 1;
+        self.liquidatable += u64::from(standing.liquidatable);
+        self.bankrupt += u64::from(standing.bankrupt);
+        self.shortfall = self.shortfall.saturating_add(standing.shortfall);
+    }
+}
+
 /// One shard's answer to a stress request: its accounts at current prices, and its part of each scenario.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardStress {
@@ -449,7 +460,8 @@ impl Engine {
 /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
 /// evaluated at current prices, then at each scenario's prices while it is in cache. An account is evaluated as
 /// terms (balances, positions; a portfolio account's groups too); a scenario recomputes only the terms and groups
-/// whose prices it moves.
+/// whose prices it moves. A request of one scenario evaluates a standard account before and after in one pass over
+/// its terms, keeping none ([`standard_standing_pair`]).
 pub struct Pass<'a> {
     /// Its place among the passes [`finish`] is given.
     shard: usize,
@@ -503,6 +515,22 @@ impl<'a> Pass<'a> {
                 prefetch::slice(&near.positions);
             }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
+            if standard && let [plan] = plans.as_slice() {
+                // One scenario: the account's terms now and under it in one pass, none kept between the two.
+                deltas.clear();
+                deltas.resize(plan.names.len(), 0);
+                let after_valuation = &self.valuations[0];
+                let (b, a) = standard_standing_pair(valuation, after_valuation, acc, &plan.moves, |slot, change| {
+                    if let Some(x) = plan.follows[slot as usize] {
+                        deltas[x] += change;
+                    }
+                });
+                let b = b.unwrap_or_else(|| standard_exposure(valuation, acc).into());
+                let a = a.unwrap_or_else(|| standard_exposure(after_valuation, acc).into());
+                now.add(b);
+                record(&mut parts[0], &mut heaps[0], top, deltas, (b, a), (&acc.id, shard, i));
+                continue;
+            }
             let b: Standing = if standard {
                 terms.clear();
                 standard_standing(valuation, acc, terms).unwrap_or_else(|| standard_exposure(valuation, acc).into())
@@ -510,10 +538,7 @@ impl<'a> Pass<'a> {
                 portfolio_standing(valuation, market, acc, portfolio)
                     .unwrap_or_else(|| exposure(valuation, market, acc).into())
             };
-            now.accounts += 1;
-            now.liquidatable += u64::from(b.liquidatable);
-            now.bankrupt += u64::from(b.bankrupt);
-            now.shortfall = now.shortfall.saturating_add(b.shortfall);
+            now.add(b);
             for (k, ((plan, after_market), after_valuation)) in
                 plans.iter().zip(markets.shocked).zip(&self.valuations).enumerate()
             {
@@ -542,32 +567,45 @@ impl<'a> Pass<'a> {
                     )
                     .unwrap_or_else(|| exposure(after_valuation, after_market, acc).into())
                 };
-                let part = &mut parts[k];
-                part.accounts += 1;
-                part.liquidatable += u64::from(a.liquidatable);
-                part.newly_liquidatable += u64::from(a.liquidatable && !b.liquidatable);
-                part.bankrupt += u64::from(a.bankrupt);
-                part.shortfall = part.shortfall.saturating_add(a.shortfall);
-                for (loss, d) in part.assets.iter_mut().zip(deltas.iter()) {
-                    if *d < 0 {
-                        loss.loss = loss.loss.saturating_sub(Amount(*d));
-                    } else if *d > 0 {
-                        loss.gain = loss.gain.saturating_add(Amount(*d));
-                    }
-                }
-                if top > 0 {
-                    let loss = b.equity.saturating_sub(a.equity);
-                    let heap = &mut heaps[k];
-                    // Cheap test first: only a loss at least the smallest kept can enter.
-                    if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.loss) {
-                        continue;
-                    }
-                    heap.push(Reverse(Ranked { loss, id: Reverse(&acc.id), shard, index: i }));
-                    if heap.len() > top {
-                        heap.pop();
-                    }
-                }
+                record(&mut parts[k], &mut heaps[k], top, deltas, (b, a), (&acc.id, shard, i));
             }
+        }
+    }
+}
+
+/// Counts an account in a scenario's part: its standing `before` (at current prices) and `after` the scenario,
+/// `deltas` its changes by reported asset; and offers it (`id`, its shard and place there) as a candidate for
+/// the scenario's `top` largest losses.
+#[inline(always)]
+fn record<'a>(
+    part: &mut Part,
+    heap: &mut BinaryHeap<Reverse<Ranked<'a>>>,
+    top: usize,
+    deltas: &[i128],
+    (before, after): (Standing, Standing),
+    (id, shard, index): (&'a str, usize, usize),
+) {
+    part.accounts += 1;
+    part.liquidatable += u64::from(after.liquidatable);
+    part.newly_liquidatable += u64::from(after.liquidatable && !before.liquidatable);
+    part.bankrupt += u64::from(after.bankrupt);
+    part.shortfall = part.shortfall.saturating_add(after.shortfall);
+    for (loss, d) in part.assets.iter_mut().zip(deltas) {
+        if *d < 0 {
+            loss.loss = loss.loss.saturating_sub(Amount(*d));
+        } else if *d > 0 {
+            loss.gain = loss.gain.saturating_add(Amount(*d));
+        }
+    }
+    if top > 0 {
+        let loss = before.equity.saturating_sub(after.equity);
+        // Cheap test first: only a loss at least the smallest kept can enter.
+        if heap.len() >= top && heap.peek().is_some_and(|Reverse(r)| loss < r.loss) {
+            return;
+        }
+        heap.push(Reverse(Ranked { loss, id: Reverse(id), shard, index }));
+        if heap.len() > top {
+            heap.pop();
         }
     }
 }
