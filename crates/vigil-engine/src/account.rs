@@ -474,13 +474,26 @@ fn balances_moved(
     units: &mut Units,
 ) {
     for ((slot, amount), before) in acc.balances.iter().zip(before) {
-        let mut value = before.value;
-        if moved(*slot) {
-            value = valuation.balance(*slot, *amount);
-            changed(*slot, value.0 - before.value.0);
-        }
-        units.balance(value);
+        units.balance(balance_moved(valuation, (*slot, *amount), before.value, moved(*slot), changed));
     }
+}
+
+/// A balance's value at `valuation`'s prices, given its value at other prices: revalued (and `changed` told its
+/// slot and the change) if `moved`, else as it was.
+#[inline(always)]
+fn balance_moved(
+    valuation: &Valuation,
+    (slot, amount): (Slot, Amount),
+    before: Amount,
+    moved: bool,
+    changed: &mut impl FnMut(Slot, i128),
+) -> Amount {
+    if !moved {
+        return before;
+    }
+    let value = valuation.balance(slot, amount);
+    changed(slot, value.0 - before.0);
+    value
 }
 
 /// A position's term at `valuation`'s prices, given its term at other prices: revalued (and `changed` told its
@@ -553,13 +566,7 @@ pub fn standard_standing_pair(
     for (slot, amount) in &acc.balances {
         let value = before.balance(*slot, *amount);
         now.balance(value);
-        if moved(*slot) {
-            let moved_value = after.balance(*slot, *amount);
-            changed(*slot, moved_value.0 - value.0);
-            then.balance(moved_value);
-        } else {
-            then.balance(value);
-        }
+        then.balance(balance_moved(after, (*slot, *amount), value, moved(*slot), &mut changed));
     }
     for p in &acc.positions {
         let t = before.position_unrounded(p);

@@ -393,6 +393,21 @@ struct Plan {
 }
 
 impl Plan {
+    /// `deltas` emptied for an account: one change per reported asset, all zero.
+    #[inline(always)]
+    fn clear(&self, deltas: &mut Vec<i128>) {
+        deltas.clear();
+        deltas.resize(self.names.len(), 0);
+    }
+
+    /// Adds a term's value `change` on `slot` to the reported asset the slot follows, if any.
+    #[inline(always)]
+    fn count(&self, deltas: &mut [i128], slot: Slot, change: i128) {
+        if let Some(x) = self.follows[slot as usize] {
+            deltas[x] += change;
+        }
+    }
+
     fn new(market: &Market, after: &Market, scenario: &Scenario) -> Plan {
         let names = reported_assets(scenario);
         let mut follows: Vec<Option<usize>> = vec![None; market.slots()];
@@ -517,13 +532,10 @@ impl<'a> Pass<'a> {
             let standard = acc.margin == vigil_model::MarginModel::Standard;
             if standard && let [plan] = plans.as_slice() {
                 // One scenario: the account's terms now and under it in one pass, none kept between the two.
-                deltas.clear();
-                deltas.resize(plan.names.len(), 0);
+                plan.clear(deltas);
                 let after_valuation = &self.valuations[0];
                 let (b, a) = standard_standing_pair(valuation, after_valuation, acc, &plan.moves, |slot, change| {
-                    if let Some(x) = plan.follows[slot as usize] {
-                        deltas[x] += change;
-                    }
+                    plan.count(deltas, slot, change)
                 });
                 let b = b.unwrap_or_else(|| standard_exposure(valuation, acc).into());
                 let a = a.unwrap_or_else(|| standard_exposure(after_valuation, acc).into());
@@ -542,14 +554,11 @@ impl<'a> Pass<'a> {
             for (k, ((plan, after_market), after_valuation)) in
                 plans.iter().zip(markets.shocked).zip(&self.valuations).enumerate()
             {
-                deltas.clear();
-                deltas.resize(plan.names.len(), 0);
+                plan.clear(deltas);
                 let a: Standing = if standard {
                     // Only the terms whose prices the scenario moves are recomputed; the rest are as they are now.
                     standard_standing_moved(after_valuation, acc, terms, &plan.moves, |slot, change| {
-                        if let Some(x) = plan.follows[slot as usize] {
-                            deltas[x] += change;
-                        }
+                        plan.count(deltas, slot, change)
                     })
                     .unwrap_or_else(|| standard_exposure(after_valuation, acc).into())
                 } else {
@@ -559,11 +568,7 @@ impl<'a> Pass<'a> {
                         acc,
                         portfolio,
                         &plan.moves,
-                        |slot, change| {
-                            if let Some(x) = plan.follows[slot as usize] {
-                                deltas[x] += change;
-                            }
-                        },
+                        |slot, change| plan.count(deltas, slot, change),
                     )
                     .unwrap_or_else(|| exposure(after_valuation, after_market, acc).into())
                 };

@@ -589,9 +589,10 @@ fn main() -> ExitCode {
 
 /// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas, and a node's stream of
 /// short-lived messages then keeps faulting fresh 2 MiB pages in, each zeroed by the kernel: a cluster node
-/// catching up took 575–611 such faults (1.2 GiB zeroed) for a 260 MiB peak, and a quarter of its CPU was the
-/// zeroing. Without them the node's CPU fell by about a fifth, end-to-end cluster throughput rose by 13–17%, and
-/// replay and the stress pass over a 1M-account book did not change (docs/performance.md, "Cluster mode").
+/// catching up took 564–611 such faults (1.1–1.2 GiB zeroed) for a 234–290 MiB peak, and a quarter of its CPU was
+/// the zeroing. Without them its CPU fell by about a quarter and its peak memory by a quarter; end-to-end cluster
+/// throughput, replay and the stress pass over a 1M-account book did not change beyond this machine's noise
+/// (docs/performance.md, "Cluster mode").
 /// Best effort: a kernel without the setting leaves the default.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
