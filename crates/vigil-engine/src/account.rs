@@ -3,9 +3,9 @@
 use vigil_model::margin::{
     MM_E24_UNKNOWN, ScaledTiers, ValueMm, bankruptcy_price, collateral_value, entry_price, is_liquidatable,
     linear_figures, linear_value_mm, linear_value_mm_e24, linear_value_mm_e24_scaled, liquidation_price, mm_from_e24,
-    option_figures, option_value_mm_e24,
+    option_figures, option_value_mm_e24, unrealized_pnl,
 };
-use vigil_model::num::{Round, SCALE_I128, SCALE2, checked_mul, div};
+use vigil_model::num::{Round, SCALE_I128, SCALE2, checked_mul, div, e16_to_e8};
 use vigil_model::portfolio::{GroupMargin, Leg, LinearTotals, RiskParams, group_margin, linear_group_margin_of};
 use vigil_model::{
     AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, OptionTerms, PositionFigures, PositionView, Price,
@@ -332,6 +332,16 @@ impl<'a> Valuation<'a> {
         (f.value, f.maintenance_margin)
     }
 
+    /// A position's value: [`Valuation::position_unrounded`]'s, without its margin.
+    #[inline]
+    fn position_value(&self, p: &Position) -> Amount {
+        match self.slots.get(p.slot as usize).map(|s| &s.position) {
+            Some(PositionRule::Linear { mark, .. }) => unrealized_pnl(p.qty, p.cost_e16, *mark),
+            Some(PositionRule::Option { mark, .. }) => Amount(e16_to_e8(p.qty.wide() * mark.wide(), Round::Floor)),
+            Some(PositionRule::Nothing) | None => Amount::ZERO,
+        }
+    }
+
     /// The group an open cross position of a portfolio account is in: its instrument's underlying.
     #[inline]
     fn group_of(&self, p: &Position) -> Option<Slot> {
@@ -578,7 +588,8 @@ pub fn standard_standing_pair(
 
 /// A portfolio account's terms at a stress pass's current prices ([`portfolio_standing`]), kept for its scenarios
 /// ([`portfolio_standing_moved`]): every balance's and position's own figures, the groups its cross positions
-/// form and their margins. Reused from account to account.
+/// form and their margins; or, for [`portfolio_standing_pair`], its groups now and under the scenario. Reused from
+/// account to account.
 #[derive(Default)]
 pub struct PortfolioTerms {
     /// Balances, then positions: each position's own value and unrounded margin, whether or not a group charges it.
@@ -592,8 +603,37 @@ pub struct PortfolioTerms {
     /// a scenario.
     now: Vec<Option<GroupMargin>>,
     after: Vec<Option<GroupMargin>>,
-    /// Each group's legs added up at the prices being evaluated.
+    /// Each group's legs added up at the prices being evaluated (and at a scenario's, for
+    /// [`portfolio_standing_pair`]).
     sums: Vec<GroupSums>,
+    sums_after: Vec<GroupSums>,
+    /// Whether a scenario moves one of the group's positions ([`portfolio_standing_pair`]).
+    revalue: Vec<bool>,
+}
+
+/// A group's positions' own margins added up in a [`Units`]' terms: what the cross unit is charged for them when
+/// the group is not formed.
+#[derive(Clone, Copy, Default)]
+struct OwnMargins {
+    mm_e24: i128,
+    fractional: u32,
+    unknown: bool,
+}
+
+impl OwnMargins {
+    /// The margins of underlying `u`'s group's positions among `positions` at `valuation`'s prices, each added as
+    /// [`Units::position`] adds a cross position's.
+    fn of(valuation: &Valuation, positions: &[Position], u: Slot) -> Self {
+        let mut own = Self::default();
+        for p in positions.iter().filter(|p| valuation.group_of(p) == Some(u)) {
+            let t = valuation.position_unrounded(p);
+            let (sum, overflow) = own.mm_e24.overflowing_add(t.mm_e24);
+            own.mm_e24 = sum;
+            own.unknown |= overflow | (t.mm_e24 == MM_E24_UNKNOWN);
+            own.fractional += u32::from(t.mm_e24 != 0);
+        }
+        own
+    }
 }
 
 const NO_GROUP: u32 = u32::MAX;
@@ -705,7 +745,7 @@ pub fn portfolio_standing_moved(
     mut changed: impl FnMut(Slot, i128),
 ) -> Option<Standing> {
     let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
-    let PortfolioTerms { terms, group, underlyings, now, after, sums } = kept;
+    let PortfolioTerms { terms, group, underlyings, now, after, sums, .. } = kept;
     after.clear();
     after.extend_from_slice(now);
     if !underlyings.is_empty() {
@@ -743,6 +783,82 @@ pub fn portfolio_standing_moved(
         units.group(m.maintenance_margin);
     }
     units.finish()
+}
+
+/// A portfolio account's [`Standing`] at `before`'s prices (those of `markets.0`) and at `after`'s (those of
+/// `markets.1`), in one pass over its balances and positions: what [`portfolio_standing`] and then
+/// [`portfolio_standing_moved`] give, without keeping the terms between them (a request of one scenario needs them
+/// once). A term of a slot `moves` names is revalued at `after` and `changed` told its slot and its value's change;
+/// a group is revalued when `moves` names one of its positions' slots. Each `None` as [`portfolio_standing`]'s.
+///
+/// A grouped position's value counts as it is met, its own margin is not computed: the group's margin charges it,
+/// known once every leg is met. A group that is not formed (rare: its index missing, or its exposure beyond
+/// `i128`) has its positions' margins computed then and charged after every position's, in another order than
+/// [`portfolio_standing`]'s: an overflow in either order makes the figure unknown (`None`), and without one the
+/// sums are the same.
+pub fn portfolio_standing_pair(
+    (before, after): (&Valuation, &Valuation),
+    markets: (&Market, &Market),
+    acc: &Account,
+    kept: &mut PortfolioTerms,
+    moves: &[bool],
+    mut changed: impl FnMut(Slot, i128),
+) -> (Option<Standing>, Option<Standing>) {
+    let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
+    let PortfolioTerms { underlyings, now: margins_now, after: margins_after, sums, sums_after, revalue, .. } = kept;
+    underlyings.clear();
+    sums.clear();
+    sums_after.clear();
+    revalue.clear();
+    let (mut now, mut then) = (Units::default(), Units::default());
+    for (slot, amount) in &acc.balances {
+        let value = before.balance(*slot, *amount);
+        now.balance(value);
+        then.balance(balance_moved(after, (*slot, *amount), value, moved(*slot), &mut changed));
+    }
+    for p in &acc.positions {
+        let m = moved(p.slot);
+        let Some(u) = before.group_of(p) else {
+            let t = before.position_unrounded(p);
+            now.position(p, t);
+            then.position(p, position_moved(after, p, t, m, &mut changed));
+            continue;
+        };
+        let g = underlyings.iter().position(|s| *s == u).unwrap_or_else(|| {
+            underlyings.push(u);
+            sums.push(GroupSums::EMPTY);
+            sums_after.push(GroupSums::EMPTY);
+            revalue.push(false);
+            underlyings.len() - 1
+        });
+        let value = before.position_value(p);
+        now.balance(value);
+        then.balance(if m {
+            let moved = after.position_value(p);
+            changed(p.slot, moved.0 - value.0);
+            moved
+        } else {
+            value
+        });
+        before.add_leg(p, &mut sums[g]);
+        after.add_leg(p, &mut sums_after[g]);
+        revalue[g] |= m;
+    }
+    if !underlyings.is_empty() {
+        margins_now.clear();
+        margins_now.resize(underlyings.len(), None);
+        group_margins(before, markets.0, &acc.positions, underlyings, sums, margins_now, None);
+        margins_after.clear();
+        margins_after.extend_from_slice(margins_now);
+        if revalue.iter().any(|r| *r) {
+            group_margins(after, markets.1, &acc.positions, underlyings, sums_after, margins_after, Some(revalue));
+        }
+        for ((u, m_now), m_after) in underlyings.iter().zip(margins_now.iter()).zip(margins_after.iter()) {
+            now.group_or_own(m_now.as_ref(), || OwnMargins::of(before, &acc.positions, *u));
+            then.group_or_own(m_after.as_ref(), || OwnMargins::of(after, &acc.positions, *u));
+        }
+    }
+    (now.finish(), then.finish())
 }
 
 /// A standard-margin account's units added up term by term from unrounded margins: the isolated ones as they come
@@ -801,6 +917,21 @@ impl Units {
         match mm.0.checked_mul(SCALE2).and_then(|m| self.mm_e24.checked_add(m)) {
             Some(sum) => self.mm_e24 = sum,
             None => self.unknown = true,
+        }
+    }
+
+    /// A group's charge to the cross unit: its `margin` if it is formed, else its positions' `own` margins.
+    #[inline(always)]
+    fn group_or_own(&mut self, margin: Option<&GroupMargin>, own: impl FnOnce() -> OwnMargins) {
+        match margin {
+            Some(m) => self.group(m.maintenance_margin),
+            None => {
+                let own = own();
+                let (sum, overflow) = self.mm_e24.overflowing_add(own.mm_e24);
+                self.mm_e24 = sum;
+                self.unknown |= overflow | own.unknown;
+                self.fractional += own.fractional;
+            }
         }
     }
 
@@ -1288,5 +1419,63 @@ mod tests {
         assert!(undecided > 0, "the grid reaches the undecided band");
         // Past i128: left to the exact figures.
         assert_eq!(liquidatable_by_bound(Amount(i128::MAX / 2), 5 * d, 1), None);
+    }
+
+    /// A portfolio account's two standings in one pass are those of its exposure, now and after, also when a group
+    /// is not formed (here BTC's, its index missing: the engine refuses a portfolio fill that would need it, so
+    /// only a market built by hand reaches this) and its positions are charged their own margins next to a group
+    /// that is (ETH's).
+    #[test]
+    fn a_portfolio_pair_charges_a_group_not_formed_its_positions_own_margins() {
+        let mut market = Market::new("USDC");
+        for line in [
+            r#"{"type":"asset","asset":"BTC","haircut":"0.1"}"#,
+            r#"{"type":"asset","asset":"ETH","haircut":"0.1"}"#,
+            r#"{"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+            r#"{"type":"perp","symbol":"ETH-PERP","underlying":"ETH","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+        ] {
+            let event = vigil_model::parse_line(line).expect("a declaration");
+            market.declare(&event).expect("declared");
+        }
+        let slot = |name: &str| market.slot(name).expect("declared");
+        let (eth, btc_perp, eth_perp) = (slot("ETH"), slot("BTC-PERP"), slot("ETH-PERP"));
+        market.set_price(btc_perp, Price::units(100));
+        market.set_price(eth, Price::units(100));
+        market.set_price(eth_perp, Price::units(100));
+        let mut acc = Account::new("pm");
+        acc.margin = MarginModel::Portfolio;
+        acc.balances[0].1 = Amount(110 * SCALE_I128);
+        for (slot, qty) in [(btc_perp, 10), (eth_perp, -1)] {
+            let mut p = Position::new(slot, MarginMode::Cross);
+            p.qty = Qty::units(qty);
+            p.cost_e16 = i128::from(qty) * 100 * SCALE2;
+            acc.positions.push(p);
+        }
+        let mut kept = PortfolioTerms::default();
+        // BTC −6% moves BTC-PERP to 94: equity 110 − 60 = 50 against MM 10 × 94 × 0.05 = 47 for BTC's position
+        // plus ETH's group's (above 3): liquidatable by BTC's own margin. Then −90% (10): 110 − 900 = −790.
+        // Now: equity 110, MM 50 plus ETH's group's (below 60): not liquidatable.
+        for mark in [94, 10] {
+            let mut after = market.clone();
+            after.set_price(btc_perp, Price::units(mark));
+            let mut moves = vec![false; market.slots()];
+            moves[btc_perp as usize] = true;
+            let (now, then) = (Valuation::new(&market), Valuation::new(&after));
+            let mut changes = Vec::new();
+            let pair = portfolio_standing_pair((&now, &then), (&market, &after), &acc, &mut kept, &moves, |s, c| {
+                changes.push((s, c))
+            });
+            let exposures = (exposure(&now, &market, &acc), exposure(&then, &after, &acc));
+            assert_eq!(pair, (Some(exposures.0.into()), Some(exposures.1.into())), "BTC-PERP at {mark}");
+            assert_eq!(changes, [(btc_perp, i128::from(mark - 100) * 10 * SCALE_I128)]);
+            // The figures themselves: BTC's position charged its own margin, ETH's group its own.
+            let eth_group = portfolio_groups(&after, &acc.positions, MarginModel::Portfolio);
+            assert!(eth_group.iter().all(|(u, _)| *u == eth) && eth_group.len() == 1, "only ETH's group is formed");
+            let own = Amount(i128::from(mark) * 5 * SCALE_I128 / 10);
+            assert_eq!(exposures.1.maintenance_margin, own.saturating_add(eth_group[0].1.maintenance_margin));
+            assert!(!exposures.0.liquidatable && exposures.1.liquidatable, "BTC-PERP at {mark}");
+            assert!(exposures.1.equity.0 < own.0 + eth_group[0].1.maintenance_margin.0, "BTC-PERP at {mark}");
+            assert_eq!(exposures.1.bankrupt, mark == 10, "BTC-PERP at {mark}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use vigil_model::{Amount, Price, Reason};
 
 use crate::account::{
     Account, Exposure, PortfolioTerms, Standing, Valuation, exposure, portfolio_standing, portfolio_standing_moved,
-    standard_exposure, standard_standing, standard_standing_moved, standard_standing_pair,
+    portfolio_standing_pair, standard_exposure, standard_standing, standard_standing_moved, standard_standing_pair,
 };
 use crate::market::{Entry, InstrumentKind, Market, Slot};
 use crate::{Engine, prefetch};
@@ -475,8 +475,9 @@ impl Engine {
 /// One pass over the accounts, every scenario for each: an account's data is fetched from memory once,
 /// evaluated at current prices, then at each scenario's prices while it is in cache. An account is evaluated as
 /// terms (balances, positions; a portfolio account's groups too); a scenario recomputes only the terms and groups
-/// whose prices it moves. A request of one scenario evaluates a standard account before and after in one pass over
-/// its terms, keeping none ([`standard_standing_pair`]).
+/// whose prices it moves. A request of one scenario evaluates an account before and after in one pass over its
+/// terms, keeping none ([`standard_standing_pair`], [`portfolio_standing_pair`]: a grouped position's own margin
+/// is then not computed, its group's charges it).
 pub struct Pass<'a> {
     /// Its place among the passes [`finish`] is given.
     shard: usize,
@@ -539,6 +540,24 @@ impl<'a> Pass<'a> {
                 });
                 let b = b.unwrap_or_else(|| standard_exposure(valuation, acc).into());
                 let a = a.unwrap_or_else(|| standard_exposure(after_valuation, acc).into());
+                now.add(b);
+                record(&mut parts[0], &mut heaps[0], top, deltas, (b, a), (&acc.id, shard, i));
+                continue;
+            }
+            if let [plan] = plans.as_slice() {
+                // A portfolio account alone under one scenario: the same, its groups' margins once each.
+                plan.clear(deltas);
+                let (after_valuation, after_market) = (&self.valuations[0], &markets.shocked[0]);
+                let (b, a) = portfolio_standing_pair(
+                    (valuation, after_valuation),
+                    (market, after_market),
+                    acc,
+                    portfolio,
+                    &plan.moves,
+                    |slot, change| plan.count(deltas, slot, change),
+                );
+                let b = b.unwrap_or_else(|| exposure(valuation, market, acc).into());
+                let a = a.unwrap_or_else(|| exposure(after_valuation, after_market, acc).into());
                 now.add(b);
                 record(&mut parts[0], &mut heaps[0], top, deltas, (b, a), (&acc.id, shard, i));
                 continue;
@@ -641,7 +660,7 @@ struct Scratch {
     terms: Vec<ValueMm>,
     /// A scenario's changes by reported asset.
     deltas: Vec<i128>,
-    /// A portfolio account's terms and groups at current prices.
+    /// A portfolio account's terms and groups at current prices (or its groups now and under a lone scenario).
     portfolio: PortfolioTerms,
 }
 
