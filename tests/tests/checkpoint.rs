@@ -81,3 +81,43 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_account_is_stored_in_the_format_it_always_had() {
+    // Proves the in-memory layout (fields ordered for a stress pass's cache lines) leaves the stored form as it
+    // was: an account is its id, balances, positions, episode and margin model in that order, and a position its
+    // slot, quantity, cost, mode, wallet and episode; the cached figures are not stored.
+    use vigil_engine::account::{Episode, Position};
+    use vigil_model::{Amount, MarginMode, MarginModel, Qty};
+    let mut account = Account::new("acct-7");
+    account.balances[0].1 = Amount(123_456_789);
+    account.balances.push((2, Amount(-42)));
+    account.margin = MarginModel::Portfolio;
+    account.episode = Episode { active: true, bankrupt: false };
+    let mut cross = Position::new(3, MarginMode::Cross);
+    cross.qty = Qty(-250_000_000);
+    cross.cost_e16 = -7_500_000_000_000_000_000_000;
+    cross.figures.value = Amount(99);
+    let mut isolated = Position::new(4, MarginMode::Isolated);
+    isolated.qty = Qty(1);
+    isolated.cost_e16 = 31;
+    isolated.wallet = Amount(5_000);
+    isolated.episode = Episode { active: true, bankrupt: true };
+    account.positions = vec![cross.clone(), isolated.clone()];
+    let stored = |p: &Position| (p.slot, p.qty, p.cost_e16, p.mode, p.wallet, p.episode);
+    let mut want = Vec::new();
+    let fields =
+        ("acct-7", account.balances.clone(), vec![stored(&cross), stored(&isolated)], account.episode, account.margin);
+    encode_value(&fields, &mut want).expect("encodes");
+    let mut got = Vec::new();
+    encode_value(&account, &mut got).expect("encodes");
+    assert_eq!(got, want);
+    let back: Account = decode_value(&got).expect("decodes");
+    assert_eq!(
+        (&*back.id, &back.balances, back.episode, back.margin),
+        ("acct-7", &account.balances, account.episode, account.margin)
+    );
+    let positions: Vec<_> = back.positions.iter().map(stored).collect();
+    assert_eq!(positions, [stored(&cross), stored(&isolated)]);
+    assert_eq!(back.positions[0].figures.value, Amount::ZERO, "figures are a cache, not stored");
+}

@@ -48,20 +48,50 @@ impl Episode {
 }
 
 /// A position in one instrument, or a pre-funded isolated wallet (`qty == 0`, isolated).
+///
+/// Laid out for a pass over every account (a stress test), which reads a position's slot, mode, quantity, cost
+/// and wallet: those first, in the position's first cache line (it is 64-byte aligned), and the cached figures
+/// in the second. Stored as [`PositionRecord`]: the fields in the order the format has always had.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(from = "PositionRecord", into = "PositionRecord")]
+#[repr(C, align(64))]
 pub struct Position {
     pub slot: Slot,
+    pub mode: MarginMode,
+    /// The isolated unit's episode (unused for cross positions).
+    pub episode: Episode,
     pub qty: Qty,
     /// Σ qty × price over the fills that opened it, exact at 1e-16.
     pub cost_e16: i128,
-    pub mode: MarginMode,
     /// The isolated wallet (zero for cross positions).
     pub wallet: Amount,
     /// Figures at the last evaluation (a cache: not persisted).
-    #[serde(skip)]
     pub figures: PositionFigures,
-    /// The isolated unit's episode (unused for cross positions).
-    pub episode: Episode,
+}
+
+/// A [`Position`] as checkpoints and snapshots store it: its persistent fields in their stored order.
+#[derive(Serialize, Deserialize)]
+struct PositionRecord {
+    slot: Slot,
+    qty: Qty,
+    cost_e16: i128,
+    mode: MarginMode,
+    wallet: Amount,
+    episode: Episode,
+}
+
+impl From<PositionRecord> for Position {
+    fn from(r: PositionRecord) -> Self {
+        let PositionRecord { slot, qty, cost_e16, mode, wallet, episode } = r;
+        Self { slot, mode, episode, qty, cost_e16, wallet, figures: PositionFigures::default() }
+    }
+}
+
+impl From<Position> for PositionRecord {
+    fn from(p: Position) -> Self {
+        let Position { slot, mode, episode, qty, cost_e16, wallet, figures: _ } = p;
+        Self { slot, qty, cost_e16, mode, wallet, episode }
+    }
 }
 
 impl Position {
@@ -107,30 +137,35 @@ pub struct Dep {
 }
 
 /// One account: its persistent state (id, balances, positions, episodes) and caches rebuilt on restore.
+///
+/// Laid out for a pass over every account (a stress test), which reads its balances, positions and margin model:
+/// those in one cache line (an account is 64-byte aligned, the cross figures and id before them), the caches of
+/// detection after. The persistent fields keep their stored order (only skipped ones moved).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[repr(C, align(64))]
 pub struct Account {
+    /// Cross figures at the last evaluation (a cache).
+    #[serde(skip)]
+    pub cross: UnitFigures,
     pub id: Box<str>,
     /// Balances per asset slot; the quote is always entry 0, other entries only while non-zero.
     pub balances: Vec<(Slot, Amount)>,
     pub positions: Vec<Position>,
-    /// Price dependencies and their bands (derived: rebuilt on restore).
-    #[serde(skip)]
-    pub deps: Vec<Dep>,
-    /// Cross figures at the last evaluation (a cache).
-    #[serde(skip)]
-    pub cross: UnitFigures,
     pub episode: Episode,
     /// Standard or portfolio margin (`account_config`).
     pub margin: MarginModel,
     /// Changed since the last checkpoint delta.
     #[serde(skip)]
     pub dirty: bool,
-    /// A portfolio account's groups at its last evaluation (what the engine's group tables are built from).
+    /// Price dependencies and their bands (derived: rebuilt on restore).
     #[serde(skip)]
-    pub groups: GroupCache,
+    pub deps: Vec<Dep>,
     /// The rows this account has in the engine's group tables (indexed detection): underlying, row.
     #[serde(skip)]
     pub rows: Vec<(Slot, u32)>,
+    /// A portfolio account's groups at its last evaluation (what the engine's group tables are built from).
+    #[serde(skip)]
+    pub groups: GroupCache,
 }
 
 /// A portfolio account's groups as its last evaluation formed and charged them: what indexed detection's group
@@ -1419,6 +1454,26 @@ mod tests {
         assert!(undecided > 0, "the grid reaches the undecided band");
         // Past i128: left to the exact figures.
         assert_eq!(liquidatable_by_bound(Amount(i128::MAX / 2), 5 * d, 1), None);
+    }
+
+    /// What a stress pass reads of an account (balances, positions, margin model) shares one cache line, and so
+    /// does what it reads of a position (slot, mode, quantity, cost, wallet): both are 64-byte aligned.
+    #[test]
+    fn a_stress_pass_reads_one_line_of_an_account_and_of_a_position() {
+        use std::mem::{align_of, offset_of, size_of};
+        let line = |start: usize, end: usize| (start / 64, (end - 1) / 64);
+        assert_eq!(align_of::<Account>(), 64);
+        let account = (offset_of!(Account, balances), offset_of!(Account, margin) + size_of::<MarginModel>());
+        assert!(offset_of!(Account, positions) > account.0 && offset_of!(Account, positions) < account.1);
+        let (first, last) = line(account.0, account.1);
+        assert_eq!(first, last, "an account's balances to margin model: bytes {account:?}");
+        assert_eq!(align_of::<Position>(), 64);
+        let (first, last) = line(0, offset_of!(Position, wallet) + size_of::<Amount>());
+        assert_eq!((first, last), (0, 0));
+        let read = [offset_of!(Position, slot), offset_of!(Position, mode), offset_of!(Position, qty)];
+        for field in read.into_iter().chain([offset_of!(Position, cost_e16)]) {
+            assert!(field < offset_of!(Position, wallet));
+        }
     }
 
     /// A portfolio account's two standings in one pass are those of its exposure, now and after, also when a group

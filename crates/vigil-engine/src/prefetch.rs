@@ -2,8 +2,8 @@
 //!
 //! A pass over every account of a shard (a stress test) reads, per account, its record in the account array and
 //! two heap objects that record points to (balances, positions). The array is read in order, but those objects are
-//! wherever the allocator put them, and the record's own lines are far enough apart (an `Account` is 240 bytes, of
-//! which a pass reads one or two lines) that the hardware's stream prefetcher does not run ahead of the loop. Each
+//! wherever the allocator put them, and the record's own lines are far enough apart (an `Account` is 256 bytes, of
+//! which a pass reads one line) that the hardware's stream prefetcher does not run ahead of the loop. Each
 //! account then waits for its loads in turn: on the 2-vCPU VM of `docs/performance.md` a load that misses every
 //! cache takes 170–290 ns when it waits on the one before, against about 10 ns a line when many are in flight.
 //! Prefetching the records of accounts a few places ahead, and the objects of the accounts nearer, puts those
@@ -35,6 +35,15 @@ pub fn slice<T>(items: &[T]) {
         // Stays within `items` (offset < its size), so `wrapping_add` never actually wraps.
         line(start.wrapping_add(offset));
         offset += LINE;
+    }
+}
+
+/// Starts loading the first line of each of the first four elements of `items`: for elements of a line or more
+/// whose fields a pass reads all sit in their first line (a [`Position`](crate::account::Position)).
+#[inline(always)]
+pub fn heads<T>(items: &[T]) {
+    for item in items.iter().take(LINES_MAX) {
+        value(item);
     }
 }
 

@@ -521,14 +521,14 @@ impl<'a> Pass<'a> {
             let acc = &accounts[i];
             // The record of an account FAR places ahead, then the balances and positions of one NEAR places ahead
             // (its record is in cache by then): their loads overlap instead of waiting on each other.
+            // (A record's balances, positions and margin model share one line; a position's fields the first of its
+            // two.)
             if let Some(far) = accounts.get(i + PREFETCH_FAR) {
                 prefetch::value(&far.balances);
-                prefetch::value(&far.positions);
-                prefetch::value(&far.margin);
             }
             if let Some(near) = accounts.get(i + PREFETCH_NEAR) {
                 prefetch::slice(&near.balances);
-                prefetch::slice(&near.positions);
+                prefetch::heads(&near.positions);
             }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
             if standard && let [plan] = plans.as_slice() {
