@@ -411,7 +411,7 @@ impl<'a> Valuation<'a> {
     }
 
     /// A position's value and its maintenance margin unrounded (see [`ValueMm`]).
-    #[inline]
+    #[inline(always)]
     fn position_unrounded(&self, p: &Position) -> ValueMm {
         match self.slots.get(p.slot as usize).map(|s| &s.position) {
             Some(PositionRule::Linear { mark, scaled: Some(scaled), .. }) => {
