@@ -70,8 +70,24 @@ const M_E16: u128 = reciprocal(E16);
 
 /// `n / d` for `d` = 1e8 or 1e16 (`m` its [`reciprocal`]), rounded as asked: the quotient always exists, and rounding
 /// it one step cannot overflow (|n| / 1e8 + 1 ≤ |n| whenever the remainder is not zero).
+///
+/// Rounded down or up, without a branch on `n`'s sign (a value's sign is a coin toss to the branch predictor: longs
+/// and shorts alike): `⌊n / d⌋ = −⌊(|n| + d − 1) / d⌋` for a negative `n`, `⌈n / d⌉ = ⌊(n + d − 1) / d⌋` for a
+/// positive one, the sign applied after by masks. Only an `|n|` within `d` of 2^127 takes the general path (the
+/// Barrett step's dividend stays at most 2^127).
 #[inline(always)]
 fn div_scale(n: i128, d: u128, m: u128, round: Round) -> i128 {
+    if matches!(round, Round::Floor | Round::Ceil) {
+        let a = n.unsigned_abs();
+        if a <= (1u128 << 127) - (d - 1) {
+            // All ones for a negative n, else zero.
+            let negative = (n >> 127) as u128;
+            let up = if matches!(round, Round::Floor) { negative } else { !negative };
+            let (q, _) = divrem_barrett(a + ((d - 1) & up), d, m);
+            // q < 2^127 / 1e8: negated by the mask (two's complement), it fits.
+            return (q ^ negative).wrapping_sub(negative) as i128;
+        }
+    }
     let (q, r) = divrem_barrett(n.unsigned_abs(), d, m);
     // |n| ≤ 2^127, so q < 2^127 / 1e8 fits; the truncated quotient and remainder take n's sign.
     let q = if n < 0 { -(q as i128) } else { q as i128 };
@@ -469,6 +485,11 @@ mod tests {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let mut cases = vec![0, 1, -1, i128::MAX, i128::MIN, i128::MAX - 1, i128::MIN + 1];
         for d in [SCALE_I128, SCALE2] {
+            // Around where rounding down or up without a branch hands over to the general path (|n| > 2^127 − d + 1).
+            for off in [-1, 0, 1, 2] {
+                let n = i128::MAX - d + off;
+                cases.extend([n, -n]);
+            }
             for k in [1i128, 2, 3, 1 << 40, 1 << 90] {
                 for off in [-1, 0, 1, d / 2 - 1, d / 2, d / 2 + 1] {
                     if let Some(n) = k.checked_mul(d).and_then(|m| m.checked_add(off)) {
