@@ -6,7 +6,9 @@ use vigil_model::margin::{
     option_figures, option_value_mm_e24, unrealized_pnl,
 };
 use vigil_model::num::{Round, SCALE_I128, SCALE2, checked_mul, div, e16_to_e8};
-use vigil_model::portfolio::{GroupMargin, Leg, LinearTotals, RiskParams, group_margin, linear_group_margin_of};
+use vigil_model::portfolio::{
+    GroupMargin, Leg, LinearTotals, RiskParams, group_margin, linear_group_margin_of, linear_group_mm_bound,
+};
 use vigil_model::{
     AccountView, Amount, GroupView, MarginMode, MarginModel, Offset, OptionTerms, PositionFigures, PositionView, Price,
     Qty, Rate, Tiers, Trigger, TriggerKind, UnitFigures,
@@ -402,12 +404,17 @@ impl<'a> Valuation<'a> {
         }
     }
 
-    /// The margin of the group of underlying `u` whose legs are all perps and futures, added up in `linear`
-    /// (`None`: the exposure did not fit): [`group_margin_at`]'s, bit for bit. `None` when the group is not formed.
+    /// What the group of underlying `u` whose legs are all perps and futures, added up in `linear` (`None`: the
+    /// exposure did not fit), charges: bounds on its margin ([`linear_group_mm_bound`]) or, where they are not
+    /// formed, its margin ([`group_margin_at`]'s, bit for bit). `None` when the group is not formed.
     #[inline]
-    fn linear_group(&self, u: Slot, linear: Option<LinearTotals>) -> Option<GroupMargin> {
+    fn linear_group(&self, u: Slot, linear: Option<LinearTotals>) -> Option<Charge> {
         let (index, params) = &self.slots.get(u as usize)?.group;
-        linear_group_margin_of(params, (*index)?, &linear?)
+        let (index, linear) = ((*index)?, linear?);
+        match linear_group_mm_bound(params, index, &linear) {
+            Some((lower_e24, width)) => Some(Charge::Bound { lower_e24, width }),
+            None => linear_group_margin_of(params, index, &linear).map(|m| Charge::Whole(m.maintenance_margin)),
+        }
     }
 
     /// A position's value and its maintenance margin unrounded (see [`ValueMm`]).
@@ -481,7 +488,8 @@ impl From<Exposure> for Standing {
 /// (not multiples of 1e16), is liquidatable (MM > 0 and equity below it), when the bound tells: its MM, the sum
 /// of each position's margin rounded up, lies in `[S / 1e16, S / 1e16 + n)` for `S = mm_e24`. `None` when the
 /// equity lies within that range, or below an `S` that is not positive (MM may then be zero), or a product does
-/// not fit: only the rounded margins can tell. (`n` may over-count: a wider range is still a bound.)
+/// not fit: only the rounded margins can tell. (`n` may over-count: a wider range is still a bound. A portfolio
+/// group's [`Charge::Bound`] adds its lower bound to `S` and its width to `n`.)
 fn liquidatable_by_bound(equity: Amount, mm_e24: i128, n: u32) -> Option<bool> {
     if n == 0 {
         // Every margin is whole: MM = S / 1e16 exactly.
@@ -634,10 +642,10 @@ pub struct PortfolioTerms {
     group: Vec<u32>,
     /// The groups' underlyings, in the order the positions name them.
     underlyings: Vec<Slot>,
-    /// Each group's margin at current prices (`None`: not formed, its positions keep their own figures), and under
-    /// a scenario.
-    now: Vec<Option<GroupMargin>>,
-    after: Vec<Option<GroupMargin>>,
+    /// What each group charges at current prices (`None`: not formed, its positions keep their own figures), and
+    /// under a scenario.
+    now: Vec<Option<Charge>>,
+    after: Vec<Option<Charge>>,
     /// Each group's legs added up at the prices being evaluated (and at a scenario's, for
     /// [`portfolio_standing_pair`]).
     sums: Vec<GroupSums>,
@@ -685,26 +693,38 @@ impl GroupSums {
     const EMPTY: Self = Self { linear: Some(LinearTotals::ZERO), general: false };
 }
 
-/// The margins of the groups of `underlyings` (those `revalue` names, all if `None`) at `valuation`'s prices
-/// (those of `market`), their legs added up in `sums`: a group of perps and futures from its sums; any other
+/// What a group charges a stress pass's cross unit: its maintenance margin, or bounds on it (the exact figure is
+/// needed only when the unit's equity falls within them: then the pass takes the account's exact figures).
+#[derive(Clone, Copy, Debug)]
+pub enum Charge {
+    Whole(Amount),
+    /// `lower / 1e16 ≤ MM < lower / 1e16 + width` (MM in 1e-8 units, `lower_e24` at 1e-24).
+    Bound {
+        lower_e24: i128,
+        width: u32,
+    },
+}
+
+/// What the groups of `underlyings` (those `revalue` names, all if `None`) charge at `valuation`'s prices (those
+/// of `market`), their legs added up in `sums`: a group of perps and futures from its sums; any other its margin
 /// through [`group_margin_at`].
-fn group_margins(
+fn group_charges(
     valuation: &Valuation,
     market: &Market,
     positions: &[Position],
     underlyings: &[Slot],
     sums: &[GroupSums],
-    margins: &mut [Option<GroupMargin>],
+    charges: &mut [Option<Charge>],
     revalue: Option<&[bool]>,
 ) {
     let mut cache = None;
-    for (g, ((u, s), margin)) in underlyings.iter().zip(sums).zip(margins.iter_mut()).enumerate() {
+    for (g, ((u, s), charge)) in underlyings.iter().zip(sums).zip(charges.iter_mut()).enumerate() {
         if revalue.is_some_and(|r| !r.get(g).copied().unwrap_or(false)) {
             continue;
         }
-        *margin = if s.general {
+        *charge = if s.general {
             let cache = cache.get_or_insert_with(|| market.vectors.borrow_mut());
-            group_margin_at(market, cache, positions, *u)
+            group_margin_at(market, cache, positions, *u).map(|m| Charge::Whole(m.maintenance_margin))
         } else {
             valuation.linear_group(*u, s.linear)
         };
@@ -722,7 +742,8 @@ fn group_margin_at(market: &Market, cache: &mut VectorCache, positions: &[Positi
 }
 
 /// A portfolio account's [`Standing`] at `valuation`'s prices (those of `market`), from its terms' unrounded
-/// margins and its groups' margins; the terms and groups are kept in `kept` for [`portfolio_standing_moved`].
+/// margins and its groups' charges (a margin, or bounds on it); the terms and groups are kept in `kept` for
+/// [`portfolio_standing_moved`].
 /// `None` when a unit's margin must be rounded to tell whether it is liquidatable: then [`portfolio_exposure`]
 /// says, and `kept` is complete all the same. The figures are [`portfolio_exposure`]'s, bit for bit.
 pub fn portfolio_standing(
@@ -751,7 +772,7 @@ pub fn portfolio_standing(
         group.push(g);
     }
     if !underlyings.is_empty() {
-        group_margins(valuation, market, &acc.positions, underlyings, sums, now, None);
+        group_charges(valuation, market, &acc.positions, underlyings, sums, now, None);
     }
     let mut units = Units::default();
     balance_terms(valuation, acc, terms, &mut units);
@@ -760,8 +781,8 @@ pub fn portfolio_standing(
         terms.push(t);
         units.charged(p, t, now.get(*g as usize));
     }
-    for m in now.iter().flatten() {
-        units.group(m.maintenance_margin);
+    for charge in now.iter().flatten() {
+        units.group(*charge);
     }
     units.finish()
 }
@@ -804,7 +825,7 @@ pub fn portfolio_standing_moved(
                     valuation.add_leg(p, s);
                 }
             }
-            group_margins(valuation, market, &acc.positions, underlyings, sums, after, Some(revalue));
+            group_charges(valuation, market, &acc.positions, underlyings, sums, after, Some(revalue));
         }
     }
     let (balances, positions) = terms.split_at(acc.balances.len().min(terms.len()));
@@ -814,8 +835,8 @@ pub fn portfolio_standing_moved(
         let t = position_moved(valuation, p, *before, moved(p.slot), &mut changed);
         units.charged(p, t, after.get(*g as usize));
     }
-    for m in after.iter().flatten() {
-        units.group(m.maintenance_margin);
+    for charge in after.iter().flatten() {
+        units.group(*charge);
     }
     units.finish()
 }
@@ -882,11 +903,11 @@ pub fn portfolio_standing_pair(
     if !underlyings.is_empty() {
         margins_now.clear();
         margins_now.resize(underlyings.len(), None);
-        group_margins(before, markets.0, &acc.positions, underlyings, sums, margins_now, None);
+        group_charges(before, markets.0, &acc.positions, underlyings, sums, margins_now, None);
         margins_after.clear();
         margins_after.extend_from_slice(margins_now);
         if revalue.iter().any(|r| *r) {
-            group_margins(after, markets.1, &acc.positions, underlyings, sums_after, margins_after, Some(revalue));
+            group_charges(after, markets.1, &acc.positions, underlyings, sums_after, margins_after, Some(revalue));
         }
         for ((u, m_now), m_after) in underlyings.iter().zip(margins_now.iter()).zip(margins_after.iter()) {
             now.group_or_own(m_now.as_ref(), || OwnMargins::of(before, &acc.positions, *u));
@@ -906,7 +927,8 @@ struct Units {
     mm_e24: i128,
     /// A margin or their sum did not fit `i128`.
     unknown: bool,
-    /// How many of the cross unit's margins are not zero (each may be rounded up by up to 1e-8).
+    /// How many of the cross unit's margins are not zero (each may be rounded up by up to 1e-8), plus the widths
+    /// of its groups' bounds: how far above `mm_e24 / 1e16` the unit's MM may lie, in 1e-8 units.
     fractional: u32,
 }
 
@@ -939,27 +961,32 @@ impl Units {
     /// A position of a portfolio account, whose `group`'s margin (if the group is formed) charges it instead of
     /// its own: then only its value counts.
     #[inline(always)]
-    fn charged(&mut self, p: &Position, t: ValueMm, group: Option<&Option<GroupMargin>>) {
+    fn charged(&mut self, p: &Position, t: ValueMm, group: Option<&Option<Charge>>) {
         match group {
             Some(Some(_)) => self.equity = self.equity.saturating_add(t.value),
             _ => self.position(p, t),
         }
     }
 
-    /// A portfolio group's margin, charged to the cross unit: whole (rounded already), so it widens no bound.
+    /// A portfolio group's charge to the cross unit: a whole margin (rounded already) widens no bound; bounds on
+    /// it widen it by their width.
     #[inline(always)]
-    fn group(&mut self, mm: Amount) {
-        match mm.0.checked_mul(SCALE2).and_then(|m| self.mm_e24.checked_add(m)) {
-            Some(sum) => self.mm_e24 = sum,
-            None => self.unknown = true,
+    fn group(&mut self, charge: Charge) {
+        let (mm_e24, width) = match charge {
+            Charge::Whole(mm) => (mm.0.checked_mul(SCALE2), 0),
+            Charge::Bound { lower_e24, width } => (Some(lower_e24), width),
+        };
+        match (mm_e24.and_then(|m| self.mm_e24.checked_add(m)), self.fractional.checked_add(width)) {
+            (Some(sum), Some(fractional)) => (self.mm_e24, self.fractional) = (sum, fractional),
+            _ => self.unknown = true,
         }
     }
 
-    /// A group's charge to the cross unit: its `margin` if it is formed, else its positions' `own` margins.
+    /// A group's charge to the cross unit if it is formed, else its positions' `own` margins.
     #[inline(always)]
-    fn group_or_own(&mut self, margin: Option<&GroupMargin>, own: impl FnOnce() -> OwnMargins) {
-        match margin {
-            Some(m) => self.group(m.maintenance_margin),
+    fn group_or_own(&mut self, charge: Option<&Charge>, own: impl FnOnce() -> OwnMargins) {
+        match charge {
+            Some(charge) => self.group(*charge),
             None => {
                 let own = own();
                 let (sum, overflow) = self.mm_e24.overflowing_add(own.mm_e24);
@@ -1474,6 +1501,67 @@ mod tests {
         for field in read.into_iter().chain([offset_of!(Position, cost_e16)]) {
             assert!(field < offset_of!(Position, wallet));
         }
+    }
+
+    /// A portfolio account whose equity under a scenario is within a few 1e-8 of its group's margin is told
+    /// liquidatable or not as the exact margin says, though its group of perps charged only bounds on its margin
+    /// (the bound cannot tell there: the exact figures do), in one pass and through the kept terms alike.
+    #[test]
+    fn an_equity_at_a_groups_margin_is_told_by_the_exact_margin() {
+        let mut market = Market::new("USDC");
+        for line in [
+            r#"{"type":"asset","asset":"BTC","haircut":"0.1"}"#,
+            r#"{"type":"perp","symbol":"BTC-PERP","underlying":"BTC","tiers":[{"imr":"0.1","mmr":"0.05"}]}"#,
+        ] {
+            market.declare(&vigil_model::parse_line(line).expect("a declaration")).expect("declared");
+        }
+        let (btc, perp) = (market.slot("BTC").expect("declared"), market.slot("BTC-PERP").expect("declared"));
+        market.set_price(btc, Price(10_000_000_033));
+        market.set_price(perp, Price(10_000_000_033));
+        let mut after = market.clone();
+        after.set_price(btc, Price(9_000_000_017));
+        after.set_price(perp, Price(9_000_000_017));
+        let mut moves = vec![false; market.slots()];
+        (moves[btc as usize], moves[perp as usize]) = (true, true);
+        let mut acc = Account::new("pm");
+        acc.margin = MarginModel::Portfolio;
+        let mut p = Position::new(perp, MarginMode::Cross);
+        p.qty = Qty(3_333_333_337);
+        p.cost_e16 = p.qty.wide() * 10_000_000_033;
+        acc.positions.push(p);
+        let (now, then) = (Valuation::new(&market), Valuation::new(&after));
+        for v in [&now, &then] {
+            let mut sums = GroupSums::EMPTY;
+            v.add_leg(&acc.positions[0], &mut sums);
+            assert!(matches!(v.linear_group(btc, sums.linear), Some(Charge::Bound { .. })), "the group charges bounds");
+        }
+        let mut kept = PortfolioTerms::default();
+        // Equity after the move at the group's exact margin, and a few 1e-8 either side.
+        acc.balances[0].1 = Amount::ZERO;
+        let base = exposure(&then, &after, &acc);
+        let (mut liquidatable, mut told, mut undecided) = (0, 0, 0);
+        for k in -5..=5 {
+            acc.balances[0].1 = Amount(base.maintenance_margin.0 - base.equity.0 + k);
+            let exact = (Standing::from(exposure(&now, &market, &acc)), Standing::from(exposure(&then, &after, &acc)));
+            assert_eq!(exact.1.equity.0 - base.maintenance_margin.0, k);
+            let pair = portfolio_standing_pair((&now, &then), (&market, &after), &acc, &mut kept, &moves, |_, _| {});
+            let kept_now = portfolio_standing(&now, &market, &acc, &mut kept);
+            let kept_after = portfolio_standing_moved(&then, &after, &acc, &mut kept, &moves, |_, _| {});
+            for (got, want) in [(pair.0, exact.0), (pair.1, exact.1), (kept_now, exact.0), (kept_after, exact.1)] {
+                // Undecided (`None`: the pass takes the exact figures) or the exact answer.
+                if let Some(got) = got {
+                    assert_eq!(got, want, "equity {k} from the margin");
+                    told += 1;
+                }
+            }
+            assert_eq!(pair.1.is_none(), kept_after.is_none(), "both ways bound alike at {k}");
+            undecided += u32::from(pair.1.is_none());
+            liquidatable += u32::from(exact.1.liquidatable);
+        }
+        assert_eq!(liquidatable, 5, "below the margin: liquidatable; at it or above: not");
+        // Now (far from the margin) always told; after, told 5 from it either way, left to the exact figures nearer.
+        assert!((1..=9).contains(&undecided), "{undecided} of 11 left to the exact figures");
+        assert_eq!(told, 22 + 2 * (11 - undecided));
     }
 
     /// A portfolio account's two standings in one pass are those of its exposure, now and after, also when a group

@@ -545,7 +545,7 @@ impl<'a> Pass<'a> {
                 continue;
             }
             if let [plan] = plans.as_slice() {
-                // A portfolio account alone under one scenario: the same, its groups' margins once each.
+                // A portfolio account alone under one scenario: the same, its groups' charges once each.
                 plan.clear(deltas);
                 let (after_valuation, after_market) = (&self.valuations[0], &markets.shocked[0]);
                 let (b, a) = portfolio_standing_pair(
