@@ -577,8 +577,11 @@ fn gen_command(out: PathBuf, w: Workload) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    no_huge_pages();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve { .. } | Command::Publish { .. } | Command::Load { .. }) {
+        no_huge_pages();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vigil: {e:#}");
@@ -587,12 +590,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas, and a node's stream of
-/// short-lived messages then keeps faulting fresh 2 MiB pages in, each zeroed by the kernel: a cluster node
-/// catching up took 564–611 such faults (1.1–1.2 GiB zeroed) for a 234–290 MiB peak, and a quarter of its CPU was
-/// the zeroing. Without them its CPU fell by about a quarter and its peak memory by a quarter; end-to-end cluster
-/// throughput, replay and the stress pass over a 1M-account book did not change beyond this machine's noise
-/// (docs/performance.md, "Cluster mode").
+/// Turns transparent huge pages off for this process: for the commands that stream messages (the node, the
+/// publisher, the load tool). mimalloc asks for them on its arenas, and a node's stream of short-lived messages
+/// then keeps faulting fresh 2 MiB pages in, each zeroed by the kernel: a cluster node catching up took 564–611
+/// such faults (1.1–1.2 GiB zeroed) for a 234–290 MiB peak, and a quarter of its CPU was the zeroing. Without
+/// them its CPU fell by about a quarter and its peak memory by a quarter; end-to-end cluster throughput did not
+/// change beyond this machine's noise (docs/performance.md, "Cluster mode"). The batch commands, which build one
+/// large book and read it (`stress`, `replay`, ...), keep the host's setting: huge pages there spare the TLB,
+/// and a stress pass over a 1M-account book took 82–85 ms with them against 88–96 ms without, a replay 1.49–1.55 s
+/// against 1.60–1.71 s (docs/performance.md, "Stress tests").
 /// Best effort: a kernel without the setting leaves the default.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
