@@ -867,7 +867,7 @@ pub fn portfolio_standing_pair(
     mut changed: impl FnMut(Slot, i128),
 ) -> (Option<Standing>, Option<Standing>) {
     let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
-    let PortfolioTerms { underlyings, now: margins_now, after: margins_after, sums, sums_after, revalue, .. } = kept;
+    let PortfolioTerms { underlyings, now: charges_now, after: charges_after, sums, sums_after, revalue, .. } = kept;
     underlyings.clear();
     sums.clear();
     sums_after.clear();
@@ -893,6 +893,7 @@ pub fn portfolio_standing_pair(
             revalue.push(false);
             underlyings.len() - 1
         });
+        // Its value counts now; its margin is its group's, charged below.
         let value = before.position_value(p);
         now.balance(value);
         then.balance(if m {
@@ -907,17 +908,17 @@ pub fn portfolio_standing_pair(
         revalue[g] |= m;
     }
     if !underlyings.is_empty() {
-        margins_now.clear();
-        margins_now.resize(underlyings.len(), None);
-        group_charges(before, markets.0, &acc.positions, underlyings, sums, margins_now, None);
-        margins_after.clear();
-        margins_after.extend_from_slice(margins_now);
+        charges_now.clear();
+        charges_now.resize(underlyings.len(), None);
+        group_charges(before, markets.0, &acc.positions, underlyings, sums, charges_now, None);
+        charges_after.clear();
+        charges_after.extend_from_slice(charges_now);
         if revalue.iter().any(|r| *r) {
-            group_charges(after, markets.1, &acc.positions, underlyings, sums_after, margins_after, Some(revalue));
+            group_charges(after, markets.1, &acc.positions, underlyings, sums_after, charges_after, Some(revalue));
         }
-        for ((u, m_now), m_after) in underlyings.iter().zip(margins_now.iter()).zip(margins_after.iter()) {
-            now.group_or_own(m_now.as_ref(), || OwnMargins::of(before, &acc.positions, *u));
-            then.group_or_own(m_after.as_ref(), || OwnMargins::of(after, &acc.positions, *u));
+        for ((u, c_now), c_after) in underlyings.iter().zip(charges_now.iter()).zip(charges_after.iter()) {
+            now.group_or_own(c_now.as_ref(), || OwnMargins::of(before, &acc.positions, *u));
+            then.group_or_own(c_after.as_ref(), || OwnMargins::of(after, &acc.positions, *u));
         }
     }
     (now.finish(), then.finish())
