@@ -608,6 +608,41 @@ pub fn standard_standing_moved(
     units.finish()
 }
 
+/// Units at `before`'s prices and at `after`'s holding the account's balances: a balance `moved` names revalued
+/// at `after` (and `changed` told its slot and its value's change), the others counted the same at both.
+#[inline(always)]
+fn balances_pair(
+    before: &Valuation,
+    after: &Valuation,
+    acc: &Account,
+    moved: impl Fn(Slot) -> bool,
+    changed: &mut impl FnMut(Slot, i128),
+) -> (Units, Units) {
+    let (mut now, mut then) = (Units::default(), Units::default());
+    for (slot, amount) in &acc.balances {
+        let value = before.balance(*slot, *amount);
+        now.balance(value);
+        then.balance(balance_moved(after, (*slot, *amount), value, moved(*slot), changed));
+    }
+    (now, then)
+}
+
+/// Adds a position to units at `before`'s prices and at `after`'s with its own figures: revalued at `after` if
+/// `moved` (and `changed` told), else the same at both.
+#[inline(always)]
+fn position_pair(
+    before: &Valuation,
+    after: &Valuation,
+    p: &Position,
+    moved: bool,
+    changed: &mut impl FnMut(Slot, i128),
+    (now, then): (&mut Units, &mut Units),
+) {
+    let t = before.position_unrounded(p);
+    now.position(p, t);
+    then.position(p, position_moved(after, p, t, moved, changed));
+}
+
 /// A standard-margin account's [`Standing`] at `before`'s prices and at `after`'s, in one pass over its balances
 /// and positions: what [`standard_standing`] and then [`standard_standing_moved`] give, without keeping the terms
 /// between them (a request of one scenario needs them once). A term of a slot `moves` names is revalued at `after`
@@ -621,16 +656,9 @@ pub fn standard_standing_pair(
     mut changed: impl FnMut(Slot, i128),
 ) -> (Option<Standing>, Option<Standing>) {
     let moved = |slot: Slot| moves.get(slot as usize).copied().unwrap_or(false);
-    let (mut now, mut then) = (Units::default(), Units::default());
-    for (slot, amount) in &acc.balances {
-        let value = before.balance(*slot, *amount);
-        now.balance(value);
-        then.balance(balance_moved(after, (*slot, *amount), value, moved(*slot), &mut changed));
-    }
+    let (mut now, mut then) = balances_pair(before, after, acc, moved, &mut changed);
     for p in &acc.positions {
-        let t = before.position_unrounded(p);
-        now.position(p, t);
-        then.position(p, position_moved(after, p, t, moved(p.slot), &mut changed));
+        position_pair(before, after, p, moved(p.slot), &mut changed, (&mut now, &mut then));
     }
     (now.finish(), then.finish())
 }
@@ -658,31 +686,6 @@ pub struct PortfolioTerms {
     sums_after: Vec<GroupSums>,
     /// Whether a scenario moves one of the group's positions ([`portfolio_standing_pair`]).
     revalue: Vec<bool>,
-}
-
-/// A group's positions' own margins added up in a [`Units`]' terms: what the cross unit is charged for them when
-/// the group is not formed.
-#[derive(Clone, Copy, Default)]
-struct OwnMargins {
-    mm_e24: i128,
-    fractional: u32,
-    unknown: bool,
-}
-
-impl OwnMargins {
-    /// The margins of underlying `u`'s group's positions among `positions` at `valuation`'s prices, each added as
-    /// [`Units::position`] adds a cross position's.
-    fn of(valuation: &Valuation, positions: &[Position], u: Slot) -> Self {
-        let mut own = Self::default();
-        for p in positions.iter().filter(|p| valuation.group_of(p) == Some(u)) {
-            let t = valuation.position_unrounded(p);
-            let (sum, overflow) = own.mm_e24.overflowing_add(t.mm_e24);
-            own.mm_e24 = sum;
-            own.unknown |= overflow | (t.mm_e24 == MM_E24_UNKNOWN);
-            own.fractional += u32::from(t.mm_e24 != 0);
-        }
-        own
-    }
 }
 
 const NO_GROUP: u32 = u32::MAX;
@@ -872,18 +875,11 @@ pub fn portfolio_standing_pair(
     sums.clear();
     sums_after.clear();
     revalue.clear();
-    let (mut now, mut then) = (Units::default(), Units::default());
-    for (slot, amount) in &acc.balances {
-        let value = before.balance(*slot, *amount);
-        now.balance(value);
-        then.balance(balance_moved(after, (*slot, *amount), value, moved(*slot), &mut changed));
-    }
+    let (mut now, mut then) = balances_pair(before, after, acc, moved, &mut changed);
     for p in &acc.positions {
         let m = moved(p.slot);
         let Some(u) = before.group_of(p) else {
-            let t = before.position_unrounded(p);
-            now.position(p, t);
-            then.position(p, position_moved(after, p, t, m, &mut changed));
+            position_pair(before, after, p, m, &mut changed, (&mut now, &mut then));
             continue;
         };
         let g = underlyings.iter().position(|s| *s == u).unwrap_or_else(|| {
@@ -917,11 +913,21 @@ pub fn portfolio_standing_pair(
             group_charges(after, markets.1, &acc.positions, underlyings, sums_after, charges_after, Some(revalue));
         }
         for ((u, c_now), c_after) in underlyings.iter().zip(charges_now.iter()).zip(charges_after.iter()) {
-            now.group_or_own(c_now.as_ref(), || OwnMargins::of(before, &acc.positions, *u));
-            then.group_or_own(c_after.as_ref(), || OwnMargins::of(after, &acc.positions, *u));
+            now.group_or_own(c_now.as_ref(), || own_margins(before, &acc.positions, *u));
+            then.group_or_own(c_after.as_ref(), || own_margins(after, &acc.positions, *u));
         }
     }
     (now.finish(), then.finish())
+}
+
+/// The margins of underlying `u`'s group's positions among `positions` at `valuation`'s prices: a cross unit of
+/// them alone, as [`Units::position`] adds them (what the unit is charged when the group is not formed).
+fn own_margins(valuation: &Valuation, positions: &[Position], u: Slot) -> Units {
+    let mut own = Units::default();
+    for p in positions.iter().filter(|p| valuation.group_of(p) == Some(u)) {
+        own.position(p, valuation.position_unrounded(p));
+    }
+    own
 }
 
 /// A standard-margin account's units added up term by term from unrounded margins: the isolated ones as they come
@@ -989,9 +995,10 @@ impl Units {
         }
     }
 
-    /// A group's charge to the cross unit if it is formed, else its positions' `own` margins.
+    /// A group's charge to the cross unit if it is formed, else its positions' `own` margins (a cross unit of
+    /// them alone: [`own_margins`]).
     #[inline(always)]
-    fn group_or_own(&mut self, charge: Option<&Charge>, own: impl FnOnce() -> OwnMargins) {
+    fn group_or_own(&mut self, charge: Option<&Charge>, own: impl FnOnce() -> Units) {
         match charge {
             Some(charge) => self.group(*charge),
             None => {

@@ -531,33 +531,23 @@ impl<'a> Pass<'a> {
                 prefetch::heads(&near.positions);
             }
             let standard = acc.margin == vigil_model::MarginModel::Standard;
-            if standard && let [plan] = plans.as_slice() {
-                // One scenario: the account's terms now and under it in one pass, none kept between the two.
-                plan.clear(deltas);
-                let after_valuation = &self.valuations[0];
-                let (b, a) = standard_standing_pair(valuation, after_valuation, acc, &plan.moves, |slot, change| {
-                    plan.count(deltas, slot, change)
-                });
-                let b = b.unwrap_or_else(|| standard_exposure(valuation, acc).into());
-                let a = a.unwrap_or_else(|| standard_exposure(after_valuation, acc).into());
-                now.add(b);
-                record(&mut parts[0], &mut heaps[0], top, deltas, (b, a), (&acc.id, shard, i));
-                continue;
-            }
             if let [plan] = plans.as_slice() {
-                // A portfolio account alone under one scenario: the same, its groups' charges once each.
+                // One scenario: the account's terms now and under it in one pass, none kept between the two (a
+                // portfolio account's groups' charges once each).
                 plan.clear(deltas);
                 let (after_valuation, after_market) = (&self.valuations[0], &markets.shocked[0]);
-                let (b, a) = portfolio_standing_pair(
-                    (valuation, after_valuation),
-                    (market, after_market),
-                    acc,
-                    portfolio,
-                    &plan.moves,
-                    |slot, change| plan.count(deltas, slot, change),
-                );
-                let b = b.unwrap_or_else(|| exposure(valuation, market, acc).into());
-                let a = a.unwrap_or_else(|| exposure(after_valuation, after_market, acc).into());
+                let count = |slot, change| plan.count(deltas, slot, change);
+                let (b, a) = if standard {
+                    let (b, a) = standard_standing_pair(valuation, after_valuation, acc, &plan.moves, count);
+                    let b = b.unwrap_or_else(|| standard_exposure(valuation, acc).into());
+                    (b, a.unwrap_or_else(|| standard_exposure(after_valuation, acc).into()))
+                } else {
+                    let valuations = (valuation, after_valuation);
+                    let pair =
+                        portfolio_standing_pair(valuations, (market, after_market), acc, portfolio, &plan.moves, count);
+                    let b = pair.0.unwrap_or_else(|| exposure(valuation, market, acc).into());
+                    (b, pair.1.unwrap_or_else(|| exposure(after_valuation, after_market, acc).into()))
+                };
                 now.add(b);
                 record(&mut parts[0], &mut heaps[0], top, deltas, (b, a), (&acc.id, shard, i));
                 continue;
